@@ -1,0 +1,239 @@
+// The `lora` op family on CUDA: y = x @ W.T + bias + scaling * (x @ A.T) @ B.T.
+//
+// Decode (few rows) is memory-bound: the time is reading W once. Two kernels keep every byte read once:
+//   lora_shrink_kernel       xa[m, r] = x[m, :] . A[r, :]        fp32, one block per (r, chunk of rows)
+//   lora_gemv_expand_kernel  y[m, n]  = x[m, :] . W[n, :] + scaling * xa[m, :] . B[n, :] + bias[n]
+//                            one warp per output feature n, 16-byte loads of W, fp32 accumulation
+// Large M is compute-bound and goes to cuBLAS through ATen: the base GEMM with the bias, then the rank-r
+// expand accumulated into the same output (beta = 1), so no separate add pass.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+
+#include "lora.h"
+
+namespace fastpeft {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kRowsPerPass = 8;      // rows of x one block handles, accumulators held in registers
+constexpr int64_t kGemvMaxRows = 8;  // above this, W would be re-read per pass: cuBLAS instead
+constexpr int64_t kShrinkMaxRows = 64;
+
+template <typename T>
+constexpr int vec_width() {
+  return 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+}
+
+// Loads vec_width<T>() consecutive elements (16 bytes, aligned) and widens them to fp32.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[vec_width<T>()]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
+  const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < vec_width<T>(); ++i) out[i] = static_cast<float>(values[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// Dot products of one row `w` (length K) with up to kRowsPerPass rows of x, split over the threads
+// [first, first + stride) of the caller; each thread returns its partial sums in acc.
+template <typename T, bool kVector>
+__device__ __forceinline__ void partial_dots(const T* __restrict__ w, const T* __restrict__ x, int64_t x_stride,
+                                             int rows, int K, int first, int stride, float (&acc)[kRowsPerPass]) {
+  if constexpr (kVector) {
+    constexpr int V = vec_width<T>();
+#pragma unroll 2
+    for (int k = first * V; k < K; k += stride * V) {
+      float wv[V];
+      load_vec(w + k, wv);
+#pragma unroll
+      for (int i = 0; i < kRowsPerPass; ++i) {
+        if (i < rows) {
+          float xv[V];
+          load_vec(x + i * x_stride + k, xv);
+#pragma unroll
+          for (int j = 0; j < V; ++j) acc[i] = fmaf(wv[j], xv[j], acc[i]);
+        }
+      }
+    }
+  } else {
+    for (int k = first; k < K; k += stride) {
+      const float wk = static_cast<float>(w[k]);
+#pragma unroll
+      for (int i = 0; i < kRowsPerPass; ++i) {
+        if (i < rows) acc[i] = fmaf(wk, static_cast<float>(x[i * x_stride + k]), acc[i]);
+      }
+    }
+  }
+}
+
+// grid (R, ceil(M / kRowsPerPass)), block kThreads. x: [M, K] rows x_stride apart; a: [R, K] contiguous.
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads) lora_shrink_kernel(const T* __restrict__ x, const T* __restrict__ a,
+                                                               float* __restrict__ xa, int M, int K, int R,
+                                                               int64_t x_stride) {
+  const int r = blockIdx.x;
+  const int m0 = blockIdx.y * kRowsPerPass;
+  const int rows = min(kRowsPerPass, M - m0);
+  float acc[kRowsPerPass] = {};
+  partial_dots<T, kVector>(a + static_cast<int64_t>(r) * K, x + m0 * x_stride, x_stride, rows, K, threadIdx.x,
+                           kThreads, acc);
+
+  __shared__ float partial[kRowsPerPass][kWarps];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+#pragma unroll
+  for (int i = 0; i < kRowsPerPass; ++i) {
+    const float s = warp_sum(acc[i]);
+    if (lane == 0) partial[i][warp] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x < rows) {
+    float s = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += partial[threadIdx.x][w];
+    xa[static_cast<int64_t>(m0 + threadIdx.x) * R + r] = s;
+  }
+}
+
+// grid (ceil(N / kWarps), ceil(M / kRowsPerPass)), block kThreads: warp w computes output feature
+// n = blockIdx.x * kWarps + w for the block's rows. w: [N, K] rows w_stride apart; b: [N, R] rows
+// b_stride apart; xa: [M, R] fp32 contiguous; y: [M, N] contiguous; bias: [N] or nullptr.
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kThreads)
+    lora_gemv_expand_kernel(const T* __restrict__ x, const T* __restrict__ w, const float* __restrict__ xa,
+                            const T* __restrict__ b, const T* __restrict__ bias, T* __restrict__ y, int M, int N,
+                            int K, int R, int64_t x_stride, int64_t w_stride, int64_t b_stride, float scaling) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int n = blockIdx.x * kWarps + threadIdx.x / kWarpSize;
+  if (n >= N) return;  // whole warps leave; the kernel has no block-wide barrier
+  const int m0 = blockIdx.y * kRowsPerPass;
+  const int rows = min(kRowsPerPass, M - m0);
+
+  float acc[kRowsPerPass] = {};
+  partial_dots<T, kVector>(w + n * w_stride, x + m0 * x_stride, x_stride, rows, K, lane, kWarpSize, acc);
+
+  const T* b_row = b + n * b_stride;
+  const float bias_n = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
+#pragma unroll
+  for (int i = 0; i < kRowsPerPass; ++i) {
+    if (i < rows) {
+      const float* xa_row = xa + static_cast<int64_t>(m0 + i) * R;
+      float lora = 0.f;
+      for (int r = lane; r < R; r += kWarpSize) lora = fmaf(xa_row[r], static_cast<float>(b_row[r]), lora);
+      const float base = warp_sum(acc[i]);
+      lora = warp_sum(lora);
+      if (lane == 0) y[static_cast<int64_t>(m0 + i) * N + n] = static_cast<T>(base + scaling * lora + bias_n);
+    }
+  }
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// 16-byte loads need rows that start on 16-byte boundaries.
+bool can_vectorize(const at::Tensor& rows_tensor, int64_t elems_per_vec) {
+  return aligned16(rows_tensor) && rows_tensor.stride(0) % elems_per_vec == 0 && rows_tensor.size(1) % elems_per_vec == 0;
+}
+
+// Kernels read rows with unit stride along K; other layouts are copied (small tensors only reach here).
+at::Tensor unit_inner_stride(const at::Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+void check_inputs(const char* op, const at::Tensor& x, std::initializer_list<std::pair<const char*, at::Tensor>> others) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, op, ": x must be a 2-D CUDA tensor, got ", x.sizes());
+  for (const auto& [name, t] : others) {
+    TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), ", x on ", x.device());
+    TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), ", x ",
+                x.scalar_type());
+  }
+}
+
+}  // namespace
+
+at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& lora_a_in) {
+  check_inputs("lora_shrink_cuda", x_in, {{"lora_a", lora_a_in}});
+  TORCH_CHECK(lora_a_in.dim() == 2 && lora_a_in.size(1) == x_in.size(1), "lora_shrink_cuda: lora_a must be [r, ",
+              x_in.size(1), "], got ", lora_a_in.sizes());
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t M = x_in.size(0), K = x_in.size(1), R = lora_a_in.size(0);
+  if (M > kShrinkMaxRows) {
+    return at::mm(x_in, lora_a_in.t()).to(at::kFloat);  // cuBLAS, fp32 accumulation, rounded once
+  }
+  auto xa = at::empty({M, R}, x_in.options().dtype(at::kFloat));
+  if (M == 0 || R == 0) return xa;
+  const at::Tensor x = unit_inner_stride(x_in);
+  const at::Tensor a = lora_a_in.contiguous();
+  const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>((M + kRowsPerPass - 1) / kRowsPerPass));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink_cuda", [&] {
+    const int64_t v = vec_width<scalar_t>();
+    const bool vec = can_vectorize(x, v) && can_vectorize(a, v);
+    auto kernel = vec ? lora_shrink_kernel<scalar_t, true> : lora_shrink_kernel<scalar_t, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(x.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), xa.data_ptr<float>(),
+                                          static_cast<int>(M), static_cast<int>(K), static_cast<int>(R),
+                                          x.stride(0));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return xa;
+}
+
+at::Tensor lora_expand_linear_cuda(const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& xa_in,
+                                   const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& bias) {
+  check_inputs("lora_expand_linear_cuda", x_in, {{"weight", weight}, {"lora_b", lora_b}});
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), R = lora_b.size(1);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == K, "lora_expand_linear_cuda: weight must be [N, ", K, "]");
+  TORCH_CHECK(lora_b.dim() == 2 && lora_b.size(0) == N, "lora_expand_linear_cuda: lora_b must be [", N, ", r]");
+  TORCH_CHECK(xa_in.scalar_type() == at::kFloat && xa_in.dim() == 2 && xa_in.size(0) == M && xa_in.size(1) == R,
+              "lora_expand_linear_cuda: xa must be fp32 [", M, ", ", R, "], got ", xa_in.scalar_type(), " ",
+              xa_in.sizes());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == x_in.scalar_type() && bias->numel() == N && bias->device() == x_in.device(),
+                "lora_expand_linear_cuda: bias must be [", N, "] of x's dtype and device");
+  }
+  const c10::cuda::CUDAGuard guard(x_in.device());
+
+  const bool gemv = M <= kGemvMaxRows && weight.stride(1) == 1 && lora_b.stride(1) == 1;
+  if (!gemv) {
+    at::Tensor y = bias.has_value() ? at::addmm(*bias, x_in, weight.t()) : at::mm(x_in, weight.t());
+    if (M > 0) y.addmm_(xa_in.to(x_in.scalar_type()), lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+    return y;
+  }
+  auto y = at::empty({M, N}, x_in.options());
+  if (M == 0 || N == 0) return y;
+  const at::Tensor x = unit_inner_stride(x_in);
+  const at::Tensor xa = xa_in.contiguous();
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps),
+                  static_cast<unsigned>((M + kRowsPerPass - 1) / kRowsPerPass));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_expand_linear_cuda", [&] {
+    const int64_t v = vec_width<scalar_t>();
+    const bool vec = can_vectorize(x, v) && can_vectorize(weight, v);
+    auto kernel = vec ? lora_gemv_expand_kernel<scalar_t, true> : lora_gemv_expand_kernel<scalar_t, false>;
+    kernel<<<grid, kThreads, 0, stream>>>(
+        x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), xa.data_ptr<float>(), lora_b.data_ptr<scalar_t>(),
+        bias_c.defined() ? bias_c.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), static_cast<int>(M),
+        static_cast<int>(N), static_cast<int>(K), static_cast<int>(R), x.stride(0), weight.stride(0),
+        lora_b.stride(0), static_cast<float>(scaling));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+at::Tensor lora_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& lora_a,
+                            const at::Tensor& lora_b, double scaling, const std::optional<at::Tensor>& bias) {
+  return lora_expand_linear_cuda(x, weight, lora_shrink_cuda(x, lora_a), lora_b, scaling, bias);
+}
+
+}  // namespace fastpeft

@@ -1,0 +1,32 @@
+// Registers the CUDA kernels of every op family as torch ops in the `fastpeft` namespace, and makes this
+// library importable as the Python module fastpeft._C (importing it runs the registrations).
+//
+// These are backend kernels: the public ops (fastpeft::lora_linear, ...) are defined in Python
+// (fastpeft/ops/) with their fake implementations and autograd, and call these when the cuda backend runs.
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include "lora.h"
+
+TORCH_LIBRARY(fastpeft, m) {
+  m.def("lora_shrink_cuda(Tensor x, Tensor lora_a) -> Tensor");
+  m.def(
+      "lora_expand_linear_cuda(Tensor x, Tensor weight, Tensor xa, Tensor lora_b, float scaling, Tensor? bias) "
+      "-> Tensor");
+  m.def(
+      "lora_linear_cuda(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scaling, Tensor? bias) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
+  m.impl("lora_shrink_cuda", &fastpeft::lora_shrink_cuda);
+  m.impl("lora_expand_linear_cuda", &fastpeft::lora_expand_linear_cuda);
+  m.impl("lora_linear_cuda", &fastpeft::lora_linear_cuda);
+}
+
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastpeft CUDA kernels (registered as torch ops)",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,17 @@
+"""fastpeft: fused CUDA and Triton kernels for parameter-efficient fine-tuning layers."""
+
+from fastpeft.backends import available_backends
+from fastpeft.integrations.peft import patch_peft_model, unpatch_peft_model
+from fastpeft.modules.lora import LoRALinear
+from fastpeft.ops.lora import lora_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALinear",
+    "__version__",
+    "available_backends",
+    "lora_linear",
+    "patch_peft_model",
+    "unpatch_peft_model",
+]

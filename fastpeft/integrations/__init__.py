@@ -1,0 +1,1 @@
+"""Patching other frameworks' models (PEFT, transformers, bitsandbytes, AdapterHub) to run fastpeft ops."""

@@ -1,0 +1,293 @@
+"""The ``lora`` op family: ``y = x @ W.T + bias + scaling * (x @ A.T) @ B.T`` as one fused op.
+
+Three torch custom ops, each with a fake (meta) implementation so ``torch.compile`` traces them:
+
+- ``fastpeft::lora_linear(x, weight, lora_a, lora_b, scaling, bias)``: the layer, with autograd.
+- ``fastpeft::lora_shrink(x, lora_a)``: ``x @ lora_a.T`` in fp32 (used by the backward pass).
+- ``fastpeft::lora_expand_linear(x, weight, xa, lora_b, scaling, bias)``: ``x @ weight.T + bias +
+  scaling * xa @ lora_b.T`` for a precomputed fp32 ``xa`` (used by the backward pass for ``dx``).
+
+Each runs on one of three backends (fastpeft.backends): ``cuda`` (csrc/lora.cu), ``triton``
+(triton_kernels/lora.py) or ``torch`` (below: native-dtype base GEMM, LoRA term and sum in fp32).
+"""
+
+# No `from __future__ import annotations`: torch.library reads these annotations at runtime.
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+from fastpeft._autocast import without_autocast
+from fastpeft.backends import select_backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# At or below this many rows the CUDA extension's GEMV kernel is preferred; above it Triton.
+# Provisional: scripts/gpu_check.sh's benchmarks are what should set these thresholds.
+_CUDA_DECODE_MAX_M = 8
+
+
+def _preference(m: int) -> tuple[str, ...]:
+    return ("cuda", "triton") if m <= _CUDA_DECODE_MAX_M else ("triton", "cuda")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference and the torch backend
+# ----------------------------------------------------------------------------------------------------------
+
+
+def lora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The unfused PEFT computation, in the inputs' own dtype: the ground truth when given float64 inputs.
+
+    x: [..., K]; weight: [N, K]; lora_a: [R, K]; lora_b: [N, R]; bias: [N] or None. Returns [..., N].
+    """
+    y = torch.nn.functional.linear(x, weight, bias)
+    return y + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x, lora_a), lora_b)
+
+
+@without_autocast
+def _shrink_torch(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    return torch.mm(x.float(), lora_a.float().t())
+
+
+@without_autocast
+def _expand_linear_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    xa: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    base = torch.mm(x, weight.t())  # native dtype: no fp32 copy of the weight
+    out = torch.addmm(base.float(), xa, lora_b.float().t(), alpha=scaling)
+    if bias is not None:
+        out += bias.float()
+    return out.to(x.dtype)
+
+
+def _lora_linear_torch(x, weight, lora_a, lora_b, scaling, bias):
+    return _expand_linear_torch(x, weight, _shrink_torch(x, lora_a), lora_b, scaling, bias)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The triton and cuda backends (imported on first use: triton and fastpeft._C are optional)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _triton_lora():
+    from fastpeft.triton_kernels import lora
+
+    return lora
+
+
+def _lora_linear_triton(x, weight, lora_a, lora_b, scaling, bias):
+    kernels = _triton_lora()
+    if x.shape[0] <= kernels.FUSED_MAX_M:
+        return kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias)
+    xa = kernels.lora_shrink(x, lora_a)
+    return kernels.lora_linear(x, weight, None, lora_b, scaling, bias, xa=xa)
+
+
+def _shrink_triton(x, lora_a):
+    return _triton_lora().lora_shrink(x, lora_a)
+
+
+def _expand_linear_triton(x, weight, xa, lora_b, scaling, bias):
+    return _triton_lora().lora_linear(x, weight, None, lora_b, scaling, bias, xa=xa)
+
+
+def _lora_linear_cuda(x, weight, lora_a, lora_b, scaling, bias):
+    return torch.ops.fastpeft.lora_linear_cuda(x, weight, lora_a, lora_b, scaling, bias)
+
+
+def _shrink_cuda(x, lora_a):
+    return torch.ops.fastpeft.lora_shrink_cuda(x, lora_a)
+
+
+def _expand_linear_cuda(x, weight, xa, lora_b, scaling, bias):
+    return torch.ops.fastpeft.lora_expand_linear_cuda(x, weight, xa, lora_b, scaling, bias)
+
+
+_IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+    "lora_linear": {"torch": _lora_linear_torch, "triton": _lora_linear_triton, "cuda": _lora_linear_cuda},
+    "lora_shrink": {"torch": _shrink_torch, "triton": _shrink_triton, "cuda": _shrink_cuda},
+    "lora_expand_linear": {"torch": _expand_linear_torch, "triton": _expand_linear_triton, "cuda": _expand_linear_cuda},
+}
+
+
+def _run(op: str, x: torch.Tensor, *args) -> torch.Tensor:
+    """Run ``op`` on the backend the dispatcher picks; x is already [M, K]."""
+    backend = select_backend(op, x.device, _preference(x.shape[0]))
+    return _IMPLS[op][backend](x, *args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops: schema, implementation, fake implementation, autograd
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastpeft::lora_shrink", mutates_args=())
+def _lora_shrink_op(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    return _run("lora_shrink", x, lora_a)
+
+
+@_lora_shrink_op.register_fake
+def _(x, lora_a):
+    return x.new_empty((x.shape[0], lora_a.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::lora_expand_linear", mutates_args=())
+def _lora_expand_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    xa: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    return _run("lora_expand_linear", x, weight, xa, lora_b, scaling, bias)
+
+
+@_lora_expand_linear_op.register_fake
+def _(x, weight, xa, lora_b, scaling, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
+def _lora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    y = _run("lora_linear", rows, weight, lora_a, lora_b, scaling, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_lora_linear_op.register_fake
+def _(x, weight, lora_a, lora_b, scaling, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, scaling, bias = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    ctx.scaling = scaling
+
+
+def _backward(ctx, grad_y):
+    """dx = dy W + s (dy B) A;  dA = s (dy B)^T x;  dB = s dy^T (x A^T);  dW = dy^T x;  dbias = sum(dy).
+
+    ``dy @ B`` is computed once, in fp32, and serves both dx and dA.
+    """
+    x, weight, lora_a, lora_b = ctx.saved_tensors
+    need_x, need_weight, need_a, need_b, _, need_bias = ctx.needs_input_grad
+    scaling = ctx.scaling
+    rows = x.reshape(-1, x.shape[-1])
+    dy = grad_y.reshape(-1, weight.shape[0])
+    dx = dweight = da = db = dbias = None
+    if need_x or need_a:
+        dy_b = torch.ops.fastpeft.lora_shrink(dy, lora_b.t())
+        if need_x:
+            dx = torch.ops.fastpeft.lora_expand_linear(dy, weight.t(), dy_b, lora_a.t(), scaling, None)
+            dx = dx.reshape(x.shape)
+        if need_a:
+            da = (dy_b * scaling).to(x.dtype).t() @ rows
+    if need_b:
+        xa = torch.ops.fastpeft.lora_shrink(rows, lora_a)
+        db = dy.t() @ (xa * scaling).to(x.dtype)
+    if need_weight:
+        dweight = dy.t() @ rows
+    if need_bias:
+        dbias = dy.sum(0, dtype=torch.float32).to(grad_y.dtype)
+    return dx, dweight, da, db, None, dbias
+
+
+_lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t: object, *, dims: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if dims is not None and t.dim() != dims:
+        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
+    return t
+
+
+def check_lora_linear_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> None:
+    """Raise TypeError/ValueError naming the argument when the inputs of lora_linear do not fit together."""
+    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        _check_tensor(name, t, dims=None if name == "x" else (1 if name == "bias" else 2))
+    if x.dim() < 1:
+        raise ValueError("x must have at least 1 dimension [..., in_features], got a 0-D tensor")
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"lora_linear needs one dtype for all tensors, got {dtypes}")
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError(f"lora_linear needs all tensors on one device, got {devices}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
+    out_features, in_features = weight.shape
+    r = lora_a.shape[0]
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension {x.shape[-1]} != weight's in_features {in_features} "
+                         f"(x {tuple(x.shape)}, weight {tuple(weight.shape)})")  # fmt: skip
+    if r < 1 or lora_a.shape[1] != in_features:
+        raise ValueError(f"lora_a must be [r >= 1, in_features={in_features}], got {tuple(lora_a.shape)}")
+    if tuple(lora_b.shape) != (out_features, r):
+        raise ValueError(f"lora_b must be [out_features={out_features}, r={r}], got {tuple(lora_b.shape)}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused LoRA linear layer: ``x @ weight.T + bias + scaling * (x @ lora_a.T) @ lora_b.T``.
+
+    Args:
+        x: [..., in_features], any leading shape (zero rows allowed), any strides.
+        weight: [out_features, in_features], the frozen base weight (PyTorch's nn.Linear layout).
+        lora_a: [r, in_features].
+        lora_b: [out_features, r].
+        scaling: the LoRA scale (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA).
+        bias: [out_features] or None.
+
+    All tensors share one dtype (float16, bfloat16 or float32) and one device; accumulation is fp32.
+    Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b and bias.
+    """
+    check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias)
+    return _lora_linear_op(x, weight, lora_a, lora_b, float(scaling), bias)

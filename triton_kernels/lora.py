@@ -1,0 +1,300 @@
+"""Triton kernels for the LoRA linear layer: ``y = x @ W.T + bias + scaling * (x @ A.T) @ B.T``.
+
+Two kernels serve the three fastpeft ops of the ``lora`` slice:
+
+- ``_lora_linear_kernel``: an output tile of the base GEMM whose epilogue adds ``scaling * xa @ B.T`` and
+  the bias, with fp32 accumulation. With ``FUSE_SHRINK`` the LoRA shrink ``xa = x @ A.T`` is accumulated in
+  the same K loop as the base product (one launch; each output column tile recomputes ``xa``, which costs
+  about R_PAD / BLOCK_N extra matrix work and is the right trade for decode, where bytes dominate). Without it
+  ``xa`` is read from memory, produced once by the shrink kernel (prefill and backward).
+- ``_lora_shrink_kernel``: ``xa = x @ A.T`` in fp32, optionally split over K with fp32 atomics so that few
+  rows still fill the GPU.
+
+Everything takes strides, so transposed or sliced operands (the backward pass feeds ``W.T``, ``B.T``) need no
+copies. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the interpreter's ``tl.dot`` is wrong on
+bf16 operands, so tiles are upcast to fp32 there (``UPCAST``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# Rows at or below which fastpeft.ops.lora picks the fused (decode) form of _lora_linear_kernel.
+FUSED_MAX_M = 64
+
+
+def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) rows as autotune configs."""
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in rows
+    ]
+
+
+# The interpreter gets one tiny config: autotuning there would time nothing real.
+_INTERPRETER_CONFIGS = _configs([(16, 16, 16, 1, 1)])
+# Decode: few rows, memory-bound on W. Narrow N tiles give enough programs to fill 132 SMs; deep
+# pipelines keep enough bytes in flight.
+_DECODE_CONFIGS = _configs(
+    [
+        (16, 16, 256, 4, 4),
+        (16, 32, 256, 4, 4),
+        (16, 32, 128, 4, 5),
+        (16, 64, 128, 4, 4),
+        (16, 64, 256, 4, 3),
+        (32, 64, 128, 4, 4),
+        (64, 64, 128, 4, 3),
+    ]
+)
+# Prefill and backward: compute-bound tiles as in Triton's matmul tutorial, Hopper-sized.
+_PREFILL_CONFIGS = _configs(
+    [
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 5),
+    ]
+)
+_SHRINK_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in [(16, 256, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)]
+]
+_INTERPRETER_SHRINK_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+
+
+@triton.jit
+def _lora_linear_kernel(
+    x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_xam, stride_xar, stride_bn, stride_br, stride_ym, stride_yn,
+    scaling,
+    M_BUCKET,  # autotune key only: rows rounded up to a power of two
+    FUSE_SHRINK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped tile order: GROUP_M row tiles sweep the same column tiles together, so W stays in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // tiles_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % tiles_per_group) % group_rows
+    pid_n = (pid % tiles_per_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if FUSE_SHRINK:
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+            xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
+            a_ptrs += BLOCK_K * stride_ak
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if not FUSE_SHRINK:
+        xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+        xa = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
+    b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    # B's bf16/fp16 values are exact in tf32, so LORA_PRECISION="tf32" only rounds xa, to 11 bits.
+    acc = tl.dot(xa * scaling, b, acc, input_precision=LORA_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+
+    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr, a_ptr, xa_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar,
+    M_BUCKET,  # autotune key only
+    SPLIT_K: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+
+    # Program pid_k takes the K blocks pid_k, pid_k + SPLIT_K, pid_k + 2 * SPLIT_K, ...
+    k_start = pid_k * BLOCK_K
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k[None, :]) * stride_xk
+    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (k_start + offs_k[:, None]) * stride_ak
+    acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    for k0 in range(k_start, K, BLOCK_K * SPLIT_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            a = a.to(tl.float32)
+        acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * SPLIT_K * stride_xk
+        a_ptrs += BLOCK_K * SPLIT_K * stride_ak
+
+    xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+    mask = mask_m[:, None] & mask_r[None, :]
+    if SPLIT_K == 1:
+        tl.store(xa_ptrs, acc, mask=mask)
+    else:
+        tl.atomic_add(xa_ptrs, acc, mask=mask)
+
+
+if _INTERPRET:
+    _fused_kernel = _split_kernel = triton.autotune(_INTERPRETER_CONFIGS, key=[])(_lora_linear_kernel)
+    _shrink_kernel = triton.autotune(_INTERPRETER_SHRINK_CONFIGS, key=[])(_lora_shrink_kernel)
+else:
+    _key = ["M_BUCKET", "N", "K", "R_PAD", "FUSE_SHRINK"]
+    _fused_kernel = triton.autotune(_DECODE_CONFIGS, key=_key)(_lora_linear_kernel)
+    _split_kernel = triton.autotune(_PREFILL_CONFIGS, key=_key)(_lora_linear_kernel)
+    _shrink_kernel = triton.autotune(_SHRINK_CONFIGS, key=["M_BUCKET", "K", "R_PAD"], reset_to_zero=["xa_ptr"])(
+        _lora_shrink_kernel
+    )
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 operands follow torch's matmul precision setting; 16-bit operands are exact in any mode."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _r_pad(r: int) -> int:
+    # tl.dot needs every dimension >= 16 and a power of two.
+    return max(16, triton.next_power_of_2(r))
+
+
+def _m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(m), 8192)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _shrink_split_k(m: int, k: int, device: torch.device) -> int:
+    """Split K when the row tiles alone would leave most SMs idle (decode, backward of small batches)."""
+    if _INTERPRET or device.type != "cuda":
+        return 1 if k <= 32 else 2  # exercise both code paths on tiny interpreter shapes
+    row_tiles = triton.cdiv(m, 16)
+    return max(1, min(_sm_count(device.index or 0) // row_tiles, triton.cdiv(k, 1024), 16))
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
+    """``xa = x @ lora_a.T`` in fp32.
+
+    x: [M, K] fp16/bf16/fp32, any strides; lora_a: [R, K], same dtype. Returns [M, R] fp32, contiguous.
+    """
+    m, k = x.shape
+    r = lora_a.shape[0]
+    split_k = _shrink_split_k(m, k, x.device)
+    alloc = torch.zeros if split_k > 1 else torch.empty
+    xa = alloc((m, r), device=x.device, dtype=torch.float32)
+    if m == 0:
+        return xa
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split_k)
+    _shrink_kernel[grid](
+        x, lora_a, xa,
+        m, k, r,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
+        _m_bucket(m),
+        SPLIT_K=split_k,
+        R_PAD=_r_pad(r),
+        DOT_PRECISION=_dot_precision(x.dtype),
+        UPCAST=_INTERPRET,
+    )  # fmt: skip
+    return xa
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None,
+    xa: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ weight.T + bias + scaling * xa @ lora_b.T`` with ``xa = x @ lora_a.T`` fused when not given.
+
+    x: [M, K]; weight: [N, K]; lora_a: [R, K] (unused when ``xa`` is given); lora_b: [N, R]; bias: [N] or
+    None; xa: [M, R] fp32 or None. fp16/bf16/fp32, one dtype, any strides. Returns [M, N] in x's dtype.
+    """
+    m, k = x.shape
+    n, r = lora_b.shape
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    fuse = xa is None
+    kernel = _fused_kernel if fuse else _split_kernel
+    if fuse:
+        xa = y  # placeholder pointer, never read when FUSE_SHRINK
+    else:
+        lora_a = xa  # placeholder pointer, never read without FUSE_SHRINK
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    kernel[grid](
+        x, weight, lora_a, xa, lora_b, bias if bias is not None else y, y,
+        m, n, k, r,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+        xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+        float(scaling),
+        _m_bucket(m),
+        FUSE_SHRINK=fuse,
+        HAS_BIAS=bias is not None,
+        R_PAD=_r_pad(r),
+        DOT_PRECISION=_dot_precision(x.dtype),
+        LORA_PRECISION=_dot_precision(x.dtype) if x.dtype == torch.float32 else "tf32",
+        UPCAST=_INTERPRET,
+    )  # fmt: skip
+    return y
