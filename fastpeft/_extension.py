@@ -17,7 +17,7 @@ REINSTALL_HINT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[object | None, str | None]:
     try:
         module = importlib.import_module("fastpeft._C")

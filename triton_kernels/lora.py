@@ -218,7 +218,7 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 8192)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
@@ -276,6 +276,8 @@ def lora_linear(
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
+    if bias is not None:
+        bias = bias.contiguous()  # [N]: the kernel reads it with unit stride
     fuse = xa is None
     kernel = _fused_kernel if fuse else _split_kernel
     if fuse:

@@ -180,7 +180,7 @@ def _(x, weight, lora_a, lora_b, scaling, bias):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, scaling, bias = inputs
+    x, weight, lora_a, lora_b, scaling, _bias = inputs
     ctx.save_for_backward(x, weight, lora_a, lora_b)
     ctx.scaling = scaling
 

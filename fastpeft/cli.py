@@ -1,0 +1,95 @@
+"""The ``fastpeft`` console script: ``fastpeft env | demo | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _nvcc_version() -> str:
+    try:
+        out = subprocess.run(["nvcc", "--version"], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "not found"
+    return out.strip().splitlines()[-1]
+
+
+def env_report() -> str:
+    """Versions, the extension's state, the GPU and the backends each op can use, as printable text."""
+    import torch
+
+    from fastpeft import __version__
+    from fastpeft._extension import extension_error
+    from fastpeft.backends import BACKENDS, backend_unavailable_reason, forced_backend
+
+    lines = [
+        f"fastpeft      {__version__}",
+        f"python        {platform.python_version()}",
+        f"torch         {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"triton        {_version('triton')}",
+        f"nvcc          {_nvcc_version()}",
+        f"transformers  {_version('transformers')}",
+        f"peft          {_version('peft')}",
+        f"bitsandbytes  {_version('bitsandbytes')}",
+        f"extension     {'fastpeft._C loaded' if extension_error() is None else extension_error()}",
+    ]
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"gpu           {props.name}, compute capability {props.major}.{props.minor}, "
+                     f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB")  # fmt: skip
+        devices.insert(0, "cuda")
+    else:
+        lines.append("gpu           none visible to torch")
+    lines.append(f"FASTPEFT_BACKEND {forced_backend() or '(not set: automatic choice)'}")
+    for op in ("lora_linear",):
+        for device in devices:
+            for backend in BACKENDS:
+                reason = backend_unavailable_reason(backend, device)
+                lines.append(f"  {op:<12} {device:<5} {backend:<7} {'yes' if reason is None else 'no: ' + reason}")
+    return "\n".join(lines)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    runner = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+    if not runner.exists():
+        print("fastpeft bench runs from a source checkout (benchmarks/ is not installed)", file=sys.stderr)
+        return 2
+    cmd = [sys.executable, str(runner), "--out", args.out] + (["--quick"] if args.quick else [])
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="print versions, the extension's state, the GPU and the usable backends")
+    demo = sub.add_parser("demo", help="a small Llama with LoRA layers: fused vs unfused outputs and times")
+    demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    demo.add_argument("--steps", type=int, default=10, help="timed forward passes per variant")
+    bench = sub.add_parser("bench", help="run the benchmarks (source checkout only)")
+    bench.add_argument("--out", default="bench_out", help="folder for the JSON rows and the plot")
+    bench.add_argument("--quick", action="store_true", help="a short smoke pass")
+    args = parser.parse_args(argv)
+    if args.command == "env":
+        print(env_report())
+        return 0
+    if args.command == "demo":
+        from fastpeft.demo import run_demo
+
+        return 0 if run_demo(device=args.device, steps=args.steps).passed else 1
+    return _bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

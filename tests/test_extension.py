@@ -1,0 +1,67 @@
+"""The compiled extension, the backend registry and the package layout."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+import pytest
+import torch
+
+import fastpeft
+from fastpeft import _extension
+from fastpeft.backends import BACKENDS, available_backends, backend_unavailable_reason
+
+
+def test_available_backends_on_cpu():
+    backends = available_backends("cpu")
+    assert backends[-1] == "torch" and "cuda" not in backends
+    assert set(backends) <= set(BACKENDS)
+    assert fastpeft.available_backends() == available_backends("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_unknown_backend_name():
+    with pytest.raises(ValueError, match="unknown backend"):
+        backend_unavailable_reason("opencl", "cpu")
+
+
+@pytest.mark.skipif(not _extension.extension_available(), reason=f"extension not built: {_extension.extension_error()}")
+def test_extension_registers_cuda_ops():
+    schemas = {
+        "lora_shrink_cuda": "lora_shrink_cuda(Tensor x, Tensor lora_a) -> Tensor",
+        "lora_expand_linear_cuda": "float scaling, Tensor? bias) -> Tensor",
+        "lora_linear_cuda": "lora_linear_cuda(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b",
+    }
+    for name, fragment in schemas.items():
+        schema = str(getattr(torch.ops.fastpeft, name).default._schema)
+        assert fragment in schema, schema
+    # The public ops (defined in Python) and the CUDA kernels (TORCH_LIBRARY in C++) share the namespace.
+    assert torch.ops.fastpeft.lora_linear.default is not None
+
+
+def test_missing_extension_names_the_reinstall_command(monkeypatch):
+    real_import = importlib.import_module
+
+    def failing_import(name, *args, **kwargs):
+        if name == "fastpeft._C":
+            raise ImportError("libcudart.so.13: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    _extension._load.cache_clear()
+    monkeypatch.setattr(importlib, "import_module", failing_import)
+    try:
+        assert not _extension.extension_available()
+        with pytest.raises(RuntimeError, match="pip install --no-build-isolation") as info:
+            _extension.require_extension()
+        assert "failed to load: libcudart" in str(info.value)
+    finally:
+        monkeypatch.undo()
+        _extension._load.cache_clear()
+
+
+def test_triton_kernels_ship_inside_fastpeft():
+    """PyPI's triton-kernels owns the top-level name `triton_kernels`; fastpeft must not claim it."""
+    spec = importlib.util.find_spec("fastpeft.triton_kernels")
+    assert spec is not None and spec.origin.endswith("__init__.py")
+    top_level = importlib.util.find_spec("triton_kernels")
+    assert top_level is None or "fastpeft" not in str(top_level.origin)

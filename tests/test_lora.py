@@ -1,0 +1,210 @@
+"""fastpeft::lora_linear on every backend against the float64 reference: forward, backward, compile, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference
+
+from fastpeft.ops.lora import lora_linear, lora_linear_reference
+
+# (leading shape of x, in_features K, out_features N, rank r): odd sizes, M = 1, M = 0, 3-D, the fused
+# (decode) and split (prefill) triton paths on either side of FUSED_MAX_M = 64, a K past several K blocks.
+CPU_SHAPES = [
+    ((1,), 37, 29, 5),
+    ((0,), 16, 24, 4),
+    ((7,), 33, 65, 8),
+    ((2, 3), 40, 19, 3),
+    ((70,), 45, 31, 16),
+    ((3,), 300, 17, 7),
+    ((5,), 24, 40, 17),
+]
+GPU_SHAPES = CPU_SHAPES + [
+    ((8,), 4096, 4096, 16),
+    ((9,), 1000, 1030, 8),
+    ((2, 32), 4096, 1376, 64),
+    ((65,), 2048, 4096, 16),
+    ((3, 333), 1111, 997, 13),
+    ((1024,), 4096, 1024, 8),
+]
+SHAPES = GPU_SHAPES if HAS_GPU else CPU_SHAPES
+
+
+def make_inputs(lead, k, n, r, dtype, *, bias=True, device=DEVICE, requires_grad=False):
+    """Random inputs (B random: B = 0 would test nothing), scaled so outputs are O(1)."""
+
+    def rand(*shape, scale=1.0):
+        t = (torch.randn(*shape, device=device) * scale).to(dtype)
+        return t.requires_grad_(requires_grad)
+
+    return dict(
+        x=rand(*lead, k),
+        weight=rand(n, k, scale=k**-0.5),
+        lora_a=rand(r, k, scale=k**-0.5),
+        lora_b=rand(n, r, scale=r**-0.5),
+        scaling=1.7,
+        bias=rand(n) if bias else None,
+    )
+
+
+def as64(inputs):
+    return {k: v.detach().double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_forward_matches_reference(backend, dtype, shape, bias):
+    inputs = make_inputs(*shape, dtype, bias=bias)
+    out = lora_linear(**inputs)
+    ref = lora_linear_reference(**as64(inputs))
+    assert_close_to_reference(out, ref, lora_linear_reference(**inputs), f"{backend} {dtype} {shape}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_noncontiguous_operands(backend, dtype):
+    """Transposed and strided views of every operand, without copies by the caller."""
+    k, n, r, m = 41, 27, 6, 9
+    base = make_inputs((m,), k, n, r, dtype)
+    inputs = dict(
+        x=base["x"].t().contiguous().t(),  # column-major x
+        weight=base["weight"].t().contiguous().t(),  # column-major W, as W.T in the backward pass
+        lora_a=torch.cat([base["lora_a"], base["lora_a"]], dim=1)[:, ::2],  # stride 2 along K
+        lora_b=base["lora_b"].t().contiguous().t(),
+        scaling=base["scaling"],
+        bias=torch.stack([base["bias"], base["bias"]], dim=1)[:, 0],  # stride 2
+    )
+    assert not any(t.is_contiguous() for t in (inputs["x"], inputs["weight"], inputs["lora_a"], inputs["bias"]))
+    out = lora_linear(**inputs)
+    ref = lora_linear_reference(**as64(inputs))
+    assert_close_to_reference(out, ref, lora_linear_reference(**inputs), f"{backend} {dtype}")
+
+
+def test_3d_noncontiguous_x(backend):
+    inputs = make_inputs((4, 5), 32, 23, 4, torch.float32)
+    inputs["x"] = inputs["x"].transpose(0, 1)  # [5, 4, 32], not viewable as rows
+    out = lora_linear(**inputs)
+    assert out.shape == (5, 4, 23)
+    ref = lora_linear_reference(**as64(inputs))
+    assert_close_to_reference(out, ref, lora_linear_reference(**inputs))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [((3,), 37, 29, 5), ((2, 35), 24, 33, 8), ((0,), 16, 8, 2)], ids=str)
+def test_backward_matches_reference(backend, dtype, shape):
+    """Gradients of x, weight, lora_a, lora_b and bias against float64 autograd of the reference."""
+    inputs = make_inputs(*shape, dtype, requires_grad=True)
+    inputs64 = {k: v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) else v
+                for k, v in inputs.items()}  # fmt: skip
+    plain = {k: v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v
+             for k, v in inputs.items()}  # fmt: skip
+    grad = torch.randn(*shape[0], shape[2], device=DEVICE).to(dtype)
+
+    lora_linear(**inputs).backward(grad)
+    lora_linear_reference(**inputs64).backward(grad.double())
+    lora_linear_reference(**plain).backward(grad)
+    for name in ("x", "weight", "lora_a", "lora_b", "bias"):
+        if shape[0] == (0,) and name != "x":
+            assert torch.all(inputs[name].grad == 0), name  # no rows: zero gradients, not garbage
+            continue
+        assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
+
+
+def test_backward_only_lora_params(backend):
+    """The usual training case: frozen x-independent base weight, grads for A and B only."""
+    inputs = make_inputs((6,), 20, 12, 4, torch.float32)
+    inputs["lora_a"].requires_grad_()
+    inputs["lora_b"].requires_grad_()
+    lora_linear(**inputs).sum().backward()
+    assert inputs["weight"].grad is None and inputs["x"].grad is None
+    inputs64 = as64(inputs)
+    for name in ("lora_a", "lora_b"):
+        inputs64[name].requires_grad_()
+    lora_linear_reference(**inputs64).sum().backward()
+    for name in ("lora_a", "lora_b"):
+        torch.testing.assert_close(inputs[name].grad.double(), inputs64[name].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    """torch's own checks of the custom op: schema, fake implementation, autograd registration."""
+    inputs = make_inputs((3, 2), 24, 17, 4, torch.float32, requires_grad=True)
+    args = (inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"], 0.5, inputs["bias"])
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear.default, args)
+
+
+def test_compile_fullgraph_forward_backward():
+    """torch.compile(fullgraph=True) traces a module using the op (fake impl + autograd), no graph break."""
+    from fastpeft import LoRALinear
+
+    layer = LoRALinear(torch.nn.Linear(24, 18, device=DEVICE), r=4, lora_alpha=8)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(2, 5, 24, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    torch.testing.assert_close(out, layer(x))
+    out.sum().backward()
+    grad_compiled = layer.lora_A.grad.clone()
+    layer.lora_A.grad = None
+    layer(x).sum().backward()
+    torch.testing.assert_close(grad_compiled, layer.lora_A.grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input: a clear TypeError / ValueError naming the argument, before any kernel runs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _bad(**changes):
+    inputs = make_inputs((3,), 16, 8, 4, torch.float32)
+    inputs.update(changes)
+    return inputs
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        (dict(x=torch.randn(3, 15)), ValueError, "x's last dimension 15"),
+        (dict(weight=torch.randn(8, 16, 1)), ValueError, "weight must be 2-D"),
+        (dict(lora_a=torch.randn(4, 15)), ValueError, "lora_a must be"),
+        (dict(lora_b=torch.randn(8, 5)), ValueError, "lora_b must be"),
+        (dict(lora_b=torch.randn(7, 4)), ValueError, "lora_b must be"),
+        (dict(bias=torch.randn(9)), ValueError, "bias must be"),
+        (dict(lora_a=torch.randn(0, 16), lora_b=torch.randn(8, 0)), ValueError, "lora_a must be"),
+        (dict(x=torch.randn(3, 16, dtype=torch.float16)), TypeError, "one dtype"),
+        (dict(x=torch.ones(3, 16, dtype=torch.int64)), TypeError, "x must be float16"),
+        (dict(weight=torch.ones(8, 16, dtype=torch.int32)), TypeError, "weight must be float16"),
+        (dict(x=[[1.0] * 16]), TypeError, "x must be a torch.Tensor"),
+        (dict(scaling=torch.tensor(1.0)), TypeError, "scaling"),
+        (dict(scaling="2"), TypeError, "scaling"),
+        (dict(x=torch.randn(3, 16, device="meta")), ValueError, "one device"),
+        (dict(x=torch.tensor(1.0)), ValueError, "at least 1 dimension"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_input_is_refused(changes, error, match):
+    with pytest.raises(error, match=match):
+        lora_linear(**_bad(**changes))
+
+
+def test_forced_backend_that_cannot_run_raises(monkeypatch):
+    inputs = make_inputs((2,), 16, 8, 4, torch.float32, device="cpu")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="FASTPEFT_BACKEND=cuda cannot run"):
+        lora_linear(**inputs)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="FASTPEFT_BACKEND=triton cannot run"):
+        lora_linear(**inputs)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "tpu")
+    with pytest.raises(ValueError, match="not a backend"):
+        lora_linear(**inputs)
+
+
+@pytest.mark.gpu
+def test_cuda_device_picks_a_gpu_backend(monkeypatch):
+    from fastpeft.backends import select_backend
+    from fastpeft.ops.lora import _preference
+
+    monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
+    for m in (1, 8, 9, 4096):
+        assert select_backend("lora_linear", DEVICE, _preference(m)) in ("cuda", "triton")
