@@ -34,8 +34,8 @@ def _gencode_flags(archs: str) -> list[str]:
     for item in filter(None, (a.strip() for a in archs.replace(",", ";").split(";"))):
         with_ptx = item.endswith("+PTX")
         cc = item.removesuffix("+PTX").replace(".", "")
-        if not cc.isdigit():
-            raise ValueError(f"FASTPEFT_CUDA_ARCHS: cannot read {item!r} (expected e.g. '8.0' or '9.0+PTX')")
+        if not cc.removesuffix("a").isdigit():
+            raise ValueError(f"FASTPEFT_CUDA_ARCHS: cannot read {item!r} (expected e.g. '8.0', '9.0a' or '9.0+PTX')")
         flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
         if with_ptx:
             flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")

@@ -169,6 +169,10 @@ def _lora_linear_op(
     scaling: float,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
+    return _lora_linear_nd(x, weight, lora_a, lora_b, scaling, bias)
+
+
+def _lora_linear_nd(x, weight, lora_a, lora_b, scaling, bias):
     rows = x.reshape(-1, x.shape[-1])
     y = _run("lora_linear", rows, weight, lora_a, lora_b, scaling, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -197,14 +201,14 @@ def _backward(ctx, grad_y):
     dy = grad_y.reshape(-1, weight.shape[0])
     dx = dweight = da = db = dbias = None
     if need_x or need_a:
-        dy_b = torch.ops.fastpeft.lora_shrink(dy, lora_b.t())
+        dy_b = _call("lora_shrink", dy, lora_b.t())
         if need_x:
-            dx = torch.ops.fastpeft.lora_expand_linear(dy, weight.t(), dy_b, lora_a.t(), scaling, None)
+            dx = _call("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
             dx = dx.reshape(x.shape)
         if need_a:
             da = (dy_b * scaling).to(x.dtype).t() @ rows
     if need_b:
-        xa = torch.ops.fastpeft.lora_shrink(rows, lora_a)
+        xa = _call("lora_shrink", rows, lora_a)
         db = dy.t() @ (xa * scaling).to(x.dtype)
     if need_weight:
         dweight = dy.t() @ rows
@@ -214,6 +218,21 @@ def _backward(ctx, grad_y):
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Eager mode skips the custom-op machinery, whose Python overhead per call is comparable to a decode GEMV;
+# torch.compile sees the custom ops (with their fake implementations) instead. Both share one autograd formula.
+class _LoRALinearFunction(torch.autograd.Function):
+    forward = staticmethod(_lora_linear_nd)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def _call(op: str, x: torch.Tensor, *args) -> torch.Tensor:
+    """A backward-pass op: through the custom op while compiling, straight to its backend otherwise."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.fastpeft, op)(x, *args)
+    return _run(op, x, *args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -290,4 +309,6 @@ def lora_linear(
     Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b and bias.
     """
     check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias)
-    return _lora_linear_op(x, weight, lora_a, lora_b, float(scaling), bias)
+    if torch.compiler.is_compiling():
+        return _lora_linear_op(x, weight, lora_a, lora_b, float(scaling), bias)
+    return _LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias)

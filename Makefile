@@ -1,0 +1,45 @@
+# The README's commands. `make test` and `make demo` work on a fresh machine: they create the virtual
+# environment, install torch and fastpeft (building the CUDA extension when nvcc is present), then run.
+PYTHON ?= python3
+VENV ?= .venv
+# The registry's newest torch is a CUDA build: it runs on CPU too, and lets setup.py build csrc/ when nvcc is
+# present. Override for a CPU-only install, e.g. `make test TORCH_SPEC=torch==2.13.0`.
+TORCH_SPEC ?= torch>=2.4
+export MAX_JOBS ?= 2
+
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.fastpeft-installed
+
+.PHONY: install test lint demo bench gpu-check clean
+
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel ninja
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	# --no-build-isolation: the extension must be built against the torch installed above.
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m fastpeft.cli env
+	touch $@
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
+	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q benchmarks --benchmark-disable
+
+demo: $(STAMP)
+	$(VENV)/bin/fastpeft demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out bench_out
+
+gpu-check:
+	bash scripts/gpu_check.sh gpu_check_out
+
+clean:
+	rm -rf build *.egg-info fastpeft/_C*.so bench_out gpu_check_out

@@ -1,0 +1,199 @@
+"""Benchmark of fastpeft::lora_linear against what users run today.
+
+Variants, all timed in the same run on the same operands:
+    base           x @ W.T through torch (cuBLAS): the floor the fused layer is measured against
+    unfused        PEFT's path: base + lora_B(lora_A(x)) * scaling (three GEMMs, a scale and an add)
+    fused:<name>   fastpeft.lora_linear forced to one backend (cuda, triton, torch), and fused:auto
+
+Modes: ``forward``, and ``forward+backward`` as in LoRA training (x, A and B need gradients, W is frozen).
+On a GPU: CUDA-event timing (triton.testing.do_bench, median) after warm-up, operand sets rotated so that
+their total exceeds the L2 cache. On a CPU: a quick smoke pass on tiny shapes with wall-clock timing.
+Also collected by pytest-benchmark: ``pytest benchmarks/``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import pytest
+import torch
+
+from fastpeft.backends import available_backends
+from fastpeft.ops.lora import lora_linear
+
+FULL_M = (1, 16, 64, 256, 4096, 16384)
+FULL_FEATURES = ((4096, 4096), (4096, 14336))  # (in, out)
+FULL_RANKS = (8, 16, 64)
+FULL_DTYPES = (torch.bfloat16, torch.float16)
+MODES = ("forward", "forward+backward")
+SCALING = 2.0
+ROTATE_BYTES = 3 * 60 * 2**20  # three times an H200's L2
+
+
+@dataclass(frozen=True)
+class Case:
+    m: int
+    k: int  # in_features
+    n: int  # out_features
+    r: int
+    dtype: torch.dtype
+    mode: str
+
+    def flops(self) -> float:
+        """Useful floating-point operations: the base GEMM and the two LoRA GEMMs (and their gradients)."""
+        forward = 2 * self.m * self.n * self.k + 2 * self.m * self.r * (self.k + self.n)
+        if self.mode == "forward":
+            return forward
+        # dx (base and LoRA), dA, dB, and the shrinks dy @ B and x @ A the backward recomputes
+        backward = 2 * self.m * self.n * self.k + 4 * self.m * self.r * (self.k + self.n) + 2 * self.m * self.r * self.n
+        return forward + backward
+
+    def bytes(self) -> float:
+        """Fewest bytes moved: every operand read once, every output written once."""
+        size = torch.finfo(self.dtype).bits // 8
+        forward = (self.n * self.k + self.r * (self.k + self.n) + self.m * (self.k + self.n)) * size
+        return forward if self.mode == "forward" else 2 * forward + self.m * self.k * size
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case(m, 96, 80, 8, torch.float32, mode) for m in (1, 16) for mode in MODES]
+    return [
+        Case(m, k, n, r, dtype, mode)
+        for mode, dtype, (k, n), r, m in itertools.product(MODES, FULL_DTYPES, FULL_FEATURES, FULL_RANKS, FULL_M)
+    ]
+
+
+def operand_sets(case: Case, device: torch.device) -> list[dict[str, torch.Tensor]]:
+    """Independent random operand sets, enough of them on a GPU that cycling through them defeats L2."""
+    count = 1 if device.type == "cpu" else max(2, min(16, int(ROTATE_BYTES // case.bytes()) + 1))
+    train = case.mode != "forward"
+    sets = []
+    for _ in range(count):
+        x = torch.randn(case.m, case.k, device=device, dtype=case.dtype).requires_grad_(train)
+        weight = (torch.randn(case.n, case.k, device=device) * case.k**-0.5).to(case.dtype)
+        lora_a = (torch.randn(case.r, case.k, device=device) * case.k**-0.5).to(case.dtype).requires_grad_(train)
+        lora_b = (torch.randn(case.n, case.r, device=device) * case.r**-0.5).to(case.dtype).requires_grad_(train)
+        grad = torch.randn(case.m, case.n, device=device, dtype=case.dtype)
+        sets.append(dict(x=x, weight=weight, lora_a=lora_a, lora_b=lora_b, grad=grad))
+    return sets
+
+
+def _forward_fns(backends: list[str]) -> dict[str, Callable[..., torch.Tensor]]:
+    def base(x, weight, lora_a, lora_b):
+        return torch.nn.functional.linear(x, weight)
+
+    def unfused(x, weight, lora_a, lora_b):
+        lin = torch.nn.functional.linear
+        return lin(x, weight) + lin(lin(x, lora_a), lora_b) * SCALING
+
+    def fused(x, weight, lora_a, lora_b):
+        return lora_linear(x, weight, lora_a, lora_b, SCALING)
+
+    fns = {"base": base, "unfused": unfused, "fused:auto": fused}
+    fns.update({f"fused:{b}": fused for b in backends})
+    return fns
+
+
+def make_step(variant: str, forward: Callable, sets: list[dict], mode: str) -> Callable[[], object]:
+    """One timed call of ``variant``; cycles through the operand sets."""
+    counter = itertools.count()
+
+    def step():
+        ops = sets[next(counter) % len(sets)]
+        y = forward(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"])
+        if mode == "forward":
+            return y
+        wrt = [ops["x"]] if variant == "base" else [ops["x"], ops["lora_a"], ops["lora_b"]]
+        return torch.autograd.grad(y, wrt, ops["grad"])
+
+    return step
+
+
+def _with_backend(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """Force the backend a fused:<name> variant names (the dispatcher reads FASTPEFT_BACKEND per call)."""
+    name = variant.partition(":")[2]
+    if name in ("", "auto"):
+        return fn
+
+    def forced():
+        previous = os.environ.get("FASTPEFT_BACKEND")
+        os.environ["FASTPEFT_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["FASTPEFT_BACKEND"]
+            else:
+                os.environ["FASTPEFT_BACKEND"] = previous
+
+    return forced
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds per call: CUDA events on a GPU, wall clock on a CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def run(quick: bool, device: torch.device | None = None) -> list[dict]:
+    """Time every variant on every case; one row per (case, variant) with ratios to the same run's baselines."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backends = [b for b in available_backends(device) if device.type == "cuda" or b == "torch"]
+    rows = []
+    for case in cases(quick):
+        sets = operand_sets(case, device)
+        times = {}
+        for variant, forward in _forward_fns(backends).items():
+            step = _with_backend(variant, make_step(variant, forward, sets, case.mode))
+            times[variant] = time_ms(step, device)
+        for variant, ms in times.items():
+            row = {k: v for k, v in asdict(case).items() if k != "dtype"}
+            row.update(
+                op="lora_linear",
+                dtype=str(case.dtype).removeprefix("torch."),
+                variant=variant,
+                ms=ms,
+                ratio_vs_base=ms / times["base"],
+                speedup_vs_unfused=times["unfused"] / ms,
+                tflops=case.flops() / ms / 1e9,
+                gbps=case.bytes() / ms / 1e6,
+            )
+            rows.append(row)
+        del sets
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pytest-benchmark: `pytest benchmarks/` times one small case per variant on the device present
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("variant", ["base", "unfused", "fused:auto"])
+def test_lora_linear(benchmark, variant, mode):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    case = (
+        cases(quick=device.type == "cpu")[0] if device.type == "cpu" else Case(16, 4096, 4096, 16, torch.bfloat16, mode)
+    )
+    case = Case(case.m, case.k, case.n, case.r, case.dtype, mode)
+    sets = operand_sets(case, device)
+    step = make_step(variant, _forward_fns([])[variant], sets, mode)
+    if device.type == "cuda":
+        benchmark.pedantic(lambda: (step(), torch.cuda.synchronize()), rounds=50, warmup_rounds=5)
+    else:
+        benchmark(step)
