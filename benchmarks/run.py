@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.metadata
 import json
 import platform
 import subprocess
@@ -23,14 +22,9 @@ sys.path.insert(0, str(HERE))
 
 import bench_lora  # noqa: E402
 
+from fastpeft.cli import package_version  # noqa: E402
+
 BENCHES = {"lora": bench_lora}
-
-
-def _version(dist: str) -> str:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def machine() -> dict:
@@ -48,8 +42,8 @@ def machine() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "triton": _version("triton"),
-        "fastpeft": _version("fastpeft"),
+        "triton": package_version("triton"),
+        "fastpeft": package_version("fastpeft"),
         "commit": commit,
     }
 

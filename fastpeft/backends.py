@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from fastpeft._extension import extension_error
+from fastpeft._extension import REINSTALL_HINT, extension_error
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "FASTPEFT_BACKEND"
@@ -54,7 +54,8 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
-        return extension_error()
+        error = extension_error()
+        return None if error is None else f"{error}. {REINSTALL_HINT}"
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 

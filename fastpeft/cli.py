@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 
-def _version(dist: str) -> str:
+def package_version(dist: str) -> str:
+    """The installed version of distribution ``dist``, or "not installed"."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -37,11 +38,11 @@ def env_report() -> str:
         f"fastpeft      {__version__}",
         f"python        {platform.python_version()}",
         f"torch         {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
-        f"triton        {_version('triton')}",
+        f"triton        {package_version('triton')}",
         f"nvcc          {_nvcc_version()}",
-        f"transformers  {_version('transformers')}",
-        f"peft          {_version('peft')}",
-        f"bitsandbytes  {_version('bitsandbytes')}",
+        f"transformers  {package_version('transformers')}",
+        f"peft          {package_version('peft')}",
+        f"bitsandbytes  {package_version('bitsandbytes')}",
         f"extension     {'fastpeft._C loaded' if extension_error() is None else extension_error()}",
     ]
     devices = ["cpu"]

@@ -54,6 +54,8 @@ def test_missing_extension_names_the_reinstall_command(monkeypatch):
         with pytest.raises(RuntimeError, match="pip install --no-build-isolation") as info:
             _extension.require_extension()
         assert "failed to load: libcudart" in str(info.value)
+        reason = backend_unavailable_reason("cuda", "cuda")  # what a forced cuda backend raises with
+        assert "failed to load: libcudart" in reason and "pip install --no-build-isolation" in reason
     finally:
         monkeypatch.undo()
         _extension._load.cache_clear()

@@ -17,9 +17,7 @@ import torch
 from torch import nn
 
 from fastpeft._autocast import compute_dtype
-from fastpeft.ops.lora import lora_linear
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fastpeft.ops.lora import FLOAT_DTYPES, lora_linear
 
 
 def _peft_lora_linear_class() -> type:
@@ -50,7 +48,7 @@ def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
     base = layer.get_base_layer()
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
-    if base.weight.dtype not in _FLOAT_DTYPES:
+    if base.weight.dtype not in FLOAT_DTYPES:
         return f"base weight dtype {base.weight.dtype}"
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out"
@@ -139,7 +137,7 @@ def patch_peft_model(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, lora_linear_class) and not _is_patched(module):
             base = module.get_base_layer()
-            if type(base) is nn.Linear and base.weight.dtype in _FLOAT_DTYPES:
+            if type(base) is nn.Linear and base.weight.dtype in FLOAT_DTYPES:
                 module.forward = types.MethodType(_fused_forward, module)
     return model
 

@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 from fastpeft._autocast import compute_dtype
-from fastpeft.ops.lora import lora_linear
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from fastpeft.ops.lora import FLOAT_DTYPES, lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -42,7 +40,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base_layer, nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear, got {type(base_layer).__name__}")
-        if base_layer.weight.dtype not in _FLOAT_DTYPES:
+        if base_layer.weight.dtype not in FLOAT_DTYPES:
             raise TypeError(
                 f"base_layer.weight must be float16, bfloat16 or float32, got {base_layer.weight.dtype} "
                 "(quantized base layers need their own module)"

@@ -20,7 +20,7 @@ import torch
 from fastpeft._autocast import without_autocast
 from fastpeft.backends import select_backend
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # At or below this many rows the CUDA extension's GEMV kernel is preferred; above it Triton.
 # Provisional: scripts/gpu_check.sh's benchmarks are what should set these thresholds.
 _CUDA_DECODE_MAX_M = 8
@@ -243,7 +243,7 @@ def _call(op: str, x: torch.Tensor, *args) -> torch.Tensor:
 def _check_tensor(name: str, t: object, *, dims: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
+    if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
     if dims is not None and t.dim() != dims:
         raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
