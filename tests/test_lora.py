@@ -155,7 +155,8 @@ def test_compile_fullgraph_forward_backward():
 
 
 def _bad(**changes):
-    inputs = make_inputs((3,), 16, 8, 4, torch.float32)
+    # On the CPU, like the replacements below, so that each case fails for its own reason only.
+    inputs = make_inputs((3,), 16, 8, 4, torch.float32, device="cpu")
     inputs.update(changes)
     return inputs
 
