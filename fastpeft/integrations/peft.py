@@ -43,13 +43,20 @@ def _dropout_p(module: nn.Module) -> float:
     return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
-def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
-    """None when ``adapter_name`` of the PEFT layer can run fused, else what stops it."""
-    base = layer.get_base_layer()
+def _base_unsupported_reason(base: nn.Module) -> str | None:
+    """None when the fused op can compute ``base``: a plain floating-point nn.Linear."""
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
     if base.weight.dtype not in FLOAT_DTYPES:
         return f"base weight dtype {base.weight.dtype}"
+    return None
+
+
+def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
+    """None when ``adapter_name`` of the PEFT layer can run fused, else what stops it."""
+    reason = _base_unsupported_reason(layer.get_base_layer())
+    if reason is not None:
+        return reason
     if getattr(layer, "fan_in_fan_out", False):
         return "fan_in_fan_out"
     if adapter_name not in layer.lora_A:
@@ -135,10 +142,12 @@ def patch_peft_model(model: nn.Module) -> nn.Module:
     """
     lora_linear_class = _peft_lora_linear_class()
     for module in model.modules():
-        if isinstance(module, lora_linear_class) and not _is_patched(module):
-            base = module.get_base_layer()
-            if type(base) is nn.Linear and base.weight.dtype in FLOAT_DTYPES:
-                module.forward = types.MethodType(_fused_forward, module)
+        if (
+            isinstance(module, lora_linear_class)
+            and not _is_patched(module)
+            and _base_unsupported_reason(module.get_base_layer()) is None
+        ):
+            module.forward = types.MethodType(_fused_forward, module)
     return model
 
 
