@@ -47,6 +47,22 @@ def poisoned_outputs():
     torch.use_deterministic_algorithms(previous, warn_only=warn_only)
 
 
+@pytest.fixture
+def fused_calls(monkeypatch) -> list[int]:
+    """Counts the calls patched PEFT layers make to the fused op (one entry per call)."""
+    import fastpeft.integrations.peft as integration
+
+    calls: list[int] = []
+    real = integration.lora_linear
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "lora_linear", spy)
+    return calls
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; NaN anywhere gives inf."""
     diff = out.double() - ref.double()

@@ -3,8 +3,6 @@ wherever the fused op does not apply."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from conftest import DEVICE, rel_error
@@ -13,58 +11,19 @@ from torch import nn
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+from peft_models import (  # noqa: E402
+    TARGETS,
+    assert_same_training_step,
+    logits,
+    peft_model,
+    randomize_lora_b,
+    tiny_llama,
+    tokens,
+    twin,
+)
+
 from fastpeft import LoRALinear, patch_peft_model, unpatch_peft_model  # noqa: E402
 from fastpeft.integrations.peft import patched_layer_count  # noqa: E402
-
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(dtype=torch.float32) -> nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=97, hidden_size=40, intermediate_size=72, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).to(device=DEVICE, dtype=dtype)
-
-
-def randomize_lora_b(model: nn.Module) -> None:
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or "lora_magnitude" in name:
-                param.normal_(std=0.3)
-
-
-def peft_model(dtype=torch.float32, **config) -> nn.Module:
-    config = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "lora_dropout": 0.0, **config}
-    model = peft.get_peft_model(tiny_llama(dtype), peft.LoraConfig(**config))
-    randomize_lora_b(model)
-    return model
-
-
-def tokens(batch=2, seq=9):
-    return torch.randint(0, 97, (batch, seq), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(1))
-
-
-@pytest.fixture
-def fused_calls(monkeypatch) -> list[int]:
-    """Counts the calls patched layers make to the fused op (one entry per call)."""
-    import fastpeft.integrations.peft as integration
-
-    calls: list[int] = []
-    real = integration.lora_linear
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(integration, "lora_linear", spy)
-    return calls
-
-
-def logits(model, ids=None, **kwargs):
-    with torch.no_grad():
-        return model(ids if ids is not None else tokens(), **kwargs).logits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -83,19 +42,11 @@ def test_patched_inference_matches_peft(backend, dtype, fused_calls):
 
 
 def test_patched_training_matches_peft(backend, fused_calls):
-    model = peft_model().train()
-    reference = copy.deepcopy(model)
+    model = peft_model()
+    reference = twin(model)
     patch_peft_model(model)
-    ids = tokens()
-    for m in (model, reference):
-        m(ids, labels=ids).loss.backward()
+    assert_same_training_step(model, reference)
     assert len(fused_calls) == 2 * len(TARGETS)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
-    assert grads.keys() == ref_grads.keys() and len(grads) == 4 * len(TARGETS)
-    for name, grad in grads.items():
-        assert grad is not None, name
-        assert rel_error(grad, ref_grads[name]) < 1e-4, name
 
 
 def test_patch_is_idempotent_and_returns_model():
@@ -166,3 +117,76 @@ def test_lora_linear_from_peft_layer(backend):
         LoRALinear.from_peft(layer, "missing")
     with pytest.raises(TypeError, match=r"PEFT lora\.Linear"):
         LoRALinear.from_peft(nn.Linear(4, 4))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA stacked with other PEFT tuners (PEFT's mixed models), and in-place ops on the patched output
+# ---------------------------------------------------------------------------------------------------------
+
+MIXED_TARGETS = ["q_proj", "down_proj"]  # the first and the last projection of every decoder layer
+
+
+def other_tuner_config(kind: str):
+    if kind == "loha":
+        return peft.LoHaConfig(r=4, alpha=6, target_modules=MIXED_TARGETS, init_weights=False)
+    if kind == "lokr":
+        return peft.LoKrConfig(r=4, alpha=6, target_modules=MIXED_TARGETS, init_weights=False)
+    if kind == "adalora":
+        return peft.AdaLoraConfig(init_r=4, target_modules=MIXED_TARGETS, init_lora_weights=False, total_step=10)
+    raise ValueError(kind)
+
+
+def mixed_model(first, second) -> nn.Module:
+    """A PeftMixedModel: the adapter added second wraps the first's layer as its base."""
+    model = peft.get_peft_model(tiny_llama(), first, adapter_name="first", mixed=True)
+    model.add_adapter("second", second)
+    model.set_adapter(["first", "second"])
+    randomize_lora_b(model)
+    return model
+
+
+@pytest.mark.parametrize("other", ["loha", "lokr", "adalora"])
+@pytest.mark.parametrize("lora_outer", [False, True], ids=["lora-inner", "lora-outer"])
+def test_lora_stacked_with_another_tuner_matches_peft(backend, fused_calls, other, lora_outer):
+    """LoRA over LoHa/LoKr/AdaLoRA keeps PEFT's forward (fusing would drop the wrapped tuner); LoRA under them
+    runs fused and the outer tuner adds to its output (AdaLoRA in place, with ``result += ...``)."""
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MIXED_TARGETS, init_lora_weights=False)
+    first, second = (other_tuner_config(other), lora) if lora_outer else (lora, other_tuner_config(other))
+    model = mixed_model(first, second)
+    reference = twin(model)
+    expected = logits(reference.eval())
+    patch_peft_model(model)
+    got = logits(model.eval())
+    assert rel_error(got, expected) < 1e-5
+    assert len(fused_calls) == (0 if lora_outer else 2 * len(MIXED_TARGETS))
+    assert_same_training_step(model, reference)
+
+
+def test_in_place_ops_on_patched_output(backend, fused_calls):
+    """``+=`` and ``nn.ReLU(inplace=True)`` on a patched layer's output, in training and eval, with PEFT's
+    outputs and gradients."""
+    layer = peft_model().base_model.model.model.layers[0].self_attn.q_proj
+    reference = twin(layer)
+    patch_peft_model(layer)
+    relu = nn.ReLU(inplace=True)
+    for training in (True, False):
+        results = []
+        for module in (layer, reference):
+            module.train(training)
+            x = torch.randn(2, 3, 40, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(3))
+            x.requires_grad_()
+            y = module(x)
+            y += 0.25
+            y = relu(y)
+            y.square().sum().backward()
+            grads = [x.grad] + [p.grad.clone() for p in module.parameters() if p.requires_grad]
+            module.zero_grad()
+            results.append((y.detach(), grads))
+        (y, grads), (ref_y, ref_grads) = results
+        assert rel_error(y, ref_y) < 1e-5
+        for grad, ref_grad in zip(grads, ref_grads, strict=True):
+            assert rel_error(grad, ref_grad) < 1e-5
+    with torch.no_grad():
+        out = layer(torch.randn(4, 40, device=DEVICE))
+        out += 1
+    assert len(fused_calls) == 3

@@ -1,11 +1,15 @@
 """Make a PEFT model's LoRA layers run fastpeft's fused ``lora_linear``, with PEFT's numbers.
 
-``patch_peft_model(model)`` replaces, per instance, the ``forward`` of every PEFT ``lora.Linear`` layer whose
-base layer is a floating-point ``nn.Linear``. The replacement decides per call: when the call is one the
-fused op expresses (adapters enabled and unmerged, no ``adapter_names`` mixed batch, vanilla LoRA without
-DoRA or lora_bias, dropout inactive), the first active adapter runs fused with the base GEMM and any further
-active adapters add their deltas as PEFT does; otherwise PEFT's own forward runs, unchanged.
-``unpatch_peft_model(model)`` removes the replacement.
+``patch_peft_model(model)`` replaces, per instance, the ``forward`` of every PEFT ``lora.Linear`` layer (that
+class exactly: its subclasses, such as torchao's or INC's, have forwards of their own) whose direct base layer
+is a floating-point ``nn.Linear`` holding plain tensors. The direct base, not ``get_base_layer()``: when LoRA
+is stacked on another tuner (a LoHa or LoKr layer in a mixed model), ``get_base_layer()`` descends to the
+innermost ``nn.Linear`` and fusing with its weight would drop that tuner's contribution.
+
+The replacement decides per call: when the call is one the fused op expresses (adapters enabled and unmerged,
+no ``adapter_names`` mixed batch, vanilla LoRA without DoRA or lora_bias, dropout inactive), the first active
+adapter runs fused with the base GEMM and any further active adapters add their deltas as PEFT does; otherwise
+PEFT's own forward runs, unchanged. ``unpatch_peft_model(model)`` removes the replacement.
 """
 
 from __future__ import annotations
@@ -43,18 +47,26 @@ def _dropout_p(module: nn.Module) -> float:
     return module.p if isinstance(module, nn.Dropout) else 0.0
 
 
-def _base_unsupported_reason(base: nn.Module) -> str | None:
-    """None when the fused op can compute ``base``: a plain floating-point nn.Linear."""
+def _is_plain_tensor(t: torch.Tensor | None) -> bool:
+    # Tensor subclasses (torchao's quantized weights, DTensor shards) carry their own matmul semantics.
+    return t is None or type(t) in (torch.Tensor, nn.Parameter)
+
+
+def _base_unsupported_reason(layer: nn.Module) -> str | None:
+    """None when the fused op can compute the direct base of the PEFT layer: a plain floating-point nn.Linear."""
+    base = layer.base_layer
     if type(base) is not nn.Linear:
         return f"base layer is {type(base).__name__}, not nn.Linear"
     if base.weight.dtype not in FLOAT_DTYPES:
         return f"base weight dtype {base.weight.dtype}"
+    if not (_is_plain_tensor(base.weight) and _is_plain_tensor(base.bias)):
+        return f"base weight is a {type(base.weight).__name__}, not a plain tensor"
     return None
 
 
 def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
     """None when ``adapter_name`` of the PEFT layer can run fused, else what stops it."""
-    reason = _base_unsupported_reason(layer.get_base_layer())
+    reason = _base_unsupported_reason(layer)
     if reason is not None:
         return reason
     if getattr(layer, "fan_in_fan_out", False):
@@ -74,7 +86,7 @@ def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
 
 def peft_adapter(layer: nn.Module, adapter_name: str = "default") -> PeftAdapter:
     """Read one adapter of a PEFT ``lora.Linear`` layer; ValueError when it cannot run fused."""
-    if not isinstance(layer, _peft_lora_linear_class()):
+    if type(layer) is not _peft_lora_linear_class():
         raise TypeError(f"layer must be a PEFT lora.Linear, got {type(layer).__name__}")
     reason = unsupported_reason(layer, adapter_name)
     if reason is not None:
@@ -100,7 +112,7 @@ def _fusable_adapters(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: di
             return None
         if layer.training and _dropout_p(layer.lora_dropout[name]) > 0:
             return None
-    base_dtype = layer.get_base_layer().weight.dtype
+    base_dtype = layer.base_layer.weight.dtype
     if x.dtype != base_dtype and not torch.is_autocast_enabled(x.device.type):
         return None  # nn.Linear would refuse this; let PEFT raise its own error
     return active
@@ -110,7 +122,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     adapters = _fusable_adapters(self, x, args, kwargs)
     if adapters is None:
         return type(self).forward(self, x, *args, **kwargs)
-    base = self.get_base_layer()
+    base = self.base_layer
     dtype = compute_dtype(x)
     first, *others = adapters
     result = lora_linear(
@@ -136,17 +148,14 @@ def _is_patched(module: nn.Module) -> bool:
 def patch_peft_model(model: nn.Module) -> nn.Module:
     """Make the LoRA layers of a PEFT model run fastpeft's fused op; returns ``model``, patched in place.
 
-    Covers PEFT ``lora.Linear`` layers on a floating-point ``nn.Linear``. Other layers, and calls the fused
-    op does not express (DoRA, lora_bias, active dropout in training, ``adapter_names`` mixed batches,
-    merged or disabled adapters), keep PEFT's own forward.
+    Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear``. Other layers (LoRA stacked on
+    another tuner, Conv1D, quantized or tensor-subclass bases), and calls the fused op does not express (DoRA,
+    lora_bias, active dropout in training, ``adapter_names`` mixed batches, merged or disabled adapters), keep
+    PEFT's own forward.
     """
     lora_linear_class = _peft_lora_linear_class()
     for module in model.modules():
-        if (
-            isinstance(module, lora_linear_class)
-            and not _is_patched(module)
-            and _base_unsupported_reason(module.get_base_layer()) is None
-        ):
+        if type(module) is lora_linear_class and not _is_patched(module) and _base_unsupported_reason(module) is None:
             module.forward = types.MethodType(_fused_forward, module)
     return model
 

@@ -78,7 +78,7 @@ class LoRALinear(nn.Module):
         from fastpeft.integrations.peft import peft_adapter
 
         adapter = peft_adapter(layer, adapter_name)
-        module = cls(layer.get_base_layer(), r=adapter.r, lora_dropout=adapter.dropout)
+        module = cls(layer.base_layer, r=adapter.r, lora_dropout=adapter.dropout)
         module.scaling = adapter.scaling
         module.lora_alpha = adapter.scaling * adapter.r
         with torch.no_grad():

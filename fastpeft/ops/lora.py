@@ -2,7 +2,7 @@
 
 Three torch custom ops, each with a fake (meta) implementation so ``torch.compile`` traces them:
 
-- ``fastpeft::lora_linear(x, weight, lora_a, lora_b, scaling, bias)``: the layer, with autograd.
+- ``fastpeft::lora_linear(x, weight, lora_a, lora_b, scaling, bias)``: the layer on 2-D rows, with autograd.
 - ``fastpeft::lora_shrink(x, lora_a)``: ``x @ lora_a.T`` in fp32 (used by the backward pass).
 - ``fastpeft::lora_expand_linear(x, weight, xa, lora_b, scaling, bias)``: ``x @ weight.T + bias +
   scaling * xa @ lora_b.T`` for a precomputed fp32 ``xa`` (used by the backward pass for ``dx``).
@@ -160,6 +160,14 @@ def _(x, weight, xa, lora_b, scaling, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+def _check_rows(x: torch.Tensor) -> None:
+    if x.dim() != 2:
+        raise ValueError(
+            f"fastpeft::lora_linear takes x as 2-D rows [M, in_features], got shape {tuple(x.shape)}; "
+            "fastpeft.lora_linear takes any leading shape"
+        )
+
+
 @torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: torch.Tensor,
@@ -169,18 +177,14 @@ def _lora_linear_op(
     scaling: float,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return _lora_linear_nd(x, weight, lora_a, lora_b, scaling, bias)
-
-
-def _lora_linear_nd(x, weight, lora_a, lora_b, scaling, bias):
-    rows = x.reshape(-1, x.shape[-1])
-    y = _run("lora_linear", rows, weight, lora_a, lora_b, scaling, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    _check_rows(x)
+    return _run("lora_linear", x, weight, lora_a, lora_b, scaling, bias)
 
 
 @_lora_linear_op.register_fake
 def _(x, weight, lora_a, lora_b, scaling, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    _check_rows(x)
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -189,41 +193,44 @@ def _setup_context(ctx, inputs, output):
     ctx.scaling = scaling
 
 
-def _backward(ctx, grad_y):
+def _backward(ctx, dy):
     """dx = dy W + s (dy B) A;  dA = s (dy B)^T x;  dB = s dy^T (x A^T);  dW = dy^T x;  dbias = sum(dy).
 
-    ``dy @ B`` is computed once, in fp32, and serves both dx and dA.
+    x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA.
     """
     x, weight, lora_a, lora_b = ctx.saved_tensors
     need_x, need_weight, need_a, need_b, _, need_bias = ctx.needs_input_grad
     scaling = ctx.scaling
-    rows = x.reshape(-1, x.shape[-1])
-    dy = grad_y.reshape(-1, weight.shape[0])
     dx = dweight = da = db = dbias = None
     if need_x or need_a:
         dy_b = _call("lora_shrink", dy, lora_b.t())
         if need_x:
             dx = _call("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
-            dx = dx.reshape(x.shape)
         if need_a:
-            da = (dy_b * scaling).to(x.dtype).t() @ rows
+            da = (dy_b * scaling).to(x.dtype).t() @ x
     if need_b:
-        xa = _call("lora_shrink", rows, lora_a)
+        xa = _call("lora_shrink", x, lora_a)
         db = dy.t() @ (xa * scaling).to(x.dtype)
     if need_weight:
-        dweight = dy.t() @ rows
+        dweight = dy.t() @ x
     if need_bias:
-        dbias = dy.sum(0, dtype=torch.float32).to(grad_y.dtype)
+        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, dweight, da, db, None, dbias
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias):
+    return _run("lora_linear", x, weight, lora_a, lora_b, scaling, bias)
+
+
 # Eager mode skips the custom-op machinery, whose Python overhead per call is comparable to a decode GEMV;
-# torch.compile sees the custom ops (with their fake implementations) instead. Both share one autograd formula.
+# torch.compile sees the custom op (with its fake implementation) instead. Both share one autograd formula.
+# Both take and return 2-D rows, and lora_linear reshapes outside them: a view made inside an autograd.Function
+# or a custom op cannot be modified in place (PEFT's `result += ...`, `nn.ReLU(inplace=True)`).
 class _LoRALinearFunction(torch.autograd.Function):
-    forward = staticmethod(_lora_linear_nd)
+    forward = staticmethod(_lora_linear_rows)
     setup_context = staticmethod(_setup_context)
     backward = staticmethod(_backward)
 
@@ -309,6 +316,7 @@ def lora_linear(
     Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b and bias.
     """
     check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias)
-    if torch.compiler.is_compiling():
-        return _lora_linear_op(x, weight, lora_a, lora_b, float(scaling), bias)
-    return _LoRALinearFunction.apply(x, weight, lora_a, lora_b, float(scaling), bias)
+    rows = x.reshape(-1, x.shape[-1])
+    fused = _lora_linear_op if torch.compiler.is_compiling() else _LoRALinearFunction.apply
+    y = fused(rows, weight, lora_a, lora_b, float(scaling), bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
