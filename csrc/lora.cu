@@ -4,8 +4,11 @@
 //   lora_shrink_kernel       xa[m, r] = x[m, :] . A[r, :]        fp32, one block per (r, chunk of rows)
 //   lora_gemv_expand_kernel  y[m, n]  = x[m, :] . W[n, :] + scaling * xa[m, :] . B[n, :] + bias[n]
 //                            one warp per output feature n, 16-byte loads of W, fp32 accumulation
-// Large M is compute-bound and goes to cuBLAS through ATen: the base GEMM with the bias, then the rank-r
-// expand accumulated into the same output (beta = 1), so no separate add pass.
+// Large M is compute-bound: the base GEMM with the bias goes to cuBLAS through ATen, and the rank-r terms run
+// on one small tiled kernel, `C (+)= alpha * P @ Q.T` with fp32 math (small_gemm_nt_kernel):
+//   shrink (M > kShrinkMaxRows)  xa[m, r] = x[m, :] . A[r, :]               written in fp32
+//   expand                        y[m, n] += scaling * xa[m, :] . B[n, :]    xa read in fp32
+// so xa never round-trips through the input dtype (fp16 would overflow where fp32 does not).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -140,6 +143,71 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// C[m, n] = (kAccumulate ? C[m, n] : 0) + alpha * sum_k P[m, k] * Q[n, k], in fp32, rounded once into C.
+// grid (ceil(N / kTileN), ceil(M / kTileM)), block kThreads. Thread t owns column t % kTileN of the tile and
+// kTileM / (kThreads / kTileN) consecutive rows; tiles of P and Q are staged in shared memory kTileK at a time.
+// One kernel serves the large-M shrink (N = r is small) and the expand epilogue (K = r is small).
+constexpr int kTileM = 64;
+constexpr int kTileN = 32;
+constexpr int kTileK = 32;
+constexpr int kRowsPerThread = kTileM / (kThreads / kTileN);
+
+template <typename TP, typename TQ, typename TC, bool kAccumulate>
+__global__ void __launch_bounds__(kThreads)
+    small_gemm_nt_kernel(const TP* __restrict__ p, int64_t p_stride_m, int64_t p_stride_k, const TQ* __restrict__ q,
+                         int64_t q_stride_n, int64_t q_stride_k, TC* __restrict__ c, int64_t c_stride_m,
+                         int64_t c_stride_n, int M, int N, int K, float alpha) {
+  __shared__ float p_tile[kTileM][kTileK + 1];  // +1: threads of a warp read one k of different rows/columns
+  __shared__ float q_tile[kTileN][kTileK + 1];
+  const int m0 = blockIdx.y * kTileM;
+  const int n0 = blockIdx.x * kTileN;
+  const int col = threadIdx.x % kTileN;
+  const int row0 = (threadIdx.x / kTileN) * kRowsPerThread;
+  float acc[kRowsPerThread] = {};
+
+  for (int k0 = 0; k0 < K; k0 += kTileK) {
+    for (int i = threadIdx.x; i < kTileM * kTileK; i += kThreads) {
+      const int m = m0 + i / kTileK, k = k0 + i % kTileK;
+      p_tile[i / kTileK][i % kTileK] = (m < M && k < K) ? static_cast<float>(p[m * p_stride_m + k * p_stride_k]) : 0.f;
+    }
+    for (int i = threadIdx.x; i < kTileN * kTileK; i += kThreads) {
+      const int n = n0 + i / kTileK, k = k0 + i % kTileK;
+      q_tile[i / kTileK][i % kTileK] = (n < N && k < K) ? static_cast<float>(q[n * q_stride_n + k * q_stride_k]) : 0.f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < kTileK; ++k) {
+      const float qv = q_tile[col][k];
+#pragma unroll
+      for (int i = 0; i < kRowsPerThread; ++i) acc[i] = fmaf(p_tile[row0 + i][k], qv, acc[i]);
+    }
+    __syncthreads();  // the next chunk overwrites the tiles
+  }
+
+  const int n = n0 + col;
+  if (n >= N) return;
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int m = m0 + row0 + i;
+    if (m < M) {
+      TC* out = c + m * c_stride_m + n * c_stride_n;
+      const float prior = kAccumulate ? static_cast<float>(*out) : 0.f;
+      *out = static_cast<TC>(prior + alpha * acc[i]);
+    }
+  }
+}
+
+template <typename TP, typename TQ, typename TC, bool kAccumulate>
+void launch_small_gemm_nt(const at::Tensor& p, const at::Tensor& q, at::Tensor& c, float alpha) {
+  const int64_t M = p.size(0), N = q.size(0), K = p.size(1);
+  if (M == 0 || N == 0) return;
+  const dim3 grid(static_cast<unsigned>((N + kTileN - 1) / kTileN), static_cast<unsigned>((M + kTileM - 1) / kTileM));
+  small_gemm_nt_kernel<TP, TQ, TC, kAccumulate><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      p.data_ptr<TP>(), p.stride(0), p.stride(1), q.data_ptr<TQ>(), q.stride(0), q.stride(1), c.data_ptr<TC>(),
+      c.stride(0), c.stride(1), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // 16-byte loads need rows that start on 16-byte boundaries.
@@ -167,11 +235,14 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& lora_a_in)
               x_in.size(1), "], got ", lora_a_in.sizes());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t M = x_in.size(0), K = x_in.size(1), R = lora_a_in.size(0);
-  if (M > kShrinkMaxRows) {
-    return at::mm(x_in, lora_a_in.t()).to(at::kFloat);  // cuBLAS, fp32 accumulation, rounded once
-  }
   auto xa = at::empty({M, R}, x_in.options().dtype(at::kFloat));
   if (M == 0 || R == 0) return xa;
+  if (M > kShrinkMaxRows) {  // many rows: tiles of x reused across the r outputs, strides as given
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "lora_shrink_cuda", [&] {
+      launch_small_gemm_nt<scalar_t, scalar_t, float, false>(x_in, lora_a_in, xa, 1.f);
+    });
+    return xa;
+  }
   const at::Tensor x = unit_inner_stride(x_in);
   const at::Tensor a = lora_a_in.contiguous();
   const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>((M + kRowsPerPass - 1) / kRowsPerPass));
@@ -197,6 +268,8 @@ at::Tensor lora_expand_linear_cuda(const at::Tensor& x_in, const at::Tensor& wei
   TORCH_CHECK(xa_in.scalar_type() == at::kFloat && xa_in.dim() == 2 && xa_in.size(0) == M && xa_in.size(1) == R,
               "lora_expand_linear_cuda: xa must be fp32 [", M, ", ", R, "], got ", xa_in.scalar_type(), " ",
               xa_in.sizes());
+  TORCH_CHECK(xa_in.device() == x_in.device(), "lora_expand_linear_cuda: xa is on ", xa_in.device(), ", x on ",
+              x_in.device());
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == x_in.scalar_type() && bias->numel() == N && bias->device() == x_in.device(),
                 "lora_expand_linear_cuda: bias must be [", N, "] of x's dtype and device");
@@ -206,7 +279,9 @@ at::Tensor lora_expand_linear_cuda(const at::Tensor& x_in, const at::Tensor& wei
   const bool gemv = M <= kGemvMaxRows && weight.stride(1) == 1 && lora_b.stride(1) == 1;
   if (!gemv) {
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x_in, weight.t()) : at::mm(x_in, weight.t());
-    if (M > 0) y.addmm_(xa_in.to(x_in.scalar_type()), lora_b.t(), /*beta=*/1, /*alpha=*/scaling);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "lora_expand_linear_cuda", [&] {
+      launch_small_gemm_nt<float, scalar_t, scalar_t, true>(xa_in, lora_b, y, static_cast<float>(scaling));
+    });
     return y;
   }
   auto y = at::empty({M, N}, x_in.options());

@@ -4,6 +4,7 @@ from fastpeft.backends import available_backends
 from fastpeft.integrations.peft import patch_peft_model, unpatch_peft_model
 from fastpeft.modules.lora import LoRALinear
 from fastpeft.ops.lora import lora_linear
+from fastpeft.warmup import warmup
 
 __version__ = "0.1.0"
 
@@ -14,4 +15,5 @@ __all__ = [
     "lora_linear",
     "patch_peft_model",
     "unpatch_peft_model",
+    "warmup",
 ]

@@ -11,9 +11,11 @@ never falls back. Without it, :func:`select_backend` takes the op's preference f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -76,12 +78,36 @@ def forced_backend() -> str | None:
     return value
 
 
+_recorders: list[list[tuple[str, str]]] = []
+
+
+@contextlib.contextmanager
+def record_backends() -> Iterator[list[tuple[str, str]]]:
+    """Collect ``(op, backend)`` for every backend choice made inside the block, in order.
+
+    Tests, warm-up checks and the compute-sanitizer script use it to show which implementation really ran.
+    """
+    calls: list[tuple[str, str]] = []
+    _recorders.append(calls)
+    try:
+        yield calls
+    finally:
+        _recorders.remove(calls)
+
+
 def select_backend(op: str, device: torch.device, preference: tuple[str, ...]) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
     ``preference`` is the op's own order for this device and shape. A forced backend (FASTPEFT_BACKEND) that
     cannot run raises RuntimeError instead of falling back.
     """
+    backend = _choose_backend(op, device, preference)
+    for calls in _recorders:
+        calls.append((op, backend))
+    return backend
+
+
+def _choose_backend(op: str, device: torch.device, preference: tuple[str, ...]) -> str:
     forced = forced_backend()
     if forced is not None:
         reason = backend_unavailable_reason(forced, device)

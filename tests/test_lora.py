@@ -9,7 +9,7 @@ from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference
 from fastpeft.ops.lora import lora_linear, lora_linear_reference
 
 # (leading shape of x, in_features K, out_features N, rank r): odd sizes, M = 1, M = 0, 3-D, the fused
-# (decode) and split (prefill) triton paths on either side of FUSED_MAX_M = 64, a K past several K blocks.
+# (decode) and split (prefill) triton paths on either side of DECODE_MAX_M = 64, a K past several K blocks.
 CPU_SHAPES = [
     ((1,), 37, 29, 5),
     ((0,), 16, 24, 4),
@@ -215,7 +215,7 @@ def test_cuda_device_picks_a_gpu_backend(monkeypatch):
 
     monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
     for m in (1, 8, 9, 4096):
-        assert select_backend("lora_linear", DEVICE, _preference(m)) in ("cuda", "triton")
+        assert select_backend("lora_linear", DEVICE, _preference("lora_linear", m, 16)) in ("cuda", "triton")
 
 
 def test_custom_op_gives_the_eager_numbers(backend):

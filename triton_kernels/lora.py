@@ -4,11 +4,17 @@ Two kernels serve the three fastpeft ops of the ``lora`` slice:
 
 - ``_lora_linear_kernel``: an output tile of the base GEMM whose epilogue adds ``scaling * xa @ B.T`` and
   the bias, with fp32 accumulation. With ``FUSE_SHRINK`` the LoRA shrink ``xa = x @ A.T`` is accumulated in
-  the same K loop as the base product (one launch; each output column tile recomputes ``xa``, which costs
-  about R_PAD / BLOCK_N extra matrix work and is the right trade for decode, where bytes dominate). Without it
-  ``xa`` is read from memory, produced once by the shrink kernel (prefill and backward).
+  the same K loop as the base product: one launch, but every output column tile re-reads A (from L2), which
+  costs R_PAD / BLOCK_N of W's bytes and matrix work. That is the right trade for decode at small rank, where
+  bytes of W dominate and launches count; the fused form is used only there (:func:`fuses_shrink`). Otherwise
+  ``xa`` is read from memory, produced once by the shrink kernel.
 - ``_lora_shrink_kernel``: ``xa = x @ A.T`` in fp32, optionally split over K with fp32 atomics so that few
   rows still fill the GPU.
+
+Tile sets: decode tiles (at most ``DECODE_MAX_M`` rows: forward and the backward's ``dx`` alike) and prefill
+tiles, each autotuned per (rows bucket, N, K, rank). ``FASTPEFT_TRITON_AUTOTUNE=0`` (read at import) pins one
+configuration per kernel: the GPU tests and the compute-sanitizer pass use it, so they compile one variant
+and time nothing.
 
 Everything takes strides, so transposed or sliced operands (the backward pass feeds ``W.T``, ``B.T``) need no
 copies. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the interpreter's ``tl.dot`` is wrong on
@@ -17,6 +23,7 @@ bf16 operands, so tiles are upcast to fp32 there (``UPCAST``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -25,9 +32,14 @@ import triton
 import triton.language as tl
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+AUTOTUNE = os.environ.get("FASTPEFT_TRITON_AUTOTUNE", "1") != "0" and not _INTERPRET
 
-# Rows at or below which fastpeft.ops.lora picks the fused (decode) form of _lora_linear_kernel.
-FUSED_MAX_M = 64
+# Rows at or below which the decode tiles run (forward, and the backward's dx for small batches).
+DECODE_MAX_M = 64
+# The fused one-launch form re-reads A per output tile; above this padded rank the shrink runs once instead.
+FUSED_MAX_R_PAD = 32
+# SMs of the reference GPUs (H100, H200): decode tiles are chosen so that one wave has about this many programs.
+REFERENCE_SMS = 132
 
 
 def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -38,23 +50,25 @@ def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     ]
 
 
-# The interpreter gets one tiny config: autotuning there would time nothing real.
-_INTERPRETER_CONFIGS = _configs([(16, 16, 16, 1, 1)])
-# Decode: few rows, memory-bound on W. Narrow N tiles give enough programs to fill 132 SMs; deep
-# pipelines keep enough bytes in flight.
-_DECODE_CONFIGS = _configs(
+# Decode: few rows, memory-bound on W. For every row count up to 64 there are tiles holding all the rows (W
+# read once) with BLOCK_N = 32, i.e. 128 programs at N = 4096 (224 with BLOCK_N = 64 at N = 14336); deep
+# pipelines keep enough bytes in flight. tests/test_lora_configs.py checks these properties.
+DECODE_CONFIGS = _configs(
     [
         (16, 16, 256, 4, 4),
         (16, 32, 256, 4, 4),
         (16, 32, 128, 4, 5),
         (16, 64, 128, 4, 4),
         (16, 64, 256, 4, 3),
+        (16, 128, 128, 4, 4),
+        (32, 32, 256, 4, 3),
         (32, 64, 128, 4, 4),
+        (64, 32, 128, 4, 4),
         (64, 64, 128, 4, 3),
     ]
 )
-# Prefill and backward: compute-bound tiles as in Triton's matmul tutorial, Hopper-sized.
-_PREFILL_CONFIGS = _configs(
+# Prefill: compute-bound tiles as in Triton's matmul tutorial, Hopper-sized.
+PREFILL_CONFIGS = _configs(
     [
         (128, 256, 64, 8, 3),
         (256, 128, 64, 8, 3),
@@ -65,11 +79,29 @@ _PREFILL_CONFIGS = _configs(
         (64, 64, 64, 4, 5),
     ]
 )
-_SHRINK_CONFIGS = [
+SHRINK_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bk, w, s in [(16, 256, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)]
 ]
-_INTERPRETER_SHRINK_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+# Without autotuning (FASTPEFT_TRITON_AUTOTUNE=0): one configuration per kernel, valid for every shape.
+FIXED_DECODE_CONFIG = _configs([(16, 32, 128, 4, 4)])[0]
+FIXED_PREFILL_CONFIG = _configs([(64, 64, 64, 4, 3)])[0]
+FIXED_SHRINK_CONFIG = SHRINK_CONFIGS[0]
+# The interpreter gets tiny tiles: autotuning there would time nothing real.
+_INTERPRETER_CONFIG = _configs([(16, 16, 16, 1, 1)])[0]
+_INTERPRETER_SHRINK_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)
+
+
+def prune_decode_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Decode tiles worth timing for this call: no taller than the rows need, and, when the shrink is fused,
+    no narrower than the padded rank (A is re-read per output tile: R_PAD / BLOCK_N of W's bytes)."""
+    rows = max(16, triton.next_power_of_2(named_args["M"]))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] <= rows and (not kwargs["FUSE_SHRINK"] or c.kwargs["BLOCK_N"] >= kwargs["R_PAD"])
+    ]
+    return kept or configs[:1]
 
 
 @triton.jit
@@ -190,16 +222,48 @@ def _lora_shrink_kernel(
         tl.atomic_add(xa_ptrs, acc, mask=mask)
 
 
-if _INTERPRET:
-    _fused_kernel = _split_kernel = triton.autotune(_INTERPRETER_CONFIGS, key=[])(_lora_linear_kernel)
-    _shrink_kernel = triton.autotune(_INTERPRETER_SHRINK_CONFIGS, key=[])(_lora_shrink_kernel)
-else:
-    _key = ["M_BUCKET", "N", "K", "R_PAD", "FUSE_SHRINK"]
-    _fused_kernel = triton.autotune(_DECODE_CONFIGS, key=_key)(_lora_linear_kernel)
-    _split_kernel = triton.autotune(_PREFILL_CONFIGS, key=_key)(_lora_linear_kernel)
-    _shrink_kernel = triton.autotune(_SHRINK_CONFIGS, key=["M_BUCKET", "K", "R_PAD"], reset_to_zero=["xa_ptr"])(
+_KEY = ["M_BUCKET", "N", "K", "R_PAD", "FUSE_SHRINK"]
+if AUTOTUNE:
+    _decode_kernel = triton.autotune(
+        DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_decode_configs}
+    )(_lora_linear_kernel)
+    _prefill_kernel = triton.autotune(PREFILL_CONFIGS, key=_KEY)(_lora_linear_kernel)
+    _shrink_kernel = triton.autotune(SHRINK_CONFIGS, key=["M_BUCKET", "K", "R_PAD"], reset_to_zero=["xa_ptr"])(
         _lora_shrink_kernel
     )
+else:  # one configuration each: nothing to time, so nothing is autotuned
+    _decode_kernel = triton.autotune([_INTERPRETER_CONFIG if _INTERPRET else FIXED_DECODE_CONFIG], key=[])(
+        _lora_linear_kernel
+    )
+    _prefill_kernel = triton.autotune([_INTERPRETER_CONFIG if _INTERPRET else FIXED_PREFILL_CONFIG], key=[])(
+        _lora_linear_kernel
+    )
+    _shrink_kernel = triton.autotune([_INTERPRETER_SHRINK_CONFIG if _INTERPRET else FIXED_SHRINK_CONFIG], key=[])(
+        _lora_shrink_kernel
+    )
+
+
+def fuses_shrink(m: int, r: int) -> bool:
+    """Whether lora_linear of m rows at rank r runs as one launch (shrink fused into the decode kernel)."""
+    return m <= DECODE_MAX_M and _r_pad(r) <= FUSED_MAX_R_PAD
+
+
+def launch_plan(m: int, r: int) -> tuple[str, ...]:
+    """The kernels the forward of m rows at rank r launches, in order (for tests, docs and warm-up)."""
+    if fuses_shrink(m, r):
+        return ("decode+shrink",)
+    return ("shrink", "decode" if m <= DECODE_MAX_M else "prefill")
+
+
+def _on_device(t: torch.Tensor):
+    """Triton launches on the current CUDA device, not the tensor's: make the tensor's device current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _check_devices(x: torch.Tensor, **others: torch.Tensor | None) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: all tensors must share one device")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -227,8 +291,9 @@ def _shrink_split_k(m: int, k: int, device: torch.device) -> int:
     """Split K when the row tiles alone would leave most SMs idle (decode, backward of small batches)."""
     if _INTERPRET or device.type != "cuda":
         return 1 if k <= 32 else 2  # exercise both code paths on tiny interpreter shapes
+    index = device.index if device.index is not None else torch.cuda.current_device()
     row_tiles = triton.cdiv(m, 16)
-    return max(1, min(_sm_count(device.index or 0) // row_tiles, triton.cdiv(k, 1024), 16))
+    return max(1, min(_sm_count(index) // row_tiles, triton.cdiv(k, 1024), 16))
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
@@ -236,6 +301,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
 
     x: [M, K] fp16/bf16/fp32, any strides; lora_a: [R, K], same dtype. Returns [M, R] fp32, contiguous.
     """
+    _check_devices(x, lora_a=lora_a)
     m, k = x.shape
     r = lora_a.shape[0]
     split_k = _shrink_split_k(m, k, x.device)
@@ -244,16 +310,17 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     if m == 0:
         return xa
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split_k)
-    _shrink_kernel[grid](
-        x, lora_a, xa,
-        m, k, r,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
-        _m_bucket(m),
-        SPLIT_K=split_k,
-        R_PAD=_r_pad(r),
-        DOT_PRECISION=_dot_precision(x.dtype),
-        UPCAST=_INTERPRET,
-    )  # fmt: skip
+    with _on_device(x):
+        _shrink_kernel[grid](
+            x, lora_a, xa,
+            m, k, r,
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
+            _m_bucket(m),
+            SPLIT_K=split_k,
+            R_PAD=_r_pad(r),
+            DOT_PRECISION=_dot_precision(x.dtype),
+            UPCAST=_INTERPRET,
+        )  # fmt: skip
     return xa
 
 
@@ -270,33 +337,38 @@ def lora_linear(
 
     x: [M, K]; weight: [N, K]; lora_a: [R, K] (unused when ``xa`` is given); lora_b: [N, R]; bias: [N] or
     None; xa: [M, R] fp32 or None. fp16/bf16/fp32, one dtype, any strides. Returns [M, N] in x's dtype.
+    Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles; the fused form needs decode rows.
     """
+    _check_devices(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias, xa=xa)
     m, k = x.shape
     n, r = lora_b.shape
+    fuse = xa is None
+    if fuse and m > DECODE_MAX_M:
+        raise ValueError(f"the fused shrink runs on decode tiles (at most {DECODE_MAX_M} rows), got {m} rows")
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
     if bias is not None:
         bias = bias.contiguous()  # [N]: the kernel reads it with unit stride
-    fuse = xa is None
-    kernel = _fused_kernel if fuse else _split_kernel
+    kernel = _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
     if fuse:
         xa = y  # placeholder pointer, never read when FUSE_SHRINK
     else:
         lora_a = xa  # placeholder pointer, never read without FUSE_SHRINK
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    kernel[grid](
-        x, weight, lora_a, xa, lora_b, bias if bias is not None else y, y,
-        m, n, k, r,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
-        xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
-        float(scaling),
-        _m_bucket(m),
-        FUSE_SHRINK=fuse,
-        HAS_BIAS=bias is not None,
-        R_PAD=_r_pad(r),
-        DOT_PRECISION=_dot_precision(x.dtype),
-        LORA_PRECISION=_dot_precision(x.dtype) if x.dtype == torch.float32 else "tf32",
-        UPCAST=_INTERPRET,
-    )  # fmt: skip
+    with _on_device(x):
+        kernel[grid](
+            x, weight, lora_a, xa, lora_b, bias if bias is not None else y, y,
+            m, n, k, r,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+            xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+            float(scaling),
+            _m_bucket(m),
+            FUSE_SHRINK=fuse,
+            HAS_BIAS=bias is not None,
+            R_PAD=_r_pad(r),
+            DOT_PRECISION=_dot_precision(x.dtype),
+            LORA_PRECISION=_dot_precision(x.dtype) if x.dtype == torch.float32 else "tf32",
+            UPCAST=_INTERPRET,
+        )  # fmt: skip
     return y

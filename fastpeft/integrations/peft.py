@@ -140,7 +140,8 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     return result.to(dtype)
 
 
-def _is_patched(module: nn.Module) -> bool:
+def is_patched(module: nn.Module) -> bool:
+    """True when ``module`` is a PEFT LoRA layer running fastpeft's forward (patch_peft_model)."""
     forward = module.__dict__.get("forward")
     return getattr(forward, "__func__", None) is _fused_forward
 
@@ -155,7 +156,7 @@ def patch_peft_model(model: nn.Module) -> nn.Module:
     """
     lora_linear_class = _peft_lora_linear_class()
     for module in model.modules():
-        if type(module) is lora_linear_class and not _is_patched(module) and _base_unsupported_reason(module) is None:
+        if type(module) is lora_linear_class and not is_patched(module) and _base_unsupported_reason(module) is None:
             module.forward = types.MethodType(_fused_forward, module)
     return model
 
@@ -163,11 +164,11 @@ def patch_peft_model(model: nn.Module) -> nn.Module:
 def unpatch_peft_model(model: nn.Module) -> nn.Module:
     """Restore PEFT's own forward on every layer :func:`patch_peft_model` patched; returns ``model``."""
     for module in model.modules():
-        if _is_patched(module):
+        if is_patched(module):
             del module.forward
     return model
 
 
 def patched_layer_count(model: nn.Module) -> int:
     """How many layers of ``model`` run fastpeft's forward."""
-    return sum(_is_patched(m) for m in model.modules())
+    return sum(is_patched(m) for m in model.modules())

@@ -21,13 +21,23 @@ from fastpeft._autocast import without_autocast
 from fastpeft.backends import select_backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# At or below this many rows the CUDA extension's GEMV kernel is preferred; above it Triton.
-# Provisional: scripts/gpu_check.sh's benchmarks are what should set these thresholds.
+# The CUDA extension's GEMV path (csrc/lora.cu) handles at most this many rows without re-reading W.
 _CUDA_DECODE_MAX_M = 8
+# Ranks up to this run the Triton decode kernel with the shrink fused: one launch (mirrors
+# triton_kernels/lora.py's FUSED_MAX_R_PAD, which needs triton to import).
+_TRITON_FUSED_MAX_R = 32
 
 
-def _preference(m: int) -> tuple[str, ...]:
-    return ("cuda", "triton") if m <= _CUDA_DECODE_MAX_M else ("triton", "cuda")
+def _preference(op: str, m: int, r: int) -> tuple[str, ...]:
+    """The backend order for ``op`` on ``m`` rows at rank ``r`` on a CUDA device.
+
+    Decode at small rank goes to Triton's one-launch fused kernel (the CUDA path is a shrink launch plus a
+    GEMV launch); decode at larger rank to the CUDA GEMV, which reads W, A and B once each; the rest to Triton.
+    Provisional until a GPU benchmark run ranks the backends (scripts/gpu_check.sh, the fused:<backend> rows).
+    """
+    if op == "lora_linear" and m <= _CUDA_DECODE_MAX_M and r > _TRITON_FUSED_MAX_R:
+        return ("cuda", "triton")
+    return ("triton", "cuda")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -89,7 +99,7 @@ def _triton_lora():
 
 def _lora_linear_triton(x, weight, lora_a, lora_b, scaling, bias):
     kernels = _triton_lora()
-    if x.shape[0] <= kernels.FUSED_MAX_M:
+    if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]):
         return kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias)
     xa = kernels.lora_shrink(x, lora_a)
     return kernels.lora_linear(x, weight, None, lora_b, scaling, bias, xa=xa)
@@ -124,7 +134,8 @@ _IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
 
 def _run(op: str, x: torch.Tensor, *args) -> torch.Tensor:
     """Run ``op`` on the backend the dispatcher picks; x is already [M, K]."""
-    backend = select_backend(op, x.device, _preference(x.shape[0]))
+    rank = args[1].shape[0] if op == "lora_linear" else 0  # lora_linear's args: weight, lora_a, ...
+    backend = select_backend(op, x.device, _preference(op, x.shape[0], rank))
     return _IMPLS[op][backend](x, *args)
 
 

@@ -1,0 +1,107 @@
+"""How the lora slice routes calls and which Triton tiles it offers: properties a GPU would only show as lost
+speed, checked here on the CPU from the configuration tables and the interpreter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE
+
+pytest.importorskip("triton")
+
+from fastpeft.triton_kernels import lora as kernels
+
+from fastpeft.ops import lora as ops
+
+FEATURES = (4096, 14336)  # the out_features of TARGETS.md's decode cases
+DECODE_ROWS = range(1, kernels.DECODE_MAX_M + 1)
+
+
+def programs(config, m: int, n: int) -> tuple[int, int]:
+    """(row tiles, total programs) of the lora kernel's grid for m rows and n outputs."""
+    row_tiles = -(-m // config.kwargs["BLOCK_M"])
+    return row_tiles, row_tiles * -(-n // config.kwargs["BLOCK_N"])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "split"])
+@pytest.mark.parametrize("n", FEATURES)
+def test_every_decode_row_count_has_a_tile_reading_w_once_with_a_full_wave(n, fused):
+    """For M = 1..64 the autotuner can pick tiles that hold all rows (W read once) and still launch at least
+    about 128 programs on a 132-SM GPU."""
+    for m in DECODE_ROWS:
+        candidates = kernels.prune_decode_configs(kernels.DECODE_CONFIGS, {"M": m}, FUSE_SHRINK=fused, R_PAD=16)
+        fits = [c for c in candidates if programs(c, m, n)[0] == 1 and programs(c, m, n)[1] >= 128]
+        assert fits, f"M={m}, N={n}: no decode tile reads W once with >= 128 programs"
+
+
+def test_fused_decode_tiles_are_no_narrower_than_the_rank():
+    """The fused kernel re-reads A per output tile; pruning keeps that at most W's bytes (R_PAD <= BLOCK_N)."""
+    for r_pad in (16, 32):
+        kept = kernels.prune_decode_configs(kernels.DECODE_CONFIGS, {"M": 8}, FUSE_SHRINK=True, R_PAD=r_pad)
+        assert kept and all(c.kwargs["BLOCK_N"] >= r_pad for c in kept)
+    kept = kernels.prune_decode_configs(kernels.DECODE_CONFIGS, {"M": 1}, FUSE_SHRINK=False, R_PAD=64)
+    assert {c.kwargs["BLOCK_M"] for c in kept} == {16}  # no taller tiles than one row needs
+
+
+def test_launch_plans():
+    assert kernels.launch_plan(1, 16) == ("decode+shrink",)  # decode at M = 1: one launch
+    assert kernels.launch_plan(64, 32) == ("decode+shrink",)
+    assert kernels.launch_plan(1, 64) == ("shrink", "decode")  # rank 64: A read once, not once per tile
+    assert kernels.launch_plan(65, 16) == ("shrink", "prefill")
+
+
+def test_backend_preference_routes_small_rank_decode_to_the_one_launch_kernel():
+    for r in range(1, 129):
+        assert kernels.fuses_shrink(1, r) == (r <= ops._TRITON_FUSED_MAX_R), r  # the two constants agree
+    assert ops._preference("lora_linear", 1, 16)[0] == "triton"
+    assert ops._preference("lora_linear", 8, 64)[0] == "cuda"
+    assert ops._preference("lora_linear", 9, 64)[0] == "triton"
+    assert ops._preference("lora_shrink", 1, 0)[0] == "triton"
+
+
+class _LaunchSpy:
+    """Stands in for an autotuned kernel and records each launch."""
+
+    def __init__(self, name: str, kernel, launches: list[str]) -> None:
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(self.name)
+        return self.kernel[grid]
+
+
+@pytest.fixture
+def launches(monkeypatch) -> list[str]:
+    found: list[str] = []
+    for name in ("_decode_kernel", "_prefill_kernel", "_shrink_kernel"):
+        monkeypatch.setattr(
+            kernels, name, _LaunchSpy(name.strip("_").removesuffix("_kernel"), getattr(kernels, name), found)
+        )
+    return found
+
+
+@pytest.mark.parametrize(("m", "r", "expected"), [(3, 4, "decode"), (3, 40, "decode"), (70, 4, "prefill")])
+def test_forward_and_backward_launch_tiles_for_their_row_count(monkeypatch, launches, m, r, expected):
+    """Forward and the backward's dx both run decode tiles for few rows, prefill tiles for many."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    if DEVICE.type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x = torch.randn(m, 24, device=DEVICE, requires_grad=True)
+    weight = torch.randn(20, 24, device=DEVICE)
+    lora_a = torch.randn(r, 24, device=DEVICE, requires_grad=True)
+    lora_b = torch.randn(20, r, device=DEVICE, requires_grad=True)
+    y = ops.lora_linear(x, weight, lora_a, lora_b, 0.5)
+    forward = list(launches)
+    assert forward == [p if p != "decode+shrink" else "decode" for p in kernels.launch_plan(m, r)]
+    y.sum().backward()
+    linear_launches = {name for name in launches[len(forward) :] if name != "shrink"}
+    assert linear_launches == {expected}  # dx = dy W + s (dy B) A on the same tiles as the forward
+
+
+def test_triton_host_refuses_tensors_on_other_devices():
+    x = torch.randn(3, 8, device=DEVICE)
+    weight, lora_b = torch.randn(5, 8, device=DEVICE), torch.randn(5, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="xa is on meta"):
+        kernels.lora_linear(x, weight, None, lora_b, 1.0, None, xa=torch.empty(3, 2, device="meta"))
+    with pytest.raises(ValueError, match="lora_a is on meta"):
+        kernels.lora_shrink(x, torch.empty(2, 8, device="meta"))
