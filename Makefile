@@ -42,4 +42,4 @@ gpu-check:
 	bash scripts/gpu_check.sh gpu_check_out
 
 clean:
-	rm -rf build *.egg-info fastpeft/_C*.so bench_out gpu_check_out
+	rm -rf build *.egg-info fastpeft/_C*.so bench_out gpu_check_out .triton_cache

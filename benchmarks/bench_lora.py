@@ -8,6 +8,8 @@ Variants, all timed in the same run on the same operands:
 Modes: ``forward``, and ``forward+backward`` as in LoRA training (x, A and B need gradients, W is frozen).
 On a GPU: CUDA-event timing (triton.testing.do_bench, median) after warm-up, operand sets rotated so that
 their total exceeds the L2 cache. On a CPU: a quick smoke pass on tiny shapes with wall-clock timing.
+Before timing, each fused variant's output is checked against the layer computed in fp32 on the same
+operands; a variant that raises or strays is recorded as a failure row (``error``), not the end of the run.
 Also collected by pytest-benchmark: ``pytest benchmarks/``.
 """
 
@@ -26,6 +28,7 @@ import torch
 from fastpeft.backends import available_backends
 from fastpeft.ops.lora import lora_linear
 
+OP = "lora_linear"
 FULL_M = (1, 16, 64, 256, 4096, 16384)
 FULL_FEATURES = ((4096, 4096), (4096, 14336))  # (in, out)
 FULL_RANKS = (8, 16, 64)
@@ -58,6 +61,19 @@ class Case:
         size = torch.finfo(self.dtype).bits // 8
         forward = (self.n * self.k + self.r * (self.k + self.n) + self.m * (self.k + self.n)) * size
         return forward if self.mode == "forward" else 2 * forward + self.m * self.k * size
+
+
+def case_from_fields(fields: dict) -> Case:
+    """The Case a target names (benchmarks/targets.py): dtype given by name."""
+    return Case(**{**fields, "dtype": getattr(torch, fields["dtype"])})
+
+
+def case_fields(case: Case) -> dict:
+    return {**asdict(case), "dtype": str(case.dtype).removeprefix("torch.")}
+
+
+def describe(case: Case) -> str:
+    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}"
 
 
 def cases(quick: bool) -> list[Case]:
@@ -150,32 +166,79 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return statistics.median(samples)
 
 
-def run(quick: bool, device: torch.device | None = None) -> list[dict]:
-    """Time every variant on every case; one row per (case, variant) with ratios to the same run's baselines."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backends = [b for b in available_backends(device) if device.type == "cuda" or b == "torch"]
-    rows = []
-    for case in cases(quick):
+def backends_for(device: torch.device) -> list[str]:
+    """The fused:<backend> variants worth timing on ``device`` (the Triton interpreter is not)."""
+    return [b for b in available_backends(device) if device.type == "cuda" or b == "torch"]
+
+
+def _check_outputs(case: Case, ops: dict, variants: dict[str, Callable]) -> dict[str, str]:
+    """Variant -> why its forward output is wrong, for the fused variants whose error against the fp32 layer
+    exceeds twice that of the unfused path in the case's dtype (plus a floor)."""
+    args = (ops["x"].detach(), ops["weight"], ops["lora_a"].detach(), ops["lora_b"].detach())
+    with torch.no_grad():
+        ref = variants["unfused"](*(t.float() for t in args)).double()
+
+        def error(y):
+            return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+        bound = 2 * error(variants["unfused"](*args)) + (1e-5 if case.dtype == torch.float32 else 1e-2)
+        problems = {}
+        for name, fn in variants.items():
+            if not name.startswith("fused"):
+                continue
+            try:
+                err = error(_with_backend(name, lambda fn=fn: fn(*args))())
+            except Exception as exc:  # a broken backend fails its own variant only
+                problems[name] = f"{type(exc).__name__}: {exc}"
+                continue
+            if not err <= bound:  # NaN fails too
+                problems[name] = f"wrong result: rel. error {err:.2e} > {bound:.2e}"
+    return problems
+
+
+def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:
+    """Check and time every variant on one case; one row per variant, ratios to this case's baselines.
+
+    A variant that raises or gives a wrong result becomes a row with ``error`` set (and no ratios when it could
+    not be timed); the other variants still run.
+    """
+    variants = _forward_fns(backends)
+    times: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    try:
         sets = operand_sets(case, device)
-        times = {}
-        for variant, forward in _forward_fns(backends).items():
-            step = _with_backend(variant, make_step(variant, forward, sets, case.mode))
-            times[variant] = time_ms(step, device)
-        for variant, ms in times.items():
-            row = {k: v for k, v in asdict(case).items() if k != "dtype"}
-            row.update(
-                op="lora_linear",
-                dtype=str(case.dtype).removeprefix("torch."),
-                variant=variant,
-                ms=ms,
-                ratio_vs_base=ms / times["base"],
-                speedup_vs_unfused=times["unfused"] / ms,
-                tflops=case.flops() / ms / 1e9,
-                gbps=case.bytes() / ms / 1e6,
-            )
-            rows.append(row)
-        del sets
+        errors.update(_check_outputs(case, sets[0], variants))
+    except Exception as exc:  # out of memory, a broken backend: reported as rows
+        sets, errors = [], {name: f"{type(exc).__name__}: {exc}" for name in variants}
+    for variant, forward in variants.items():
+        if not sets or (variant in errors and not errors[variant].startswith("wrong result")):
+            continue
+        try:
+            times[variant] = time_ms(_with_backend(variant, make_step(variant, forward, sets, case.mode)), device)
+        except Exception as exc:
+            errors[variant] = f"{type(exc).__name__}: {exc}"
+    del sets
+    rows = []
+    for variant in variants:
+        ms = times.get(variant)
+        row = {**case_fields(case), "op": OP, "variant": variant, "ms": ms}
+        if variant in errors:
+            row["error"] = errors[variant][:500]
+        if ms is not None:
+            row["tflops"] = case.flops() / ms / 1e9
+            row["gbps"] = case.bytes() / ms / 1e6
+            if "base" in times:
+                row["ratio_vs_base"] = ms / times["base"]
+            if "unfused" in times:
+                row["speedup_vs_unfused"] = times["unfused"] / ms
+        rows.append(row)
     return rows
+
+
+def run(quick: bool, device: torch.device | None = None) -> list[dict]:
+    """Every case of the sweep (``quick``: the CPU smoke pass), one row per (case, variant)."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [row for case in cases(quick) for row in run_case(case, device, backends_for(device))]
 
 
 # ---------------------------------------------------------------------------------------------------------

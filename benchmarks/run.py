@@ -1,8 +1,13 @@
-"""Run the benchmarks, write ``results.json`` (rows and the machine they ran on) and a PNG plot per op,
-print a short table.
+"""Run the benchmarks: the cases of ../shared/TARGETS.md first (benchmarks/targets.py), then the sweep.
 
-    python benchmarks/run.py --out bench_out            # full sweep on a GPU, smoke pass on a CPU
-    python benchmarks/run.py --out bench_out --quick    # smoke pass anywhere
+``results.json`` (rows and the machine they ran on) is rewritten after every case, with ``"complete": false``
+until the run ends, so a run cut short still returns what it measured; a case that fails is a row with
+``error``, not the end of the run. At the end: a PNG plot per op, ``summary.md`` (every target, its measured
+value, met or not) and the same table printed last.
+
+    python benchmarks/run.py --out bench_out                  # targets + sweep on a GPU, smoke pass on a CPU
+    python benchmarks/run.py --out bench_out --budget-s 300   # start no case after 300 s
+    python benchmarks/run.py --out bench_out --quick          # smoke pass anywhere
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -21,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_lora  # noqa: E402
+import targets  # noqa: E402
 
 from fastpeft.cli import package_version  # noqa: E402
 
@@ -82,33 +90,76 @@ def summary(rows: list[dict]) -> str:
     """The fused auto path per case: time, ratio to the base GEMM, speed-up over unfused."""
     lines = [f"{'mode':<17} {'M':>6} {'K->N':>11} {'r':>3} {'dtype':<8} {'ms':>9} {'/base':>6} {'vs unfused':>10}"]
     for row in rows:
-        if row["variant"] == "fused:auto":
+        if row["variant"] == "fused:auto" and row.get("ms") is not None:
             lines.append(
                 f"{row['mode']:<17} {row['m']:>6} {str(row['k']) + '->' + str(row['n']):>11} {row['r']:>3} "
-                f"{row['dtype']:<8} {row['ms']:>9.4f} {row['ratio_vs_base']:>6.2f} {row['speedup_vs_unfused']:>9.2f}x"
+                f"{row['dtype']:<8} {row['ms']:>9.4f} {row.get('ratio_vs_base', float('nan')):>6.2f} "
+                f"{row.get('speedup_vs_unfused', float('nan')):>9.2f}x"
             )
     return "\n".join(lines)
 
 
+def write_json(path: Path, report: dict) -> None:
+    """Replace ``path`` atomically: a reader (or a run killed mid-write) never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    os.replace(tmp, path)
+
+
+def planned_cases(name: str, quick: bool) -> list:
+    """Target cases first (unless quick: they are GPU shapes), then the rest of the sweep, each once."""
+    bench = BENCHES[name]
+    first = [] if quick else [bench.case_from_fields(fields) for fields in targets.target_cases(name)]
+    return first + [case for case in bench.cases(quick) if case not in first]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out", help="folder for results.json and the plots")
+    parser.add_argument("--out", default="bench_out", help="folder for results.json, summary.md and the plots")
     parser.add_argument("--quick", action="store_true", help="smoke pass on tiny shapes")
     parser.add_argument("--ops", default=",".join(BENCHES), help=f"comma list of {sorted(BENCHES)}")
+    parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.ops.split(",")) - set(BENCHES))
+    if unknown:
+        parser.error(f"unknown op(s) {unknown}; expected some of {sorted(BENCHES)}")
     quick = args.quick or not torch.cuda.is_available()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"machine": machine(), "quick": quick, "rows": []}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"machine": machine(), "quick": quick, "complete": False, "skipped_cases": 0, "rows": []}
+    deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
     for name in args.ops.split(","):
-        rows = BENCHES[name].run(quick=quick)
-        report["rows"].extend(rows)
-        if plot(rows, out / f"{name}.png"):
+        bench = BENCHES[name]
+        backends = bench.backends_for(device)
+        plan = planned_cases(name, quick)
+        for index, case in enumerate(plan, 1):
+            if deadline is not None and time.monotonic() > deadline:
+                report["skipped_cases"] += len(plan) - index + 1
+                print(f"{name}: budget spent, {len(plan) - index + 1} cases not run", flush=True)
+                break
+            rows = bench.run_case(case, device, backends)
+            report["rows"].extend(rows)
+            write_json(out / "results.json", report)
+            auto = next(r for r in rows if r["variant"] == "fused:auto")
+            failed = [r["variant"] for r in rows if r.get("error")]
+            print(f"[{name} {index}/{len(plan)}] {bench.describe(case)}: fused:auto "
+                  f"{auto.get('ratio_vs_base', float('nan')):.3f}x base, "
+                  f"{auto.get('speedup_vs_unfused', float('nan')):.2f}x unfused"
+                  + (f"  FAILED {failed}" if failed else ""), flush=True)  # fmt: skip
+        op_rows = [r for r in report["rows"] if r["op"] == bench.OP]
+        if op_rows and plot([r for r in op_rows if r.get("ratio_vs_base") is not None], out / f"{name}.png"):
             print(f"wrote {out / f'{name}.png'}")
-        print(summary(rows))
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+        print(summary(op_rows))
+    report["complete"] = True
+    write_json(out / "results.json", report)
+    table = targets.summary_table(report["rows"])
+    (out / "summary.md").write_text(f"# Targets ({report['machine']['device']})\n\n{table}\n")
     print(f"wrote {out / 'results.json'} ({len(report['rows'])} rows, {report['machine']['device']})")
-    return 0
+    print()
+    print(table)
+    failures = sum(bool(r.get("error")) for r in report["rows"])
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

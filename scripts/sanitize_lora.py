@@ -1,44 +1,87 @@
-"""Small lora_linear cases on every GPU backend, forward and backward: run under compute-sanitizer.
+"""Small lora_linear cases, forward and backward, on one forced backend: the program compute-sanitizer runs.
 
-    compute-sanitizer --tool memcheck python3 scripts/sanitize_lora.py
-Exits non-zero when a result is not finite or strays from the float64 reference.
+    compute-sanitizer --tool memcheck  python3 scripts/sanitize_lora.py --backend cuda
+    compute-sanitizer --tool racecheck python3 scripts/sanitize_lora.py --backend triton
+
+The cases reach every kernel of the backend (see CASES). The script sets, before torch and triton load:
+PYTORCH_NO_CUDA_MEMORY_CACHING=1, so each tensor is its own allocation and an out-of-bounds access is not hidden
+inside a cached block; FASTPEFT_TRITON_AUTOTUNE=0, so each Triton kernel runs one fixed configuration and
+nothing is timed under instrumentation; FASTPEFT_BACKEND=<backend>. It then checks, through
+fastpeft.backends.record_backends, that every call really ran on that backend, and exits non-zero when one did
+not or a result is not finite or strays from the float64 reference.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-import torch
+# Kernel paths each case reaches: (leading shape, K, N, r, dtype).
+CASES = {
+    "cuda": [
+        ((1,), 256, 200, 16, "bfloat16"),  # shrink kernel + GEMV, 16-byte loads
+        ((3,), 37, 29, 5, "float32"),  # shrink kernel + GEMV, scalar loads (odd K)
+        ((8,), 128, 72, 64, "float16"),  # GEMV at its row limit, rank 64
+        ((9,), 100, 72, 8, "bfloat16"),  # cuBLAS base + tiled expand kernel, shrink kernel
+        ((2, 35), 64, 130, 4, "float32"),  # tiled shrink kernel (M > 64) + tiled expand
+    ],
+    "triton": [
+        ((1,), 256, 200, 16, "bfloat16"),  # decode kernel, shrink fused (one launch)
+        ((5,), 2048, 72, 40, "float32"),  # split-K shrink (atomics) + decode kernel
+        ((3,), 37, 29, 5, "float16"),  # fused decode, odd sizes
+        ((2, 35), 64, 130, 4, "bfloat16"),  # shrink + prefill kernel
+    ],
+}
+TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
-from fastpeft.backends import available_backends
-from fastpeft.ops.lora import lora_linear, lora_linear_reference
 
-CASES = [((1,), 37, 29, 5), ((8,), 256, 200, 16), ((9,), 100, 72, 8), ((70,), 64, 130, 4), ((2, 3), 128, 64, 64)]
+def run_case(lead, k, n, r, dtype_name, backend) -> bool:
+    import torch
 
+    from fastpeft.backends import record_backends
+    from fastpeft.ops.lora import lora_linear, lora_linear_reference
 
-def main() -> int:
-    failures = 0
-    for backend in available_backends("cuda"):
-        os.environ["FASTPEFT_BACKEND"] = backend
-        for lead, k, n, r in CASES:
-            for dtype in (torch.bfloat16, torch.float32):
-                x = torch.randn(*lead, k, device="cuda", dtype=dtype, requires_grad=True)
-                w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
-                a = (torch.randn(r, k, device="cuda", dtype=dtype) / k**0.5).requires_grad_()
-                b = (torch.randn(n, r, device="cuda", dtype=dtype) / r**0.5).requires_grad_()
-                bias = torch.randn(n, device="cuda", dtype=dtype)
-                y = lora_linear(x, w, a, b, 0.5, bias)
-                y.sum().backward()
-                ref = lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5, bias.double())
-                err = ((y.double() - ref).norm() / ref.norm()).item()
-                ok = torch.isfinite(y).all().item() and err < (2e-2 if dtype == torch.bfloat16 else 1e-4)
-                ok = ok and all(torch.isfinite(t.grad).all().item() for t in (x, a, b))
-                failures += not ok
-                print(f"{backend:<7} {lead!s:<7} K={k:<4} N={n:<4} r={r:<3} {dtype}: rel. error {err:.2e} "
-                      f"{'ok' if ok else 'FAIL'}")  # fmt: skip
+    dtype = getattr(torch, dtype_name)
+
+    def rand(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, device="cuda") * scale).to(dtype).requires_grad_(grad)
+
+    x = rand(*lead, k, grad=True)
+    w, bias = rand(n, k, scale=k**-0.5), rand(n)
+    a, b = rand(r, k, scale=k**-0.5, grad=True), rand(n, r, scale=r**-0.5, grad=True)
+    with record_backends() as calls:
+        y = lora_linear(x, w, a, b, 0.5, bias)
+        y.float().square().sum().backward()
     torch.cuda.synchronize()
-    return 1 if failures else 0
+    ref = lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5, bias.double())
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    wrong_backend = sorted({used for _, used in calls if used != backend})
+    finite = all(torch.isfinite(t).all().item() for t in (y, x.grad, a.grad, b.grad))
+    ok = finite and err < TOLERANCE[dtype_name] and calls and not wrong_backend
+    print(
+        f"{backend:<6} x={lead!s:<8} K={k:<5} N={n:<4} r={r:<3} {dtype_name:<9} calls={len(calls)} "
+        f"rel.err={err:.1e} {'ok' if ok else 'FAIL'}" + (f" (ran on {wrong_backend})" if wrong_backend else ""),
+        flush=True,
+    )
+    return bool(ok)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=sorted(CASES), required=True)
+    args = parser.parse_args(argv)
+    os.environ["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+    os.environ["FASTPEFT_TRITON_AUTOTUNE"] = "0"
+    os.environ["FASTPEFT_BACKEND"] = args.backend
+    import torch
+
+    if not torch.cuda.is_available():
+        print("sanitize_lora: no GPU visible to torch", file=sys.stderr)
+        return 2
+    results = [run_case(*case, args.backend) for case in CASES[args.backend]]
+    print(f"{sum(results)} passed, {len(results) - sum(results)} failed")
+    return 0 if all(results) else 1
 
 
 if __name__ == "__main__":

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference
 
 from fastpeft.ops.lora import lora_linear, lora_linear_reference
 
-# (leading shape of x, in_features K, out_features N, rank r): odd sizes, M = 1, M = 0, 3-D, the fused
-# (decode) and split (prefill) triton paths on either side of DECODE_MAX_M = 64, a K past several K blocks.
+# (leading shape of x, in_features K, out_features N, rank r). On the CPU (Triton in the interpreter): odd sizes,
+# M = 1, M = 0, 3-D, both sides of DECODE_MAX_M = 64, K past several K blocks, a rank above FUSED_MAX_R_PAD.
 CPU_SHAPES = [
     ((1,), 37, 29, 5),
     ((0,), 16, 24, 4),
@@ -18,16 +20,27 @@ CPU_SHAPES = [
     ((70,), 45, 31, 16),
     ((3,), 300, 17, 7),
     ((5,), 24, 40, 17),
+    ((4,), 40, 24, 40),
 ]
-GPU_SHAPES = CPU_SHAPES + [
-    ((8,), 4096, 4096, 16),
-    ((9,), 1000, 1030, 8),
-    ((2, 32), 4096, 1376, 64),
-    ((65,), 2048, 4096, 16),
-    ((3, 333), 1111, 997, 13),
-    ((1024,), 4096, 1024, 8),
+# On a GPU: a chosen subset, not every CPU case again, that reaches every kernel and path of both backends
+# (test_gpu_shapes_reach_every_path checks it). Triton: the fused decode launch, shrink + decode tiles, split-K
+# shrink, shrink + prefill tiles. CUDA: the GEMV with 16-byte and scalar loads, at its row limit, the shrink
+# kernel, the tiled shrink (M > 64) and the tiled expand after cuBLAS.
+GPU_SHAPES = [
+    ((1,), 4096, 4096, 16),  # decode, one launch; CUDA GEMV, 16-byte loads
+    ((0,), 64, 48, 4),  # no rows
+    ((7,), 33, 65, 8),  # odd sizes; CUDA scalar loads
+    ((8,), 512, 1000, 64),  # rank 64: shrink + decode tiles; CUDA GEMV at its row limit
+    ((5,), 4096, 200, 40),  # split-K shrink (fp32 atomics) + decode tiles
+    ((2, 32), 2048, 1376, 32),  # M = 64, rank 32: the fused launch at both limits; CUDA shrink kernel + tiled expand
+    ((65,), 1024, 1030, 16),  # just past decode: shrink + prefill tiles; CUDA tiled shrink + tiled expand
+    ((3, 333), 1111, 997, 13),  # odd and 3-D, prefill
+    ((1024,), 4096, 1024, 8),  # many rows
 ]
 SHAPES = GPU_SHAPES if HAS_GPU else CPU_SHAPES
+BACKWARD_SHAPES = [((3,), 37, 29, 5), ((2, 35), 24, 33, 8), ((0,), 16, 8, 2)]
+if HAS_GPU:  # the backward's dx on decode tiles (small M, rank 64) and on prefill tiles, at real sizes
+    BACKWARD_SHAPES += [((4,), 1024, 768, 64), ((3, 100), 512, 1000, 16)]
 
 
 def make_inputs(lead, k, n, r, dtype, *, bias=True, device=DEVICE, requires_grad=False):
@@ -80,6 +93,19 @@ def test_noncontiguous_operands(backend, dtype):
     assert_close_to_reference(out, ref, lora_linear_reference(**inputs), f"{backend} {dtype}")
 
 
+def test_gpu_shapes_reach_every_path():
+    """The GPU subset reaches every launch plan of the Triton backend and every path of the CUDA backend."""
+    kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
+    rows = [(math.prod(lead), k, r) for lead, k, _n, r in GPU_SHAPES]
+    plans = {kernels.launch_plan(m, r) for m, _k, r in rows if m > 0}
+    assert plans == {("decode+shrink",), ("shrink", "decode"), ("shrink", "prefill")}
+    assert any(m <= 16 and k >= 2048 and not kernels.fuses_shrink(m, r) for m, k, r in rows)  # split-K shrink
+    assert {0, 1} <= {m for m, _k, _r in rows} and any(len(lead) > 1 for lead, *_ in GPU_SHAPES)
+    gemv = [(m, k) for m, k, _r in rows if 0 < m <= 8]  # CUDA: GEMV with 16-byte and with scalar loads
+    assert any(k % 8 == 0 for _m, k in gemv) and any(k % 8 for _m, k in gemv) and any(m == 8 for m, _k in gemv)
+    assert any(8 < m <= 64 for m, _k, _r in rows) and any(m > 64 for m, _k, _r in rows)
+
+
 def test_3d_noncontiguous_x(backend):
     inputs = make_inputs((4, 5), 32, 23, 4, torch.float32)
     inputs["x"] = inputs["x"].transpose(0, 1)  # [5, 4, 32], not viewable as rows
@@ -90,7 +116,7 @@ def test_3d_noncontiguous_x(backend):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [((3,), 37, 29, 5), ((2, 35), 24, 33, 8), ((0,), 16, 8, 2)], ids=str)
+@pytest.mark.parametrize("shape", BACKWARD_SHAPES, ids=str)
 def test_backward_matches_reference(backend, dtype, shape):
     """Gradients of x, weight, lora_a, lora_b and bias against float64 autograd of the reference."""
     inputs = make_inputs(*shape, dtype, requires_grad=True)

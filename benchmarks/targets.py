@@ -1,0 +1,101 @@
+"""The speed targets of ../shared/TARGETS.md as data, and the summary table that says which are met.
+
+Each target names the benchmark (``bench``) that measures it, the cases it covers (fields of that benchmark's
+``Case``), the row field it reads and its bound. A target whose op does not exist yet has ``bench=None`` and
+shows as such. The runner measures the target cases first, so a run cut short still answers them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DECODE_FEATURES = ((4096, 4096), (4096, 14336))
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    bench: str | None  # the benchmark module (benchmarks/bench_<bench>.py), None while the op is missing
+    cases: tuple[dict, ...] = ()
+    metric: str = "ratio_vs_base"  # the row field compared with the bound
+    bound: float = 1.0
+    higher_is_better: bool = False
+    variant: str = "fused:auto"
+
+    def met(self, value: float) -> bool:
+        return value >= self.bound if self.higher_is_better else value <= self.bound
+
+    def describe(self) -> str:
+        return f"{self.metric} {'>=' if self.higher_is_better else '<='} {self.bound:g}"
+
+
+def _lora_cases(ms, features, mode="forward") -> tuple[dict, ...]:
+    return tuple({"m": m, "k": k, "n": n, "r": 16, "dtype": "bfloat16", "mode": mode} for m in ms for k, n in features)
+
+
+_DECODE = _lora_cases((1, 16, 64), DECODE_FEATURES)
+_PREFILL = _lora_cases((4096, 16384), DECODE_FEATURES)
+_TRAIN = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward")
+
+TARGETS: tuple[Target, ...] = (
+    Target("lora_linear decode (M<=64, r=16): time vs base GEMM", "lora", _DECODE, "ratio_vs_base", 1.10),
+    Target("lora_linear decode: speed-up over unfused PEFT", "lora", _DECODE, "speedup_vs_unfused", 1.5, True),
+    Target("lora_linear prefill (M>=4096): time vs base GEMM", "lora", _PREFILL, "ratio_vs_base", 1.05),
+    Target("lora_linear prefill: speed-up over unfused PEFT", "lora", _PREFILL, "speedup_vs_unfused", 1.1, True),
+    Target("lora_linear forward+backward (M=4096): over unfused", "lora", _TRAIN, "speedup_vs_unfused", 1.2, True),
+    Target("lora_linear + dropout 0.05, forward+backward, over PEFT", None),
+    Target("DoRA layer forward+backward, over PEFT's DoRA", None),
+    Target("multi_lora_linear decode, batch 64, 32 adapters: vs base GEMM", None),
+    Target("multi_lora shrink + expand: fraction of copy bandwidth", None),
+    Target("multi_lora_linear prefill, 8 segments: vs base GEMM", None),
+    Target("matmul_4bit NF4+DQ M=1, 4096x14336: over bf16 cuBLAS", None),
+    Target("matmul_4bit M=16: over bf16 cuBLAS", None),
+    Target("matmul_4bit M=4096: vs bf16 cuBLAS", None),
+    Target("QLoRA layer M=1, r=16: vs 4-bit matmul alone", None),
+    Target("bottleneck_adapter forward, M>=8192: fraction of roofline", None),
+    Target("bottleneck_adapter forward+backward: over torch", None),
+    Target("bottleneck_adapter 8 adapters: over a per-adapter loop", None),
+)
+
+
+def target_cases(bench: str) -> list[dict]:
+    """The cases of ``bench`` that some target reads, each once, in TARGETS order."""
+    seen: list[dict] = []
+    for target in TARGETS:
+        if target.bench == bench:
+            seen.extend(case for case in target.cases if case not in seen)
+    return seen
+
+
+def _matches(row: dict, case: dict, variant: str) -> bool:
+    return row.get("variant") == variant and all(row.get(k) == v for k, v in case.items())
+
+
+def evaluate(target: Target, rows: list[dict]) -> tuple[str, str]:
+    """(measured, verdict) for one target: the worst value over its cases, and met / NOT met / why not."""
+    if target.bench is None:
+        return "-", "no op yet"
+    values = []
+    for case in target.cases:
+        found = [r for r in rows if _matches(r, case, target.variant)]
+        if not found:
+            return "-", f"not measured (m={case['m']} {case['k']}->{case['n']})"
+        if found[0].get("error") or found[0].get(target.metric) is None:
+            return "-", f"FAILED (m={case['m']} {case['k']}->{case['n']}: {found[0].get('error', 'no value')})"
+        values.append((found[0][target.metric], case))
+    worst, case = (min if target.higher_is_better else max)(values, key=lambda item: item[0])
+    measured = f"{worst:.3f} (m={case['m']} {case['k']}->{case['n']})"
+    return measured, "met" if target.met(worst) else "NOT met"
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Every target, its measured value (the worst of its cases), the bound, and whether it is met."""
+    lines = [
+        f"| {'target':<62} | {'measured (worst case)':<30} | {'bound':<26} | verdict |",
+        f"|{'-' * 64}|{'-' * 32}|{'-' * 28}|---------|",
+    ]
+    for target in TARGETS:
+        measured, verdict = evaluate(target, rows)
+        bound = target.describe() if target.bench else "-"
+        lines.append(f"| {target.name:<62} | {measured:<30} | {bound:<26} | {verdict} |")
+    return "\n".join(lines)

@@ -1,0 +1,100 @@
+"""benchmarks/run.py and benchmarks/targets.py: rows written as they are measured, failures as rows, a time
+budget, and the target summary (met, not met, not measured, failed, no op yet)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_lora
+import run as runner
+import targets
+
+CPU = torch.device("cpu")
+DECODE = targets.TARGETS[0]  # lora_linear decode: ratio_vs_base <= 1.10 over six cases
+
+
+def rows_for(target: targets.Target, value: float, **extra) -> list[dict]:
+    return [{**case, "variant": "fused:auto", target.metric: value, **extra} for case in target.cases]
+
+
+def test_target_verdicts():
+    assert targets.evaluate(DECODE, rows_for(DECODE, 1.04))[1] == "met"
+    rows = rows_for(DECODE, 1.04)
+    rows[3][DECODE.metric] = 1.3  # the worst case decides
+    measured, verdict = targets.evaluate(DECODE, rows)
+    assert verdict == "NOT met" and measured.startswith("1.300")
+    assert targets.evaluate(DECODE, rows[:-1])[1].startswith("not measured")
+    assert targets.evaluate(DECODE, rows_for(DECODE, 1.0, error="boom"))[1].startswith("FAILED")
+    speedup = targets.TARGETS[1]
+    assert targets.evaluate(speedup, rows_for(speedup, 1.6))[1] == "met"
+    assert targets.evaluate(speedup, rows_for(speedup, 1.4))[1] == "NOT met"
+    missing = next(t for t in targets.TARGETS if t.bench is None)
+    assert targets.evaluate(missing, [])[1] == "no op yet"
+    table = targets.summary_table(rows_for(DECODE, 1.04))
+    assert len(table.splitlines()) == 2 + len(targets.TARGETS)
+
+
+def test_target_cases_come_first_and_once():
+    plan = runner.planned_cases("lora", quick=False)
+    first = [bench_lora.case_from_fields(fields) for fields in targets.target_cases("lora")]
+    assert plan[: len(first)] == first and len(plan) == len(set(plan))
+
+
+def test_a_raising_variant_is_a_failure_row_and_the_rest_still_run(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(bench_lora, "lora_linear", broken)
+    rows = bench_lora.run_case(bench_lora.cases(quick=True)[0], CPU, ["torch"])
+    by_variant = {row["variant"]: row for row in rows}
+    assert "kernel exploded" in by_variant["fused:auto"]["error"] and by_variant["fused:auto"]["ms"] is None
+    assert by_variant["base"]["ms"] > 0 and "error" not in by_variant["unfused"]
+
+
+def test_a_wrong_result_is_a_failure_row(monkeypatch):
+    real = bench_lora.lora_linear
+    monkeypatch.setattr(bench_lora, "lora_linear", lambda *a, **k: real(*a, **k) * 1.01)
+    rows = bench_lora.run_case(bench_lora.cases(quick=True)[0], CPU, ["torch"])
+    fused = [row for row in rows if row["variant"].startswith("fused")]
+    assert fused and all(row["error"].startswith("wrong result") for row in fused)
+    assert all(row["ms"] > 0 for row in fused)  # still timed, so the row says how fast the wrong answer was
+
+
+def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
+    seen: list[dict] = []
+    real = bench_lora.run_case
+
+    def spy(case, device, backends):
+        path = tmp_path / "results.json"
+        seen.append(json.loads(path.read_text()) if path.exists() else {})
+        return real(case, device, backends)
+
+    monkeypatch.setattr(bench_lora, "run_case", spy)
+    assert runner.main(["--out", str(tmp_path), "--quick"]) == 0
+    assert (
+        seen[0] == {}
+        and seen[1]["complete"] is False
+        and len(seen[1]["rows"]) == len(bench_lora._forward_fns(["torch"]))
+    )
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert final["complete"] is True and final["skipped_cases"] == 0
+    assert "| target" in (tmp_path / "summary.md").read_text()
+
+
+def test_budget_stops_starting_cases(tmp_path):
+    assert runner.main(["--out", str(tmp_path), "--quick", "--budget-s", "0"]) == 0
+    final = json.loads((tmp_path / "results.json").read_text())
+    assert final["complete"] is True and final["rows"] == [] and final["skipped_cases"] == len(bench_lora.cases(True))
+
+
+def test_unknown_op_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        runner.main(["--ops", "lora,nope"])
+    assert exit_info.value.code == 2 and "unknown op" in capsys.readouterr().err
