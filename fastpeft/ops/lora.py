@@ -19,6 +19,7 @@ import torch
 
 from fastpeft._autocast import without_autocast
 from fastpeft.backends import select_backend
+from fastpeft.ops.dropout import apply_mask, check_p, draw_mask, keep_scale, pack_bits, unpack_bits
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The CUDA extension's GEMV path (csrc/lora.cu) handles at most this many rows without re-reading W.
@@ -179,6 +180,15 @@ def _check_rows(x: torch.Tensor) -> None:
         )
 
 
+def _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale):
+    if dropout_mask is None:
+        return _run("lora_linear", x, weight, lora_a, lora_b, scaling, bias)
+    # Dropout reaches A's input only: the shrink reads the dropped x, the base GEMM (fused with the expand)
+    # the undropped one.
+    xa = _run("lora_shrink", apply_mask(x, dropout_mask, dropout_scale), lora_a)
+    return _run("lora_expand_linear", x, weight, xa, lora_b, scaling, bias)
+
+
 @torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
 def _lora_linear_op(
     x: torch.Tensor,
@@ -187,53 +197,60 @@ def _lora_linear_op(
     lora_b: torch.Tensor,
     scaling: float,
     bias: Optional[torch.Tensor],
+    dropout_mask: Optional[torch.Tensor],
+    dropout_scale: float,
 ) -> torch.Tensor:
     _check_rows(x)
-    return _run("lora_linear", x, weight, lora_a, lora_b, scaling, bias)
+    return _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale)
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, lora_a, lora_b, scaling, bias):
+def _(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale):
     _check_rows(x)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, scaling, _bias = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b)
+    x, weight, lora_a, lora_b, scaling, _bias, dropout_mask, dropout_scale = inputs
+    bits = None if dropout_mask is None else pack_bits(dropout_mask)  # the backward's mask, 1 bit per element
+    ctx.save_for_backward(x, weight, lora_a, lora_b, bits)
     ctx.scaling = scaling
+    ctx.dropout_scale = dropout_scale
 
 
 def _backward(ctx, dy):
-    """dx = dy W + s (dy B) A;  dA = s (dy B)^T x;  dB = s dy^T (x A^T);  dW = dy^T x;  dbias = sum(dy).
+    """With D the dropout (identity without it; a diagonal, so its own adjoint) and xd = D(x):
+    dx = dy W + s D((dy B) A);  dA = s (dy B)^T xd;  dB = s dy^T (xd A^T);  dW = dy^T x;  dbias = sum(dy).
 
-    x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA.
+    x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA. The dropout mask
+    comes back from the bits saved by the forward, never from a saved dropped copy of x.
     """
-    x, weight, lora_a, lora_b = ctx.saved_tensors
-    need_x, need_weight, need_a, need_b, _, need_bias = ctx.needs_input_grad
+    x, weight, lora_a, lora_b, bits = ctx.saved_tensors
+    need_x, need_weight, need_a, need_b, _, need_bias, _, _ = ctx.needs_input_grad
     scaling = ctx.scaling
+    mask = None if bits is None else unpack_bits(bits, x.shape[1])
+    x_lora = x if mask is None else apply_mask(x, mask, ctx.dropout_scale)
     dx = dweight = da = db = dbias = None
     if need_x or need_a:
         dy_b = _call("lora_shrink", dy, lora_b.t())
-        if need_x:
+        if need_x and mask is None:
             dx = _call("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
+        elif need_x:
+            lora_dx = (dy_b * scaling).to(dy.dtype) @ lora_a
+            dx = torch.addmm(apply_mask(lora_dx, mask, ctx.dropout_scale), dy, weight)
         if need_a:
-            da = (dy_b * scaling).to(x.dtype).t() @ x
+            da = (dy_b * scaling).to(x.dtype).t() @ x_lora
     if need_b:
-        xa = _call("lora_shrink", x, lora_a)
+        xa = _call("lora_shrink", x_lora, lora_a)
         db = dy.t() @ (xa * scaling).to(x.dtype)
     if need_weight:
         dweight = dy.t() @ x
     if need_bias:
         dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    return dx, dweight, da, db, None, dbias
+    return dx, dweight, da, db, None, dbias, None, None
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias):
-    return _run("lora_linear", x, weight, lora_a, lora_b, scaling, bias)
 
 
 # Eager mode skips the custom-op machinery, whose Python overhead per call is comparable to a decode GEMV;
@@ -275,13 +292,13 @@ def check_lora_linear_args(
     lora_b: torch.Tensor,
     scaling: float,
     bias: Optional[torch.Tensor],
+    lora_bias: Optional[torch.Tensor] = None,
 ) -> None:
     """Raise TypeError/ValueError naming the argument when the inputs of lora_linear do not fit together."""
-    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b}
-    if bias is not None:
-        named["bias"] = bias
+    named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "lora_bias": lora_bias}
+    named = {name: t for name, t in named.items() if t is not None or name not in ("bias", "lora_bias")}
     for name, t in named.items():
-        _check_tensor(name, t, dims=None if name == "x" else (1 if name == "bias" else 2))
+        _check_tensor(name, t, dims=None if name == "x" else (1 if name.endswith("bias") else 2))
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., in_features], got a 0-D tensor")
     dtypes = {name: t.dtype for name, t in named.items()}
@@ -301,8 +318,25 @@ def check_lora_linear_args(
         raise ValueError(f"lora_a must be [r >= 1, in_features={in_features}], got {tuple(lora_a.shape)}")
     if tuple(lora_b.shape) != (out_features, r):
         raise ValueError(f"lora_b must be [out_features={out_features}, r={r}], got {tuple(lora_b.shape)}")
-    if bias is not None and tuple(bias.shape) != (out_features,):
-        raise ValueError(f"bias must be [out_features={out_features}], got {tuple(bias.shape)}")
+    for name in ("bias", "lora_bias"):
+        if name in named and tuple(named[name].shape) != (out_features,):
+            raise ValueError(f"{name} must be [out_features={out_features}], got {tuple(named[name].shape)}")
+
+
+def _dropout_mask(x: torch.Tensor, p: float, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The keep-mask for A's input as 2-D rows: ``mask`` checked, or drawn as nn.Dropout(p) would draw it."""
+    if p == 0.0:
+        if mask is not None:
+            raise ValueError("dropout_mask needs dropout_p > 0 (the kept elements are scaled by 1 / (1 - p))")
+        return None
+    if mask is None:
+        mask = draw_mask(tuple(x.shape), p, x.dtype, x.device)
+    elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"dropout_mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    elif mask.shape != x.shape or mask.device != x.device:
+        raise ValueError(f"dropout_mask must match x: shape {tuple(x.shape)} on {x.device}, "
+                         f"got {tuple(mask.shape)} on {mask.device}")  # fmt: skip
+    return mask.reshape(-1, x.shape[-1])
 
 
 def lora_linear(
@@ -312,22 +346,40 @@ def lora_linear(
     lora_b: torch.Tensor,
     scaling: float = 1.0,
     bias: Optional[torch.Tensor] = None,
+    *,
+    lora_bias: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Fused LoRA linear layer: ``x @ weight.T + bias + scaling * (x @ lora_a.T) @ lora_b.T``.
+    """Fused LoRA linear layer: ``x @ weight.T + bias + scaling * (dropout(x) @ lora_a.T @ lora_b.T + lora_bias)``.
 
     Args:
         x: [..., in_features], any leading shape (zero rows allowed), any strides.
-        weight: [out_features, in_features], the frozen base weight (PyTorch's nn.Linear layout).
+        weight: [out_features, in_features], the frozen base weight (PyTorch's nn.Linear layout; pass
+            ``conv1d.weight.t()``, a view, for GPT-2's Conv1D, which stores [in_features, out_features]).
         lora_a: [r, in_features].
         lora_b: [out_features, r].
         scaling: the LoRA scale (``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA).
         bias: [out_features] or None.
+        lora_bias: [out_features] or None: the bias of PEFT's lora_B (``lora_bias=True``), scaled with it.
+        dropout_p: in [0, 1). When > 0 the LoRA branch reads x with elements zeroed with probability p and the
+            rest scaled by 1 / (1 - p), as ``nn.Dropout(p)`` in training; the base product reads x unchanged.
+            The caller decides when dropout is on (training). The mask is drawn from torch's generator exactly
+            as ``nn.Dropout(p)`` would draw it for x (same state consumed), so a seeded run gives PEFT's
+            numbers; the backward keeps it as bits, not as a dropped copy of x.
+        dropout_mask: bool [..., in_features] like x, the keep-mask to use instead of drawing one (with
+            dropout_p > 0).
 
     All tensors share one dtype (float16, bfloat16 or float32) and one device; accumulation is fp32.
-    Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b and bias.
+    Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b, bias, lora_bias.
     """
-    check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias)
+    check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias, lora_bias)
+    p = check_p(dropout_p)
+    mask = _dropout_mask(x, p, dropout_mask)
+    if lora_bias is not None:  # folded into the bias, outside the op: autograd gives it scaling * sum(dy)
+        bias = scaling * lora_bias if bias is None else bias + scaling * lora_bias
     rows = x.reshape(-1, x.shape[-1])
     fused = _lora_linear_op if torch.compiler.is_compiling() else _LoRALinearFunction.apply
-    y = fused(rows, weight, lora_a, lora_b, float(scaling), bias)
+    scale = keep_scale(p, x.dtype, x.device) if mask is not None else 1.0
+    y = fused(rows, weight, lora_a, lora_b, float(scaling), bias, mask, scale)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -1,0 +1,62 @@
+"""Dropout masks drawn exactly as ``nn.Dropout`` draws them, and kept as bits.
+
+A LoRA layer in training drops elements of A's input only. To give PEFT's numbers under the same seed, the
+mask must be the one PEFT's ``nn.Dropout`` would draw: same generator, same state consumed, same order. torch
+draws it differently per device (``at::dropout``): on CUDA ``native_dropout``'s fused kernel (its mask
+depends on the shape and dtype of the tensor), elsewhere ``bernoulli_(1 - p)`` on a tensor like the input.
+:func:`draw_mask` makes the same call on an empty tensor of that shape and dtype, so the RNG advances exactly as
+it would for PEFT. The backward keeps the mask as packed bits (:func:`pack_bits`), 1/16 of a bf16 copy of x.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_p(p: object, name: str = "dropout_p") -> float:
+    """``p`` as a float in [0, 1); ValueError/TypeError naming ``name`` otherwise."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"{name} must be a float in [0, 1), got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {p!r}")
+    return float(p)
+
+
+def draw_mask(shape: tuple[int, ...], p: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The keep-mask ``nn.Dropout(p)`` would draw for a ``dtype`` tensor of ``shape`` on ``device`` (bool).
+
+    Consumes torch's default generator for ``device`` exactly as that dropout call would.
+    """
+    like = torch.empty(shape, dtype=dtype, device=device)
+    if device.type == "cuda":
+        return torch.native_dropout(like, p, True)[1]
+    return like.bernoulli_(1.0 - p).bool()
+
+
+def keep_scale(p: float, dtype: torch.dtype, device: torch.device) -> float:
+    """The factor torch multiplies kept elements by: ``1/(1-p)``, rounded to ``dtype`` off CUDA as torch does."""
+    if device.type == "cuda":
+        return 1.0 / (1.0 - p)  # native_dropout scales in fp32
+    return torch.tensor(1.0, dtype=dtype).div_(1.0 - p).item()  # bernoulli noise divided in the input dtype
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x * mask * scale`` rounded once to x's dtype: what the dropout call returns."""
+    return torch.where(mask, x.float() * scale, 0.0).to(x.dtype)
+
+
+def _bit_positions(device: torch.device) -> torch.Tensor:
+    return torch.arange(8, device=device, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """[M, K] bool -> [M, ceil(K / 8)] uint8, bit j of byte i holding column 8 i + j."""
+    m, k = mask.shape
+    padded = torch.nn.functional.pad(mask, (0, -k % 8)).view(m, -(-k // 8), 8).to(torch.uint8)
+    return padded.bitwise_left_shift(_bit_positions(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: [M, ceil(K / 8)] uint8 -> [M, K] bool."""
+    expanded = bits.unsqueeze(-1).bitwise_right_shift(_bit_positions(bits.device)).bitwise_and(1).bool()
+    return expanded.view(bits.shape[0], bits.shape[1] * 8)[:, :k]

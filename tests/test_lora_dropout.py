@@ -1,0 +1,125 @@
+"""lora_linear with dropout on A's input (nn.Dropout's mask under the same seed) and with PEFT's lora_bias:
+forward and backward against float64, the mask kept as bits, bad input refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, assert_close_to_reference
+
+from fastpeft.backends import record_backends
+from fastpeft.ops.dropout import apply_mask, draw_mask, keep_scale, pack_bits, unpack_bits
+from fastpeft.ops.lora import lora_linear
+
+
+@pytest.mark.parametrize(("m", "k"), [(0, 5), (1, 1), (3, 7), (4, 8), (5, 37)])
+def test_bits_round_trip(m, k):
+    mask = torch.rand(m, k, device=DEVICE) > 0.4
+    bits = pack_bits(mask)
+    assert bits.dtype == torch.uint8 and bits.shape == (m, -(-k // 8))
+    assert torch.equal(unpack_bits(bits, k), mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_mask_is_the_one_nn_dropout_draws(dtype):
+    x = torch.randn(6, 37, device=DEVICE).to(dtype)
+    torch.manual_seed(11)
+    expected = torch.nn.functional.dropout(x, 0.3, training=True)
+    after_dropout = torch.rand(3, device=DEVICE)
+    torch.manual_seed(11)
+    mask = draw_mask(tuple(x.shape), 0.3, dtype, x.device)
+    assert torch.equal(torch.rand(3, device=DEVICE), after_dropout)  # the generator advanced the same
+    assert torch.equal(apply_mask(x, mask, keep_scale(0.3, dtype, x.device)), expected)
+
+
+def make(lead, k, n, r, dtype, *, grad=True):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEVICE) * scale).to(dtype).requires_grad_(grad)
+
+    return dict(x=rand(*lead, k), weight=rand(n, k, scale=k**-0.5), lora_a=rand(r, k, scale=k**-0.5),
+                lora_b=rand(n, r, scale=r**-0.5), bias=rand(n), lora_bias=rand(n))  # fmt: skip
+
+
+def reference(inputs, scaling, mask, p):
+    """The PEFT formula in the inputs' dtype (float64 for the ground truth), with a given keep-mask."""
+    x = inputs["x"]
+    dropped = x if mask is None else torch.where(mask, x / (1 - p), 0)
+    base = torch.nn.functional.linear(x, inputs["weight"], inputs["bias"])
+    lora = torch.nn.functional.linear(torch.nn.functional.linear(dropped, inputs["lora_a"]), inputs["lora_b"])
+    return base + scaling * (lora + inputs["lora_bias"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [((1,), 37, 29, 5), ((2, 35), 24, 33, 8), ((0,), 16, 8, 2)], ids=str)
+def test_dropout_and_lora_bias_forward_backward(backend, dtype, shape):
+    p, scaling = 0.25, 1.7
+    inputs = make(*shape, dtype)
+    torch.manual_seed(5)
+    out = lora_linear(**inputs, scaling=scaling, dropout_p=p)
+    torch.manual_seed(5)
+    mask = draw_mask(tuple(inputs["x"].shape), p, dtype, DEVICE)  # the mask the op drew
+    grad = torch.randn(out.shape, device=DEVICE).to(dtype)
+    out.backward(grad)
+
+    inputs64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    plain = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    ref = reference(inputs64, scaling, mask, p)
+    baseline = reference(plain, scaling, mask, p)
+    assert_close_to_reference(out, ref, baseline.detach(), f"{backend} forward")
+    ref.backward(grad.double())
+    baseline.backward(grad)
+    for name in inputs:
+        if shape[0] == (0,) and name != "x":
+            assert torch.all(inputs[name].grad == 0), name
+            continue
+        assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
+
+
+def test_given_mask_is_used_and_no_dropout_keeps_the_one_launch_path(backend):
+    inputs = make((4,), 16, 12, 3, torch.float32, grad=False)
+    mask = torch.rand(4, 16, device=DEVICE) > 0.5
+    out = lora_linear(**inputs, scaling=0.5, dropout_p=0.5, dropout_mask=mask)
+    assert_close_to_reference(out, reference({k: v.double() for k, v in inputs.items()}, 0.5, mask, 0.5),
+                              reference(inputs, 0.5, mask, 0.5))  # fmt: skip
+    with record_backends() as calls:
+        lora_linear(**inputs, dropout_p=0.0)
+    assert [op for op, _ in calls] == ["lora_linear"]
+    with record_backends() as calls:
+        lora_linear(**inputs, dropout_p=0.1)
+    assert [op for op, _ in calls] == ["lora_shrink", "lora_expand_linear"]
+
+
+def test_backward_keeps_bits_not_a_dropped_copy_of_x():
+    inputs = make((6,), 40, 12, 4, torch.float32)
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = lora_linear(**{k: v for k, v in inputs.items() if k != "lora_bias"}, dropout_p=0.2)
+    assert ((6, 5), torch.uint8) in saved  # 40 columns -> 5 bytes per row
+    assert saved.count(((6, 40), torch.float32)) == 1  # x itself, and no dropped copy of it
+    out.sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(dropout_p=-0.1), ValueError, "dropout_p must be in"),
+        (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+        (dict(dropout_p=0.1, dropout_mask=torch.ones(3, 15, dtype=torch.bool)), ValueError, "dropout_mask must match"),
+        (dict(dropout_p=0.1, dropout_mask=torch.ones(3, 16)), TypeError, "dropout_mask must be a bool tensor"),
+        (dict(dropout_mask=torch.ones(3, 16, dtype=torch.bool)), ValueError, "dropout_mask needs dropout_p > 0"),
+        (dict(lora_bias=torch.randn(7)), ValueError, "lora_bias must be"),
+        (dict(lora_bias=torch.randn(8, dtype=torch.float16)), TypeError, "one dtype"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_dropout_and_lora_bias_input(changes, error, match):
+    inputs = {k: v.detach().cpu() for k, v in make((3,), 16, 8, 4, torch.float32, grad=False).items()}
+    inputs.pop("lora_bias")
+    with pytest.raises(error, match=match):
+        lora_linear(**inputs, **changes)
