@@ -1,7 +1,7 @@
 """fastpeft: fused CUDA and Triton kernels for parameter-efficient fine-tuning layers."""
 
 from fastpeft.backends import available_backends
-from fastpeft.integrations.peft import patch_peft_model, unpatch_peft_model
+from fastpeft.integrations.peft import explain_patch, patch_peft_model, unpatch_peft_model
 from fastpeft.modules.lora import LoRALinear
 from fastpeft.ops.lora import lora_linear
 from fastpeft.warmup import warmup
@@ -12,6 +12,7 @@ __all__ = [
     "LoRALinear",
     "__version__",
     "available_backends",
+    "explain_patch",
     "lora_linear",
     "patch_peft_model",
     "unpatch_peft_model",

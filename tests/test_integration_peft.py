@@ -66,7 +66,7 @@ def test_several_active_adapters_add_their_deltas(backend):
 
 
 def test_uncovered_settings_keep_peft_numbers(backend, fused_calls):
-    """DoRA, active dropout, mixed adapter batches, merged and disabled adapters: PEFT's own forward runs."""
+    """DoRA, mixed adapter batches, merged and disabled adapters: PEFT's own forward runs."""
     dora = peft_model(use_dora=True).eval()
     expected = logits(dora)
     patch_peft_model(dora)
@@ -80,17 +80,10 @@ def test_uncovered_settings_keep_peft_numbers(backend, fused_calls):
     mixed = logits(model, ids, adapter_names=["default", "__base__", "other"])
     with model.disable_adapter():
         disabled = logits(model, ids)
-    model.train()
-    torch.manual_seed(5)
-    train_out = model(ids).logits
     patch_peft_model(model)
-    model.eval()
     assert torch.equal(logits(model, ids, adapter_names=["default", "__base__", "other"]), mixed)
     with model.disable_adapter():
         assert torch.equal(logits(model, ids), disabled)
-    model.train()
-    torch.manual_seed(5)
-    assert torch.equal(model(ids).logits, train_out)  # dropout active in training: PEFT's path, same RNG
     assert fused_calls == []
 
 

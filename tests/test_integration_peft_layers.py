@@ -92,9 +92,10 @@ CASES = {
     "linear-subclass": Case(lambda: ScaledLinear(IN, OUT), fused=False),
     "linear-subclass-weight": Case(linear_with_subclass_weight, fused=False),
     "linear-dora": Case(lambda: nn.Linear(IN, OUT), fused=False, config={"use_dora": True}),
-    "linear-lora-bias": Case(lambda: nn.Linear(IN, OUT), fused=False, config={"lora_bias": True}),
+    "linear-lora-bias": Case(lambda: nn.Linear(IN, OUT), fused=True, config={"lora_bias": True}),
+    "linear-dropout": Case(lambda: nn.Linear(IN, OUT), fused=True, config={"lora_dropout": 0.3}),
     "gpt2-conv1d": Case(
-        lambda: transformers.pytorch_utils.Conv1D(OUT, IN), fused=False, config={"fan_in_fan_out": True}
+        lambda: transformers.pytorch_utils.Conv1D(OUT, IN), fused=True, config={"fan_in_fan_out": True}
     ),
     "bnb-linear4bit": Case(_bnb("4bit"), fused=False),
     "bnb-linear8bit": Case(_bnb("8bit"), fused=False),
@@ -125,6 +126,7 @@ def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Ten
     """Output and the gradients of every trainable parameter (and of x when it is floating-point)."""
     model.zero_grad()
     x = x.detach().clone().requires_grad_(x.is_floating_point())
+    torch.manual_seed(7)  # dropout in training: both sides draw from the same generator state
     y = model(x)
     y.float().square().sum().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]

@@ -124,14 +124,65 @@ def test_autocast_computes_in_autocast_dtype():
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        (dict(base_layer=nn.Conv1d(3, 3, 1)), TypeError, "base_layer must be an nn.Linear"),
+        (dict(base_layer=nn.Conv1d(3, 3, 1)), TypeError, "base_layer must be an nn.Linear or a transformers Conv1D"),
         (dict(base_layer=nn.Linear(4, 4).to(torch.float64)), TypeError, "base_layer.weight must be"),
         (dict(r=0), ValueError, "r must be"),
         (dict(r=2.5), ValueError, "r must be"),
         (dict(lora_dropout=1.0), ValueError, "lora_dropout"),
+        (dict(lora_dropout=-0.5), ValueError, "lora_dropout"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
     kwargs = {"base_layer": nn.Linear(4, 4), **kwargs}
     with pytest.raises(error, match=match):
         LoRALinear(**kwargs)
+
+
+def conv1d_layer(lora_bias=False, **kwargs) -> LoRALinear:
+    transformers = pytest.importorskip("transformers")
+    base = transformers.pytorch_utils.Conv1D(29, 37).to(DEVICE)  # weight [in=37, out=29]
+    nn.init.normal_(base.bias)
+    layer = LoRALinear(base, r=5, lora_alpha=10, lora_bias=lora_bias, **kwargs)
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.5)
+        if lora_bias:
+            layer.lora_B_bias.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("lora_bias", [False, True])
+def test_conv1d_base_and_lora_bias(backend, lora_bias):
+    layer = conv1d_layer(lora_bias)
+    assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (37, 29)
+    x = torch.randn(2, 3, 37, device=DEVICE, requires_grad=True)
+    out = layer(x)
+    lora = (x @ layer.lora_A.T) @ layer.lora_B.T + (0 if layer.lora_B_bias is None else layer.lora_B_bias)
+    expected = layer.base_layer(x) + layer.scaling * lora
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in (layer.lora_A, layer.lora_B, layer.lora_B_bias) if p is not None]
+    layer.zero_grad()
+    expected.square().sum().backward()
+    for got, want in zip(grads, [p.grad for p in (layer.lora_A, layer.lora_B, layer.lora_B_bias) if p is not None],
+                         strict=True):  # fmt: skip
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        fused = layer(x)
+        layer.merge()
+        torch.testing.assert_close(layer(x), fused, rtol=1e-5, atol=1e-5)  # merged through the [in, out] layout
+        layer.unmerge()
+        torch.testing.assert_close(layer(x), fused, rtol=1e-5, atol=1e-5)
+
+
+def test_fan_in_fan_out_that_disagrees_with_the_base_layer_is_refused():
+    with pytest.raises(ValueError, match="fan_in_fan_out=False disagrees"):
+        conv1d_layer(fan_in_fan_out=False)
+    with pytest.raises(ValueError, match="fan_in_fan_out=True disagrees"):
+        LoRALinear(nn.Linear(4, 6), r=2, fan_in_fan_out=True)
+
+
+def test_lora_bias_without_a_base_bias_cannot_merge():
+    layer = LoRALinear(nn.Linear(8, 6, bias=False), r=2, lora_bias=True)
+    with pytest.raises(ValueError, match="without a bias"):
+        layer.merge()
+    assert not layer.merged

@@ -2,14 +2,22 @@
 
 ``patch_peft_model(model)`` replaces, per instance, the ``forward`` of every PEFT ``lora.Linear`` layer (that
 class exactly: its subclasses, such as torchao's or INC's, have forwards of their own) whose direct base layer
-is a floating-point ``nn.Linear`` holding plain tensors. The direct base, not ``get_base_layer()``: when LoRA
-is stacked on another tuner (a LoHa or LoKr layer in a mixed model), ``get_base_layer()`` descends to the
-innermost ``nn.Linear`` and fusing with its weight would drop that tuner's contribution.
+is a floating-point ``nn.Linear`` or GPT-2 ``Conv1D`` holding plain tensors. The direct base, not
+``get_base_layer()``: when LoRA is stacked on another tuner (a LoHa or LoKr layer in a mixed model),
+``get_base_layer()`` descends to the innermost layer and fusing with its weight would drop that tuner.
 
-The replacement decides per call: when the call is one the fused op expresses (adapters enabled and unmerged,
-no ``adapter_names`` mixed batch, vanilla LoRA without DoRA or lora_bias, dropout inactive), the first active
-adapter runs fused with the base GEMM and any further active adapters add their deltas as PEFT does; otherwise
-PEFT's own forward runs, unchanged. ``unpatch_peft_model(model)`` removes the replacement.
+The replacement decides per call, from the layer's state then (so adapters added, loaded, switched or deleted
+through PEFT's API after patching are covered on the next call; new LoRA layers by patching again):
+
+- fused, one call for all active adapters (their ranks stacked) when no dropout is active: vanilla LoRA with
+  or without ``lora_bias``, rsLoRA, any number of active adapters;
+- fused with dropout in training: the first active adapter runs in the fused op with the dropout mask PEFT's
+  ``nn.Dropout`` would draw (same generator, same order, drawn for the dtype PEFT casts x to), further active
+  adapters then run as PEFT runs them, drawing their masks in PEFT's order;
+- PEFT's own forward otherwise: DoRA and other LoRA variants, ``adapter_names`` mixed batches, merged or
+  disabled adapters, other dropout modules.
+
+:func:`explain_patch` says, per layer, which path runs now and why. ``unpatch_peft_model`` removes the patch.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import torch
 from torch import nn
 
 from fastpeft._autocast import compute_dtype
+from fastpeft._base_layers import is_linear_like, linear_weight
+from fastpeft.ops.dropout import draw_mask
 from fastpeft.ops.lora import FLOAT_DTYPES, lora_linear
 
 
@@ -38,6 +48,7 @@ class PeftAdapter:
 
     lora_a: torch.Tensor  # [r, in_features]
     lora_b: torch.Tensor  # [out_features, r]
+    lora_bias: torch.Tensor | None  # [out_features], PEFT's lora_bias=True
     scaling: float
     r: int
     dropout: float
@@ -53,10 +64,11 @@ def _is_plain_tensor(t: torch.Tensor | None) -> bool:
 
 
 def _base_unsupported_reason(layer: nn.Module) -> str | None:
-    """None when the fused op can compute the direct base of the PEFT layer: a plain floating-point nn.Linear."""
+    """None when the fused op can compute the direct base of the PEFT layer: a plain floating-point nn.Linear
+    or Conv1D."""
     base = layer.base_layer
-    if type(base) is not nn.Linear:
-        return f"base layer is {type(base).__name__}, not nn.Linear"
+    if not is_linear_like(base):
+        return f"base layer is {type(base).__name__}, not nn.Linear or Conv1D"
     if base.weight.dtype not in FLOAT_DTYPES:
         return f"base weight dtype {base.weight.dtype}"
     if not (_is_plain_tensor(base.weight) and _is_plain_tensor(base.bias)):
@@ -69,18 +81,16 @@ def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
     reason = _base_unsupported_reason(layer)
     if reason is not None:
         return reason
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out"
     if adapter_name not in layer.lora_A:
         return f"no adapter named {adapter_name!r}"
     if getattr(layer, "use_dora", {}).get(adapter_name, False):
         return "DoRA"
-    if getattr(layer, "lora_bias", {}).get(adapter_name, False):
-        return "lora_bias"
     if adapter_name in getattr(layer, "lora_variant", {}):
-        return "a LoRA variant"
-    if not isinstance(layer.lora_A[adapter_name], nn.Linear):
-        return "lora_A is not an nn.Linear"
+        return f"LoRA variant {type(layer.lora_variant[adapter_name]).__name__}"
+    if type(layer.lora_A[adapter_name]) is not nn.Linear or type(layer.lora_B[adapter_name]) is not nn.Linear:
+        return "lora_A or lora_B is not an nn.Linear"
+    if type(layer.lora_dropout[adapter_name]) not in (nn.Dropout, nn.Identity):
+        return f"dropout module {type(layer.lora_dropout[adapter_name]).__name__}"
     return None
 
 
@@ -94,49 +104,79 @@ def peft_adapter(layer: nn.Module, adapter_name: str = "default") -> PeftAdapter
     return PeftAdapter(
         lora_a=layer.lora_A[adapter_name].weight,
         lora_b=layer.lora_B[adapter_name].weight,
+        lora_bias=layer.lora_B[adapter_name].bias,
         scaling=float(layer.scaling[adapter_name]),
         r=int(layer.r[adapter_name]),
         dropout=_dropout_p(layer.lora_dropout[adapter_name]),
     )
 
 
-def _fusable_adapters(layer: nn.Module, x: torch.Tensor, args: tuple, kwargs: dict) -> list[str] | None:
-    """The active adapters to run fused for this call, or None to run PEFT's own forward."""
-    if args or kwargs or layer.disable_adapters or layer.merged:
-        return None  # extra arguments include adapter_names (mixed batches): PEFT's path
+def _why_not_fused(layer: nn.Module, x_dtype: torch.dtype | None, autocast: bool) -> str | None:
+    """Why the layer's next plain call (no extra arguments) keeps PEFT's forward, or None when it runs fused."""
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapters merged into the base weight"
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if not active:
-        return None
+        return "no active adapter on this layer"
     for name in active:
-        if unsupported_reason(layer, name) is not None:
-            return None
-        if layer.training and _dropout_p(layer.lora_dropout[name]) > 0:
-            return None
-    base_dtype = layer.base_layer.weight.dtype
-    if x.dtype != base_dtype and not torch.is_autocast_enabled(x.device.type):
-        return None  # nn.Linear would refuse this; let PEFT raise its own error
-    return active
+        reason = unsupported_reason(layer, name)
+        if reason is not None:
+            return f"adapter {name!r}: {reason}"
+    if x_dtype is not None and x_dtype != layer.base_layer.weight.dtype and not autocast:
+        return "input dtype differs from the base weight's"  # nn.Linear would refuse it: PEFT raises its error
+    return None
+
+
+def _active_adapters(layer: nn.Module) -> list[str]:
+    return [name for name in layer.active_adapters if name in layer.lora_A]
+
+
+def _dropout_dtype(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.dtype:
+    """The dtype of the tensor PEFT applies this adapter's dropout to (it casts x to lora_A's dtype first)."""
+    return layer.lora_A[adapter].weight.dtype if getattr(layer, "cast_input_dtype_enabled", True) else x.dtype
+
+
+def _stacked(layer: nn.Module, adapters: list[str], dtype: torch.dtype) -> tuple:
+    """(lora_a, lora_b, scaling, lora_bias) running all ``adapters`` as one: ranks stacked, each B scaled."""
+    lora_as = [layer.lora_A[name].weight.to(dtype) for name in adapters]
+    biases = [
+        layer.scaling[name] * layer.lora_B[name].bias.to(dtype)
+        for name in adapters
+        if layer.lora_B[name].bias is not None
+    ]
+    lora_bias = sum(biases[1:], biases[0]) if biases else None
+    if len(adapters) == 1:
+        name = adapters[0]
+        unscaled_bias = None if lora_bias is None else layer.lora_B[name].bias.to(dtype)
+        return lora_as[0], layer.lora_B[name].weight.to(dtype), float(layer.scaling[name]), unscaled_bias
+    lora_bs = [layer.lora_B[name].weight.to(dtype) * layer.scaling[name] for name in adapters]
+    return torch.cat(lora_as), torch.cat(lora_bs, dim=1), 1.0, lora_bias
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    adapters = _fusable_adapters(self, x, args, kwargs)
-    if adapters is None:
-        return type(self).forward(self, x, *args, **kwargs)
+    if args or kwargs or _why_not_fused(self, x.dtype, torch.is_autocast_enabled(x.device.type)) is not None:
+        return type(self).forward(self, x, *args, **kwargs)  # extra arguments include adapter_names
     base = self.base_layer
     dtype = compute_dtype(x)
+    weight = linear_weight(base).to(dtype)
+    bias = None if base.bias is None else base.bias.to(dtype)
+    adapters = _active_adapters(self)
+    dropping = self.training and any(_dropout_p(self.lora_dropout[name]) > 0 for name in adapters)
+    if not dropping:
+        lora_a, lora_b, scaling, lora_bias = _stacked(self, adapters, dtype)
+        return lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias)
+    # Each adapter draws its own mask, in PEFT's order: the first runs fused, the others as PEFT runs them.
     first, *others = adapters
-    result = lora_linear(
-        x.to(dtype),
-        base.weight.to(dtype),
-        self.lora_A[first].weight.to(dtype),
-        self.lora_B[first].weight.to(dtype),
-        float(self.scaling[first]),
-        None if base.bias is None else base.bias.to(dtype),
-    )
-    for name in others:  # several active adapters add their deltas, as in PEFT
-        lora_a = self.lora_A[name]
-        delta = self.lora_B[name](lora_a(x.to(lora_a.weight.dtype))) * self.scaling[name]
-        result = result + delta
+    p = _dropout_p(self.lora_dropout[first]) if self.training else 0.0
+    mask = draw_mask(tuple(x.shape), p, _dropout_dtype(self, first, x), x.device) if p > 0 else None
+    lora_a, lora_b, scaling, lora_bias = _stacked(self, [first], dtype)
+    result = lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias, dropout_p=p,
+                         dropout_mask=mask)  # fmt: skip
+    for name in others:
+        x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
+        result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
     return result.to(dtype)
 
 
@@ -149,10 +189,10 @@ def is_patched(module: nn.Module) -> bool:
 def patch_peft_model(model: nn.Module) -> nn.Module:
     """Make the LoRA layers of a PEFT model run fastpeft's fused op; returns ``model``, patched in place.
 
-    Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear``. Other layers (LoRA stacked on
-    another tuner, Conv1D, quantized or tensor-subclass bases), and calls the fused op does not express (DoRA,
-    lora_bias, active dropout in training, ``adapter_names`` mixed batches, merged or disabled adapters), keep
-    PEFT's own forward.
+    Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear`` or Conv1D. Other layers (LoRA
+    stacked on another tuner, quantized or tensor-subclass bases), and calls the fused op does not express
+    (DoRA, ``adapter_names`` mixed batches, merged or disabled adapters), keep PEFT's own forward. Idempotent:
+    call it again after adding LoRA layers to cover them. :func:`explain_patch` shows what runs where.
     """
     lora_linear_class = _peft_lora_linear_class()
     for module in model.modules():
@@ -172,3 +212,52 @@ def unpatch_peft_model(model: nn.Module) -> nn.Module:
 def patched_layer_count(model: nn.Module) -> int:
     """How many layers of ``model`` run fastpeft's forward."""
     return sum(is_patched(m) for m in model.modules())
+
+
+@dataclass(frozen=True)
+class LayerPath:
+    """What a PEFT LoRA layer runs on a plain call in the model's current state, and why."""
+
+    name: str
+    path: str  # "fused", "fused + PEFT" (dropout with several adapters), "PEFT" or "not patched"
+    detail: str
+
+
+class PatchReport(list):
+    """The :class:`LayerPath` rows of :func:`explain_patch`; ``str()`` gives a table."""
+
+    def __str__(self) -> str:
+        width = max((len(row.name) for row in self), default=5)
+        lines = [f"{'layer':<{width}}  {'path':<12}  detail"]
+        lines += [f"{row.name:<{width}}  {row.path:<12}  {row.detail}" for row in self]
+        return "\n".join(lines)
+
+
+def _explain(layer: nn.Module) -> tuple[str, str]:
+    if not is_patched(layer):
+        if type(layer) is not _peft_lora_linear_class():
+            return "not patched", f"{type(layer).__name__} is not PEFT's lora.Linear"
+        return "not patched", _base_unsupported_reason(layer) or "patch_peft_model has not run on it"
+    reason = _why_not_fused(layer, None, False)
+    if reason is not None:
+        return "PEFT", reason
+    adapters = _active_adapters(layer)
+    dropping = [name for name in adapters if _dropout_p(layer.lora_dropout[name]) > 0]
+    if layer.training and dropping and len(adapters) > 1:
+        return "fused + PEFT", f"dropout in training: {adapters[0]!r} fused, {adapters[1:]} as PEFT runs them"
+    detail = f"adapters {adapters} in one call" if len(adapters) > 1 else f"adapter {adapters[0]!r}"
+    if layer.training and dropping:
+        detail += f", dropout p={_dropout_p(layer.lora_dropout[adapters[0]])} with PEFT's mask"
+    return "fused", detail
+
+
+def explain_patch(model: nn.Module) -> PatchReport:
+    """Per PEFT LoRA layer of ``model``: the path a plain call runs now (train/eval mode, active adapters, merged
+    or disabled state as they are) and why. Calls with ``adapter_names`` (mixed batches) keep PEFT's forward."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    report = PatchReport()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            report.append(LayerPath(name, *_explain(module)))
+    return report
