@@ -2,7 +2,8 @@
 
 Variants, all timed in the same run on the same operands:
     base           x @ W.T through torch (cuBLAS): the floor the fused layer is measured against
-    unfused        PEFT's path: base + lora_B(lora_A(x)) * scaling (three GEMMs, a scale and an add)
+    unfused        PEFT's path: base + lora_B(lora_A(dropout(x))) * scaling (three GEMMs, a scale and an add;
+                   the dropout only in the training cases that name one)
     fused:<name>   fastpeft.lora_linear forced to one backend (cuda, triton, torch), and fused:auto
 
 Modes: ``forward``, and ``forward+backward`` as in LoRA training (x, A and B need gradients, W is frozen).
@@ -26,6 +27,7 @@ import pytest
 import torch
 
 from fastpeft.backends import available_backends
+from fastpeft.ops.dropout import draw_mask
 from fastpeft.ops.lora import lora_linear
 
 OP = "lora_linear"
@@ -46,6 +48,7 @@ class Case:
     r: int
     dtype: torch.dtype
     mode: str
+    dropout: float = 0.0  # on A's input, as PEFT's lora_dropout in training
 
     def flops(self) -> float:
         """Useful floating-point operations: the base GEMM and the two LoRA GEMMs (and their gradients)."""
@@ -73,16 +76,20 @@ def case_fields(case: Case) -> dict:
 
 
 def describe(case: Case) -> str:
-    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}"
+    dropout = f" dropout={case.dropout:g}" if case.dropout else ""
+    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}{dropout}"
 
 
 def cases(quick: bool) -> list[Case]:
     if quick:
-        return [Case(m, 96, 80, 8, torch.float32, mode) for m in (1, 16) for mode in MODES]
-    return [
+        tiny = [Case(m, 96, 80, 8, torch.float32, mode) for m in (1, 16) for mode in MODES]
+        return [*tiny, Case(16, 96, 80, 8, torch.float32, "forward+backward", dropout=0.1)]
+    sweep = [
         Case(m, k, n, r, dtype, mode)
         for mode, dtype, (k, n), r, m in itertools.product(MODES, FULL_DTYPES, FULL_FEATURES, FULL_RANKS, FULL_M)
     ]
+    training = [Case(m, 4096, 4096, 16, torch.bfloat16, "forward+backward", dropout=0.05) for m in (256, 4096)]
+    return sweep + training
 
 
 def operand_sets(case: Case, device: torch.device) -> list[dict[str, torch.Tensor]]:
@@ -100,16 +107,18 @@ def operand_sets(case: Case, device: torch.device) -> list[dict[str, torch.Tenso
     return sets
 
 
-def _forward_fns(backends: list[str]) -> dict[str, Callable[..., torch.Tensor]]:
-    def base(x, weight, lora_a, lora_b):
-        return torch.nn.functional.linear(x, weight)
+def _forward_fns(backends: list[str], dropout: float = 0.0) -> dict[str, Callable[..., torch.Tensor]]:
+    lin = torch.nn.functional.linear
 
-    def unfused(x, weight, lora_a, lora_b):
-        lin = torch.nn.functional.linear
-        return lin(x, weight) + lin(lin(x, lora_a), lora_b) * SCALING
+    def base(x, weight, lora_a, lora_b):
+        return lin(x, weight)
+
+    def unfused(x, weight, lora_a, lora_b):  # PEFT's lora.Linear forward
+        dropped = torch.nn.functional.dropout(x, dropout, training=True) if dropout else x
+        return lin(x, weight) + lin(lin(dropped, lora_a), lora_b) * SCALING
 
     def fused(x, weight, lora_a, lora_b):
-        return lora_linear(x, weight, lora_a, lora_b, SCALING)
+        return lora_linear(x, weight, lora_a, lora_b, SCALING, dropout_p=dropout)
 
     fns = {"base": base, "unfused": unfused, "fused:auto": fused}
     fns.update({f"fused:{b}": fused for b in backends})
@@ -172,22 +181,35 @@ def backends_for(device: torch.device) -> list[str]:
 
 
 def _check_outputs(case: Case, ops: dict, variants: dict[str, Callable]) -> dict[str, str]:
-    """Variant -> why its forward output is wrong, for the fused variants whose error against the fp32 layer
-    exceeds twice that of the unfused path in the case's dtype (plus a floor)."""
-    args = (ops["x"].detach(), ops["weight"], ops["lora_a"].detach(), ops["lora_b"].detach())
+    """Variant -> why its forward output is wrong, for the fused variants whose error against the layer in fp32
+    exceeds twice that of the unfused path in the case's dtype (plus a floor). With dropout every variant runs
+    from the same seed: the fused op draws nn.Dropout's mask, which the fp32 reference applies too."""
+    x, weight, lora_a, lora_b = (ops[k].detach() for k in ("x", "weight", "lora_a", "lora_b"))
+    seed = 1234
+
+    def seeded(fn):
+        torch.manual_seed(seed)
+        return fn()
+
     with torch.no_grad():
-        ref = variants["unfused"](*(t.float() for t in args)).double()
+        dropped = x.double()
+        if case.dropout:
+            mask = seeded(lambda: draw_mask(tuple(x.shape), case.dropout, x.dtype, x.device))
+            dropped = torch.where(mask, dropped / (1 - case.dropout), 0)
+        ref = torch.addmm(x.double() @ weight.double().t(), dropped @ lora_a.double().t(), lora_b.double().t(),
+                          alpha=SCALING)  # fmt: skip
 
         def error(y):
             return ((y.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
-        bound = 2 * error(variants["unfused"](*args)) + (1e-5 if case.dtype == torch.float32 else 1e-2)
+        floor = 1e-5 if case.dtype == torch.float32 else 1e-2
+        bound = 2 * error(seeded(lambda: variants["unfused"](x, weight, lora_a, lora_b))) + floor
         problems = {}
         for name, fn in variants.items():
             if not name.startswith("fused"):
                 continue
             try:
-                err = error(_with_backend(name, lambda fn=fn: fn(*args))())
+                err = error(seeded(_with_backend(name, lambda fn=fn: fn(x, weight, lora_a, lora_b))))
             except Exception as exc:  # a broken backend fails its own variant only
                 problems[name] = f"{type(exc).__name__}: {exc}"
                 continue
@@ -202,7 +224,7 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     A variant that raises or gives a wrong result becomes a row with ``error`` set (and no ratios when it could
     not be timed); the other variants still run.
     """
-    variants = _forward_fns(backends)
+    variants = _forward_fns(backends, case.dropout)
     times: dict[str, float] = {}
     errors: dict[str, str] = {}
     try:

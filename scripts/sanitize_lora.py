@@ -17,51 +17,64 @@ import argparse
 import os
 import sys
 
-# Kernel paths each case reaches: (leading shape, K, N, r, dtype).
+# Kernel paths each case reaches: (leading shape, K, N, r, dtype, dropout on A's input with lora_bias).
 CASES = {
     "cuda": [
-        ((1,), 256, 200, 16, "bfloat16"),  # shrink kernel + GEMV, 16-byte loads
-        ((3,), 37, 29, 5, "float32"),  # shrink kernel + GEMV, scalar loads (odd K)
-        ((8,), 128, 72, 64, "float16"),  # GEMV at its row limit, rank 64
-        ((9,), 100, 72, 8, "bfloat16"),  # cuBLAS base + tiled expand kernel, shrink kernel
-        ((2, 35), 64, 130, 4, "float32"),  # tiled shrink kernel (M > 64) + tiled expand
+        ((1,), 256, 200, 16, "bfloat16", 0.0),  # shrink kernel + GEMV, 16-byte loads
+        ((3,), 37, 29, 5, "float32", 0.0),  # shrink kernel + GEMV, scalar loads (odd K)
+        ((8,), 128, 72, 64, "float16", 0.0),  # GEMV at its row limit, rank 64
+        ((9,), 100, 72, 8, "bfloat16", 0.0),  # cuBLAS base + tiled expand kernel, shrink kernel
+        ((2, 35), 64, 130, 4, "float32", 0.0),  # tiled shrink kernel (M > 64) + tiled expand
+        ((4, 20), 96, 50, 8, "bfloat16", 0.1),  # dropout: shrink of the dropped x, expand; masked backward
     ],
     "triton": [
-        ((1,), 256, 200, 16, "bfloat16"),  # decode kernel, shrink fused (one launch)
-        ((5,), 2048, 72, 40, "float32"),  # split-K shrink (atomics) + decode kernel
-        ((3,), 37, 29, 5, "float16"),  # fused decode, odd sizes
-        ((2, 35), 64, 130, 4, "bfloat16"),  # shrink + prefill kernel
+        ((1,), 256, 200, 16, "bfloat16", 0.0),  # decode kernel, shrink fused (one launch)
+        ((5,), 2048, 72, 40, "float32", 0.0),  # split-K shrink (atomics) + decode kernel
+        ((3,), 37, 29, 5, "float16", 0.0),  # fused decode, odd sizes
+        ((2, 35), 64, 130, 4, "bfloat16", 0.0),  # shrink + prefill kernel
+        ((4, 20), 96, 50, 8, "bfloat16", 0.1),  # dropout: shrink of the dropped x + prefill kernel
     ],
 }
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
 
-def run_case(lead, k, n, r, dtype_name, backend) -> bool:
+def run_case(lead, k, n, r, dtype_name, dropout, backend, device="cuda") -> bool:
+    """One case forward and backward on ``backend``; True when it ran there, finite and near float64."""
     import torch
 
     from fastpeft.backends import record_backends
+    from fastpeft.ops.dropout import draw_mask
     from fastpeft.ops.lora import lora_linear, lora_linear_reference
 
     dtype = getattr(torch, dtype_name)
 
     def rand(*shape, scale=1.0, grad=False):
-        return (torch.randn(*shape, device="cuda") * scale).to(dtype).requires_grad_(grad)
+        return (torch.randn(*shape, device=device) * scale).to(dtype).requires_grad_(grad)
 
     x = rand(*lead, k, grad=True)
     w, bias = rand(n, k, scale=k**-0.5), rand(n)
     a, b = rand(r, k, scale=k**-0.5, grad=True), rand(n, r, scale=r**-0.5, grad=True)
+    lora_bias = rand(n, grad=True) if dropout else None
+    torch.manual_seed(0)
     with record_backends() as calls:
-        y = lora_linear(x, w, a, b, 0.5, bias)
+        y = lora_linear(x, w, a, b, 0.5, bias, lora_bias=lora_bias, dropout_p=dropout)
         y.float().square().sum().backward()
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     ref = lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5, bias.double())
+    if dropout:  # the same mask from the same seed, and the LoRA bias
+        torch.manual_seed(0)
+        mask = draw_mask(tuple(x.shape), dropout, dtype, x.device)
+        dropped = torch.where(mask, x.double() / (1 - dropout), 0)
+        ref = ref + 0.5 * ((dropped - x.double()) @ a.double().t() @ b.double().t() + lora_bias.double())
     err = ((y.double() - ref).norm() / ref.norm()).item()
     wrong_backend = sorted({used for _, used in calls if used != backend})
     finite = all(torch.isfinite(t).all().item() for t in (y, x.grad, a.grad, b.grad))
     ok = finite and err < TOLERANCE[dtype_name] and calls and not wrong_backend
     print(
-        f"{backend:<6} x={lead!s:<8} K={k:<5} N={n:<4} r={r:<3} {dtype_name:<9} calls={len(calls)} "
-        f"rel.err={err:.1e} {'ok' if ok else 'FAIL'}" + (f" (ran on {wrong_backend})" if wrong_backend else ""),
+        f"{backend:<6} x={lead!s:<8} K={k:<5} N={n:<4} r={r:<3} {dtype_name:<9} dropout={dropout:<4} "
+        f"calls={len(calls)} rel.err={err:.1e} {'ok' if ok else 'FAIL'}"
+        + (f" (ran on {wrong_backend})" if wrong_backend else ""),
         flush=True,
     )
     return bool(ok)

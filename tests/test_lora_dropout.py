@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, assert_close_to_reference
+from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference
 
 from fastpeft.backends import record_backends
 from fastpeft.ops.dropout import apply_mask, draw_mask, keep_scale, pack_bits, unpack_bits
@@ -49,8 +49,13 @@ def reference(inputs, scaling, mask, p):
     return base + scaling * (lora + inputs["lora_bias"])
 
 
+SHAPES = [((1,), 37, 29, 5), ((2, 35), 24, 33, 8), ((0,), 16, 8, 2)]
+if HAS_GPU:  # decode and prefill tiles, and the CUDA kernels on either side of their row limits, at real sizes
+    SHAPES += [((1,), 4096, 4096, 16), ((2, 70), 1024, 1000, 64)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [((1,), 37, 29, 5), ((2, 35), 24, 33, 8), ((0,), 16, 8, 2)], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dropout_and_lora_bias_forward_backward(backend, dtype, shape):
     p, scaling = 0.25, 1.7
     inputs = make(*shape, dtype)

@@ -1,0 +1,26 @@
+"""scripts/sanitize_lora.py's cases and float64 references, run here on the torch backend: a GPU session then
+finds the sanitizer's program working and learns only what the sanitizer has to say."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import DEVICE
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import sanitize_lora
+
+
+@pytest.mark.parametrize("case", [c for cases in sanitize_lora.CASES.values() for c in cases], ids=str)
+def test_sanitizer_cases_pass_on_the_torch_backend(monkeypatch, case):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    assert sanitize_lora.run_case(*case, backend="torch", device=DEVICE.type)
+
+
+def test_a_case_on_another_backend_than_forced_fails(monkeypatch, capsys):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    assert not sanitize_lora.run_case((2,), 16, 8, 4, "float32", 0.0, backend="cuda", device=DEVICE.type)
+    assert "ran on ['torch']" in capsys.readouterr().out
