@@ -48,18 +48,21 @@ def poisoned_outputs():
 
 
 @pytest.fixture
-def fused_calls(monkeypatch) -> list[int]:
-    """Counts the calls patched PEFT layers make to the fused op (one entry per call)."""
+def fused_calls(monkeypatch) -> list[str]:
+    """Records the calls patched PEFT layers make to the fused ops (``lora_linear`` or ``dora_linear``)."""
     import fastpeft.integrations.peft as integration
 
-    calls: list[int] = []
-    real = integration.lora_linear
+    calls: list[str] = []
 
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def spy(name, real):
+        def call(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(integration, "lora_linear", spy)
+        return call
+
+    for name in ("lora_linear", "dora_linear"):
+        monkeypatch.setattr(integration, name, spy(name, getattr(integration, name)))
     return calls
 
 

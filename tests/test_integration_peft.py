@@ -66,12 +66,7 @@ def test_several_active_adapters_add_their_deltas(backend):
 
 
 def test_uncovered_settings_keep_peft_numbers(backend, fused_calls):
-    """DoRA, mixed adapter batches, merged and disabled adapters: PEFT's own forward runs."""
-    dora = peft_model(use_dora=True).eval()
-    expected = logits(dora)
-    patch_peft_model(dora)
-    assert torch.equal(logits(dora), expected)
-
+    """Mixed adapter batches, merged and disabled adapters: PEFT's own forward runs."""
     model = peft_model(lora_dropout=0.3)
     model.add_adapter("other", peft.LoraConfig(r=3, target_modules=TARGETS))
     randomize_lora_b(model)

@@ -118,7 +118,15 @@ def test_explain_patch_names_each_path():
     model.base_model.set_adapter(["default", "dora"])
     rows = {row.name.removeprefix("base_model.model."): row for row in explain_patch(model)}
     assert rows["model.layers.0.self_attn.v_proj"].path == "PEFT"
-    assert "DoRA" in rows["model.layers.0.self_attn.v_proj"].detail
+    assert "DoRA adapter 'dora' with other active adapters" in rows["model.layers.0.self_attn.v_proj"].detail
+    model.base_model.set_adapter("dora")
+    rows = {row.name.removeprefix("base_model.model."): row for row in explain_patch(model)}
+    assert (
+        rows["model.layers.0.self_attn.v_proj"].path == "fused"
+        and "DoRA" in rows["model.layers.0.self_attn.v_proj"].detail
+    )
+    model.base_model.set_adapter(["default", "dora"])
+    rows = {row.name.removeprefix("base_model.model."): row for row in explain_patch(model)}
     assert rows["model.layers.0.self_attn.q_proj"].path == "fused"
     with model.disable_adapter():
         assert {row.path for row in explain_patch(model)} == {"PEFT"}
@@ -142,3 +150,61 @@ def test_adapters_added_after_patching_are_covered(backend, fused_calls):
         patch_peft_model(model)
         assert rel_error(model(ids).logits, expected) < 1e-5
     assert len(fused_calls) == 2 + 4  # now up_proj too
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_dora_matches_peft(backend, fused_calls, family):
+    """PEFT's DoRA, fused: eval logits, then training steps (dropout 0) with the magnitude's gradients too."""
+    model = lora_model(family, use_dora=True)
+    reference = twin(model)
+    patch_peft_model(model)
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_error(model.eval()(ids).logits, reference.eval()(ids).logits) < 1e-5
+    assert fused_calls == ["dora_linear"] * patched_layer_count(model)
+    loss, ref_loss = seeded_step(model.train(), ids), seeded_step(reference.train(), ids)
+    assert rel_error(loss, ref_loss) < 1e-5
+    ref_params = dict(reference.named_parameters())
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_magnitude_vector" in name for name in grads)
+    for name, grad in grads.items():
+        assert rel_error(grad, ref_params[name].grad) < 1e-4, name
+
+
+def test_dora_eval_norm_follows_updated_adapters(backend):
+    """The norm cached in eval is keyed on the adapter weights: an in-place update of B is seen next call."""
+    model = patch_peft_model(lora_model("llama", use_dora=True)).eval()
+    reference = unpatch_peft_model(twin(model))
+    ids = tokens()
+    for m in (model, reference):
+        with torch.no_grad():
+            m(ids)  # fills the caches
+            for name, param in m.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(1.5)
+    with torch.no_grad():
+        assert rel_error(model(ids).logits, reference(ids).logits) < 1e-5
+
+
+def test_dora_cases_that_keep_peft_forward(fused_calls):
+    """DoRA with dropout in training, and DoRA beside another active adapter on a layer: PEFT's forward there."""
+    model = lora_model("llama", use_dora=True, lora_dropout=0.1)
+    model.add_adapter("plain", peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    reference = twin(model)
+    patch_peft_model(model)
+    ids = tokens()
+    torch.manual_seed(3)
+    got = model.train()(ids).logits
+    torch.manual_seed(3)
+    assert torch.equal(got, reference.train()(ids).logits)  # every DoRA layer on PEFT's path, bit for bit
+    assert fused_calls == []
+    rows = {row.name.removeprefix("base_model.model."): row for row in explain_patch(model)}
+    assert "DoRA with dropout" in rows["model.layers.0.self_attn.q_proj"].detail
+    for m in (model, reference):
+        m.base_model.set_adapter(["default", "plain"])
+    with torch.no_grad():
+        assert rel_error(model.eval()(ids).logits, reference.eval()(ids).logits) < 1e-5
+    rows = {row.name.removeprefix("base_model.model."): row for row in explain_patch(model)}
+    assert "with other active adapters" in rows["model.layers.0.self_attn.q_proj"].detail
+    assert rows["model.layers.0.self_attn.k_proj"].path == "fused"  # DoRA alone there, no dropout in eval
+    assert len(fused_calls) == patched_layer_count(model) - 2  # all but the two q_proj layers

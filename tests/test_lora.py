@@ -239,11 +239,11 @@ def test_forced_backend_that_cannot_run_raises(monkeypatch):
 @pytest.mark.gpu
 def test_cuda_device_picks_a_gpu_backend(monkeypatch):
     from fastpeft.backends import select_backend
-    from fastpeft.ops.lora import _preference
+    from fastpeft.ops.lora import preference
 
     monkeypatch.delenv("FASTPEFT_BACKEND", raising=False)
     for m in (1, 8, 9, 4096):
-        assert select_backend("lora_linear", DEVICE, _preference("lora_linear", m, 16)) in ("cuda", "triton")
+        assert select_backend("lora_linear", DEVICE, preference("lora_linear", m, 16)) in ("cuda", "triton")
 
 
 def test_custom_op_gives_the_eager_numbers(backend):

@@ -53,10 +53,10 @@ def test_launch_plans():
 def test_backend_preference_routes_small_rank_decode_to_the_one_launch_kernel():
     for r in range(1, 129):
         assert kernels.fuses_shrink(1, r) == (r <= ops._TRITON_FUSED_MAX_R), r  # the two constants agree
-    assert ops._preference("lora_linear", 1, 16)[0] == "triton"
-    assert ops._preference("lora_linear", 8, 64)[0] == "cuda"
-    assert ops._preference("lora_linear", 9, 64)[0] == "triton"
-    assert ops._preference("lora_shrink", 1, 0)[0] == "triton"
+    assert ops.preference("lora_linear", 1, 16)[0] == "triton"
+    assert ops.preference("lora_linear", 8, 64)[0] == "cuda"
+    assert ops.preference("lora_linear", 9, 64)[0] == "triton"
+    assert ops.preference("lora_shrink", 1, 0)[0] == "triton"
 
 
 class _LaunchSpy:

@@ -106,7 +106,7 @@ def prune_decode_configs(configs: list[triton.Config], named_args: dict, **kwarg
 
 @triton.jit
 def _lora_linear_kernel(
-    x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, out_scale_ptr, z_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_xam, stride_xar, stride_bn, stride_br, stride_ym, stride_yn,
@@ -114,6 +114,8 @@ def _lora_linear_kernel(
     M_BUCKET,  # autotune key only: rows rounded up to a power of two
     FUSE_SHRINK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_OUT_SCALE: tl.constexpr,  # y = out_scale * (x W^T + s xa B^T) + bias, per column (DoRA's magnitude)
+    STORE_Z: tl.constexpr,  # also write z = x W^T + s xa B^T, before the scale (same strides as y)
     R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     LORA_PRECISION: tl.constexpr,
@@ -170,11 +172,15 @@ def _lora_linear_kernel(
     b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     # B's bf16/fp16 values are exact in tf32, so LORA_PRECISION="tf32" only rounds xa, to 11 bits.
     acc = tl.dot(xa * scaling, b, acc, input_precision=LORA_PRECISION)
+    offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if STORE_Z:
+        tl.store(z_ptr + offs_y, acc.to(z_ptr.dtype.element_ty), mask=mask_y)
+    if HAS_OUT_SCALE:
+        acc *= tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-
-    y_ptrs = y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    tl.store(y_ptr + offs_y, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
 
 
 @triton.jit
@@ -332,24 +338,33 @@ def lora_linear(
     scaling: float,
     bias: torch.Tensor | None,
     xa: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y = x @ weight.T + bias + scaling * xa @ lora_b.T`` with ``xa = x @ lora_a.T`` fused when not given.
+    """``y = out_scale * (x @ weight.T + scaling * xa @ lora_b.T) + bias`` with ``xa = x @ lora_a.T`` fused when
+    not given.
 
     x: [M, K]; weight: [N, K]; lora_a: [R, K] (unused when ``xa`` is given); lora_b: [N, R]; bias: [N] or
-    None; xa: [M, R] fp32 or None. fp16/bf16/fp32, one dtype, any strides. Returns [M, N] in x's dtype.
-    Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles; the fused form needs decode rows.
+    None; xa: [M, R] fp32 or None; out_scale: [N] fp32 or None (no scale); z: None, or an [M, N] contiguous
+    tensor of x's dtype that receives the value before ``out_scale`` and bias. fp16/bf16/fp32, one dtype, any
+    strides. Returns y [M, N] in x's dtype. Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles;
+    the fused form needs decode rows.
     """
-    _check_devices(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias, xa=xa)
+    _check_devices(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias, xa=xa, out_scale=out_scale, z=z)
     m, k = x.shape
     n, r = lora_b.shape
     fuse = xa is None
     if fuse and m > DECODE_MAX_M:
         raise ValueError(f"the fused shrink runs on decode tiles (at most {DECODE_MAX_M} rows), got {m} rows")
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if z is not None and (z.shape != y.shape or z.stride() != y.stride() or z.dtype != y.dtype):
+        raise ValueError(f"z must be a contiguous [{m}, {n}] {x.dtype} tensor, got {tuple(z.shape)} {z.dtype}")
     if m == 0 or n == 0:
         return y
     if bias is not None:
         bias = bias.contiguous()  # [N]: the kernel reads it with unit stride
+    if out_scale is not None:
+        out_scale = out_scale.float().contiguous()
     kernel = _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
     if fuse:
         xa = y  # placeholder pointer, never read when FUSE_SHRINK
@@ -358,7 +373,8 @@ def lora_linear(
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
     with _on_device(x):
         kernel[grid](
-            x, weight, lora_a, xa, lora_b, bias if bias is not None else y, y,
+            x, weight, lora_a, xa, lora_b, y if bias is None else bias, y,
+            y if out_scale is None else out_scale, y if z is None else z,
             m, n, k, r,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
             xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
@@ -366,6 +382,8 @@ def lora_linear(
             _m_bucket(m),
             FUSE_SHRINK=fuse,
             HAS_BIAS=bias is not None,
+            HAS_OUT_SCALE=out_scale is not None,
+            STORE_Z=z is not None,
             R_PAD=_r_pad(r),
             DOT_PRECISION=_dot_precision(x.dtype),
             LORA_PRECISION=_dot_precision(x.dtype) if x.dtype == torch.float32 else "tf32",

@@ -30,6 +30,7 @@ from torch import nn
 
 from fastpeft._autocast import compute_dtype
 from fastpeft._base_layers import is_linear_like, linear_weight
+from fastpeft.ops.dora import dora_linear, dora_weight_norm, weight_row_norm_sq
 from fastpeft.ops.dropout import draw_mask
 from fastpeft.ops.lora import FLOAT_DTYPES, lora_linear
 
@@ -83,9 +84,10 @@ def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
         return reason
     if adapter_name not in layer.lora_A:
         return f"no adapter named {adapter_name!r}"
-    if getattr(layer, "use_dora", {}).get(adapter_name, False):
-        return "DoRA"
-    if adapter_name in getattr(layer, "lora_variant", {}):
+    dora = _is_dora(layer, adapter_name)
+    if dora and layer.lora_B[adapter_name].bias is not None:
+        return "DoRA with lora_bias"
+    if not dora and adapter_name in getattr(layer, "lora_variant", {}):
         return f"LoRA variant {type(layer.lora_variant[adapter_name]).__name__}"
     if type(layer.lora_A[adapter_name]) is not nn.Linear or type(layer.lora_B[adapter_name]) is not nn.Linear:
         return "lora_A or lora_B is not an nn.Linear"
@@ -94,11 +96,16 @@ def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
     return None
 
 
+def _is_dora(layer: nn.Module, adapter_name: str) -> bool:
+    return bool(getattr(layer, "use_dora", {}).get(adapter_name, False))
+
+
 def peft_adapter(layer: nn.Module, adapter_name: str = "default") -> PeftAdapter:
-    """Read one adapter of a PEFT ``lora.Linear`` layer; ValueError when it cannot run fused."""
+    """Read one adapter of a PEFT ``lora.Linear`` layer; ValueError when it cannot run fused (or is DoRA, which
+    LoRALinear does not hold)."""
     if type(layer) is not _peft_lora_linear_class():
         raise TypeError(f"layer must be a PEFT lora.Linear, got {type(layer).__name__}")
-    reason = unsupported_reason(layer, adapter_name)
+    reason = "DoRA" if _is_dora(layer, adapter_name) else unsupported_reason(layer, adapter_name)
     if reason is not None:
         raise ValueError(f"adapter {adapter_name!r} of this layer cannot run fused: {reason}")
     return PeftAdapter(
@@ -124,6 +131,11 @@ def _why_not_fused(layer: nn.Module, x_dtype: torch.dtype | None, autocast: bool
         reason = unsupported_reason(layer, name)
         if reason is not None:
             return f"adapter {name!r}: {reason}"
+    dora = [name for name in active if _is_dora(layer, name)]
+    if dora and len(active) > 1:
+        return f"DoRA adapter {dora[0]!r} with other active adapters"  # PEFT scales their deltas too
+    if dora and layer.training and _dropout_p(layer.lora_dropout[dora[0]]) > 0:
+        return "DoRA with dropout in training (PEFT recomputes the base product on the dropped x)"
     if x_dtype is not None and x_dtype != layer.base_layer.weight.dtype and not autocast:
         return "input dtype differs from the base weight's"  # nn.Linear would refuse it: PEFT raises its error
     return None
@@ -155,14 +167,47 @@ def _stacked(layer: nn.Module, adapters: list[str], dtype: torch.dtype) -> tuple
     return torch.cat(lora_as), torch.cat(lora_bs, dim=1), 1.0, lora_bias
 
 
+def _cached(layer: nn.Module, slot: str, key: tuple, compute) -> torch.Tensor:
+    """``compute()``, kept on the layer until ``key`` changes (tensors' storage and version counters in it)."""
+    cache = layer.__dict__.setdefault("_fastpeft_cache", {})
+    if slot not in cache or cache[slot][0] != key:
+        cache[slot] = (key, compute())
+    return cache[slot][1]
+
+
+def _version_key(*tensors: torch.Tensor) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
+
+
+def _dora_forward(layer: nn.Module, name: str, x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """PEFT's DoRA for one adapter, fused: ||W||^2 cached while W is unchanged, the whole norm while A, B and the
+    weight are unchanged and the layer is in eval (in training A and B move every step)."""
+    lora_a = layer.lora_A[name].weight.to(x.dtype)
+    lora_b = layer.lora_B[name].weight.to(x.dtype)
+    scaling = float(layer.scaling[name])
+    base_weight = layer.base_layer.weight
+    norm_sq = _cached(
+        layer, "weight_norm_sq", (*_version_key(base_weight), x.dtype), lambda: weight_row_norm_sq(weight)
+    )
+    norm = None
+    if not layer.training:
+        key = (*_version_key(base_weight, layer.lora_A[name].weight, layer.lora_B[name].weight), x.dtype, scaling)
+        norm = _cached(layer, f"norm:{name}", key, lambda: dora_weight_norm(weight, lora_a, lora_b, scaling, norm_sq))
+    magnitude = layer.lora_magnitude_vector[name].weight
+    return dora_linear(x, weight, lora_a, lora_b, magnitude, scaling, bias, weight_norm_sq=norm_sq, weight_norm=norm)
+
+
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if args or kwargs or _why_not_fused(self, x.dtype, torch.is_autocast_enabled(x.device.type)) is not None:
+        self.__dict__.pop("_fastpeft_cache", None)  # merged or unmerged weights may follow: cached norms go
         return type(self).forward(self, x, *args, **kwargs)  # extra arguments include adapter_names
     base = self.base_layer
     dtype = compute_dtype(x)
     weight = linear_weight(base).to(dtype)
     bias = None if base.bias is None else base.bias.to(dtype)
     adapters = _active_adapters(self)
+    if _is_dora(self, adapters[0]):  # the only active adapter (_why_not_fused), no dropout active
+        return _dora_forward(self, adapters[0], x.to(dtype), weight, bias)
     dropping = self.training and any(_dropout_p(self.lora_dropout[name]) > 0 for name in adapters)
     if not dropping:
         lora_a, lora_b, scaling, lora_bias = _stacked(self, adapters, dtype)
@@ -246,6 +291,8 @@ def _explain(layer: nn.Module) -> tuple[str, str]:
     if layer.training and dropping and len(adapters) > 1:
         return "fused + PEFT", f"dropout in training: {adapters[0]!r} fused, {adapters[1:]} as PEFT runs them"
     detail = f"adapters {adapters} in one call" if len(adapters) > 1 else f"adapter {adapters[0]!r}"
+    if _is_dora(layer, adapters[0]):
+        detail += " (DoRA)"
     if layer.training and dropping:
         detail += f", dropout p={_dropout_p(layer.lora_dropout[adapters[0]])} with PEFT's mask"
     return "fused", detail

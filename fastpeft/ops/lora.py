@@ -29,7 +29,7 @@ _CUDA_DECODE_MAX_M = 8
 _TRITON_FUSED_MAX_R = 32
 
 
-def _preference(op: str, m: int, r: int) -> tuple[str, ...]:
+def preference(op: str, m: int, r: int) -> tuple[str, ...]:
     """The backend order for ``op`` on ``m`` rows at rank ``r`` on a CUDA device.
 
     Decode at small rank goes to Triton's one-launch fused kernel (the CUDA path is a shrink launch plus a
@@ -126,7 +126,7 @@ def _expand_linear_cuda(x, weight, xa, lora_b, scaling, bias):
     return torch.ops.fastpeft.lora_expand_linear_cuda(x, weight, xa, lora_b, scaling, bias)
 
 
-_IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
+IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
     "lora_linear": {"torch": _lora_linear_torch, "triton": _lora_linear_triton, "cuda": _lora_linear_cuda},
     "lora_shrink": {"torch": _shrink_torch, "triton": _shrink_triton, "cuda": _shrink_cuda},
     "lora_expand_linear": {"torch": _expand_linear_torch, "triton": _expand_linear_triton, "cuda": _expand_linear_cuda},
@@ -136,8 +136,8 @@ _IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
 def _run(op: str, x: torch.Tensor, *args) -> torch.Tensor:
     """Run ``op`` on the backend the dispatcher picks; x is already [M, K]."""
     rank = args[1].shape[0] if op == "lora_linear" else 0  # lora_linear's args: weight, lora_a, ...
-    backend = select_backend(op, x.device, _preference(op, x.shape[0], rank))
-    return _IMPLS[op][backend](x, *args)
+    backend = select_backend(op, x.device, preference(op, x.shape[0], rank))
+    return IMPLS[op][backend](x, *args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,26 +218,35 @@ def _setup_context(ctx, inputs, output):
     ctx.dropout_scale = dropout_scale
 
 
-def _backward(ctx, dy):
-    """With D the dropout (identity without it; a diagonal, so its own adjoint) and xd = D(x):
-    dx = dy W + s D((dy B) A);  dA = s (dy B)^T xd;  dB = s dy^T (xd A^T);  dW = dy^T x;  dbias = sum(dy).
+def lora_grads(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    mask: Optional[torch.Tensor],
+    dropout_scale: float,
+    needs: tuple[bool, bool, bool, bool],
+) -> tuple[Optional[torch.Tensor], ...]:
+    """Gradients (dx, dweight, dlora_a, dlora_b) of ``x W^T + s D(x) A^T B^T`` for the output gradient ``dy``,
+    each only where ``needs`` says so. D is the dropout with keep-``mask`` (identity when None): a diagonal, so
+    its own adjoint. With xd = D(x):
+    dx = dy W + s D((dy B) A);  dA = s (dy B)^T xd;  dB = s dy^T (xd A^T);  dW = dy^T x.
 
-    x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA. The dropout mask
-    comes back from the bits saved by the forward, never from a saved dropped copy of x.
+    x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA; the dropped x is
+    rebuilt from the mask only where dA and dB need it.
     """
-    x, weight, lora_a, lora_b, bits = ctx.saved_tensors
-    need_x, need_weight, need_a, need_b, _, need_bias, _, _ = ctx.needs_input_grad
-    scaling = ctx.scaling
-    mask = None if bits is None else unpack_bits(bits, x.shape[1])
-    x_lora = x if mask is None else apply_mask(x, mask, ctx.dropout_scale)
-    dx = dweight = da = db = dbias = None
+    need_x, need_weight, need_a, need_b = needs
+    x_lora = x if mask is None else apply_mask(x, mask, dropout_scale)
+    dx = dweight = da = db = None
     if need_x or need_a:
         dy_b = _call("lora_shrink", dy, lora_b.t())
         if need_x and mask is None:
             dx = _call("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
         elif need_x:
             lora_dx = (dy_b * scaling).to(dy.dtype) @ lora_a
-            dx = torch.addmm(apply_mask(lora_dx, mask, ctx.dropout_scale), dy, weight)
+            dx = torch.addmm(apply_mask(lora_dx, mask, dropout_scale), dy, weight)
         if need_a:
             da = (dy_b * scaling).to(x.dtype).t() @ x_lora
     if need_b:
@@ -245,9 +254,18 @@ def _backward(ctx, dy):
         db = dy.t() @ (xa * scaling).to(x.dtype)
     if need_weight:
         dweight = dy.t() @ x
-    if need_bias:
-        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    return dx, dweight, da, db, None, dbias, None, None
+    return dx, dweight, da, db
+
+
+def _backward(ctx, dy):
+    """lora_grads for the saved inputs; dbias = sum(dy). The dropout mask comes back from the bits the forward
+    saved, never from a saved dropped copy of x."""
+    x, weight, lora_a, lora_b, bits = ctx.saved_tensors
+    mask = None if bits is None else unpack_bits(bits, x.shape[1])
+    needs = ctx.needs_input_grad
+    grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, ctx.dropout_scale, needs[:4])
+    dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
+    return (*grads, None, dbias, None, None)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)

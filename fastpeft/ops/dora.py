@@ -1,0 +1,183 @@
+"""The ``dora`` op family: PEFT's DoRA linear layer as one fused op.
+
+    y = m / ||W + s B A||_row * (x @ W.T + s (x @ A.T) @ B.T) + bias
+
+with the row norm detached from the graph, as in PEFT (and the DoRA paper, section 4.3). The norm is never
+formed from a materialised ``W + s B A``: ``||W_n||^2`` is frozen (callers cache it), the cross term comes from
+``W A^T`` (one shrink over W) and the last term from the r x r Gram matrix ``A A^T``:
+
+    ||W_n + s (BA)_n||^2 = ||W_n||^2 + 2 s sum_j B[n,j] (W A^T)[n,j] + s^2 (B (A A^T) B^T)[n,n]
+
+The magnitude scale is applied per column in the GEMM's epilogue (Triton); the pre-scale product ``z`` is kept
+for the backward only when a gradient needs it: dm = sum_rows(dy * z) / norm, and the LoRA gradients are
+those of ``lora_linear`` for ``dz = dy * m / norm``. The torch and cuda backends run the LoRA product on their
+kernels and apply the scale and bias after it.
+"""
+
+# No `from __future__ import annotations`: torch.library reads these annotations at runtime.
+from typing import Optional
+
+import torch
+
+from fastpeft.backends import select_backend
+from fastpeft.ops.lora import IMPLS, check_lora_linear_args, lora_grads, preference
+
+
+def weight_row_norm_sq(weight: torch.Tensor) -> torch.Tensor:
+    """``||W_n||^2`` per output row, fp32 [out_features], without an fp32 copy of W. weight: [N, K]."""
+    return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float32).square()
+
+
+@torch.no_grad()
+def dora_weight_norm(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    weight_norm_sq: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``||W + scaling * B @ A||`` per output row, fp32 [N], detached. weight [N, K], lora_a [R, K],
+    lora_b [N, R]; ``weight_norm_sq`` ([N] fp32, :func:`weight_row_norm_sq`) spares re-reading W for it."""
+    w_a = IMPLS["lora_shrink"][_backend("lora_shrink", weight, lora_a.shape[0])](weight, lora_a)  # W A^T, fp32
+    b = lora_b.float()
+    gram = lora_a.float() @ lora_a.float().t()
+    sq = weight_row_norm_sq(weight) if weight_norm_sq is None else weight_norm_sq.float()
+    sq = sq + 2 * scaling * (b * w_a).sum(1) + scaling * scaling * ((b @ gram) * b).sum(1)
+    return sq.clamp_min(0).sqrt()
+
+
+def dora_linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """PEFT's DoRA formula in the inputs' own dtype, ``W + s B A`` materialised: the ground truth in float64."""
+    norm = torch.linalg.vector_norm(weight + scaling * lora_b @ lora_a, dim=1).detach()
+    lin = torch.nn.functional.linear
+    z = lin(x, weight) + scaling * lin(lin(x, lora_a), lora_b)
+    y = (magnitude / norm) * z
+    return y if bias is None else y + bias
+
+
+def _backend(op: str, x: torch.Tensor, rank: int) -> str:
+    return select_backend(op, x.device, preference("lora_linear", x.shape[0], rank))
+
+
+def _dora_rows(x, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z):
+    """(y, z) on 2-D rows; z is an empty tensor unless ``keep_z``."""
+    backend = _backend("dora_linear", x, lora_a.shape[0])
+    if backend == "triton":
+        from fastpeft.triton_kernels import lora as kernels
+
+        z = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype) if keep_z else None
+        xa = None if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]) else kernels.lora_shrink(x, lora_a)
+        y = kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias, xa=xa, out_scale=out_scale, z=z)
+    else:
+        z = IMPLS["lora_linear"][backend](x, weight, lora_a, lora_b, scaling, None)
+        scaled = z.float() * out_scale
+        y = (scaled if bias is None else scaled + bias.float()).to(x.dtype)
+    return y, (z if keep_z else x.new_empty(0))
+
+
+@torch.library.custom_op("fastpeft::dora_linear", mutates_args=())
+def _dora_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+    out_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _dora_rows(x, weight, lora_a, lora_b, scaling, bias, out_scale, True)
+
+
+@_dora_linear_op.register_fake
+def _(x, weight, lora_a, lora_b, scaling, bias, out_scale):
+    shape = (x.shape[0], weight.shape[0])
+    return x.new_empty(shape), x.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, scaling, _bias, out_scale, *_ = inputs
+    ctx.save_for_backward(x, weight, lora_a, lora_b, out_scale, output[1])
+    ctx.scaling = scaling
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dz):
+    """dz = dy * out_scale feeds lora_grads; d out_scale = sum_rows(dy * z); dbias = sum(dy)."""
+    x, weight, lora_a, lora_b, out_scale, z = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    dz = (dy.float() * out_scale).to(dy.dtype)
+    grads = lora_grads(dz, x, weight, lora_a, lora_b, ctx.scaling, None, 1.0, needs[:4])
+    dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
+    dscale = (dy.float() * z.float()).sum(0) if needs[6] else None
+    return (*grads, None, dbias, dscale, *([None] * (len(needs) - 7)))
+
+
+_dora_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _DoRALinearFunction(torch.autograd.Function):
+    """The eager path (no custom-op overhead), one formula with the custom op; z kept only for a backward."""
+
+    forward = staticmethod(_dora_rows)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    magnitude: torch.Tensor,
+    scaling: float = 1.0,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    weight_norm_sq: Optional[torch.Tensor] = None,
+    weight_norm: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused DoRA linear layer: ``magnitude / ||W + s B A||_row * (x W^T + s x A^T B^T) + bias`` (PEFT's DoRA).
+
+    Args:
+        x: [..., in_features], any leading shape, any strides.
+        weight: [out_features, in_features] (a transposed view for GPT-2's Conv1D).
+        lora_a: [r, in_features]; lora_b: [out_features, r].
+        magnitude: [out_features], DoRA's learned magnitude m (PEFT's ``lora_magnitude_vector``), any float dtype.
+        scaling: the LoRA scale.
+        bias: [out_features] or None.
+        weight_norm_sq: [out_features] fp32 ``||W_n||^2`` (:func:`weight_row_norm_sq`), cached by the caller
+            since W is frozen; computed when None.
+        weight_norm: [out_features] fp32, the whole detached norm ``||W + s B A||_row``
+            (:func:`dora_weight_norm`), for a caller that caches it while A and B do not change (inference).
+
+    x, weight, lora_a, lora_b and bias share one dtype and device. The row norm is detached (PEFT). Returns
+    [..., out_features] in x's dtype; differentiable in x, lora_a, lora_b, magnitude, bias (and weight).
+    """
+    check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias)
+    out_features = weight.shape[0]
+    for name, t in (("magnitude", magnitude), ("weight_norm_sq", weight_norm_sq), ("weight_norm", weight_norm)):
+        if t is None and name != "magnitude":
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != (out_features,) or t.device != x.device:
+            raise ValueError(f"{name} must be [out_features={out_features}] on {x.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")  # fmt: skip
+    norm = weight_norm if weight_norm is not None else dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)
+    out_scale = magnitude.float() / norm
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        y, _ = _dora_linear_op(rows, weight, lora_a, lora_b, float(scaling), bias, out_scale)
+    else:
+        keep_z = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (rows, weight, lora_a, lora_b, bias, out_scale)
+        )
+        y, _ = _DoRALinearFunction.apply(rows, weight, lora_a, lora_b, float(scaling), bias, out_scale, keep_z)
+    return y.reshape(*x.shape[:-1], out_features)

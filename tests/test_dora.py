@@ -1,0 +1,93 @@
+"""fastpeft::dora_linear (PEFT's DoRA, fused) on every backend against the float64 formula with W + s B A
+materialised: forward, gradients for x, A, B, the magnitude and the bias; the norm identity; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference
+
+from fastpeft.ops.dora import dora_linear, dora_linear_reference, dora_weight_norm, weight_row_norm_sq
+
+SHAPES = [((1,), 37, 29, 5), ((2, 35), 24, 33, 8), ((0,), 16, 8, 2), ((4,), 40, 24, 40)]
+if HAS_GPU:  # the fused decode launch, shrink + decode tiles, prefill tiles
+    SHAPES += [((1,), 4096, 4096, 16), ((8,), 1024, 1000, 64), ((3, 100), 512, 1000, 16)]
+
+
+def make(lead, k, n, r, dtype, grad=True):
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, device=DEVICE) * scale + shift).to(dtype).requires_grad_(grad)
+
+    return dict(x=rand(*lead, k), weight=rand(n, k, scale=k**-0.5).detach(), lora_a=rand(r, k, scale=k**-0.5),
+                lora_b=rand(n, r, scale=r**-0.5), magnitude=rand(n, scale=0.2, shift=1.0), bias=rand(n))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_dora_forward_backward_match_reference(backend, dtype, shape):
+    inputs = make(*shape, dtype)
+    out = dora_linear(**inputs, scaling=1.3)
+    inputs64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    plain = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    ref, baseline = dora_linear_reference(**inputs64, scaling=1.3), dora_linear_reference(**plain, scaling=1.3)
+    assert_close_to_reference(out, ref, baseline.detach(), f"{backend} forward")
+    grad = torch.randn(out.shape, device=DEVICE).to(dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    baseline.backward(grad)
+    for name in ("x", "lora_a", "lora_b", "magnitude", "bias"):
+        if shape[0] == (0,) and name != "x":
+            assert torch.all(inputs[name].grad == 0), name
+            continue
+        assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
+
+
+def test_norm_identity_without_materialising_the_merged_weight(backend):
+    inputs = make((1,), 50, 30, 6, torch.float32, grad=False)
+    w, a, b = (inputs[k].double() for k in ("weight", "lora_a", "lora_b"))
+    expected = torch.linalg.vector_norm(w + 0.7 * b @ a, dim=1)
+    cached = weight_row_norm_sq(inputs["weight"])
+    for norm_sq in (None, cached):
+        got = dora_weight_norm(inputs["weight"], inputs["lora_a"], inputs["lora_b"], 0.7, norm_sq)
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    with_cache = dora_linear(**inputs, scaling=0.7, weight_norm_sq=cached)
+    torch.testing.assert_close(with_cache, dora_linear(**inputs, scaling=0.7))
+
+
+def test_inference_keeps_no_prescale_copy():
+    inputs = make((6,), 24, 12, 4, torch.float32, grad=False)
+    saved: list[tuple[int, ...]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        dora_linear(**inputs)
+    assert saved == []
+    inputs["lora_a"].requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        dora_linear(**inputs)
+    assert (6, 12) in saved  # z, the product before the magnitude scale, for the magnitude's gradient
+
+
+def test_opcheck_and_compile():
+    inputs = make((6,), 24, 17, 4, torch.float32)
+    out_scale = torch.rand(17, device=DEVICE) + 0.5
+    args = (inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"], 0.5, inputs["bias"], out_scale)
+    torch.library.opcheck(torch.ops.fastpeft.dora_linear.default, args)
+    compiled = torch.compile(lambda **kw: dora_linear(**kw, scaling=0.5), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(**inputs), dora_linear(**inputs, scaling=0.5))
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "match"),
+    [
+        (dict(magnitude=torch.ones(7)), ValueError, r"magnitude must be \[out_features=8\]"),
+        (dict(magnitude=torch.ones(8, dtype=torch.int64)), TypeError, "magnitude must be a floating-point"),
+        (dict(magnitude=[1.0] * 8), TypeError, "magnitude must be a floating-point"),
+        (dict(weight_norm_sq=torch.ones(9)), ValueError, "weight_norm_sq must be"),
+        (dict(lora_b=torch.randn(8, 5)), ValueError, "lora_b must be"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_dora_input(changes, error, match):
+    inputs = {k: v.detach().cpu() for k, v in make((3,), 16, 8, 4, torch.float32, grad=False).items()}
+    inputs.update(changes)
+    with pytest.raises(error, match=match):
+        dora_linear(**inputs)
