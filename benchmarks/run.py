@@ -27,12 +27,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_dora  # noqa: E402
 import bench_lora  # noqa: E402
 import targets  # noqa: E402
 
 from fastpeft.cli import package_version  # noqa: E402
 
-BENCHES = {"lora": bench_lora}
+BENCHES = {"lora": bench_lora, "dora": bench_dora}
 
 
 def machine() -> dict:
@@ -56,8 +57,13 @@ def machine() -> dict:
     }
 
 
+def ratio_fields(row: dict) -> list[str]:
+    """The comparisons a row carries (``ratio_vs_*`` times, ``speedup_vs_*`` factors), in a stable order."""
+    return sorted(k for k in row if k.startswith(("ratio_vs_", "speedup_vs_")))
+
+
 def plot(rows: list[dict], path: Path) -> bool:
-    """Time relative to the base GEMM against M, one panel per (mode, features, dtype) at the median rank."""
+    """The first comparison of the rows against M, one panel per (mode, features, dtype) at the median rank."""
     try:
         import matplotlib
 
@@ -65,6 +71,7 @@ def plot(rows: list[dict], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    metric = ratio_fields(rows[0])[0]
     ranks = sorted({row["r"] for row in rows})
     rank = ranks[len(ranks) // 2]
     panels = sorted({(row["mode"], row["k"], row["n"], row["dtype"]) for row in rows if row["r"] == rank})
@@ -72,13 +79,14 @@ def plot(rows: list[dict], path: Path) -> bool:
     for ax, (mode, k, n, dtype) in zip(axes[0], panels, strict=True):
         selected = [r for r in rows if (r["mode"], r["k"], r["n"], r["dtype"], r["r"]) == (mode, k, n, dtype, rank)]
         for variant in sorted({r["variant"] for r in selected}):
-            points = sorted((r["m"], r["ratio_vs_base"]) for r in selected if r["variant"] == variant)
-            ax.plot(*zip(*points, strict=True), marker="o", label=variant)
+            points = sorted((r["m"], r[metric]) for r in selected if r["variant"] == variant and metric in r)
+            if points:
+                ax.plot(*zip(*points, strict=True), marker="o", label=variant)
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_title(f"{mode}\n{k}->{n} r={rank} {dtype}", fontsize=9)
         ax.set_xlabel("M (rows)")
-        ax.set_ylabel("time / base GEMM")
+        ax.set_ylabel(metric)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -86,16 +94,17 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _ratios(row: dict) -> str:
+    return ", ".join(f"{key} {row[key]:.3f}" for key in ratio_fields(row)) or "no ratio"
+
+
 def summary(rows: list[dict]) -> str:
-    """The fused auto path per case: time, ratio to the base GEMM, speed-up over unfused."""
-    lines = [f"{'mode':<17} {'M':>6} {'K->N':>11} {'r':>3} {'dtype':<8} {'ms':>9} {'/base':>6} {'vs unfused':>10}"]
+    """The fused auto path per case: time and its comparisons with the baselines of the same case."""
+    lines = []
     for row in rows:
         if row["variant"] == "fused:auto" and row.get("ms") is not None:
-            lines.append(
-                f"{row['mode']:<17} {row['m']:>6} {str(row['k']) + '->' + str(row['n']):>11} {row['r']:>3} "
-                f"{row['dtype']:<8} {row['ms']:>9.4f} {row.get('ratio_vs_base', float('nan')):>6.2f} "
-                f"{row.get('speedup_vs_unfused', float('nan')):>9.2f}x"
-            )
+            case = f"{row['mode']} M={row['m']} {row['k']}->{row['n']} r={row['r']} {row['dtype']}"
+            lines.append(f"{case:<48} {row['ms']:>9.4f} ms  {_ratios(row)}")
     return "\n".join(lines)
 
 
@@ -143,13 +152,15 @@ def main(argv: list[str] | None = None) -> int:
             write_json(out / "results.json", report)
             auto = next(r for r in rows if r["variant"] == "fused:auto")
             failed = [r["variant"] for r in rows if r.get("error")]
-            print(f"[{name} {index}/{len(plan)}] {bench.describe(case)}: fused:auto "
-                  f"{auto.get('ratio_vs_base', float('nan')):.3f}x base, "
-                  f"{auto.get('speedup_vs_unfused', float('nan')):.2f}x unfused"
-                  + (f"  FAILED {failed}" if failed else ""), flush=True)  # fmt: skip
+            failures = f"  FAILED {failed}" if failed else ""
+            print(
+                f"[{name} {index}/{len(plan)}] {bench.describe(case)}: fused:auto {_ratios(auto)}{failures}", flush=True
+            )
         op_rows = [r for r in report["rows"] if r["op"] == bench.OP]
-        if op_rows and plot([r for r in op_rows if r.get("ratio_vs_base") is not None], out / f"{name}.png"):
+        timed = [r for r in op_rows if ratio_fields(r)]
+        if timed and plot(timed, out / f"{name}.png"):
             print(f"wrote {out / f'{name}.png'}")
+
         print(summary(op_rows))
     report["complete"] = True
     write_json(out / "results.json", report)

@@ -37,6 +37,7 @@ def _lora_cases(ms, features, mode="forward", dropout=0.0) -> tuple[dict, ...]:
 _DECODE = _lora_cases((1, 16, 64), DECODE_FEATURES)
 _PREFILL = _lora_cases((4096, 16384), DECODE_FEATURES)
 _TRAIN = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward")
+_DORA = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "dtype": "bfloat16", "mode": "forward+backward"},)
 _DROPOUT = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward", dropout=0.05)
 
 TARGETS: tuple[Target, ...] = (
@@ -48,7 +49,8 @@ TARGETS: tuple[Target, ...] = (
     Target(
         "lora_linear + dropout 0.05, fwd+bwd (M=4096): over PEFT", "lora", _DROPOUT, "speedup_vs_unfused", 1.3, True
     ),
-    Target("DoRA layer forward+backward, over PEFT's DoRA", None),
+    Target("DoRA layer fwd+bwd (M=4096): over PEFT's DoRA", "dora", _DORA, "speedup_vs_peft", 2.0, True),
+    Target("DoRA layer fwd+bwd (M=4096): vs fused plain LoRA", "dora", _DORA, "ratio_vs_lora", 1.25),
     Target("multi_lora_linear decode, batch 64, 32 adapters: vs base GEMM", None),
     Target("multi_lora shrink + expand: fraction of copy bandwidth", None),
     Target("multi_lora_linear prefill, 8 segments: vs base GEMM", None),

@@ -3,6 +3,7 @@
 from fastpeft.backends import available_backends
 from fastpeft.integrations.peft import explain_patch, patch_peft_model, unpatch_peft_model
 from fastpeft.modules.lora import LoRALinear
+from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora import lora_linear
 from fastpeft.warmup import warmup
 
@@ -12,6 +13,7 @@ __all__ = [
     "LoRALinear",
     "__version__",
     "available_backends",
+    "dora_linear",
     "explain_patch",
     "lora_linear",
     "patch_peft_model",

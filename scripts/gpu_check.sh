@@ -13,17 +13,19 @@
 #   build     150  one .cu and ops.cpp for sm_90 with MAX_JOBS=16: about a minute
 #   test      330  the GPU subset of tests/ (GPU_SHAPES, not every CPU case again) with one fixed Triton config
 #                  per kernel (FASTPEFT_TRITON_AUTOTUNE=0): a few hundred cases, the time mostly Triton compiles
-#   sanitize  210  memcheck and racecheck x {cuda, triton} over every scripts/sanitize_<op>.py: for lora four
-#                  runs of about five small cases, fixed Triton configs (compiled by the test stage, so cached)
-#   bench     360  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases first (about two
+#   sanitize  300  memcheck and racecheck x {cuda, triton} over every scripts/sanitize_<op>.py (lora, dora:
+#                  eight runs of a few small cases, about 30 s each, mostly torch and CUDA starting under the
+#                  sanitizer), fixed Triton configs (compiled by the test stage, so cached)
+#   bench     270  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases first (about two
 #                  minutes with autotuning), then the sweep until the budget is spent; summary table last
-# Whole run at most 1050 s (17.5 min). In device calls of at most 10 minutes: `build test`, then `sanitize bench`
-# (a fresh machine between calls needs `build` again: add it to the second call).
+# Whole run at most 1050 s (17.5 min). In device calls of at most 10 minutes: `build test` (480 s), then
+# `sanitize bench` (570 s); a fresh machine between calls needs `build` again: then run `build sanitize` and
+# `bench` as two calls.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ALL_STAGES=(build test sanitize bench)
-declare -A LIMIT=([build]=150 [test]=330 [sanitize]=210 [bench]=360)
+declare -A LIMIT=([build]=150 [test]=330 [sanitize]=300 [bench]=270)
 
 die() {  # one line naming the problem, on stderr, and a non-zero exit
   echo "gpu_check: $2" >&2

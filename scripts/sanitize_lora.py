@@ -3,19 +3,17 @@
     compute-sanitizer --tool memcheck  python3 scripts/sanitize_lora.py --backend cuda
     compute-sanitizer --tool racecheck python3 scripts/sanitize_lora.py --backend triton
 
-The cases reach every kernel of the backend (see CASES). The script sets, before torch and triton load:
-PYTORCH_NO_CUDA_MEMORY_CACHING=1, so each tensor is its own allocation and an out-of-bounds access is not hidden
-inside a cached block; FASTPEFT_TRITON_AUTOTUNE=0, so each Triton kernel runs one fixed configuration and
-nothing is timed under instrumentation; FASTPEFT_BACKEND=<backend>. It then checks, through
-fastpeft.backends.record_backends, that every call really ran on that backend, and exits non-zero when one did
-not or a result is not finite or strays from the float64 reference.
+The cases reach every kernel of the backend (see CASES); the environment is set as scripts/_sanitize.py says.
+Through fastpeft.backends.record_backends it checks that every call really ran on that backend, and exits
+non-zero when one did not or a result is not finite or strays from the float64 reference.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
+
+import _sanitize
+from _sanitize import TOLERANCE, report
 
 # Kernel paths each case reaches: (leading shape, K, N, r, dtype, dropout on A's input with lora_bias).
 CASES = {
@@ -35,7 +33,6 @@ CASES = {
         ((4, 20), 96, 50, 8, "bfloat16", 0.1),  # dropout: shrink of the dropped x + prefill kernel
     ],
 }
-TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
 
 def run_case(lead, k, n, r, dtype_name, dropout, backend, device="cuda") -> bool:
@@ -68,33 +65,13 @@ def run_case(lead, k, n, r, dtype_name, dropout, backend, device="cuda") -> bool
         dropped = torch.where(mask, x.double() / (1 - dropout), 0)
         ref = ref + 0.5 * ((dropped - x.double()) @ a.double().t() @ b.double().t() + lora_bias.double())
     err = ((y.double() - ref).norm() / ref.norm()).item()
-    wrong_backend = sorted({used for _, used in calls if used != backend})
     finite = all(torch.isfinite(t).all().item() for t in (y, x.grad, a.grad, b.grad))
-    ok = finite and err < TOLERANCE[dtype_name] and calls and not wrong_backend
-    print(
-        f"{backend:<6} x={lead!s:<8} K={k:<5} N={n:<4} r={r:<3} {dtype_name:<9} dropout={dropout:<4} "
-        f"calls={len(calls)} rel.err={err:.1e} {'ok' if ok else 'FAIL'}"
-        + (f" (ran on {wrong_backend})" if wrong_backend else ""),
-        flush=True,
-    )
-    return bool(ok)
+    label = f"x={lead!s:<8} K={k:<5} N={n:<4} r={r:<3} {dtype_name:<9} dropout={dropout:<4}"
+    return report(backend, calls, label, err, finite and err < TOLERANCE[dtype_name])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backend", choices=sorted(CASES), required=True)
-    args = parser.parse_args(argv)
-    os.environ["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
-    os.environ["FASTPEFT_TRITON_AUTOTUNE"] = "0"
-    os.environ["FASTPEFT_BACKEND"] = args.backend
-    import torch
-
-    if not torch.cuda.is_available():
-        print("sanitize_lora: no GPU visible to torch", file=sys.stderr)
-        return 2
-    results = [run_case(*case, args.backend) for case in CASES[args.backend]]
-    print(f"{sum(results)} passed, {len(results) - sum(results)} failed")
-    return 0 if all(results) else 1
+    return _sanitize.main(__doc__, CASES, run_case, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""scripts/sanitize_lora.py's cases and float64 references, run here on the torch backend: a GPU session then
-finds the sanitizer's program working and learns only what the sanitizer has to say."""
+"""The cases and float64 references of scripts/sanitize_<op>.py, run here on the torch backend: a GPU session
+then finds the sanitizer's programs working and learns only what the sanitizer has to say."""
 
 from __future__ import annotations
 

@@ -1,0 +1,160 @@
+"""Benchmark of fastpeft::dora_linear against PEFT's DoRA layer and against the fused plain LoRA layer.
+
+Variants, timed in the same run on the same operands (adapters in the base dtype):
+    peft           PEFT's lora.Linear with use_dora=True on an nn.Linear (its forward, and autograd's backward)
+    lora           fastpeft.lora_linear: the fused plain LoRA layer, the bound DoRA should stay near
+    fused:<name>   fastpeft.ops.dora.dora_linear forced to one backend, and fused:auto
+
+Modes ``forward`` and ``forward+backward`` (x, A, B and the magnitude need gradients; W is frozen). Each fused
+variant's forward is checked against PEFT's output first; failures become rows with ``error``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from bench_lora import ROTATE_BYTES, _with_backend, backends_for, time_ms
+
+from fastpeft.ops.dora import dora_linear
+from fastpeft.ops.lora import lora_linear
+
+OP = "dora_linear"
+SCALING = 2.0
+MODES = ("forward", "forward+backward")
+
+__all__ = ["OP", "backends_for", "case_fields", "case_from_fields", "cases", "describe", "run_case"]
+
+
+@dataclass(frozen=True)
+class Case:
+    m: int
+    k: int
+    n: int
+    r: int
+    dtype: torch.dtype
+    mode: str
+
+
+def case_from_fields(fields: dict) -> Case:
+    return Case(**{**fields, "dtype": getattr(torch, fields["dtype"])})
+
+
+def case_fields(case: Case) -> dict:
+    return {**asdict(case), "dtype": str(case.dtype).removeprefix("torch.")}
+
+
+def describe(case: Case) -> str:
+    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}"
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case(16, 96, 80, 8, torch.float32, mode) for mode in MODES]
+    return [
+        Case(m, 4096, n, 16, torch.bfloat16, mode)
+        for mode, n, m in itertools.product(MODES, (4096, 14336), (1, 64, 4096))
+    ]
+
+
+def _peft_layer(case: Case, weight: torch.Tensor, lora_a, lora_b, magnitude) -> torch.nn.Module:
+    """PEFT's own DoRA layer on an nn.Linear holding ``weight``, built through get_peft_model (any PEFT version)."""
+    import peft
+
+    holder = torch.nn.ModuleDict({"proj": torch.nn.Linear(case.k, case.n, bias=False, device=weight.device)})
+    config = peft.LoraConfig(r=case.r, lora_alpha=SCALING * case.r, target_modules=["proj"], use_dora=True)
+    layer = peft.get_peft_model(holder, config).base_model.model["proj"].to(case.dtype)
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(weight)
+        layer.lora_A["default"].weight.copy_(lora_a)
+        layer.lora_B["default"].weight.copy_(lora_b)
+        layer.lora_magnitude_vector["default"].weight.copy_(magnitude)
+    return layer.train(case.mode != "forward")
+
+
+def operand_sets(case: Case, device: torch.device) -> list[dict]:
+    size = torch.finfo(case.dtype).bits // 8
+    per_set = (case.n * case.k + case.m * (case.k + case.n)) * size
+    count = 1 if device.type == "cpu" else max(2, min(8, int(ROTATE_BYTES // per_set) + 1))
+    train = case.mode != "forward"
+    sets = []
+    for _ in range(count):
+        weight = (torch.randn(case.n, case.k, device=device) * case.k**-0.5).to(case.dtype)
+        lora_a = (torch.randn(case.r, case.k, device=device) * case.k**-0.5).to(case.dtype)
+        lora_b = (torch.randn(case.n, case.r, device=device) * case.r**-0.5).to(case.dtype)
+        magnitude = torch.linalg.vector_norm(weight.float(), dim=1).to(case.dtype) * 1.1
+        peft = _peft_layer(case, weight, lora_a, lora_b, magnitude)
+        ours = [t.clone().requires_grad_(train) for t in (lora_a, lora_b, magnitude)]
+        sets.append(dict(x=torch.randn(case.m, case.k, device=device, dtype=case.dtype).requires_grad_(train),
+                         weight=weight, lora_a=ours[0], lora_b=ours[1], magnitude=ours[2], peft=peft,
+                         grad=torch.randn(case.m, case.n, device=device, dtype=case.dtype)))  # fmt: skip
+    return sets
+
+
+def _variants(backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
+    def fused(ops):
+        return dora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], ops["magnitude"], SCALING)
+
+    fns = {
+        "peft": lambda ops: ops["peft"](ops["x"]),
+        "lora": lambda ops: lora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], SCALING),
+        "fused:auto": fused,
+    }
+    fns.update({f"fused:{b}": fused for b in backends})
+    return fns
+
+
+def _step(variant: str, fn: Callable, sets: list[dict], mode: str) -> Callable[[], object]:
+    counter = itertools.count()
+
+    def step():
+        ops = sets[next(counter) % len(sets)]
+        y = fn(ops)
+        if mode == "forward":
+            return y
+        params = list(ops["peft"].parameters()) if variant == "peft" else [ops["lora_a"], ops["lora_b"]]
+        wrt = [ops["x"]] + [p for p in params if p.requires_grad]
+        if variant.startswith("fused"):
+            wrt.append(ops["magnitude"])
+        return torch.autograd.grad(y, wrt, ops["grad"])
+
+    return step
+
+
+def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:
+    """Check each fused variant against PEFT's DoRA output, then time every variant; one row per variant."""
+    variants = _variants(backends)
+    errors: dict[str, str] = {}
+    times: dict[str, float] = {}
+    try:
+        sets = operand_sets(case, device)
+        with torch.no_grad():
+            expected = variants["peft"](sets[0]).double()
+            for name, fn in variants.items():
+                if name.startswith("fused"):
+                    got = _with_backend(name, lambda fn=fn: fn(sets[0]))().double()
+                    err = ((got - expected).norm() / expected.norm()).item()
+                    if not err <= (1e-4 if case.dtype == torch.float32 else 3e-2):
+                        errors[name] = f"wrong result: rel. error {err:.2e} against PEFT's DoRA"
+    except Exception as exc:  # peft missing, out of memory: every variant reports it
+        sets, errors = [], {name: f"{type(exc).__name__}: {exc}" for name in variants}
+    for name, fn in variants.items():
+        if sets and not (name in errors and not errors[name].startswith("wrong result")):
+            try:
+                times[name] = time_ms(_with_backend(name, _step(name, fn, sets, case.mode)), device)
+            except Exception as exc:
+                errors[name] = f"{type(exc).__name__}: {exc}"
+    rows = []
+    for name in variants:
+        ms = times.get(name)
+        row = {**case_fields(case), "op": OP, "variant": name, "ms": ms}
+        if name in errors:
+            row["error"] = errors[name][:500]
+        if ms is not None and "peft" in times:
+            row["speedup_vs_peft"] = times["peft"] / ms
+        if ms is not None and "lora" in times:
+            row["ratio_vs_lora"] = ms / times["lora"]
+        rows.append(row)
+    return rows
