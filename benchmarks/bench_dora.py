@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from bench_lora import ROTATE_BYTES, _with_backend, backends_for, time_ms
+from common import ROTATE_BYTES, backends_for, case_rows, describe_error, time_variants, with_backend
 
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora import lora_linear
@@ -127,34 +127,20 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     """Check each fused variant against PEFT's DoRA output, then time every variant; one row per variant."""
     variants = _variants(backends)
     errors: dict[str, str] = {}
-    times: dict[str, float] = {}
     try:
         sets = operand_sets(case, device)
         with torch.no_grad():
-            expected = variants["peft"](sets[0]).double()
+            first = sets[0]
+            expected = variants["peft"](first).double()
             for name, fn in variants.items():
                 if name.startswith("fused"):
-                    got = _with_backend(name, lambda fn=fn: fn(sets[0]))().double()
+                    got = with_backend(name, lambda fn=fn: fn(first))().double()
                     err = ((got - expected).norm() / expected.norm()).item()
                     if not err <= (1e-4 if case.dtype == torch.float32 else 3e-2):
                         errors[name] = f"wrong result: rel. error {err:.2e} against PEFT's DoRA"
     except Exception as exc:  # peft missing, out of memory: every variant reports it
-        sets, errors = [], {name: f"{type(exc).__name__}: {exc}" for name in variants}
-    for name, fn in variants.items():
-        if sets and not (name in errors and not errors[name].startswith("wrong result")):
-            try:
-                times[name] = time_ms(_with_backend(name, _step(name, fn, sets, case.mode)), device)
-            except Exception as exc:
-                errors[name] = f"{type(exc).__name__}: {exc}"
-    rows = []
-    for name in variants:
-        ms = times.get(name)
-        row = {**case_fields(case), "op": OP, "variant": name, "ms": ms}
-        if name in errors:
-            row["error"] = errors[name][:500]
-        if ms is not None and "peft" in times:
-            row["speedup_vs_peft"] = times["peft"] / ms
-        if ms is not None and "lora" in times:
-            row["ratio_vs_lora"] = ms / times["lora"]
-        rows.append(row)
-    return rows
+        sets, errors = [], {name: describe_error(exc) for name in variants}
+    steps = {name: _step(name, fn, sets, case.mode) for name, fn in variants.items()} if sets else {}
+    times = time_variants(steps, errors, device)
+    del sets, steps
+    return case_rows(case_fields(case), OP, variants, times, errors, ratios={"lora": "lora"}, speedups={"peft": "peft"})

@@ -17,16 +17,13 @@ Also collected by pytest-benchmark: ``pytest benchmarks/``.
 from __future__ import annotations
 
 import itertools
-import os
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import pytest
 import torch
+from common import ROTATE_BYTES, backends_for, case_rows, describe_error, time_variants, with_backend
 
-from fastpeft.backends import available_backends
 from fastpeft.ops.dropout import draw_mask
 from fastpeft.ops.lora import lora_linear
 
@@ -37,7 +34,6 @@ FULL_RANKS = (8, 16, 64)
 FULL_DTYPES = (torch.bfloat16, torch.float16)
 MODES = ("forward", "forward+backward")
 SCALING = 2.0
-ROTATE_BYTES = 3 * 60 * 2**20  # three times an H200's L2
 
 
 @dataclass(frozen=True)
@@ -140,46 +136,6 @@ def make_step(variant: str, forward: Callable, sets: list[dict], mode: str) -> C
     return step
 
 
-def _with_backend(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """Force the backend a fused:<name> variant names (the dispatcher reads FASTPEFT_BACKEND per call)."""
-    name = variant.partition(":")[2]
-    if name in ("", "auto"):
-        return fn
-
-    def forced():
-        previous = os.environ.get("FASTPEFT_BACKEND")
-        os.environ["FASTPEFT_BACKEND"] = name
-        try:
-            return fn()
-        finally:
-            if previous is None:
-                del os.environ["FASTPEFT_BACKEND"]
-            else:
-                os.environ["FASTPEFT_BACKEND"] = previous
-
-    return forced
-
-
-def time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds per call: CUDA events on a GPU, wall clock on a CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fn()
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
-def backends_for(device: torch.device) -> list[str]:
-    """The fused:<backend> variants worth timing on ``device`` (the Triton interpreter is not)."""
-    return [b for b in available_backends(device) if device.type == "cuda" or b == "torch"]
-
-
 def _check_outputs(case: Case, ops: dict, variants: dict[str, Callable]) -> dict[str, str]:
     """Variant -> why its forward output is wrong, for the fused variants whose error against the layer in fp32
     exceeds twice that of the unfused path in the case's dtype (plus a floor). With dropout every variant runs
@@ -209,9 +165,9 @@ def _check_outputs(case: Case, ops: dict, variants: dict[str, Callable]) -> dict
             if not name.startswith("fused"):
                 continue
             try:
-                err = error(seeded(_with_backend(name, lambda fn=fn: fn(x, weight, lora_a, lora_b))))
+                err = error(seeded(with_backend(name, lambda fn=fn: fn(x, weight, lora_a, lora_b))))
             except Exception as exc:  # a broken backend fails its own variant only
-                problems[name] = f"{type(exc).__name__}: {exc}"
+                problems[name] = describe_error(exc)
                 continue
             if not err <= bound:  # NaN fails too
                 problems[name] = f"wrong result: rel. error {err:.2e} > {bound:.2e}"
@@ -225,36 +181,20 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     not be timed); the other variants still run.
     """
     variants = _forward_fns(backends, case.dropout)
-    times: dict[str, float] = {}
-    errors: dict[str, str] = {}
     try:
         sets = operand_sets(case, device)
-        errors.update(_check_outputs(case, sets[0], variants))
-    except Exception as exc:  # out of memory, a broken backend: reported as rows
-        sets, errors = [], {name: f"{type(exc).__name__}: {exc}" for name in variants}
-    for variant, forward in variants.items():
-        if not sets or (variant in errors and not errors[variant].startswith("wrong result")):
-            continue
-        try:
-            times[variant] = time_ms(_with_backend(variant, make_step(variant, forward, sets, case.mode)), device)
-        except Exception as exc:
-            errors[variant] = f"{type(exc).__name__}: {exc}"
-    del sets
-    rows = []
-    for variant in variants:
-        ms = times.get(variant)
-        row = {**case_fields(case), "op": OP, "variant": variant, "ms": ms}
-        if variant in errors:
-            row["error"] = errors[variant][:500]
-        if ms is not None:
-            row["tflops"] = case.flops() / ms / 1e9
-            row["gbps"] = case.bytes() / ms / 1e6
-            if "base" in times:
-                row["ratio_vs_base"] = ms / times["base"]
-            if "unfused" in times:
-                row["speedup_vs_unfused"] = times["unfused"] / ms
-        rows.append(row)
-    return rows
+        errors = _check_outputs(case, sets[0], variants)
+    except Exception as exc:  # out of memory: every variant reports it
+        sets, errors = [], {name: describe_error(exc) for name in variants}
+    steps = {name: make_step(name, forward, sets, case.mode) for name, forward in variants.items()} if sets else {}
+    times = time_variants(steps, errors, device)
+    del sets, steps
+
+    def throughput(ms: float) -> dict:
+        return {"tflops": case.flops() / ms / 1e9, "gbps": case.bytes() / ms / 1e6}
+
+    return case_rows(case_fields(case), OP, variants, times, errors, ratios={"base": "base"},
+                     speedups={"unfused": "unfused"}, extra=throughput)  # fmt: skip
 
 
 def run(quick: bool, device: torch.device | None = None) -> list[dict]:

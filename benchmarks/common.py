@@ -1,0 +1,103 @@
+"""What every benchmarks/bench_<op>.py shares: timing, forcing a backend per variant, and turning one case's
+times and failures into rows with ratios to the baselines measured in the same case."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from fastpeft.backends import available_backends
+
+ROTATE_BYTES = 3 * 60 * 2**20  # operand sets rotated past three times an H200's L2
+
+
+def backends_for(device: torch.device) -> list[str]:
+    """The fused:<backend> variants worth timing on ``device`` (the Triton interpreter is not)."""
+    return [b for b in available_backends(device) if device.type == "cuda" or b == "torch"]
+
+
+def with_backend(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """Force the backend a fused:<name> variant names (the dispatcher reads FASTPEFT_BACKEND per call)."""
+    name = variant.partition(":")[2]
+    if name in ("", "auto"):
+        return fn
+
+    def forced():
+        previous = os.environ.get("FASTPEFT_BACKEND")
+        os.environ["FASTPEFT_BACKEND"] = name
+        try:
+            return fn()
+        finally:
+            if previous is None:
+                del os.environ["FASTPEFT_BACKEND"]
+            else:
+                os.environ["FASTPEFT_BACKEND"] = previous
+
+    return forced
+
+
+def time_ms(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds per call: CUDA events on a GPU, wall clock on a CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    fn()
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def describe_error(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def time_variants(
+    steps: dict[str, Callable[[], object]], errors: dict[str, str], device: torch.device
+) -> dict[str, float]:
+    """Median ms per variant. Variants that already failed are skipped, except for a wrong result, which is still
+    timed; a variant that raises now gets its error recorded in ``errors``."""
+    times = {}
+    for name, step in steps.items():
+        if name in errors and not errors[name].startswith("wrong result"):
+            continue
+        try:
+            times[name] = time_ms(with_backend(name, step), device)
+        except Exception as exc:  # out of memory, a broken backend: the row says so
+            errors[name] = describe_error(exc)
+    return times
+
+
+def case_rows(
+    fields: dict,
+    op: str,
+    variants: Iterable[str],
+    times: dict[str, float],
+    errors: dict[str, str],
+    *,
+    ratios: dict[str, str] = {},  # noqa: B006 - read only
+    speedups: dict[str, str] = {},  # noqa: B006 - read only
+    extra: Callable[[float], dict] | None = None,
+) -> list[dict]:
+    """One row per variant: ``ms``, ``error`` where it failed, ``ratio_vs_X = ms / time[baseline]`` for each
+    ``X: baseline`` of ``ratios``, ``speedup_vs_X = time[baseline] / ms`` for each of ``speedups``, and
+    ``extra(ms)`` (GB/s, TFLOP/s)."""
+    rows = []
+    for name in variants:
+        ms = times.get(name)
+        row = {**fields, "op": op, "variant": name, "ms": ms}
+        if name in errors:
+            row["error"] = errors[name][:500]
+        if ms is not None:
+            row.update(extra(ms) if extra else {})
+            row.update({f"ratio_vs_{k}": ms / times[b] for k, b in ratios.items() if b in times})
+            row.update({f"speedup_vs_{k}": times[b] / ms for k, b in speedups.items() if b in times})
+        rows.append(row)
+    return rows
