@@ -11,6 +11,11 @@ Two kernels serve the three fastpeft ops of the ``lora`` slice:
 - ``_lora_shrink_kernel``: ``xa = x @ A.T`` in fp32, optionally split over K with fp32 atomics so that few
   rows still fill the GPU.
 
+In-kernel dropout (:class:`PhiloxDropout`): the shrink, the fused decode shrink and the LoRA epilogue can drop
+elements of x (or of dx's LoRA term) by Philox counters over x's logical [M, K] index, so every pass regenerates
+one mask from a seed and no dropped copy of x exists. Groundwork for lora_linear's opt-in dropout mode: the op
+does not use it yet (tests/test_lora_philox.py checks the kernels).
+
 Tile sets: decode tiles (at most ``DECODE_MAX_M`` rows: forward and the backward's ``dx`` alike) and prefill
 tiles, each autotuned per (rows bucket, N, K, rank). ``FASTPEFT_TRITON_AUTOTUNE=0`` (read at import) pins one
 configuration per kernel: the GPU tests and the compute-sanitizer pass use it, so they compile one variant
@@ -26,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -105,14 +111,27 @@ def prune_decode_configs(configs: list[triton.Config], named_args: dict, **kwarg
 
 
 @triton.jit
+def _dropped(values, rows, cols, seed, p, keep_scale, stride_r, stride_c):
+    """``values`` with dropout applied in-kernel: element (row, col) of the logical [M, K] input is kept when
+    Philox's uniform at counter ``row * stride_r + col * stride_c`` (seeded by ``seed``) is at least ``p``, and
+    scaled by ``keep_scale``; rounded once to the values' dtype. Every kernel regenerates the same mask."""
+    counters = (rows[:, None] * stride_r + cols[None, :] * stride_c).to(tl.int32)
+    keep = tl.rand(seed, counters) >= p
+    return tl.where(keep, values.to(tl.float32) * keep_scale, 0.0).to(values.dtype)
+
+
+@triton.jit
 def _lora_linear_kernel(
     x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, out_scale_ptr, z_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_xam, stride_xar, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
+    seed, dropout_p, keep_scale, stride_dr, stride_dc,  # in-kernel dropout (see _dropped)
     M_BUCKET,  # autotune key only: rows rounded up to a power of two
     FUSE_SHRINK: tl.constexpr,
+    DROPOUT_X: tl.constexpr,  # the fused shrink reads x with dropout at (row m, column k)
+    DROPOUT_OUT: tl.constexpr,  # the LoRA term of output (row m, column n) is masked (the backward's dx)
     HAS_BIAS: tl.constexpr,
     HAS_OUT_SCALE: tl.constexpr,  # y = out_scale * (x W^T + s xa B^T) + bias, per column (DoRA's magnitude)
     STORE_Z: tl.constexpr,  # also write z = x W^T + s xa B^T, before the scale (same strides as y)
@@ -160,6 +179,8 @@ def _lora_linear_kernel(
             a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
+            if DROPOUT_X:
+                x = _dropped(x, offs_m, k0 + offs_k, seed, dropout_p, keep_scale, stride_dr, stride_dc)
             xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
             a_ptrs += BLOCK_K * stride_ak
         x_ptrs += BLOCK_K * stride_xk
@@ -171,7 +192,11 @@ def _lora_linear_kernel(
     b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
     b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
     # B's bf16/fp16 values are exact in tf32, so LORA_PRECISION="tf32" only rounds xa, to 11 bits.
-    acc = tl.dot(xa * scaling, b, acc, input_precision=LORA_PRECISION)
+    if DROPOUT_OUT:
+        lora = tl.dot(xa * scaling, b, input_precision=LORA_PRECISION)
+        acc += _dropped(lora, offs_m, offs_n, seed, dropout_p, keep_scale, stride_dr, stride_dc)
+    else:
+        acc = tl.dot(xa * scaling, b, acc, input_precision=LORA_PRECISION)
     offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
     mask_y = mask_m[:, None] & mask_n[None, :]
     if STORE_Z:
@@ -188,7 +213,9 @@ def _lora_shrink_kernel(
     x_ptr, a_ptr, xa_ptr,
     M, K, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar,
+    seed, dropout_p, keep_scale, stride_dr, stride_dc,  # in-kernel dropout on x (see _dropped)
     M_BUCKET,  # autotune key only
+    DROPOUT: tl.constexpr,
     SPLIT_K: tl.constexpr,
     R_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -213,6 +240,8 @@ def _lora_shrink_kernel(
         mask_k = offs_k < K - k0
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+        if DROPOUT:
+            x = _dropped(x, offs_m, k0 + offs_k, seed, dropout_p, keep_scale, stride_dr, stride_dc)
         if UPCAST:
             x = x.to(tl.float32)
             a = a.to(tl.float32)
@@ -302,8 +331,50 @@ def _shrink_split_k(m: int, k: int, device: torch.device) -> int:
     return max(1, min(_sm_count(index) // row_tiles, triton.cdiv(k, 1024), 16))
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
-    """``xa = x @ lora_a.T`` in fp32.
+@dataclass(frozen=True)
+class PhiloxDropout:
+    """In-kernel dropout on a logical [M, K] tensor: element (i, j) is kept when Philox's uniform for counter
+    ``i * stride_r + j * stride_c`` under ``seed`` is at least ``p``, then scaled by ``keep_scale``. Strides
+    name the element's position in the layer's input x, so a kernel reading x transposed regenerates the
+    forward's mask (counters are 32-bit: beyond 2**31 elements the mask pattern repeats)."""
+
+    seed: int
+    p: float
+    keep_scale: float
+    stride_r: int
+    stride_c: int
+
+    def transposed(self) -> PhiloxDropout:
+        return PhiloxDropout(self.seed, self.p, self.keep_scale, self.stride_c, self.stride_r)
+
+    def args(self) -> tuple:
+        return (self.seed, self.p, self.keep_scale, self.stride_r, self.stride_c)
+
+
+_NO_DROPOUT = (0, 0.0, 1.0, 0, 0)
+
+
+@triton.jit
+def _keep_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    kept = _dropped(tl.full((BLOCK, BLOCK), 1.0, tl.float32), rows, cols, seed, dropout_p, 1.0, K, 1)
+    inside = (rows[:, None] < M) & (cols[None, :] < K)
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], kept != 0.0, mask=inside)
+
+
+def keep_mask(dropout: PhiloxDropout, m: int, k: int, device: torch.device) -> torch.Tensor:
+    """The [m, k] bool keep-mask ``dropout`` (with strides (k, 1)) draws: what the kernels apply, materialised
+    for references and tests."""
+    out = torch.empty((m, k), device=device, dtype=torch.bool)
+    if m and k:
+        with _on_device(out):
+            _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](out, m, k, dropout.seed, dropout.p, BLOCK=32)
+    return out
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout: PhiloxDropout | None = None) -> torch.Tensor:
+    """``xa = dropout(x) @ lora_a.T`` in fp32 (no dropout when None).
 
     x: [M, K] fp16/bf16/fp32, any strides; lora_a: [R, K], same dtype. Returns [M, R] fp32, contiguous.
     """
@@ -321,7 +392,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
             x, lora_a, xa,
             m, k, r,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
+            *(dropout.args() if dropout else _NO_DROPOUT),
             _m_bucket(m),
+            DROPOUT=dropout is not None,
             SPLIT_K=split_k,
             R_PAD=_r_pad(r),
             DOT_PRECISION=_dot_precision(x.dtype),
@@ -340,9 +413,12 @@ def lora_linear(
     xa: torch.Tensor | None = None,
     out_scale: torch.Tensor | None = None,
     z: torch.Tensor | None = None,
+    dropout_x: PhiloxDropout | None = None,
+    dropout_out: PhiloxDropout | None = None,
 ) -> torch.Tensor:
     """``y = out_scale * (x @ weight.T + scaling * xa @ lora_b.T) + bias`` with ``xa = x @ lora_a.T`` fused when
-    not given.
+    not given. ``dropout_x``: the fused shrink reads x with that in-kernel dropout; ``dropout_out``: the LoRA term
+    of output element (m, n) is dropped (the backward's dx, whose columns are x's).
 
     x: [M, K]; weight: [N, K]; lora_a: [R, K] (unused when ``xa`` is given); lora_b: [N, R]; bias: [N] or
     None; xa: [M, R] fp32 or None; out_scale: [N] fp32 or None (no scale); z: None, or an [M, N] contiguous
@@ -354,6 +430,8 @@ def lora_linear(
     m, k = x.shape
     n, r = lora_b.shape
     fuse = xa is None
+    if dropout_x is not None and (not fuse or dropout_out is not None):
+        raise ValueError("dropout_x applies to the fused shrink only, and not together with dropout_out")
     if fuse and m > DECODE_MAX_M:
         raise ValueError(f"the fused shrink runs on decode tiles (at most {DECODE_MAX_M} rows), got {m} rows")
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
@@ -366,6 +444,7 @@ def lora_linear(
     if out_scale is not None:
         out_scale = out_scale.float().contiguous()
     kernel = _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
+    dropout = dropout_x or dropout_out
     if fuse:
         xa = y  # placeholder pointer, never read when FUSE_SHRINK
     else:
@@ -379,8 +458,11 @@ def lora_linear(
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
             xa.stride(0), xa.stride(1), lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
             float(scaling),
+            *(dropout.args() if dropout else _NO_DROPOUT),
             _m_bucket(m),
             FUSE_SHRINK=fuse,
+            DROPOUT_X=dropout_x is not None,
+            DROPOUT_OUT=dropout_out is not None,
             HAS_BIAS=bias is not None,
             HAS_OUT_SCALE=out_scale is not None,
             STORE_Z=z is not None,
