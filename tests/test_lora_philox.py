@@ -62,3 +62,84 @@ def test_dropout_x_needs_the_fused_shrink():
     xa = torch.randn(3, 2, device=DEVICE)
     with pytest.raises(ValueError, match="dropout_x applies to the fused shrink only"):
         kernels.lora_linear(x, weight, None, lora_b.to(DEVICE), 1.0, None, xa=xa, dropout_x=spec(1, 0.1, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# lora_linear(..., dropout_mode="philox"): the op on every backend
+# ---------------------------------------------------------------------------------------------------------
+
+from conftest import DTYPES, HAS_GPU, assert_close_to_reference  # noqa: E402
+
+from fastpeft.ops.dropout import draw_seed, seeded_mask  # noqa: E402
+from fastpeft.ops.lora import lora_linear  # noqa: E402
+
+OP_SHAPES = [((1,), 37, 29, 5), ((2, 35), 24, 33, 8), ((4,), 40, 24, 40), ((0,), 16, 8, 2)]
+if HAS_GPU:
+    OP_SHAPES += [((1,), 4096, 4096, 16), ((2, 70), 1024, 1000, 64)]
+
+
+def inputs(lead, k, n, r, dtype):
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=DEVICE) * scale).to(dtype).requires_grad_()
+
+    return dict(x=rand(*lead, k), weight=rand(n, k, scale=k**-0.5), lora_a=rand(r, k, scale=k**-0.5),
+                lora_b=rand(n, r, scale=r**-0.5), bias=rand(n))  # fmt: skip
+
+
+def reference(t, mask, p):
+    x = t["x"]
+    dropped = torch.where(mask.reshape(x.shape), x / (1 - p), 0)
+    lin = torch.nn.functional.linear
+    return lin(x, t["weight"], t["bias"]) + 0.8 * lin(lin(dropped, t["lora_a"]), t["lora_b"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", OP_SHAPES, ids=str)
+def test_philox_mode_forward_backward(backend, dtype, shape):
+    p = 0.3
+    t = inputs(*shape, dtype)
+    torch.manual_seed(9)
+    out = lora_linear(**t, scaling=0.8, dropout_p=p, dropout_mode="philox")
+    torch.manual_seed(9)
+    mask = seeded_mask(draw_seed(), p, out.numel() // shape[2], shape[1], DEVICE)  # the op's seed and mask
+    grad = torch.randn(out.shape, device=DEVICE).to(dtype)
+    out.backward(grad)
+    t64 = {k: v.detach().double().requires_grad_() for k, v in t.items()}
+    plain = {k: v.detach().clone().requires_grad_() for k, v in t.items()}
+    ref, baseline = reference(t64, mask, p), reference(plain, mask, p)
+    assert_close_to_reference(out, ref, baseline.detach(), f"{backend} forward")
+    ref.backward(grad.double())
+    baseline.backward(grad)
+    for name in t:
+        if shape[0] == (0,) and name != "x":
+            continue
+        assert_close_to_reference(t[name].grad, t64[name].grad, plain[name].grad, f"grad {name}")
+
+
+def test_philox_mode_saves_no_mask_and_no_dropped_copy(backend):
+    t = inputs((6,), 40, 12, 4, torch.float32)
+    saved: list[tuple[tuple[int, ...], torch.dtype]] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append((tuple(s.shape), s.dtype)) or s, lambda s: s):
+        out = lora_linear(**t, dropout_p=0.2, dropout_mode="philox")
+    assert sorted(saved) == sorted((tuple(v.shape), v.dtype) for k, v in t.items() if k != "bias")  # x, W, A, B
+    out.sum().backward()
+
+
+def test_philox_mode_is_reproducible_and_fresh_per_call(backend):
+    t = {k: v.detach() for k, v in inputs((8,), 32, 16, 4, torch.float32).items()}
+    torch.manual_seed(1)
+    first, second = (lora_linear(**t, dropout_p=0.5, dropout_mode="philox") for _ in range(2))
+    torch.manual_seed(1)
+    again = lora_linear(**t, dropout_p=0.5, dropout_mode="philox")
+    assert torch.equal(first, again) and not torch.allclose(first, second)
+
+
+def test_bad_dropout_mode_input(monkeypatch):
+    t = {k: v.detach().cpu() for k, v in inputs((3,), 16, 8, 4, torch.float32).items()}
+    with pytest.raises(ValueError, match="dropout_mode must be one of"):
+        lora_linear(**t, dropout_p=0.1, dropout_mode="cuRAND")
+    with pytest.raises(ValueError, match="dropout_mask is for dropout_mode='torch'"):
+        lora_linear(**t, dropout_p=0.1, dropout_mode="philox", dropout_mask=torch.ones(3, 16, dtype=torch.bool))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(ValueError, match="runs eagerly"):
+        lora_linear(**t, dropout_p=0.1, dropout_mode="philox")

@@ -60,3 +60,30 @@ def unpack_bits(bits: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: [M, ceil(K / 8)] uint8 -> [M, K] bool."""
     expanded = bits.unsqueeze(-1).bitwise_right_shift(_bit_positions(bits.device)).bitwise_and(1).bool()
     return expanded.view(bits.shape[0], bits.shape[1] * 8)[:, :k]
+
+
+DROPOUT_MODES = ("torch", "philox")
+
+
+def draw_seed() -> int:
+    """A seed for dropout_mode='philox', from torch's default CPU generator: reproducible under
+    ``torch.manual_seed``, and no GPU synchronisation."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def philox_keep_scale(p: float) -> float:
+    return 1.0 / (1.0 - p)  # applied in fp32 by the kernels
+
+
+def seeded_mask(seed: int, p: float, m: int, k: int, device: torch.device) -> torch.Tensor:
+    """dropout_mode='philox''s [m, k] keep-mask for ``seed``: the Triton kernels' Philox mask wherever Triton can
+    run on ``device`` (so every backend drops the same elements), else one drawn from a torch generator seeded
+    with ``seed``."""
+    from fastpeft.backends import backend_unavailable_reason
+
+    if backend_unavailable_reason("triton", device) is None:
+        from fastpeft.triton_kernels.lora import PhiloxDropout, keep_mask
+
+        return keep_mask(PhiloxDropout(seed, p, philox_keep_scale(p), k, 1), m, k, device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return torch.rand((m, k), generator=generator, device=device) >= p

@@ -19,7 +19,18 @@ import torch
 
 from fastpeft._autocast import without_autocast
 from fastpeft.backends import select_backend
-from fastpeft.ops.dropout import apply_mask, check_p, draw_mask, keep_scale, pack_bits, unpack_bits
+from fastpeft.ops.dropout import (
+    DROPOUT_MODES,
+    apply_mask,
+    check_p,
+    draw_mask,
+    draw_seed,
+    keep_scale,
+    pack_bits,
+    philox_keep_scale,
+    seeded_mask,
+    unpack_bits,
+)
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The CUDA extension's GEMV path (csrc/lora.cu) handles at most this many rows without re-reading W.
@@ -180,7 +191,24 @@ def _check_rows(x: torch.Tensor) -> None:
         )
 
 
-def _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale):
+def _philox_on_triton(x: torch.Tensor, rank: int, seed: int, p: float, scale: float):
+    """The Triton kernels and the in-kernel dropout spec when the op runs there with dropout_mode='philox', else
+    None (the other backends apply the same mask, materialised by seeded_mask)."""
+    if seed < 0 or select_backend("lora_linear", x.device, preference("lora_linear", x.shape[0], rank)) != "triton":
+        return None
+    kernels = _triton_lora()
+    return kernels, kernels.PhiloxDropout(seed, p, scale, x.shape[1], 1)
+
+
+def _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale, dropout_seed, dropout_p):
+    in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scale)
+    if in_kernel is not None:  # the mask drawn inside the kernels: no dropped copy of x, no mask in memory
+        kernels, spec = in_kernel
+        if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]):
+            return kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_x=spec)
+        return kernels.lora_linear(x, weight, None, lora_b, scaling, bias, xa=kernels.lora_shrink(x, lora_a, spec))
+    if dropout_seed >= 0:
+        dropout_mask = seeded_mask(dropout_seed, dropout_p, x.shape[0], x.shape[1], x.device)
     if dropout_mask is None:
         return _run("lora_linear", x, weight, lora_a, lora_b, scaling, bias)
     # Dropout reaches A's input only: the shrink reads the dropped x, the base GEMM (fused with the expand)
@@ -199,23 +227,27 @@ def _lora_linear_op(
     bias: Optional[torch.Tensor],
     dropout_mask: Optional[torch.Tensor],
     dropout_scale: float,
+    dropout_seed: int,
+    dropout_p: float,
 ) -> torch.Tensor:
     _check_rows(x)
-    return _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale)
+    return _lora_linear_rows(
+        x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale, dropout_seed, dropout_p
+    )
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale):
+def _(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale, dropout_seed, dropout_p):
     _check_rows(x)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, scaling, _bias, dropout_mask, dropout_scale = inputs
+    x, weight, lora_a, lora_b, scaling, _bias, dropout_mask, dropout_scale, dropout_seed, dropout_p = inputs
     bits = None if dropout_mask is None else pack_bits(dropout_mask)  # the backward's mask, 1 bit per element
     ctx.save_for_backward(x, weight, lora_a, lora_b, bits)
     ctx.scaling = scaling
-    ctx.dropout_scale = dropout_scale
+    ctx.dropout = (dropout_scale, dropout_seed, dropout_p)  # a seed >= 0 regenerates the mask (philox)
 
 
 def lora_grads(
@@ -228,6 +260,8 @@ def lora_grads(
     mask: Optional[torch.Tensor],
     dropout_scale: float,
     needs: tuple[bool, bool, bool, bool],
+    dropout_seed: int = -1,
+    dropout_p: float = 0.0,
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Gradients (dx, dweight, dlora_a, dlora_b) of ``x W^T + s D(x) A^T B^T`` for the output gradient ``dy``,
     each only where ``needs`` says so. D is the dropout with keep-``mask`` (identity when None): a diagonal, so
@@ -235,9 +269,15 @@ def lora_grads(
     dx = dy W + s D((dy B) A);  dA = s (dy B)^T xd;  dB = s dy^T (xd A^T);  dW = dy^T x.
 
     x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA; the dropped x is
-    rebuilt from the mask only where dA and dB need it.
+    rebuilt from the mask only where dA and dB need it. With ``dropout_seed >= 0`` (dropout_mode='philox') the
+    mask comes from the seed: inside the Triton kernels, or materialised by seeded_mask on other backends.
     """
     need_x, need_weight, need_a, need_b = needs
+    in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scale)
+    if in_kernel is not None:
+        return _philox_grads(*in_kernel, dy, x, weight, lora_a, lora_b, scaling, needs)
+    if dropout_seed >= 0:
+        mask = seeded_mask(dropout_seed, dropout_p, x.shape[0], x.shape[1], x.device)
     x_lora = x if mask is None else apply_mask(x, mask, dropout_scale)
     dx = dweight = da = db = None
     if need_x or need_a:
@@ -257,15 +297,34 @@ def lora_grads(
     return dx, dweight, da, db
 
 
+def _philox_grads(kernels, spec, dy, x, weight, lora_a, lora_b, scaling, needs):
+    """lora_grads on the Triton kernels with the mask regenerated inside them: dx's LoRA term masked in the
+    epilogue, dA a shrink over x transposed (the mask read through swapped strides), dB from the dropped shrink."""
+    need_x, need_weight, need_a, need_b = needs
+    dx = dweight = da = db = None
+    if need_x or need_a:
+        dy_b = kernels.lora_shrink(dy, lora_b.t())
+        if need_x:
+            dx = kernels.lora_linear(dy, weight.t(), None, lora_a.t(), scaling, None, xa=dy_b, dropout_out=spec)
+        if need_a:
+            da = kernels.lora_shrink(x.t(), (dy_b * scaling).to(x.dtype).t(), spec.transposed()).t().to(x.dtype)
+    if need_b:
+        db = dy.t() @ (kernels.lora_shrink(x, lora_a, spec) * scaling).to(x.dtype)
+    if need_weight:
+        dweight = dy.t() @ x
+    return dx, dweight, da, db
+
+
 def _backward(ctx, dy):
     """lora_grads for the saved inputs; dbias = sum(dy). The dropout mask comes back from the bits the forward
-    saved, never from a saved dropped copy of x."""
+    saved or from its seed, never from a saved dropped copy of x."""
     x, weight, lora_a, lora_b, bits = ctx.saved_tensors
     mask = None if bits is None else unpack_bits(bits, x.shape[1])
     needs = ctx.needs_input_grad
-    grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, ctx.dropout_scale, needs[:4])
+    scale, seed, p = ctx.dropout
+    grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, scale, needs[:4], seed, p)
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
-    return (*grads, None, dbias, None, None)
+    return (*grads, None, dbias, None, None, None, None)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -368,6 +427,7 @@ def lora_linear(
     lora_bias: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
+    dropout_mode: str = "torch",
 ) -> torch.Tensor:
     """Fused LoRA linear layer: ``x @ weight.T + bias + scaling * (dropout(x) @ lora_a.T @ lora_b.T + lora_bias)``.
 
@@ -387,17 +447,30 @@ def lora_linear(
             numbers; the backward keeps it as bits, not as a dropped copy of x.
         dropout_mask: bool [..., in_features] like x, the keep-mask to use instead of drawing one (with
             dropout_p > 0).
+        dropout_mode: ``"torch"`` (default) draws nn.Dropout's mask as above; ``"philox"`` (opt-in) draws the
+            mask inside the Triton kernels from a seed taken from torch's generator (reproducible under
+            ``torch.manual_seed``), so neither pass materialises a dropped copy of x or a mask, and the backward
+            regenerates it from the seed. Other backends apply the same mask, materialised (seeded_mask).
+            Eager only: under torch.compile use the default mode.
 
     All tensors share one dtype (float16, bfloat16 or float32) and one device; accumulation is fp32.
     Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b, bias, lora_bias.
     """
     check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias, lora_bias)
     p = check_p(dropout_p)
-    mask = _dropout_mask(x, p, dropout_mask)
+    if dropout_mode not in DROPOUT_MODES:
+        raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
+    philox = dropout_mode == "philox" and p > 0
+    if philox and dropout_mask is not None:
+        raise ValueError("dropout_mask is for dropout_mode='torch'; dropout_mode='philox' draws its mask in-kernel")
+    if philox and torch.compiler.is_compiling():
+        raise ValueError("dropout_mode='philox' runs eagerly; under torch.compile use dropout_mode='torch'")
+    mask = None if philox else _dropout_mask(x, p, dropout_mask)
     if lora_bias is not None:  # folded into the bias, outside the op: autograd gives it scaling * sum(dy)
         bias = scaling * lora_bias if bias is None else bias + scaling * lora_bias
     rows = x.reshape(-1, x.shape[-1])
     fused = _lora_linear_op if torch.compiler.is_compiling() else _LoRALinearFunction.apply
-    scale = keep_scale(p, x.dtype, x.device) if mask is not None else 1.0
-    y = fused(rows, weight, lora_a, lora_b, float(scaling), bias, mask, scale)
+    scale = philox_keep_scale(p) if philox else keep_scale(p, x.dtype, x.device) if mask is not None else 1.0
+    seed = draw_seed() if philox else -1
+    y = fused(rows, weight, lora_a, lora_b, float(scaling), bias, mask, scale, seed, p)
     return y.reshape(*x.shape[:-1], weight.shape[0])
