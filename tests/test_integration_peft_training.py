@@ -208,3 +208,23 @@ def test_dora_cases_that_keep_peft_forward(fused_calls):
     assert "with other active adapters" in rows["model.layers.0.self_attn.q_proj"].detail
     assert rows["model.layers.0.self_attn.k_proj"].path == "fused"  # DoRA alone there, no dropout in eval
     assert len(fused_calls) == patched_layer_count(model) - 2  # all but the two q_proj layers
+
+
+def test_philox_dropout_mode_trains_and_is_explained(backend, fused_calls):
+    """patch_peft_model(dropout_mode="philox"): masks drawn in-kernel (not PEFT's), reproducible per seed; the
+    model trains; explain_patch names the mode; an unknown mode is refused."""
+    model = patch_peft_model(lora_model("llama", lora_dropout=0.1, target_modules=["q_proj", "v_proj"]),
+                             dropout_mode="philox")  # fmt: skip
+    ids = tokens()
+    losses = [seeded_step(model.train(), ids).item() for _ in range(2)]
+    assert losses[0] == losses[1] and fused_calls  # same seed, same in-kernel masks
+    row = next(r for r in explain_patch(model) if r.path == "fused")
+    assert "in-kernel (philox)" in row.detail
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        optimizer.zero_grad()
+        loss = seeded_step(model, ids)
+        optimizer.step()
+    assert loss.item() < losses[0]
+    with pytest.raises(ValueError, match="dropout_mode must be one of"):
+        patch_peft_model(model, dropout_mode="curand")

@@ -186,3 +186,14 @@ def test_lora_bias_without_a_base_bias_cannot_merge():
     with pytest.raises(ValueError, match="without a bias"):
         layer.merge()
     assert not layer.merged
+
+
+def test_philox_dropout_mode(backend):
+    layer = make_layer(lora_dropout=0.5, dropout_mode="philox").train()
+    x = torch.randn(16, 37, device=DEVICE)
+    torch.manual_seed(4)
+    first = layer(x)
+    torch.manual_seed(4)
+    assert torch.equal(layer(x), first) and not torch.allclose(layer(x), first)
+    with pytest.raises(ValueError, match="dropout_mode must be one of"):
+        LoRALinear(nn.Linear(4, 4), dropout_mode="bits")

@@ -31,7 +31,7 @@ from torch import nn
 from fastpeft._autocast import compute_dtype
 from fastpeft._base_layers import is_linear_like, linear_weight
 from fastpeft.ops.dora import dora_linear, dora_weight_norm, weight_row_norm_sq
-from fastpeft.ops.dropout import draw_mask
+from fastpeft.ops.dropout import DROPOUT_MODES, draw_mask
 from fastpeft.ops.lora import FLOAT_DTYPES, lora_linear
 
 
@@ -179,6 +179,10 @@ def _version_key(*tensors: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors)
 
 
+def _mode(layer: nn.Module) -> str:
+    return layer.__dict__.get("_fastpeft_dropout_mode", "torch")
+
+
 def _dora_forward(layer: nn.Module, name: str, x: torch.Tensor, weight, bias) -> torch.Tensor:
     """PEFT's DoRA for one adapter, fused: ||W||^2 cached while W is unchanged, the whole norm while A, B and the
     weight are unchanged and the layer is in eval (in training A and B move every step)."""
@@ -215,10 +219,12 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     # Each adapter draws its own mask, in PEFT's order: the first runs fused, the others as PEFT runs them.
     first, *others = adapters
     p = _dropout_p(self.lora_dropout[first]) if self.training else 0.0
-    mask = draw_mask(tuple(x.shape), p, _dropout_dtype(self, first, x), x.device) if p > 0 else None
+    mode = _mode(self)
+    peft_mask = p > 0 and mode == "torch"
+    mask = draw_mask(tuple(x.shape), p, _dropout_dtype(self, first, x), x.device) if peft_mask else None
     lora_a, lora_b, scaling, lora_bias = _stacked(self, [first], dtype)
     result = lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias, dropout_p=p,
-                         dropout_mask=mask)  # fmt: skip
+                         dropout_mask=mask, dropout_mode=mode)  # fmt: skip
     for name in others:
         x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
         result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
@@ -231,18 +237,25 @@ def is_patched(module: nn.Module) -> bool:
     return getattr(forward, "__func__", None) is _fused_forward
 
 
-def patch_peft_model(model: nn.Module) -> nn.Module:
+def patch_peft_model(model: nn.Module, *, dropout_mode: str = "torch") -> nn.Module:
     """Make the LoRA layers of a PEFT model run fastpeft's fused op; returns ``model``, patched in place.
+
+    ``dropout_mode``: ``"torch"`` draws each dropout mask as PEFT's nn.Dropout would (PEFT's numbers under the
+    same seed); ``"philox"`` draws it inside the kernels (no dropped copy of x; other masks than PEFT's, so
+    seeded runs no longer match PEFT's bit for bit). Patching again sets the mode anew.
 
     Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear`` or Conv1D. Other layers (LoRA
     stacked on another tuner, quantized or tensor-subclass bases), and calls the fused op does not express
     (DoRA, ``adapter_names`` mixed batches, merged or disabled adapters), keep PEFT's own forward. Idempotent:
     call it again after adding LoRA layers to cover them. :func:`explain_patch` shows what runs where.
     """
+    if dropout_mode not in DROPOUT_MODES:
+        raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
     lora_linear_class = _peft_lora_linear_class()
     for module in model.modules():
-        if type(module) is lora_linear_class and not is_patched(module) and _base_unsupported_reason(module) is None:
+        if type(module) is lora_linear_class and _base_unsupported_reason(module) is None:
             module.forward = types.MethodType(_fused_forward, module)
+            module._fastpeft_dropout_mode = dropout_mode
     return model
 
 
@@ -251,6 +264,7 @@ def unpatch_peft_model(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if is_patched(module):
             del module.forward
+            module.__dict__.pop("_fastpeft_dropout_mode", None)
     return model
 
 
@@ -294,7 +308,8 @@ def _explain(layer: nn.Module) -> tuple[str, str]:
     if _is_dora(layer, adapters[0]):
         detail += " (DoRA)"
     if layer.training and dropping:
-        detail += f", dropout p={_dropout_p(layer.lora_dropout[adapters[0]])} with PEFT's mask"
+        p = _dropout_p(layer.lora_dropout[adapters[0]])
+        detail += f", dropout p={p} " + ("in-kernel (philox)" if _mode(layer) == "philox" else "with PEFT's mask")
     return "fused", detail
 
 

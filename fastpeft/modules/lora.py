@@ -9,7 +9,7 @@ from torch import nn
 
 from fastpeft._autocast import compute_dtype
 from fastpeft._base_layers import check_fan_in_fan_out, is_linear_like, linear_weight
-from fastpeft.ops.dropout import check_p
+from fastpeft.ops.dropout import DROPOUT_MODES, check_p
 from fastpeft.ops.lora import FLOAT_DTYPES, lora_linear
 
 
@@ -26,6 +26,8 @@ class LoRALinear(nn.Module):
         lora_bias: give lora_B a bias (PEFT's ``lora_bias=True``), initialised to zero.
         fan_in_fan_out: the weight layout; None infers it (True for Conv1D), a value that disagrees with the base
             layer raises ValueError.
+        dropout_mode: ``"torch"`` (nn.Dropout's mask, PEFT's numbers under the same seed) or ``"philox"`` (the
+            mask drawn inside the kernels, no dropped copy of x): see :func:`fastpeft.lora_linear`.
 
     Parameters ``lora_A`` [r, in_features] (Kaiming-uniform, as PEFT), ``lora_B`` [out_features, r] (zeros, so
     the layer starts equal to the base layer) and ``lora_B_bias`` [out_features] (with ``lora_bias``) take the
@@ -43,6 +45,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         lora_bias: bool = False,
         fan_in_fan_out: bool | None = None,
+        dropout_mode: str = "torch",
     ) -> None:
         super().__init__()
         if not is_linear_like(base_layer):
@@ -57,6 +60,9 @@ class LoRALinear(nn.Module):
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
             raise ValueError(f"r must be an int >= 1, got {r!r}")
         check_p(lora_dropout, "lora_dropout")
+        if dropout_mode not in DROPOUT_MODES:
+            raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
+        self.dropout_mode = dropout_mode
         self.fan_in_fan_out = check_fan_in_fan_out(base_layer, fan_in_fan_out)
         self.base_layer = base_layer.requires_grad_(False)
         self.out_features, self.in_features = linear_weight(base_layer).shape
@@ -153,6 +159,7 @@ class LoRALinear(nn.Module):
             bias,
             lora_bias=lora_bias,
             dropout_p=dropout_p,
+            dropout_mode=self.dropout_mode,
         )
 
     def extra_repr(self) -> str:
