@@ -5,8 +5,10 @@ Variants, timed in the same run on the same operands (adapters in the base dtype
     lora           fastpeft.lora_linear: the fused plain LoRA layer, the bound DoRA should stay near
     fused:<name>   fastpeft.ops.dora.dora_linear forced to one backend, and fused:auto
 
-Modes ``forward`` and ``forward+backward`` (x, A, B and the magnitude need gradients; W is frozen). Each fused
-variant's forward is checked against PEFT's output first; failures become rows with ``error``.
+Modes ``forward`` and ``forward+backward`` (x, A, B and the magnitude need gradients; W is frozen); training
+cases may name a dropout (PEFT's ``lora_dropout``: its DoRA then runs the base product twice, on x and on the
+dropped x, and so does the fused op). Each fused variant's forward is checked against PEFT's output first, from
+the same seed; failures become rows with ``error``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class Case:
     r: int
     dtype: torch.dtype
     mode: str
+    dropout: float = 0.0  # PEFT's lora_dropout, on in training
 
 
 def case_from_fields(fields: dict) -> Case:
@@ -47,16 +50,19 @@ def case_fields(case: Case) -> dict:
 
 
 def describe(case: Case) -> str:
-    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}"
+    dropout = f" dropout={case.dropout:g}" if case.dropout else ""
+    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}{dropout}"
 
 
 def cases(quick: bool) -> list[Case]:
     if quick:
-        return [Case(16, 96, 80, 8, torch.float32, mode) for mode in MODES]
-    return [
+        return [*(Case(16, 96, 80, 8, torch.float32, mode) for mode in MODES),
+                Case(16, 96, 80, 8, torch.float32, "forward+backward", dropout=0.1)]  # fmt: skip
+    sweep = [
         Case(m, 4096, n, 16, torch.bfloat16, mode)
         for mode, n, m in itertools.product(MODES, (4096, 14336), (1, 64, 4096))
     ]
+    return sweep + [Case(4096, 4096, n, 16, torch.bfloat16, "forward+backward", 0.05) for n in (4096, 14336)]
 
 
 def _peft_layer(case: Case, weight: torch.Tensor, lora_a, lora_b, magnitude) -> torch.nn.Module:
@@ -64,7 +70,8 @@ def _peft_layer(case: Case, weight: torch.Tensor, lora_a, lora_b, magnitude) -> 
     import peft
 
     holder = torch.nn.ModuleDict({"proj": torch.nn.Linear(case.k, case.n, bias=False, device=weight.device)})
-    config = peft.LoraConfig(r=case.r, lora_alpha=SCALING * case.r, target_modules=["proj"], use_dora=True)
+    config = peft.LoraConfig(r=case.r, lora_alpha=SCALING * case.r, target_modules=["proj"], use_dora=True,
+                             lora_dropout=case.dropout)  # fmt: skip
     layer = peft.get_peft_model(holder, config).base_model.model["proj"].to(case.dtype)
     with torch.no_grad():
         layer.base_layer.weight.copy_(weight)
@@ -93,15 +100,15 @@ def operand_sets(case: Case, device: torch.device) -> list[dict]:
     return sets
 
 
-def _variants(backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
+def _variants(backends: list[str], dropout: float) -> dict[str, Callable[[dict], torch.Tensor]]:
     def fused(ops):
-        return dora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], ops["magnitude"], SCALING)
+        x, w, a, b = ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"]
+        return dora_linear(x, w, a, b, ops["magnitude"], SCALING, dropout_p=dropout)
 
-    fns = {
-        "peft": lambda ops: ops["peft"](ops["x"]),
-        "lora": lambda ops: lora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], SCALING),
-        "fused:auto": fused,
-    }
+    def lora(ops):
+        return lora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], SCALING, dropout_p=dropout)
+
+    fns = {"peft": lambda ops: ops["peft"](ops["x"]), "lora": lora, "fused:auto": fused}
     fns.update({f"fused:{b}": fused for b in backends})
     return fns
 
@@ -124,17 +131,23 @@ def _step(variant: str, fn: Callable, sets: list[dict], mode: str) -> Callable[[
 
 
 def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:
-    """Check each fused variant against PEFT's DoRA output, then time every variant; one row per variant."""
-    variants = _variants(backends)
+    """Check each fused variant against PEFT's DoRA output (same seed, so the same dropout mask), then time
+    every variant; one row per variant."""
+    variants = _variants(backends, case.dropout)
     errors: dict[str, str] = {}
+
+    def seeded(fn):
+        torch.manual_seed(1234)
+        return fn()
+
     try:
         sets = operand_sets(case, device)
         with torch.no_grad():
             first = sets[0]
-            expected = variants["peft"](first).double()
+            expected = seeded(lambda: variants["peft"](first)).double()
             for name, fn in variants.items():
                 if name.startswith("fused"):
-                    got = with_backend(name, lambda fn=fn: fn(first))().double()
+                    got = seeded(with_backend(name, lambda fn=fn: fn(first))).double()
                     err = ((got - expected).norm() / expected.norm()).item()
                     if not err <= (1e-4 if case.dtype == torch.float32 else 3e-2):
                         errors[name] = f"wrong result: rel. error {err:.2e} against PEFT's DoRA"

@@ -40,12 +40,12 @@ def with_backend(variant: str, fn: Callable[[], object]) -> Callable[[], object]
     return forced
 
 
-def time_ms(fn: Callable[[], object], device: torch.device) -> float:
-    """Median milliseconds per call: CUDA events on a GPU, wall clock on a CPU."""
+def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -> float:
+    """Median milliseconds per call: CUDA events over about ``rep_ms`` on a GPU, wall clock on a CPU."""
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
     fn()
     samples = []
     for _ in range(5):
@@ -60,16 +60,16 @@ def describe_error(exc: BaseException) -> str:
 
 
 def time_variants(
-    steps: dict[str, Callable[[], object]], errors: dict[str, str], device: torch.device
+    steps: dict[str, Callable[[], object]], errors: dict[str, str], device: torch.device, rep_ms: int = 100
 ) -> dict[str, float]:
-    """Median ms per variant. Variants that already failed are skipped, except for a wrong result, which is still
-    timed; a variant that raises now gets its error recorded in ``errors``."""
+    """Median ms per variant (:func:`time_ms`). Variants that already failed are skipped, except for a wrong
+    result, which is still timed; a variant that raises now gets its error recorded in ``errors``."""
     times = {}
     for name, step in steps.items():
         if name in errors and not errors[name].startswith("wrong result"):
             continue
         try:
-            times[name] = time_ms(with_backend(name, step), device)
+            times[name] = time_ms(with_backend(name, step), device, rep_ms)
         except Exception as exc:  # out of memory, a broken backend: the row says so
             errors[name] = describe_error(exc)
     return times

@@ -29,11 +29,12 @@ sys.path.insert(0, str(HERE))
 
 import bench_dora  # noqa: E402
 import bench_lora  # noqa: E402
+import bench_train  # noqa: E402
 import targets  # noqa: E402
 
 from fastpeft.cli import package_version  # noqa: E402
 
-BENCHES = {"lora": bench_lora, "dora": bench_dora}
+BENCHES = {"lora": bench_lora, "dora": bench_dora, "train": bench_train}
 
 
 def machine() -> dict:
@@ -103,8 +104,11 @@ def summary(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         if row["variant"] == "fused:auto" and row.get("ms") is not None:
-            case = f"{row['mode']} M={row['m']} {row['k']}->{row['n']} r={row['r']} {row['dtype']}"
-            lines.append(f"{case:<48} {row['ms']:>9.4f} ms  {_ratios(row)}")
+            dropout = (" DoRA" if row.get("dora") else "") + (
+                f" dropout={row['dropout']:g}" if row.get("dropout") else ""
+            )
+            case = f"{row['mode']} M={row['m']} {row['k']}->{row['n']} r={row['r']} {row['dtype']}{dropout}"
+            lines.append(f"{case:<60} {row['ms']:>9.4f} ms  {_ratios(row)}")
     return "\n".join(lines)
 
 
@@ -120,6 +124,17 @@ def planned_cases(name: str, quick: bool) -> list:
     bench = BENCHES[name]
     first = [] if quick else [bench.case_from_fields(fields) for fields in targets.target_cases(name)]
     return first + [case for case in bench.cases(quick) if case not in first]
+
+
+def run_plan(names: list[str], quick: bool) -> list[tuple[str, object]]:
+    """(bench, case) in running order: every bench's target cases before any bench's sweep, then the sweeps,
+    shortest first, so a budget spent on one op's long sweep starves neither another op's targets nor its few
+    other cases."""
+    plans = {name: planned_cases(name, quick) for name in names}
+    heads = {name: 0 if quick else len(targets.target_cases(name)) for name in names}
+    order = [(name, case) for name in names for case in plans[name][: heads[name]]]
+    by_length = sorted(names, key=lambda name: len(plans[name]) - heads[name])
+    return order + [(name, case) for name in by_length for case in plans[name][heads[name] :]]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -138,29 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"machine": machine(), "quick": quick, "complete": False, "skipped_cases": 0, "rows": []}
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
-    for name in args.ops.split(","):
+    names = args.ops.split(",")
+    plan = run_plan(names, quick)
+    backends = {name: BENCHES[name].backends_for(device) for name in names}
+    for index, (name, case) in enumerate(plan, 1):
+        if deadline is not None and time.monotonic() > deadline:
+            report["skipped_cases"] += len(plan) - index + 1
+            print(f"budget spent, {len(plan) - index + 1} cases not run", flush=True)
+            break
         bench = BENCHES[name]
-        backends = bench.backends_for(device)
-        plan = planned_cases(name, quick)
-        for index, case in enumerate(plan, 1):
-            if deadline is not None and time.monotonic() > deadline:
-                report["skipped_cases"] += len(plan) - index + 1
-                print(f"{name}: budget spent, {len(plan) - index + 1} cases not run", flush=True)
-                break
-            rows = bench.run_case(case, device, backends)
-            report["rows"].extend(rows)
-            write_json(out / "results.json", report)
-            auto = next(r for r in rows if r["variant"] == "fused:auto")
-            failed = [r["variant"] for r in rows if r.get("error")]
-            failures = f"  FAILED {failed}" if failed else ""
-            print(
-                f"[{name} {index}/{len(plan)}] {bench.describe(case)}: fused:auto {_ratios(auto)}{failures}", flush=True
-            )
-        op_rows = [r for r in report["rows"] if r["op"] == bench.OP]
+        rows = bench.run_case(case, device, backends[name])
+        report["rows"].extend(rows)
+        write_json(out / "results.json", report)
+        auto = next(r for r in rows if r["variant"] == "fused:auto")
+        failed = [r["variant"] for r in rows if r.get("error")]
+        failures = f"  FAILED {failed}" if failed else ""
+        print(f"[{index}/{len(plan)} {name}] {bench.describe(case)}: fused:auto {_ratios(auto)}{failures}", flush=True)
+    for name in names:
+        op_rows = [r for r in report["rows"] if r["op"] == BENCHES[name].OP]
         timed = [r for r in op_rows if ratio_fields(r)]
         if timed and plot(timed, out / f"{name}.png"):
             print(f"wrote {out / f'{name}.png'}")
-
         print(summary(op_rows))
     report["complete"] = True
     write_json(out / "results.json", report)

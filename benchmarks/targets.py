@@ -37,7 +37,7 @@ def _lora_cases(ms, features, mode="forward", dropout=0.0) -> tuple[dict, ...]:
 _DECODE = _lora_cases((1, 16, 64), DECODE_FEATURES)
 _PREFILL = _lora_cases((4096, 16384), DECODE_FEATURES)
 _TRAIN = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward")
-_DORA = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "dtype": "bfloat16", "mode": "forward+backward"},)
+_DORA = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "dtype": "bfloat16", "mode": "forward+backward", "dropout": 0.0},)
 _DROPOUT = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward", dropout=0.05)
 
 TARGETS: tuple[Target, ...] = (

@@ -16,8 +16,9 @@
 #   sanitize  300  memcheck and racecheck x {cuda, triton} over every scripts/sanitize_<op>.py (lora, dora:
 #                  eight runs of a few small cases, about 30 s each, mostly torch and CUDA starting under the
 #                  sanitizer), fixed Triton configs (compiled by the test stage, so cached)
-#   bench     270  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases first (about two
-#                  minutes with autotuning), then the sweep until the budget is spent; summary table last
+#   bench     270  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases of every op first
+#                  (about two minutes with autotuning), then the sweeps, shortest first (the four training
+#                  steps of a small Llama, about a minute; DoRA's; LoRA's) until the budget is spent; summary last
 # Whole run at most 1050 s (17.5 min). In device calls of at most 10 minutes: `build test` (480 s), then
 # `sanitize bench` (570 s); a fresh machine between calls needs `build` again: then run `build sanitize` and
 # `bench` as two calls.

@@ -45,6 +45,13 @@ def test_target_cases_come_first_and_once():
     plan = runner.planned_cases("lora", quick=False)
     first = [bench_lora.case_from_fields(fields) for fields in targets.target_cases("lora")]
     assert plan[: len(first)] == first and len(plan) == len(set(plan))
+    order = runner.run_plan(list(runner.BENCHES), quick=False)
+    every_target = sum(len(targets.target_cases(name)) for name in runner.BENCHES)
+    assert len(order) == sum(len(runner.planned_cases(name, quick=False)) for name in runner.BENCHES)
+    assert [bench for bench, _ in order[:every_target]] == [
+        name for name in runner.BENCHES for _ in targets.target_cases(name)
+    ]  # every op's targets before any sweep
+    assert order[-1][0] == "lora"  # the longest sweep last: it does not starve the others
 
 
 def test_a_raising_variant_is_a_failure_row_and_the_rest_still_run(monkeypatch):
@@ -77,7 +84,7 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
         return real(case, device, backends)
 
     monkeypatch.setattr(bench_lora, "run_case", spy)
-    assert runner.main(["--out", str(tmp_path), "--quick"]) == 0
+    assert runner.main(["--out", str(tmp_path), "--quick", "--ops", "lora"]) == 0
     assert (
         seen[0] == {}
         and seen[1]["complete"] is False
@@ -86,6 +93,13 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
     final = json.loads((tmp_path / "results.json").read_text())
     assert final["complete"] is True and final["skipped_cases"] == 0
     assert "| target" in (tmp_path / "summary.md").read_text()
+
+
+def test_every_bench_smoke_pass_runs_without_a_failure_row(tmp_path):
+    assert runner.main(["--out", str(tmp_path), "--quick"]) == 0  # non-zero when any row has an error
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert {row["op"] for row in rows} == {bench.OP for bench in runner.BENCHES.values()}
+    assert all(row["ms"] > 0 for row in rows)
 
 
 def test_budget_stops_starting_cases(tmp_path):

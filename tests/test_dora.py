@@ -42,6 +42,33 @@ def test_dora_forward_backward_match_reference(backend, dtype, shape):
         assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=str)
+def test_dora_with_dropout_matches_peft_formula(backend, dtype, shape):
+    """PEFT's DoRA in training with dropout (base product on x, the scaled one on the dropped x), given the mask
+    and drawn as nn.Dropout draws it: forward and every gradient against float64."""
+    inputs = make(*shape, dtype)
+    p = 0.3
+    mask = torch.rand(inputs["x"].shape, device=DEVICE) >= p
+    out = dora_linear(**inputs, scaling=1.3, dropout_p=p, dropout_mask=mask)
+    copies = [{k: v.detach().to(t).requires_grad_(v.requires_grad) for k, v in inputs.items()}
+              for t in (torch.float64, dtype)]  # fmt: skip
+    ref, baseline = (dora_linear_reference(**c, scaling=1.3, dropped_x=c["x"] * mask / (1 - p)) for c in copies)
+    assert_close_to_reference(out, ref, baseline.detach(), f"{backend} forward")
+    grad = torch.randn(out.shape, device=DEVICE).to(dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    baseline.backward(grad)
+    for name in ("x", "lora_a", "lora_b", "magnitude", "bias"):
+        if shape[0] != (0,):
+            assert_close_to_reference(inputs[name].grad, copies[0][name].grad, copies[1][name].grad, f"grad {name}")
+    torch.manual_seed(5)
+    drawn = dora_linear(**inputs, scaling=1.3, dropout_p=p)
+    torch.manual_seed(5)
+    expected_mask = torch.nn.functional.dropout(torch.ones_like(inputs["x"]), p) != 0
+    torch.testing.assert_close(drawn, dora_linear(**inputs, scaling=1.3, dropout_p=p, dropout_mask=expected_mask))
+
+
 def test_norm_identity_without_materialising_the_merged_weight(backend):
     inputs = make((1,), 50, 30, 6, torch.float32, grad=False)
     w, a, b = (inputs[k].double() for k in ("weight", "lora_a", "lora_b"))
@@ -83,6 +110,8 @@ def test_opcheck_and_compile():
         (dict(magnitude=[1.0] * 8), TypeError, "magnitude must be a floating-point"),
         (dict(weight_norm_sq=torch.ones(9)), ValueError, "weight_norm_sq must be"),
         (dict(lora_b=torch.randn(8, 5)), ValueError, "lora_b must be"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\)"),
+        (dict(dropout_p=0.1, dropout_mask=torch.ones(3, 15, dtype=torch.bool)), ValueError, "dropout_mask must"),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

@@ -55,10 +55,9 @@ class Holder(nn.Module):
 @dataclass
 class Case:
     build: Callable[[], nn.Module]
-    fused: bool  # what the patch is expected to do with it in eval
+    fused: bool  # what the patch is expected to do with it, in eval and in training
     make_input: Callable[[], torch.Tensor] = lambda: torch.randn(2, 3, IN, device=DEVICE)
     config: dict = field(default_factory=dict)
-    fused_in_training: bool | None = None  # the same as in eval unless given
     dtype: torch.dtype = torch.float32
 
 
@@ -93,9 +92,7 @@ CASES = {
     "linear-subclass": Case(lambda: ScaledLinear(IN, OUT), fused=False),
     "linear-subclass-weight": Case(linear_with_subclass_weight, fused=False),
     "linear-dora": Case(lambda: nn.Linear(IN, OUT), fused=True, config={"use_dora": True}),
-    "linear-dora-dropout": Case(
-        lambda: nn.Linear(IN, OUT), fused=True, fused_in_training=False, config={"use_dora": True, "lora_dropout": 0.2}
-    ),
+    "linear-dora-dropout": Case(lambda: nn.Linear(IN, OUT), fused=True, config={"use_dora": True, "lora_dropout": 0.2}),
     "linear-lora-bias": Case(lambda: nn.Linear(IN, OUT), fused=True, config={"lora_bias": True}),
     "linear-dropout": Case(lambda: nn.Linear(IN, OUT), fused=True, config={"lora_dropout": 0.3}),
     "gpt2-conv1d": Case(
@@ -152,8 +149,7 @@ def test_each_peft_layer_is_fused_with_peft_numbers_or_left_to_peft(name, backen
         calls_before = len(fused_calls)
         (y, grads), (ref_y, ref_grads) = run(model, x), run(reference, x)
         fused = len(fused_calls) > calls_before
-        expected = case.fused if not training or case.fused_in_training is None else case.fused_in_training
-        assert fused == expected, f"{name} (training={training}): fused={fused}, expected {expected}"
+        assert fused == case.fused, f"{name} (training={training}): fused={fused}, expected {case.fused}"
         if fused:
             assert rel_error(y, ref_y) < tolerance
             for grad, ref_grad in zip(grads, ref_grads, strict=True):

@@ -134,8 +134,6 @@ def _why_not_fused(layer: nn.Module, x_dtype: torch.dtype | None, autocast: bool
     dora = [name for name in active if _is_dora(layer, name)]
     if dora and len(active) > 1:
         return f"DoRA adapter {dora[0]!r} with other active adapters"  # PEFT scales their deltas too
-    if dora and layer.training and _dropout_p(layer.lora_dropout[dora[0]]) > 0:
-        return "DoRA with dropout in training (PEFT recomputes the base product on the dropped x)"
     if x_dtype is not None and x_dtype != layer.base_layer.weight.dtype and not autocast:
         return "input dtype differs from the base weight's"  # nn.Linear would refuse it: PEFT raises its error
     return None
@@ -185,7 +183,8 @@ def _mode(layer: nn.Module) -> str:
 
 def _dora_forward(layer: nn.Module, name: str, x: torch.Tensor, weight, bias) -> torch.Tensor:
     """PEFT's DoRA for one adapter, fused: ||W||^2 cached while W is unchanged, the whole norm while A, B and the
-    weight are unchanged and the layer is in eval (in training A and B move every step)."""
+    weight are unchanged and the layer is in eval (in training A and B move every step). Dropout in training
+    draws PEFT's mask whatever the dropout mode (dora_linear has no in-kernel mode)."""
     lora_a = layer.lora_A[name].weight.to(x.dtype)
     lora_b = layer.lora_B[name].weight.to(x.dtype)
     scaling = float(layer.scaling[name])
@@ -198,7 +197,10 @@ def _dora_forward(layer: nn.Module, name: str, x: torch.Tensor, weight, bias) ->
         key = (*_version_key(base_weight, layer.lora_A[name].weight, layer.lora_B[name].weight), x.dtype, scaling)
         norm = _cached(layer, f"norm:{name}", key, lambda: dora_weight_norm(weight, lora_a, lora_b, scaling, norm_sq))
     magnitude = layer.lora_magnitude_vector[name].weight
-    return dora_linear(x, weight, lora_a, lora_b, magnitude, scaling, bias, weight_norm_sq=norm_sq, weight_norm=norm)
+    p = _dropout_p(layer.lora_dropout[name]) if layer.training else 0.0
+    mask = draw_mask(tuple(x.shape), p, _dropout_dtype(layer, name, x), x.device) if p > 0 else None
+    return dora_linear(x, weight, lora_a, lora_b, magnitude, scaling, bias, weight_norm_sq=norm_sq, weight_norm=norm,
+                       dropout_p=p, dropout_mask=mask)  # fmt: skip
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -210,7 +212,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     weight = linear_weight(base).to(dtype)
     bias = None if base.bias is None else base.bias.to(dtype)
     adapters = _active_adapters(self)
-    if _is_dora(self, adapters[0]):  # the only active adapter (_why_not_fused), no dropout active
+    if _is_dora(self, adapters[0]):  # the only active adapter (_why_not_fused)
         return _dora_forward(self, adapters[0], x.to(dtype), weight, bias)
     dropping = self.training and any(_dropout_p(self.lora_dropout[name]) > 0 for name in adapters)
     if not dropping:
@@ -309,7 +311,8 @@ def _explain(layer: nn.Module) -> tuple[str, str]:
         detail += " (DoRA)"
     if layer.training and dropping:
         p = _dropout_p(layer.lora_dropout[adapters[0]])
-        detail += f", dropout p={p} " + ("in-kernel (philox)" if _mode(layer) == "philox" else "with PEFT's mask")
+        in_kernel = _mode(layer) == "philox" and not _is_dora(layer, adapters[0])
+        detail += f", dropout p={p} " + ("in-kernel (philox)" if in_kernel else "with PEFT's mask")
     return "fused", detail
 
 

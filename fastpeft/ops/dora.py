@@ -12,6 +12,11 @@ The magnitude scale is applied per column in the GEMM's epilogue (Triton); the p
 for the backward only when a gradient needs it: dm = sum_rows(dy * z) / norm, and the LoRA gradients are
 those of ``lora_linear`` for ``dz = dy * m / norm``. The torch and cuda backends run the LoRA product on their
 kernels and apply the scale and bias after it.
+
+With dropout (training), PEFT's DoRA runs the scaled product on the dropped input xd and adds the base product
+of the undropped x outside the scale: ``y = x W^T + b + (c - 1) xd W^T + c s xd A^T B^T`` with ``c = m / norm``.
+Here that is ``c (xd W^T + s xd A^T B^T) + b`` (the fused op on xd) plus one GEMM of ``x - xd``: two passes over
+W, as PEFT's two base products, without PEFT's separate LoRA GEMMs and elementwise passes over the output.
 """
 
 # No `from __future__ import annotations`: torch.library reads these annotations at runtime.
@@ -19,8 +24,10 @@ from typing import Optional
 
 import torch
 
+from fastpeft._autocast import without_autocast
 from fastpeft.backends import select_backend
-from fastpeft.ops.lora import IMPLS, check_lora_linear_args, lora_grads, preference
+from fastpeft.ops.dropout import apply_mask, check_p, keep_scale
+from fastpeft.ops.lora import IMPLS, check_lora_linear_args, lora_grads, preference, resolve_dropout_mask
 
 
 def weight_row_norm_sq(weight: torch.Tensor) -> torch.Tensor:
@@ -54,12 +61,18 @@ def dora_linear_reference(
     magnitude: torch.Tensor,
     scaling: float = 1.0,
     bias: Optional[torch.Tensor] = None,
+    dropped_x: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """PEFT's DoRA formula in the inputs' own dtype, ``W + s B A`` materialised: the ground truth in float64."""
+    """PEFT's DoRA formula in the inputs' own dtype, ``W + s B A`` materialised: the ground truth in float64.
+    ``dropped_x`` (like x): the dropout's output in training, computed as PEFT does from it."""
     norm = torch.linalg.vector_norm(weight + scaling * lora_b @ lora_a, dim=1).detach()
     lin = torch.nn.functional.linear
+    scale = magnitude / norm
+    if dropped_x is not None:
+        base = lin(x, weight, bias)
+        return base + (scale - 1) * lin(dropped_x, weight) + scale * scaling * lin(lin(dropped_x, lora_a), lora_b)
     z = lin(x, weight) + scaling * lin(lin(x, lora_a), lora_b)
-    y = (magnitude / norm) * z
+    y = scale * z
     return y if bias is None else y + bias
 
 
@@ -142,6 +155,8 @@ def dora_linear(
     *,
     weight_norm_sq: Optional[torch.Tensor] = None,
     weight_norm: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused DoRA linear layer: ``magnitude / ||W + s B A||_row * (x W^T + s x A^T B^T) + bias`` (PEFT's DoRA).
 
@@ -156,6 +171,10 @@ def dora_linear(
             since W is frozen; computed when None.
         weight_norm: [out_features] fp32, the whole detached norm ``||W + s B A||_row``
             (:func:`dora_weight_norm`), for a caller that caches it while A and B do not change (inference).
+        dropout_p: in [0, 1); > 0 applies PEFT's DoRA with dropout (training): with c = magnitude / norm and xd
+            the dropped x, ``y = x W^T + bias + (c - 1) xd W^T + c s xd A^T B^T``. The mask is drawn as
+            ``nn.Dropout(p)`` would draw it (:func:`fastpeft.lora_linear`'s default mode).
+        dropout_mask: bool, like x: the keep-mask to use instead of drawing one (with dropout_p > 0).
 
     x, weight, lora_a, lora_b and bias share one dtype and device. The row norm is detached (PEFT). Returns
     [..., out_features] in x's dtype; differentiable in x, lora_a, lora_b, magnitude, bias (and weight).
@@ -170,14 +189,34 @@ def dora_linear(
         if tuple(t.shape) != (out_features,) or t.device != x.device:
             raise ValueError(f"{name} must be [out_features={out_features}] on {x.device}, "
                              f"got {tuple(t.shape)} on {t.device}")  # fmt: skip
+    mask = resolve_dropout_mask(x, check_p(dropout_p), dropout_mask)
     norm = weight_norm if weight_norm is not None else dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)
     out_scale = magnitude.float() / norm
     rows = x.reshape(-1, x.shape[-1])
+    if mask is not None:
+        y = _dropped_dora_rows(rows, weight, lora_a, lora_b, float(scaling), bias, out_scale, mask, dropout_p)
+        return y.reshape(*x.shape[:-1], out_features)
+    return _scaled_rows(rows, weight, lora_a, lora_b, float(scaling), bias, out_scale).reshape(
+        *x.shape[:-1], out_features
+    )
+
+
+def _scaled_rows(rows, weight, lora_a, lora_b, scaling, bias, out_scale):
+    """``out_scale * (rows W^T + s rows A^T B^T) + bias`` through the custom op (compiling) or the Function."""
     if torch.compiler.is_compiling():
-        y, _ = _dora_linear_op(rows, weight, lora_a, lora_b, float(scaling), bias, out_scale)
-    else:
-        keep_z = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (rows, weight, lora_a, lora_b, bias, out_scale)
-        )
-        y, _ = _DoRALinearFunction.apply(rows, weight, lora_a, lora_b, float(scaling), bias, out_scale, keep_z)
-    return y.reshape(*x.shape[:-1], out_features)
+        return _dora_linear_op(rows, weight, lora_a, lora_b, scaling, bias, out_scale)[0]
+    keep_z = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (rows, weight, lora_a, lora_b, bias, out_scale)
+    )
+    return _DoRALinearFunction.apply(rows, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z)[0]
+
+
+@without_autocast
+def _dropped_dora_rows(rows, weight, lora_a, lora_b, scaling, bias, out_scale, mask, p):
+    """PEFT's DoRA with dropout: ``c (xd W^T + s xd A^T B^T) + bias + (x - xd) W^T``; autograd composes the
+    fused op's gradients with the mask's (dx = dy W + D(dxd - dy W), D the dropout)."""
+    scale = keep_scale(p, rows.dtype, rows.device)
+    dropped = apply_mask(rows, mask, scale)
+    rest = torch.where(mask, rows.float() * (1.0 - scale), rows.float()).to(rows.dtype)  # x - xd, rounded once
+    y = _scaled_rows(dropped, weight, lora_a, lora_b, scaling, bias, out_scale)
+    return torch.addmm(y, rest, weight.t())

@@ -400,7 +400,7 @@ def check_lora_linear_args(
             raise ValueError(f"{name} must be [out_features={out_features}], got {tuple(named[name].shape)}")
 
 
-def _dropout_mask(x: torch.Tensor, p: float, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+def resolve_dropout_mask(x: torch.Tensor, p: float, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The keep-mask for A's input as 2-D rows: ``mask`` checked, or drawn as nn.Dropout(p) would draw it."""
     if p == 0.0:
         if mask is not None:
@@ -465,7 +465,7 @@ def lora_linear(
         raise ValueError("dropout_mask is for dropout_mode='torch'; dropout_mode='philox' draws its mask in-kernel")
     if philox and torch.compiler.is_compiling():
         raise ValueError("dropout_mode='philox' runs eagerly; under torch.compile use dropout_mode='torch'")
-    mask = None if philox else _dropout_mask(x, p, dropout_mask)
+    mask = None if philox else resolve_dropout_mask(x, p, dropout_mask)
     if lora_bias is not None:  # folded into the bias, outside the op: autograd gives it scaling * sum(dy)
         bias = scaling * lora_bias if bias is None else bias + scaling * lora_bias
     rows = x.reshape(-1, x.shape[-1])
