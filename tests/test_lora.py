@@ -155,16 +155,16 @@ def test_opcheck():
     """torch's own checks of the custom op: schema, fake implementation, autograd registration."""
     inputs = make_inputs((6,), 24, 17, 4, torch.float32, requires_grad=True)
     args = (inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"], 0.5, inputs["bias"])
-    torch.library.opcheck(torch.ops.fastpeft.lora_linear.default, (*args, None, 1.0, -1, 0.0))
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear.default, (*args, None, [1.0], [], -1, 0.0))
     mask = torch.rand(6, 24, device=DEVICE) > 0.3
-    torch.library.opcheck(torch.ops.fastpeft.lora_linear.default, (*args, mask, 1 / 0.7, -1, 0.3))
+    torch.library.opcheck(torch.ops.fastpeft.lora_linear.default, (*args, mask, [1 / 0.7], [], -1, 0.3))
 
 
 def test_custom_op_takes_rows_only():
     """The op torch.compile sees works on 2-D rows (fastpeft.lora_linear does the reshapes), and says so."""
     inputs = make_inputs((3, 2), 24, 17, 4, torch.float32)
     with pytest.raises(ValueError, match=r"2-D rows \[M, in_features\]"):
-        torch.ops.fastpeft.lora_linear(*inputs.values(), None, 1.0, -1, 0.0)
+        torch.ops.fastpeft.lora_linear(*inputs.values(), None, [1.0], [], -1, 0.0)
 
 
 def test_compile_fullgraph_forward_backward():
@@ -250,7 +250,7 @@ def test_custom_op_gives_the_eager_numbers(backend):
     """Eager calls skip the custom-op wrapper (overhead); the op torch.compile sees must compute the same."""
     inputs = make_inputs((6,), 24, 17, 4, torch.float32, requires_grad=True)
     args = (inputs["x"], inputs["weight"], inputs["lora_a"], inputs["lora_b"], inputs["scaling"], inputs["bias"])
-    via_op = torch.ops.fastpeft.lora_linear(*args, None, 1.0, -1, 0.0)
+    via_op = torch.ops.fastpeft.lora_linear(*args, None, [1.0], [], -1, 0.0)
     eager = lora_linear(**inputs)
     torch.testing.assert_close(via_op, eager)
     grads_op = torch.autograd.grad(via_op.sum(), [inputs["x"], inputs["lora_a"]])

@@ -107,6 +107,70 @@ def test_backward_keeps_bits_not_a_dropped_copy_of_x():
     assert ((6, 5), torch.uint8) in saved  # 40 columns -> 5 bytes per row
     assert saved.count(((6, 40), torch.float32)) == 1  # x itself, and no dropped copy of it
     out.sum().backward()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lora_linear(**{k: v for k, v in inputs.items() if k != "lora_bias"}, dropout_p=[0.2, 0.1], rank_groups=[1, 3])
+    assert ((12, 5), torch.uint8) in saved and saved.count(((6, 40), torch.float32)) == 1  # two masks as bits
+
+
+def grouped_reference(inputs, masks, ps, ranks):
+    """Several adapters stacked in lora_a/lora_b (scales folded into B), each with its own dropout mask."""
+    x, lin = inputs["x"], torch.nn.functional.linear
+    y = lin(x, inputs["weight"], inputs["bias"])
+    start = 0
+    for mask, p, r in zip(masks, ps, ranks, strict=True):
+        dropped = torch.where(mask, x / (1 - p), 0)
+        y = y + lin(lin(dropped, inputs["lora_a"][start : start + r]), inputs["lora_b"][:, start : start + r])
+        start += r
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
+def test_stacked_adapters_each_with_its_own_mask(backend, dtype, shape):
+    """rank_groups: each adapter's mask drawn in order as its nn.Dropout would (none for p = 0), one base GEMM
+    and one expand for all; forward and every gradient against float64."""
+    ranks, ps = [2, 1, 2], [0.3, 0.0, 0.5]
+    lead, k, n, _ = shape
+    inputs = make(lead, k, n, sum(ranks), dtype)
+    inputs.pop("lora_bias")
+    torch.manual_seed(9)
+    with record_backends() as calls:
+        out = lora_linear(**inputs, dropout_p=ps, rank_groups=ranks)
+    assert [op for op, _ in calls].count("lora_expand_linear") == 1
+    torch.manual_seed(9)
+    x = inputs["x"]
+    masks = [torch.nn.functional.dropout(torch.ones_like(x), p) != 0 if p else torch.ones_like(x, dtype=torch.bool)
+             for p in ps]  # fmt: skip
+    inputs64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    plain = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
+    ref, baseline = (grouped_reference(c, masks, ps, ranks) for c in (inputs64, plain))
+    assert_close_to_reference(out, ref, baseline.detach(), f"{backend} forward")
+    grad = torch.randn(out.shape, device=DEVICE).to(dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    baseline.backward(grad)
+    for name in inputs:
+        assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
+    given = lora_linear(**inputs, dropout_p=ps, rank_groups=ranks, dropout_mask=torch.stack(masks))
+    torch.testing.assert_close(given, out)
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        (dict(rank_groups=[2, 1]), "rank_groups must add up to lora_a's rank 4"),
+        (dict(rank_groups=[4, 0]), "rank_groups must be a list of ranks >= 1"),
+        (dict(rank_groups=[2, 2], dropout_p=[0.1]), "one p per rank group"),
+        (dict(rank_groups=[2, 2], dropout_p=[0.1, 1.5]), r"dropout_p must be in \[0, 1\)"),
+        (dict(rank_groups=[2, 2], dropout_p=0.1, dropout_mask=torch.ones(3, 16, dtype=torch.bool)), r"\[groups"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+def test_bad_rank_groups(changes, match):
+    inputs = {k: v.detach().cpu() for k, v in make((3,), 16, 8, 4, torch.float32, grad=False).items()}
+    with pytest.raises(ValueError, match=match):
+        lora_linear(**inputs, **changes)
 
 
 @pytest.mark.parametrize(

@@ -138,8 +138,10 @@ def test_bad_dropout_mode_input(monkeypatch):
     t = {k: v.detach().cpu() for k, v in inputs((3,), 16, 8, 4, torch.float32).items()}
     with pytest.raises(ValueError, match="dropout_mode must be one of"):
         lora_linear(**t, dropout_p=0.1, dropout_mode="cuRAND")
-    with pytest.raises(ValueError, match="dropout_mask is for dropout_mode='torch'"):
+    with pytest.raises(ValueError, match="takes neither dropout_mask nor rank_groups"):
         lora_linear(**t, dropout_p=0.1, dropout_mode="philox", dropout_mask=torch.ones(3, 16, dtype=torch.bool))
+    with pytest.raises(ValueError, match="takes neither dropout_mask nor rank_groups"):
+        lora_linear(**t, dropout_p=[0.1, 0.2], dropout_mode="philox", rank_groups=[1, 3])
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with pytest.raises(ValueError, match="runs eagerly"):
         lora_linear(**t, dropout_p=0.1, dropout_mode="philox")

@@ -9,13 +9,14 @@ is a floating-point ``nn.Linear`` or GPT-2 ``Conv1D`` holding plain tensors. The
 The replacement decides per call, from the layer's state then (so adapters added, loaded, switched or deleted
 through PEFT's API after patching are covered on the next call; new LoRA layers by patching again):
 
-- fused, one call for all active adapters (their ranks stacked) when no dropout is active: vanilla LoRA with
-  or without ``lora_bias``, rsLoRA, any number of active adapters;
-- fused with dropout in training: the first active adapter runs in the fused op with the dropout mask PEFT's
-  ``nn.Dropout`` would draw (same generator, same order, drawn for the dtype PEFT casts x to), further active
-  adapters then run as PEFT runs them, drawing their masks in PEFT's order;
-- PEFT's own forward otherwise: DoRA and other LoRA variants, ``adapter_names`` mixed batches, merged or
-  disabled adapters, other dropout modules.
+- fused, one call for all active adapters (their ranks stacked): vanilla LoRA with or without ``lora_bias``,
+  rsLoRA, any number of active adapters, in eval and in training;
+- dropout in training with the masks PEFT's ``nn.Dropout`` modules would draw (same generator, same order, one
+  per adapter, drawn for the dtype PEFT casts x to), or, with ``dropout_mode="philox"`` and one adapter, drawn
+  inside the kernels;
+- DoRA as the only active adapter, with or without dropout (:mod:`fastpeft.ops.dora`);
+- PEFT's own forward otherwise: DoRA beside other adapters, other LoRA variants, ``adapter_names`` mixed
+  batches, merged or disabled adapters, other dropout modules.
 
 :func:`explain_patch` says, per layer, which path runs now and why. ``unpatch_peft_model`` removes the patch.
 """
@@ -214,23 +215,26 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
     adapters = _active_adapters(self)
     if _is_dora(self, adapters[0]):  # the only active adapter (_why_not_fused)
         return _dora_forward(self, adapters[0], x.to(dtype), weight, bias)
-    dropping = self.training and any(_dropout_p(self.lora_dropout[name]) > 0 for name in adapters)
-    if not dropping:
-        lora_a, lora_b, scaling, lora_bias = _stacked(self, adapters, dtype)
+    ps = [_dropout_p(self.lora_dropout[name]) if self.training else 0.0 for name in adapters]
+    lora_a, lora_b, scaling, lora_bias = _stacked(self, adapters, dtype)
+    if not any(ps):
         return lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias)
-    # Each adapter draws its own mask, in PEFT's order: the first runs fused, the others as PEFT runs them.
-    first, *others = adapters
-    p = _dropout_p(self.lora_dropout[first]) if self.training else 0.0
-    mode = _mode(self)
-    peft_mask = p > 0 and mode == "torch"
-    mask = draw_mask(tuple(x.shape), p, _dropout_dtype(self, first, x), x.device) if peft_mask else None
-    lora_a, lora_b, scaling, lora_bias = _stacked(self, [first], dtype)
-    result = lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias, dropout_p=p,
-                         dropout_mask=mask, dropout_mode=mode)  # fmt: skip
-    for name in others:
-        x = self._cast_input_dtype(x, self.lora_A[name].weight.dtype)
-        result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
-    return result.to(dtype)
+    if len(adapters) == 1 and _mode(self) == "philox":
+        return lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias, dropout_p=ps[0],
+                           dropout_mode="philox")  # fmt: skip
+    # PEFT's masks: each adapter's nn.Dropout draws one, in the adapters' order, for x cast to its A's dtype.
+    masks = [
+        draw_mask(tuple(x.shape), p, _dropout_dtype(self, name, x), x.device)
+        if p
+        else torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        for name, p in zip(adapters, ps, strict=True)
+    ]
+    if len(adapters) == 1:
+        return lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias, dropout_p=ps[0],
+                           dropout_mask=masks[0])  # fmt: skip
+    ranks = [self.lora_A[name].weight.shape[0] for name in adapters]
+    return lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias, dropout_p=ps,
+                       dropout_mask=torch.stack(masks), rank_groups=ranks)  # fmt: skip
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -280,7 +284,7 @@ class LayerPath:
     """What a PEFT LoRA layer runs on a plain call in the model's current state, and why."""
 
     name: str
-    path: str  # "fused", "fused + PEFT" (dropout with several adapters), "PEFT" or "not patched"
+    path: str  # "fused", "PEFT" or "not patched"
     detail: str
 
 
@@ -303,16 +307,14 @@ def _explain(layer: nn.Module) -> tuple[str, str]:
     if reason is not None:
         return "PEFT", reason
     adapters = _active_adapters(layer)
-    dropping = [name for name in adapters if _dropout_p(layer.lora_dropout[name]) > 0]
-    if layer.training and dropping and len(adapters) > 1:
-        return "fused + PEFT", f"dropout in training: {adapters[0]!r} fused, {adapters[1:]} as PEFT runs them"
+    ps = [_dropout_p(layer.lora_dropout[name]) for name in adapters]
     detail = f"adapters {adapters} in one call" if len(adapters) > 1 else f"adapter {adapters[0]!r}"
     if _is_dora(layer, adapters[0]):
         detail += " (DoRA)"
-    if layer.training and dropping:
-        p = _dropout_p(layer.lora_dropout[adapters[0]])
-        in_kernel = _mode(layer) == "philox" and not _is_dora(layer, adapters[0])
-        detail += f", dropout p={p} " + ("in-kernel (philox)" if in_kernel else "with PEFT's mask")
+    if layer.training and any(ps):
+        in_kernel = _mode(layer) == "philox" and len(adapters) == 1 and not _is_dora(layer, adapters[0])
+        how = "in-kernel (philox)" if in_kernel else "with PEFT's mask" + ("s" if len(adapters) > 1 else "")
+        detail += f", dropout p={ps[0] if len(ps) == 1 else ps} {how}"
     return "fused", detail
 
 

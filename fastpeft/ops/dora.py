@@ -127,7 +127,7 @@ def _backward(ctx, dy, _dz):
     x, weight, lora_a, lora_b, out_scale, z = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dz = (dy.float() * out_scale).to(dy.dtype)
-    grads = lora_grads(dz, x, weight, lora_a, lora_b, ctx.scaling, None, 1.0, needs[:4])
+    grads = lora_grads(dz, x, weight, lora_a, lora_b, ctx.scaling, None, [1.0], needs[:4])
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
     dscale = (dy.float() * z.float()).sum(0) if needs[6] else None
     return (*grads, None, dbias, dscale, *([None] * (len(needs) - 7)))

@@ -12,7 +12,8 @@ Each runs on one of three backends (fastpeft.backends): ``cuda`` (csrc/lora.cu),
 """
 
 # No `from __future__ import annotations`: torch.library reads these annotations at runtime.
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from typing import Optional
 
 import torch
@@ -200,8 +201,29 @@ def _philox_on_triton(x: torch.Tensor, rank: int, seed: int, p: float, scale: fl
     return kernels, kernels.PhiloxDropout(seed, p, scale, x.shape[1], 1)
 
 
-def _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale, dropout_seed, dropout_p):
-    in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scale)
+def _dropout_groups(
+    mask: Optional[torch.Tensor], scales: Sequence[float], rank_groups: Sequence[int], rank: int
+) -> list[tuple[slice, Optional[torch.Tensor], float]]:
+    """(rows of lora_a, keep-mask [M, K] or None, keep scale) per group of stacked adapters: one group over all
+    ``rank`` rows unless ``rank_groups`` splits them, each group then with its own mask (``mask`` [G, M, K])."""
+    if not rank_groups:
+        return [(slice(0, rank), mask, scales[0] if scales else 1.0)]
+    starts = list(itertools.accumulate(rank_groups, initial=0))
+    return [(slice(starts[g], starts[g + 1]), mask[g], scales[g]) for g in range(len(rank_groups))]
+
+
+def _dropped(x: torch.Tensor, mask: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    return x if mask is None else apply_mask(x, mask, scale)
+
+
+def _columns(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _lora_linear_rows(
+    x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, rank_groups, dropout_seed, dropout_p
+):
+    in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0])
     if in_kernel is not None:  # the mask drawn inside the kernels: no dropped copy of x, no mask in memory
         kernels, spec = in_kernel
         if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]):
@@ -211,9 +233,10 @@ def _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dr
         dropout_mask = seeded_mask(dropout_seed, dropout_p, x.shape[0], x.shape[1], x.device)
     if dropout_mask is None:
         return _run("lora_linear", x, weight, lora_a, lora_b, scaling, bias)
-    # Dropout reaches A's input only: the shrink reads the dropped x, the base GEMM (fused with the expand)
-    # the undropped one.
-    xa = _run("lora_shrink", apply_mask(x, dropout_mask, dropout_scale), lora_a)
+    # Dropout reaches A's input only: the shrink reads the dropped x (each stacked adapter its own mask), the
+    # base GEMM (fused with the expand over all adapters) the undropped one.
+    groups = _dropout_groups(dropout_mask, dropout_scales, rank_groups, lora_a.shape[0])
+    xa = _columns([_run("lora_shrink", _dropped(x, m, s), lora_a[rows]) for rows, m, s in groups])
     return _run("lora_expand_linear", x, weight, xa, lora_b, scaling, bias)
 
 
@@ -226,28 +249,31 @@ def _lora_linear_op(
     scaling: float,
     bias: Optional[torch.Tensor],
     dropout_mask: Optional[torch.Tensor],
-    dropout_scale: float,
+    dropout_scales: list[float],
+    rank_groups: list[int],
     dropout_seed: int,
     dropout_p: float,
 ) -> torch.Tensor:
     _check_rows(x)
     return _lora_linear_rows(
-        x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale, dropout_seed, dropout_p
+        x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, rank_groups, dropout_seed, dropout_p
     )
 
 
 @_lora_linear_op.register_fake
-def _(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scale, dropout_seed, dropout_p):
+def _(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, rank_groups, dropout_seed, dropout_p):
     _check_rows(x)
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, scaling, _bias, dropout_mask, dropout_scale, dropout_seed, dropout_p = inputs
-    bits = None if dropout_mask is None else pack_bits(dropout_mask)  # the backward's mask, 1 bit per element
+    x, weight, lora_a, lora_b, scaling, _bias, mask, dropout_scales, rank_groups, dropout_seed, dropout_p = inputs
+    # The backward's masks, 1 bit per element (one [M, K] mask per group of stacked adapters).
+    bits = None if mask is None else pack_bits(mask.reshape(-1, x.shape[1]))
     ctx.save_for_backward(x, weight, lora_a, lora_b, bits)
     ctx.scaling = scaling
-    ctx.dropout = (dropout_scale, dropout_seed, dropout_p)  # a seed >= 0 regenerates the mask (philox)
+    # A seed >= 0 regenerates the mask (philox).
+    ctx.dropout = (list(dropout_scales), list(rank_groups), dropout_seed, dropout_p)
 
 
 def lora_grads(
@@ -258,39 +284,43 @@ def lora_grads(
     lora_b: torch.Tensor,
     scaling: float,
     mask: Optional[torch.Tensor],
-    dropout_scale: float,
+    dropout_scales: Sequence[float],
     needs: tuple[bool, bool, bool, bool],
     dropout_seed: int = -1,
     dropout_p: float = 0.0,
+    rank_groups: Sequence[int] = (),
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Gradients (dx, dweight, dlora_a, dlora_b) of ``x W^T + s D(x) A^T B^T`` for the output gradient ``dy``,
     each only where ``needs`` says so. D is the dropout with keep-``mask`` (identity when None): a diagonal, so
     its own adjoint. With xd = D(x):
     dx = dy W + s D((dy B) A);  dA = s (dy B)^T xd;  dB = s dy^T (xd A^T);  dW = dy^T x.
+    With ``rank_groups`` (stacked adapters, ``mask`` [G, M, K], a scale each) every group has its own D.
 
     x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA; the dropped x is
     rebuilt from the mask only where dA and dB need it. With ``dropout_seed >= 0`` (dropout_mode='philox') the
     mask comes from the seed: inside the Triton kernels, or materialised by seeded_mask on other backends.
     """
     need_x, need_weight, need_a, need_b = needs
-    in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scale)
+    in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0])
     if in_kernel is not None:
         return _philox_grads(*in_kernel, dy, x, weight, lora_a, lora_b, scaling, needs)
     if dropout_seed >= 0:
         mask = seeded_mask(dropout_seed, dropout_p, x.shape[0], x.shape[1], x.device)
-    x_lora = x if mask is None else apply_mask(x, mask, dropout_scale)
+    groups = _dropout_groups(mask, dropout_scales, rank_groups, lora_a.shape[0])
+    x_lora = [_dropped(x, m, s) for _, m, s in groups] if need_a or need_b else []
     dx = dweight = da = db = None
     if need_x or need_a:
         dy_b = _call("lora_shrink", dy, lora_b.t())
         if need_x and mask is None:
             dx = _call("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
         elif need_x:
-            lora_dx = (dy_b * scaling).to(dy.dtype) @ lora_a
-            dx = torch.addmm(apply_mask(lora_dx, mask, dropout_scale), dy, weight)
+            lora_dx = [_dropped((dy_b[:, rows] * scaling).to(dy.dtype) @ lora_a[rows], m, s) for rows, m, s in groups]
+            dx = torch.addmm(sum(lora_dx[1:], lora_dx[0]), dy, weight)
         if need_a:
-            da = (dy_b * scaling).to(x.dtype).t() @ x_lora
+            dy_b_scaled = (dy_b * scaling).to(x.dtype)
+            da = torch.cat([dy_b_scaled[:, rows].t() @ xd for (rows, _, _), xd in zip(groups, x_lora, strict=True)])
     if need_b:
-        xa = _call("lora_shrink", x_lora, lora_a)
+        xa = _columns([_call("lora_shrink", xd, lora_a[rows]) for (rows, _, _), xd in zip(groups, x_lora, strict=True)])
         db = dy.t() @ (xa * scaling).to(x.dtype)
     if need_weight:
         dweight = dy.t() @ x
@@ -319,12 +349,14 @@ def _backward(ctx, dy):
     """lora_grads for the saved inputs; dbias = sum(dy). The dropout mask comes back from the bits the forward
     saved or from its seed, never from a saved dropped copy of x."""
     x, weight, lora_a, lora_b, bits = ctx.saved_tensors
+    scales, rank_groups, seed, p = ctx.dropout
     mask = None if bits is None else unpack_bits(bits, x.shape[1])
+    if mask is not None and rank_groups:
+        mask = mask.view(len(rank_groups), *x.shape)
     needs = ctx.needs_input_grad
-    scale, seed, p = ctx.dropout
-    grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, scale, needs[:4], seed, p)
+    grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, scales, needs[:4], seed, p, rank_groups)
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
-    return (*grads, None, dbias, None, None, None, None)
+    return (*grads, None, dbias, None, None, None, None, None)
 
 
 _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -416,6 +448,38 @@ def resolve_dropout_mask(x: torch.Tensor, p: float, mask: Optional[torch.Tensor]
     return mask.reshape(-1, x.shape[-1])
 
 
+def _check_rank_groups(rank_groups: object, rank: int) -> list[int]:
+    if rank_groups is None:
+        return []
+    groups = list(rank_groups) if isinstance(rank_groups, (list, tuple)) else None
+    if not groups or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in groups):
+        raise ValueError(f"rank_groups must be a list of ranks >= 1, got {rank_groups!r}")
+    if sum(groups) != rank:
+        raise ValueError(f"rank_groups must add up to lora_a's rank {rank}, got {groups} (sum {sum(groups)})")
+    return groups
+
+
+def _group_masks(
+    x: torch.Tensor, ps: list[float], mask: Optional[torch.Tensor], groups: list[int]
+) -> Optional[torch.Tensor]:
+    """[G, M, K] keep-masks of stacked adapters, drawn in order as each adapter's nn.Dropout would draw them (a
+    group with p = 0 draws nothing and keeps everything), or ``mask`` [G, ..., K] checked; None when no p > 0."""
+    if not any(ps):
+        if mask is not None:
+            raise ValueError("dropout_mask needs dropout_p > 0 (the kept elements are scaled by 1 / (1 - p))")
+        return None
+    expected = (len(groups), *x.shape)
+    if mask is None:
+        keep_all = torch.ones(x.shape, dtype=torch.bool, device=x.device)
+        mask = torch.stack([draw_mask(tuple(x.shape), p, x.dtype, x.device) if p else keep_all for p in ps])
+    elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"dropout_mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    elif tuple(mask.shape) != expected or mask.device != x.device:
+        raise ValueError(f"dropout_mask must be [groups, *x.shape] = {expected} on {x.device} with rank_groups, "
+                         f"got {tuple(mask.shape)} on {mask.device}")  # fmt: skip
+    return mask.reshape(len(groups), -1, x.shape[-1])
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -425,9 +489,10 @@ def lora_linear(
     bias: Optional[torch.Tensor] = None,
     *,
     lora_bias: Optional[torch.Tensor] = None,
-    dropout_p: float = 0.0,
+    dropout_p: float | Sequence[float] = 0.0,
     dropout_mask: Optional[torch.Tensor] = None,
     dropout_mode: str = "torch",
+    rank_groups: Optional[Sequence[int]] = None,
 ) -> torch.Tensor:
     """Fused LoRA linear layer: ``x @ weight.T + bias + scaling * (dropout(x) @ lora_a.T @ lora_b.T + lora_bias)``.
 
@@ -452,25 +517,44 @@ def lora_linear(
             ``torch.manual_seed``), so neither pass materialises a dropped copy of x or a mask, and the backward
             regenerates it from the seed. Other backends apply the same mask, materialised (seeded_mask).
             Eager only: under torch.compile use the default mode.
+        rank_groups: the ranks of several adapters stacked in lora_a's rows and lora_b's columns (which then
+            carry each adapter's scale, with ``scaling`` = 1), when each adapter draws its own dropout mask, as
+            PEFT's several active adapters do: ``dropout_p`` is then a list (one p per adapter, 0 allowed),
+            the masks are drawn in the adapters' order, ``dropout_mask`` is bool [groups, ..., in_features],
+            and the base GEMM and the expand still run once for all of them. Default mode only.
 
     All tensors share one dtype (float16, bfloat16 or float32) and one device; accumulation is fp32.
     Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b, bias, lora_bias.
     """
     check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias, lora_bias)
-    p = check_p(dropout_p)
+    groups = _check_rank_groups(rank_groups, lora_a.shape[0])
+    if groups and isinstance(dropout_p, (list, tuple)):
+        if len(dropout_p) != len(groups):
+            raise ValueError(f"dropout_p must give one p per rank group ({len(groups)}), got {list(dropout_p)}")
+        ps = [check_p(p) for p in dropout_p]
+    else:
+        ps = [check_p(dropout_p)] * max(1, len(groups))
     if dropout_mode not in DROPOUT_MODES:
         raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
+    p = max(ps)
     philox = dropout_mode == "philox" and p > 0
-    if philox and dropout_mask is not None:
-        raise ValueError("dropout_mask is for dropout_mode='torch'; dropout_mode='philox' draws its mask in-kernel")
+    if philox and (dropout_mask is not None or groups):
+        raise ValueError("dropout_mode='philox' draws one mask in-kernel: it takes neither dropout_mask nor "
+                         "rank_groups; use dropout_mode='torch'")  # fmt: skip
     if philox and torch.compiler.is_compiling():
         raise ValueError("dropout_mode='philox' runs eagerly; under torch.compile use dropout_mode='torch'")
-    mask = None if philox else resolve_dropout_mask(x, p, dropout_mask)
     if lora_bias is not None:  # folded into the bias, outside the op: autograd gives it scaling * sum(dy)
         bias = scaling * lora_bias if bias is None else bias + scaling * lora_bias
     rows = x.reshape(-1, x.shape[-1])
+    if philox:
+        mask, scales, seed = None, [philox_keep_scale(p)], draw_seed()
+    elif groups:
+        mask, seed = _group_masks(x, ps, dropout_mask, groups), -1
+        scales = [keep_scale(q, x.dtype, x.device) if q else 1.0 for q in ps]
+    else:
+        mask, seed = resolve_dropout_mask(x, p, dropout_mask), -1
+        scales = [keep_scale(p, x.dtype, x.device) if mask is not None else 1.0]
+    groups = groups if mask is not None else []  # without dropout the stacked adapters run as one
     fused = _lora_linear_op if torch.compiler.is_compiling() else _LoRALinearFunction.apply
-    scale = philox_keep_scale(p) if philox else keep_scale(p, x.dtype, x.device) if mask is not None else 1.0
-    seed = draw_seed() if philox else -1
-    y = fused(rows, weight, lora_a, lora_b, float(scaling), bias, mask, scale, seed, p)
+    y = fused(rows, weight, lora_a, lora_b, float(scaling), bias, mask, scales, groups, seed, p)
     return y.reshape(*x.shape[:-1], weight.shape[0])
