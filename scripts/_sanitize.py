@@ -13,7 +13,7 @@ TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 2e-2}
 
 
 def main(doc: str, cases: dict[str, list[tuple]], run_case: Callable[..., bool], argv: list[str] | None) -> int:
-    """Run ``cases[backend]`` through ``run_case(*case, backend)`` with, set before torch and triton load:
+    """Run ``cases[backend]`` through ``run_case(*case, backend=backend)`` with, set before torch and triton load:
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 (each tensor its own allocation, so an out-of-bounds access is not hidden
     inside a cached block), FASTPEFT_TRITON_AUTOTUNE=0 (one fixed configuration, nothing timed under
     instrumentation) and FASTPEFT_BACKEND=<backend>. Exit status 0 when every case passed."""
@@ -28,7 +28,7 @@ def main(doc: str, cases: dict[str, list[tuple]], run_case: Callable[..., bool],
     if not torch.cuda.is_available():
         print(f"{parser.prog}: no GPU visible to torch", file=sys.stderr)
         return 2
-    results = [run_case(*case, args.backend) for case in cases[args.backend]]
+    results = [run_case(*case, backend=args.backend) for case in cases[args.backend]]
     print(f"{sum(results)} passed, {len(results) - sum(results)} failed")
     return 0 if all(results) else 1
 

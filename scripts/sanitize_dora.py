@@ -24,7 +24,7 @@ CASES = {
 }
 
 
-def run_case(lead, k, n, r, dtype_name, backend, device="cuda") -> bool:
+def run_case(lead, k, n, r, dtype_name, *, backend, device="cuda") -> bool:
     """One case forward and backward on ``backend``; True when it ran there, finite and near float64."""
     import torch
 

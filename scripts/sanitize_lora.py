@@ -15,7 +15,8 @@ import sys
 import _sanitize
 from _sanitize import TOLERANCE, report
 
-# Kernel paths each case reaches: (leading shape, K, N, r, dtype, dropout on A's input with lora_bias).
+# Kernel paths each case reaches: (leading shape, K, N, r, dtype, dropout on A's input with lora_bias, and
+# optionally the dropout mode: "philox" draws the mask inside the Triton kernels).
 CASES = {
     "cuda": [
         ((1,), 256, 200, 16, "bfloat16", 0.0),  # shrink kernel + GEMV, 16-byte loads
@@ -31,16 +32,18 @@ CASES = {
         ((3,), 37, 29, 5, "float16", 0.0),  # fused decode, odd sizes
         ((2, 35), 64, 130, 4, "bfloat16", 0.0),  # shrink + prefill kernel
         ((4, 20), 96, 50, 8, "bfloat16", 0.1),  # dropout: shrink of the dropped x + prefill kernel
+        ((3,), 40, 29, 5, "float16", 0.2, "philox"),  # in-kernel mask in the fused decode kernel, both passes
+        ((2, 35), 64, 130, 40, "bfloat16", 0.2, "philox"),  # in-kernel mask: shrink, transposed dA shrink, dx
     ],
 }
 
 
-def run_case(lead, k, n, r, dtype_name, dropout, backend, device="cuda") -> bool:
+def run_case(lead, k, n, r, dtype_name, dropout, mode="torch", *, backend, device="cuda") -> bool:
     """One case forward and backward on ``backend``; True when it ran there, finite and near float64."""
     import torch
 
     from fastpeft.backends import record_backends
-    from fastpeft.ops.dropout import draw_mask
+    from fastpeft.ops.dropout import draw_mask, draw_seed, seeded_mask
     from fastpeft.ops.lora import lora_linear, lora_linear_reference
 
     dtype = getattr(torch, dtype_name)
@@ -54,19 +57,22 @@ def run_case(lead, k, n, r, dtype_name, dropout, backend, device="cuda") -> bool
     lora_bias = rand(n, grad=True) if dropout else None
     torch.manual_seed(0)
     with record_backends() as calls:
-        y = lora_linear(x, w, a, b, 0.5, bias, lora_bias=lora_bias, dropout_p=dropout)
+        y = lora_linear(x, w, a, b, 0.5, bias, lora_bias=lora_bias, dropout_p=dropout, dropout_mode=mode)
         y.float().square().sum().backward()
     if device == "cuda":
         torch.cuda.synchronize()
     ref = lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5, bias.double())
     if dropout:  # the same mask from the same seed, and the LoRA bias
         torch.manual_seed(0)
-        mask = draw_mask(tuple(x.shape), dropout, dtype, x.device)
+        if mode == "philox":  # the seed the op drew, and the mask the kernels derive from it
+            mask = seeded_mask(draw_seed(), dropout, x[..., 0].numel(), k, x.device).view(x.shape)
+        else:
+            mask = draw_mask(tuple(x.shape), dropout, dtype, x.device)
         dropped = torch.where(mask, x.double() / (1 - dropout), 0)
         ref = ref + 0.5 * ((dropped - x.double()) @ a.double().t() @ b.double().t() + lora_bias.double())
     err = ((y.double() - ref).norm() / ref.norm()).item()
     finite = all(torch.isfinite(t).all().item() for t in (y, x.grad, a.grad, b.grad))
-    label = f"x={lead!s:<8} K={k:<5} N={n:<4} r={r:<3} {dtype_name:<9} dropout={dropout:<4}"
+    label = f"x={lead!s:<8} K={k:<5} N={n:<4} r={r:<3} {dtype_name:<9} dropout={dropout:<4} {mode}"
     return report(backend, calls, label, err, finite and err < TOLERANCE[dtype_name])
 
 

@@ -11,13 +11,18 @@ from conftest import DEVICE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import sanitize_dora
 import sanitize_lora
 
+CASES = [
+    (script, case) for script in (sanitize_lora, sanitize_dora) for cases in script.CASES.values() for case in cases
+]
 
-@pytest.mark.parametrize("case", [c for cases in sanitize_lora.CASES.values() for c in cases], ids=str)
-def test_sanitizer_cases_pass_on_the_torch_backend(monkeypatch, case):
+
+@pytest.mark.parametrize(("script", "case"), CASES, ids=lambda v: v.__name__ if hasattr(v, "__name__") else str(v))
+def test_sanitizer_cases_pass_on_the_torch_backend(monkeypatch, script, case):
     monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
-    assert sanitize_lora.run_case(*case, backend="torch", device=DEVICE.type)
+    assert script.run_case(*case, backend="torch", device=DEVICE.type)
 
 
 def test_a_case_on_another_backend_than_forced_fails(monkeypatch, capsys):
