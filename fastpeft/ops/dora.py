@@ -137,10 +137,15 @@ _dora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _DoRALinearFunction(torch.autograd.Function):
-    """The eager path (no custom-op overhead), one formula with the custom op; z kept only for a backward."""
+    """The eager path (no custom-op overhead), one formula with the custom op; z kept only for a backward.
+    forward(ctx, ...) saves itself, as lora's Function does (no per-call signature binding)."""
 
-    forward = staticmethod(_dora_rows)
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _dora_rows(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
     backward = staticmethod(_backward)
 
 

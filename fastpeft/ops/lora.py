@@ -366,9 +366,15 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # torch.compile sees the custom op (with its fake implementation) instead. Both share one autograd formula.
 # Both take and return 2-D rows, and lora_linear reshapes outside them: a view made inside an autograd.Function
 # or a custom op cannot be modified in place (PEFT's `result += ...`, `nn.ReLU(inplace=True)`).
+# forward(ctx, ...) saves for the backward itself: with a separate setup_context, Function.apply binds forward's
+# arguments through inspect.signature on every call, which costs more than a small layer's GEMMs on a CPU.
 class _LoRALinearFunction(torch.autograd.Function):
-    forward = staticmethod(_lora_linear_rows)
-    setup_context = staticmethod(_setup_context)
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _lora_linear_rows(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
     backward = staticmethod(_backward)
 
 
