@@ -5,17 +5,20 @@ from fastpeft.integrations.peft import explain_patch, patch_peft_model, unpatch_
 from fastpeft.modules.lora import LoRALinear
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora import lora_linear
+from fastpeft.ops.multi_lora import AdapterPool, multi_lora_linear
 from fastpeft.warmup import warmup
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdapterPool",
     "LoRALinear",
     "__version__",
     "available_backends",
     "dora_linear",
     "explain_patch",
     "lora_linear",
+    "multi_lora_linear",
     "patch_peft_model",
     "unpatch_peft_model",
     "warmup",

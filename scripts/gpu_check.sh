@@ -13,10 +13,11 @@
 #   build     150  one .cu and ops.cpp for sm_90 with MAX_JOBS=16: about a minute
 #   test      330  the GPU subset of tests/ (GPU_SHAPES, not every CPU case again) with one fixed Triton config
 #                  per kernel (FASTPEFT_TRITON_AUTOTUNE=0): a few hundred cases, the time mostly Triton compiles
-#   sanitize  300  memcheck and racecheck x {cuda, triton} over every scripts/sanitize_<op>.py (lora, dora:
-#                  eight runs of a few small cases, about 30 s each, mostly torch and CUDA starting under the
-#                  sanitizer), fixed Triton configs (compiled by the test stage, so cached)
-#   bench     270  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases of every op first
+#   sanitize  330  memcheck and racecheck x the backends each scripts/sanitize_<op>.py has cases for (lora and
+#                  dora on cuda and triton, multi_lora on triton: ten runs of a few small cases, about 30 s each,
+#                  mostly torch and CUDA starting under the sanitizer), fixed Triton configs (cached by the test
+#                  stage)
+#   bench     240  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases of every op first
 #                  (about two minutes with autotuning), then the sweeps, shortest first (the four training
 #                  steps of a small Llama, about a minute; DoRA's; LoRA's) until the budget is spent; summary last
 # Whole run at most 1050 s (17.5 min). In device calls of at most 10 minutes: `build test` (480 s), then
@@ -26,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ALL_STAGES=(build test sanitize bench)
-declare -A LIMIT=([build]=150 [test]=330 [sanitize]=300 [bench]=270)
+declare -A LIMIT=([build]=150 [test]=330 [sanitize]=330 [bench]=240)
 
 die() {  # one line naming the problem, on stderr, and a non-zero exit
   echo "gpu_check: $2" >&2
@@ -86,7 +87,7 @@ stage_sanitize() {  # every scripts/sanitize_<op>.py, each backend, under memche
   local rc=0 tool backend script log
   for script in scripts/sanitize_*.py; do
     for tool in memcheck racecheck; do
-      for backend in cuda triton; do
+      for backend in $("$PY" "$script" --backends); do  # the backends the op family has kernels on
         log="$OUT/$(basename "$script" .py)-$tool-$backend.log"
         echo "--- compute-sanitizer --tool $tool $script --backend $backend (log: $(basename "$log"))"
         compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 30 \

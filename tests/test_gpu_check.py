@@ -55,6 +55,8 @@ FAKE_PYTHON = """#!/usr/bin/env bash
 case "$*" in
   *"-m pytest"*) sleep 60 ;;
   *benchmarks/run.py*) mkdir -p "$OUT/bench" && echo '| target | verdict |' > "$OUT/bench/summary.md" ;;
+  *sanitize_multi_lora.py*--backends*) echo triton ;;
+  *--backends*) echo cuda triton ;;
   *) exit 0 ;;
 esac
 """
@@ -79,6 +81,8 @@ def test_stages_run_under_their_limits_and_record_their_state(tmp_path):
         for backend in ("cuda", "triton"):
             log = (out / f"sanitize_lora-{tool}-{backend}.log").read_text()
             assert f"--tool {tool}" in log and f"sanitize_lora.py --backend {backend}" in log
+        assert (out / f"sanitize_multi_lora-{tool}-triton.log").exists()
+        assert not (out / f"sanitize_multi_lora-{tool}-cuda.log").exists()  # only the backends it has cases for
     assert "| target | verdict |" in result.stdout  # the bench summary, printed before the stage table
     table = [line.split()[:2] for line in result.stdout.rstrip().splitlines()[-len(stages) :]]
     assert table == [["build", "pass"], ["test", "TIMEOUT"], ["sanitize", "pass"], ["bench", "pass"]]

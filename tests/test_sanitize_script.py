@@ -13,10 +13,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import sanitize_dora
 import sanitize_lora
+import sanitize_multi_lora
 
-CASES = [
-    (script, case) for script in (sanitize_lora, sanitize_dora) for cases in script.CASES.values() for case in cases
-]
+SCRIPTS = (sanitize_lora, sanitize_dora, sanitize_multi_lora)
+CASES = [(script, case) for script in SCRIPTS for cases in script.CASES.values() for case in cases]
 
 
 @pytest.mark.parametrize(("script", "case"), CASES, ids=lambda v: v.__name__ if hasattr(v, "__name__") else str(v))
