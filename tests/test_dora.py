@@ -22,24 +22,30 @@ def make(lead, k, n, r, dtype, grad=True):
                 lora_b=rand(n, r, scale=r**-0.5), magnitude=rand(n, scale=0.2, shift=1.0), bias=rand(n))  # fmt: skip
 
 
+def check_against_reference(out, inputs, reference, empty: bool, backend: str) -> None:
+    """out and the gradients of every input against ``reference(copy of inputs)`` in float64, bounded by the
+    same in the inputs' dtype; with no rows (``empty``) every gradient but x's must be zero."""
+    copies = [{k: v.detach().to(t).requires_grad_(v.requires_grad) for k, v in inputs.items()}
+              for t in (torch.float64, out.dtype)]  # fmt: skip
+    ref, baseline = reference(copies[0]), reference(copies[1])
+    assert_close_to_reference(out, ref, baseline.detach(), f"{backend} forward")
+    grad = torch.randn(out.shape, device=DEVICE).to(out.dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    baseline.backward(grad)
+    for name in ("x", "lora_a", "lora_b", "magnitude", "bias"):
+        if empty and name != "x":
+            assert torch.all(inputs[name].grad == 0), name
+            continue
+        assert_close_to_reference(inputs[name].grad, copies[0][name].grad, copies[1][name].grad, f"grad {name}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_dora_forward_backward_match_reference(backend, dtype, shape):
     inputs = make(*shape, dtype)
     out = dora_linear(**inputs, scaling=1.3)
-    inputs64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
-    plain = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in inputs.items()}
-    ref, baseline = dora_linear_reference(**inputs64, scaling=1.3), dora_linear_reference(**plain, scaling=1.3)
-    assert_close_to_reference(out, ref, baseline.detach(), f"{backend} forward")
-    grad = torch.randn(out.shape, device=DEVICE).to(dtype)
-    out.backward(grad)
-    ref.backward(grad.double())
-    baseline.backward(grad)
-    for name in ("x", "lora_a", "lora_b", "magnitude", "bias"):
-        if shape[0] == (0,) and name != "x":
-            assert torch.all(inputs[name].grad == 0), name
-            continue
-        assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
+    check_against_reference(out, inputs, lambda c: dora_linear_reference(**c, scaling=1.3), shape[0] == (0,), backend)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -51,17 +57,11 @@ def test_dora_with_dropout_matches_peft_formula(backend, dtype, shape):
     p = 0.3
     mask = torch.rand(inputs["x"].shape, device=DEVICE) >= p
     out = dora_linear(**inputs, scaling=1.3, dropout_p=p, dropout_mask=mask)
-    copies = [{k: v.detach().to(t).requires_grad_(v.requires_grad) for k, v in inputs.items()}
-              for t in (torch.float64, dtype)]  # fmt: skip
-    ref, baseline = (dora_linear_reference(**c, scaling=1.3, dropped_x=c["x"] * mask / (1 - p)) for c in copies)
-    assert_close_to_reference(out, ref, baseline.detach(), f"{backend} forward")
-    grad = torch.randn(out.shape, device=DEVICE).to(dtype)
-    out.backward(grad)
-    ref.backward(grad.double())
-    baseline.backward(grad)
-    for name in ("x", "lora_a", "lora_b", "magnitude", "bias"):
-        if shape[0] != (0,):
-            assert_close_to_reference(inputs[name].grad, copies[0][name].grad, copies[1][name].grad, f"grad {name}")
+
+    def reference(c):
+        return dora_linear_reference(**c, scaling=1.3, dropped_x=c["x"] * mask / (1 - p))
+
+    check_against_reference(out, inputs, reference, shape[0] == (0,), backend)
     torch.manual_seed(5)
     drawn = dora_linear(**inputs, scaling=1.3, dropout_p=p)
     torch.manual_seed(5)
