@@ -251,9 +251,9 @@ def patch_peft_model(model: nn.Module, *, dropout_mode: str = "torch") -> nn.Mod
     seeded runs no longer match PEFT's bit for bit). Patching again sets the mode anew.
 
     Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear`` or Conv1D. Other layers (LoRA
-    stacked on another tuner, quantized or tensor-subclass bases), and calls the fused op does not express
-    (DoRA, ``adapter_names`` mixed batches, merged or disabled adapters), keep PEFT's own forward. Idempotent:
-    call it again after adding LoRA layers to cover them. :func:`explain_patch` shows what runs where.
+    stacked on another tuner, quantized or tensor-subclass bases), and calls the fused ops do not express (DoRA
+    beside other adapters, ``adapter_names`` mixed batches, merged or disabled adapters), keep PEFT's own forward.
+    Idempotent: call it again after adding LoRA layers to cover them. :func:`explain_patch` shows what runs where.
     """
     if dropout_mode not in DROPOUT_MODES:
         raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
