@@ -15,10 +15,20 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from common import ROTATE_BYTES, backends_for, case_rows, describe_error, time_variants, with_backend
+from common import (
+    ROTATE_BYTES,
+    backends_for,
+    case_fields,
+    case_rows,
+    describe_error,
+    describe_layer_case,
+    time_variants,
+    with_backend,
+)
+from common import case_from_fields as common_case_from_fields
 
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora import lora_linear
@@ -28,6 +38,8 @@ SCALING = 2.0
 MODES = ("forward", "forward+backward")
 
 __all__ = ["OP", "backends_for", "case_fields", "case_from_fields", "cases", "describe", "run_case"]
+
+describe = describe_layer_case  # the runner's one-line name of a case
 
 
 @dataclass(frozen=True)
@@ -42,16 +54,8 @@ class Case:
 
 
 def case_from_fields(fields: dict) -> Case:
-    return Case(**{**fields, "dtype": getattr(torch, fields["dtype"])})
-
-
-def case_fields(case: Case) -> dict:
-    return {**asdict(case), "dtype": str(case.dtype).removeprefix("torch.")}
-
-
-def describe(case: Case) -> str:
-    dropout = f" dropout={case.dropout:g}" if case.dropout else ""
-    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}{dropout}"
+    """The Case a target names (benchmarks/targets.py): dtype given by name."""
+    return common_case_from_fields(Case, fields)
 
 
 def cases(quick: bool) -> list[Case]:

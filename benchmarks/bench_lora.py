@@ -18,11 +18,21 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pytest
 import torch
-from common import ROTATE_BYTES, backends_for, case_rows, describe_error, time_variants, with_backend
+from common import (
+    ROTATE_BYTES,
+    backends_for,
+    case_fields,
+    case_rows,
+    describe_error,
+    describe_layer_case,
+    time_variants,
+    with_backend,
+)
+from common import case_from_fields as common_case_from_fields
 
 from fastpeft.ops.dropout import draw_mask
 from fastpeft.ops.lora import lora_linear
@@ -34,6 +44,8 @@ FULL_RANKS = (8, 16, 64)
 FULL_DTYPES = (torch.bfloat16, torch.float16)
 MODES = ("forward", "forward+backward")
 SCALING = 2.0
+
+describe = describe_layer_case  # the runner's one-line name of a case
 
 
 @dataclass(frozen=True)
@@ -64,16 +76,7 @@ class Case:
 
 def case_from_fields(fields: dict) -> Case:
     """The Case a target names (benchmarks/targets.py): dtype given by name."""
-    return Case(**{**fields, "dtype": getattr(torch, fields["dtype"])})
-
-
-def case_fields(case: Case) -> dict:
-    return {**asdict(case), "dtype": str(case.dtype).removeprefix("torch.")}
-
-
-def describe(case: Case) -> str:
-    dropout = f" dropout={case.dropout:g}" if case.dropout else ""
-    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}{dropout}"
+    return common_case_from_fields(Case, fields)
 
 
 def cases(quick: bool) -> list[Case]:

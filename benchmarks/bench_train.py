@@ -18,10 +18,11 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
-from common import case_rows, describe_error, time_variants
+from common import case_fields, case_rows, describe_error, time_variants
+from common import case_from_fields as common_case_from_fields
 
 from fastpeft.integrations.peft import patch_peft_model
 
@@ -46,11 +47,8 @@ class Case:
 
 
 def case_from_fields(fields: dict) -> Case:
-    return Case(**{**fields, "dtype": getattr(torch, fields["dtype"])})
-
-
-def case_fields(case: Case) -> dict:
-    return {**asdict(case), "dtype": str(case.dtype).removeprefix("torch.")}
+    """The Case a target names (benchmarks/targets.py): dtype given by name."""
+    return common_case_from_fields(Case, fields)
 
 
 def describe(case: Case) -> str:

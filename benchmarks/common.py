@@ -3,6 +3,7 @@ times and failures into rows with ratios to the baselines measured in the same c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import statistics
 import time
@@ -13,6 +14,22 @@ import torch
 from fastpeft.backends import available_backends
 
 ROTATE_BYTES = 3 * 60 * 2**20  # operand sets rotated past three times an H200's L2
+
+
+def case_fields(case) -> dict:
+    """A bench's Case (a dataclass with a torch ``dtype``) as the plain fields of a JSON row."""
+    return {**dataclasses.asdict(case), "dtype": str(case.dtype).removeprefix("torch.")}
+
+
+def case_from_fields(case_class: type, fields: dict):
+    """The ``case_class`` instance that :func:`case_fields` (or a target in benchmarks/targets.py) describes."""
+    return case_class(**{**fields, "dtype": getattr(torch, fields["dtype"])})
+
+
+def describe_layer_case(case) -> str:
+    """One line for a layer benchmark's case: mode, rows, features, rank, dtype and dropout when on."""
+    dropout = f" dropout={case.dropout:g}" if case.dropout else ""
+    return f"{case.mode} M={case.m} {case.k}->{case.n} r={case.r} {str(case.dtype).removeprefix('torch.')}{dropout}"
 
 
 def backends_for(device: torch.device) -> list[str]:
