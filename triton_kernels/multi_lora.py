@@ -88,26 +88,21 @@ def _expand_kernel(
     tl.store(y_ptr + t * stride_ym + cols * stride_yn, (base + delta).to(y_ptr.dtype.element_ty), mask=col_mask)
 
 
-def _block_r(max_rank: int) -> int:
-    return max(16, triton.next_power_of_2(max_rank))
-
-
 def multi_lora_shrink(
-    x: torch.Tensor, lora_a: torch.Tensor, offsets: torch.Tensor, adapter_ids: torch.Tensor, max_rank: int
+    x: torch.Tensor, lora_a: torch.Tensor, offsets: torch.Tensor, adapter_ids: torch.Tensor, v_width: int
 ) -> torch.Tensor:
-    """``v[t, :r] = x[t] @ A[id[t]].T``: fp32 [M, BLOCK_R] (BLOCK_R >= max_rank; columns past each token's rank,
-    and whole rows of tokens without an adapter, are zero). x [M, K]; lora_a [P, K]; offsets int [n + 1];
-    adapter_ids int [M]."""
+    """``v[t, :r] = x[t] @ A[id[t]].T``: fp32 [M, v_width] (the rank block: a power of two >= 16 and >= the
+    pool's largest rank, chosen by fastpeft.ops.multi_lora; columns past each token's rank, and whole rows of
+    tokens without an adapter, are zero). x [M, K]; lora_a [P, K]; offsets int [n + 1]; adapter_ids int [M]."""
     m, k = x.shape
-    block_r = _block_r(max_rank)
-    v = torch.empty((m, block_r), device=x.device, dtype=torch.float32)
+    v = torch.empty((m, v_width), device=x.device, dtype=torch.float32)
     if m == 0:
         return v
     with _on_device(x):
         _shrink_kernel[(m,)](
             x, lora_a, adapter_ids, offsets, v, k, offsets.numel() - 1,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), v.stride(0),
-            BLOCK_R=block_r, BLOCK_K=min(128, max(16, triton.next_power_of_2(k))),
+            BLOCK_R=v_width, BLOCK_K=min(128, max(16, triton.next_power_of_2(k))),
         )  # fmt: skip
     return v
 

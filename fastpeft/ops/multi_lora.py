@@ -105,13 +105,14 @@ def _expand_torch(base, v, lora_b_t, offsets, scalings, adapter_ids):
 
 
 def _v_width(max_rank: int) -> int:
-    return max(16, 1 << (max_rank - 1).bit_length())  # the Triton kernels' rank block: one v layout for both
+    """v's columns on every backend: the Triton kernels' rank block (tl.arange needs a power of two >= 16)."""
+    return max(16, 1 << (max_rank - 1).bit_length())
 
 
 def _shrink_triton(x, lora_a, offsets, adapter_ids, max_rank):
     from fastpeft.triton_kernels.multi_lora import multi_lora_shrink
 
-    return multi_lora_shrink(x, lora_a, offsets, adapter_ids, max_rank)
+    return multi_lora_shrink(x, lora_a, offsets, adapter_ids, _v_width(max_rank))
 
 
 def _expand_triton(base, v, lora_b_t, offsets, scalings, adapter_ids):
