@@ -438,19 +438,29 @@ def check_lora_linear_args(
             raise ValueError(f"{name} must be [out_features={out_features}], got {tuple(named[name].shape)}")
 
 
-def resolve_dropout_mask(x: torch.Tensor, p: float, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """The keep-mask for A's input as 2-D rows: ``mask`` checked, or drawn as nn.Dropout(p) would draw it."""
-    if p == 0.0:
+def _check_given_mask(mask: object, dropping: bool, expected: tuple, device: torch.device, layout: str) -> None:
+    """TypeError/ValueError naming dropout_mask unless it is None, or (with some dropout_p > 0) a bool tensor of
+    shape ``expected`` on ``device``; ``layout`` says that shape in words."""
+    if not dropping:
         if mask is not None:
             raise ValueError("dropout_mask needs dropout_p > 0 (the kept elements are scaled by 1 / (1 - p))")
+        return
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"dropout_mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+    if tuple(mask.shape) != expected or mask.device != device:
+        raise ValueError(f"dropout_mask must {layout}: shape {expected} on {device}, "
+                         f"got {tuple(mask.shape)} on {mask.device}")  # fmt: skip
+
+
+def resolve_dropout_mask(x: torch.Tensor, p: float, mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The keep-mask for A's input as 2-D rows: ``mask`` checked, or drawn as nn.Dropout(p) would draw it."""
+    _check_given_mask(mask, p > 0, tuple(x.shape), x.device, "match x")
+    if p == 0.0:
         return None
     if mask is None:
         mask = draw_mask(tuple(x.shape), p, x.dtype, x.device)
-    elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"dropout_mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    elif mask.shape != x.shape or mask.device != x.device:
-        raise ValueError(f"dropout_mask must match x: shape {tuple(x.shape)} on {x.device}, "
-                         f"got {tuple(mask.shape)} on {mask.device}")  # fmt: skip
     return mask.reshape(-1, x.shape[-1])
 
 
@@ -470,19 +480,13 @@ def _group_masks(
 ) -> Optional[torch.Tensor]:
     """[G, M, K] keep-masks of stacked adapters, drawn in order as each adapter's nn.Dropout would draw them (a
     group with p = 0 draws nothing and keeps everything), or ``mask`` [G, ..., K] checked; None when no p > 0."""
-    if not any(ps):
-        if mask is not None:
-            raise ValueError("dropout_mask needs dropout_p > 0 (the kept elements are scaled by 1 / (1 - p))")
-        return None
     expected = (len(groups), *x.shape)
+    _check_given_mask(mask, any(ps), expected, x.device, "be [groups, *x.shape] with rank_groups")
+    if not any(ps):
+        return None
     if mask is None:
         keep_all = torch.ones(x.shape, dtype=torch.bool, device=x.device)
         mask = torch.stack([draw_mask(tuple(x.shape), p, x.dtype, x.device) if p else keep_all for p in ps])
-    elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"dropout_mask must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    elif tuple(mask.shape) != expected or mask.device != x.device:
-        raise ValueError(f"dropout_mask must be [groups, *x.shape] = {expected} on {x.device} with rank_groups, "
-                         f"got {tuple(mask.shape)} on {mask.device}")  # fmt: skip
     return mask.reshape(len(groups), -1, x.shape[-1])
 
 
