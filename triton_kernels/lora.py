@@ -13,8 +13,8 @@ Two kernels serve the three fastpeft ops of the ``lora`` slice:
 
 In-kernel dropout (:class:`PhiloxDropout`): the shrink, the fused decode shrink and the LoRA epilogue can drop
 elements of x (or of dx's LoRA term) by Philox counters over x's logical [M, K] index, so every pass regenerates
-one mask from a seed and no dropped copy of x exists. Groundwork for lora_linear's opt-in dropout mode: the op
-does not use it yet (tests/test_lora_philox.py checks the kernels).
+one mask from a seed and no dropped copy of x exists. lora_linear's ``dropout_mode="philox"`` runs on it
+(tests/test_lora_philox.py checks the kernels and the op).
 
 Tile sets: decode tiles (at most ``DECODE_MAX_M`` rows: forward and the backward's ``dx`` alike) and prefill
 tiles, each autotuned per (rows bucket, N, K, rank). ``FASTPEFT_TRITON_AUTOTUNE=0`` (read at import) pins one
