@@ -85,7 +85,7 @@ def _extension_kwargs() -> dict:
     # torch's own arch logic would add flags too; clear it so FASTPEFT_CUDA_ARCHS is the only knob.
     os.environ["TORCH_CUDA_ARCH_LIST"] = ""
     _say(f"building fastpeft._C for CUDA archs {archs} (MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')})")
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c[up]*"))
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cpp"))
     nvcc_flags = [
         "-O3",
         "-lineinfo",

@@ -18,37 +18,17 @@
 
 #include <cstdint>
 
+#include "cuda_utils.cuh"
 #include "lora.h"
 
 namespace fastpeft {
 namespace {
 
-constexpr int kWarpSize = 32;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kRowsPerPass = 8;      // rows of x one block handles, accumulators held in registers
 constexpr int64_t kGemvMaxRows = 8;  // above this, W would be re-read per pass: cuBLAS instead
 constexpr int64_t kShrinkMaxRows = 64;
-
-template <typename T>
-constexpr int vec_width() {
-  return 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
-}
-
-// Loads vec_width<T>() consecutive elements (16 bytes, aligned) and widens them to fp32.
-template <typename T>
-__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[vec_width<T>()]) {
-  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
-  const T* values = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-  for (int i = 0; i < vec_width<T>(); ++i) out[i] = static_cast<float>(values[i]);
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
 
 // Dot products of one row `w` (length K) with up to kRowsPerPass rows of x, split over the threads
 // [first, first + stride) of the caller; each thread returns its partial sums in acc.
@@ -207,8 +187,6 @@ void launch_small_gemm_nt(const at::Tensor& p, const at::Tensor& q, at::Tensor& 
       c.stride(0), c.stride(1), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
-
-bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 // 16-byte loads need rows that start on 16-byte boundaries.
 bool can_vectorize(const at::Tensor& rows_tensor, int64_t elems_per_vec) {

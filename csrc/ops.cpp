@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "lora.h"
+#include "multi_lora.h"
 
 TORCH_LIBRARY(fastpeft, m) {
   m.def("lora_shrink_cuda(Tensor x, Tensor lora_a) -> Tensor");
@@ -17,12 +18,18 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "lora_linear_cuda(Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scaling, Tensor? bias) "
       "-> Tensor");
+  m.def("multi_lora_shrink_cuda(Tensor x, Tensor lora_a, Tensor a_offsets, Tensor adapter_ids, int v_width) -> Tensor");
+  m.def(
+      "multi_lora_expand_cuda(Tensor base, Tensor v, Tensor lora_b, Tensor adapter_ids, Tensor ranks, "
+      "Tensor v_starts, Tensor b_starts, Tensor scalings, Tensor out_starts, int max_width) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
   m.impl("lora_shrink_cuda", &fastpeft::lora_shrink_cuda);
   m.impl("lora_expand_linear_cuda", &fastpeft::lora_expand_linear_cuda);
   m.impl("lora_linear_cuda", &fastpeft::lora_linear_cuda);
+  m.impl("multi_lora_shrink_cuda", &fastpeft::multi_lora_shrink_cuda);
+  m.impl("multi_lora_expand_cuda", &fastpeft::multi_lora_expand_cuda);
 }
 
 extern "C" PyObject* PyInit__C(void) {

@@ -1,5 +1,6 @@
 """fastpeft::multi_lora (a LoRA adapter per token, adapters pooled by rank rows) on every backend against the
-float64 per-adapter computation: mixed ranks, -1 tokens, id distributions, odd and 3-D shapes, bad input."""
+float64 per-adapter computation: mixed ranks, -1 tokens, id distributions, per-token and tile (segment) kernels,
+packed slices, odd and 3-D shapes, bad input."""
 
 from __future__ import annotations
 
@@ -8,15 +9,10 @@ import torch
 from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference
 
 from fastpeft.backends import record_backends
-from fastpeft.ops.multi_lora import AdapterPool, multi_lora_linear
+from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.multi_lora import multi_lora_linear, segment_adapter_ids
 
 RANKS = [4, 8, 16, 5, 64]
-
-
-@pytest.fixture(autouse=True)
-def _no_cuda_kernel_yet(backend):
-    if backend == "cuda":
-        pytest.skip("the multi_lora family has no CUDA kernel yet (triton and torch)")
 
 
 def make(k, n, ranks, dtype):
@@ -52,7 +48,8 @@ def ids_for(kind: str, m: int, count: int) -> torch.Tensor:
     return ids.to(device=DEVICE, dtype=torch.int32)
 
 
-SHAPES = [(1, 37, 29), (13, 24, 40), (0, 16, 8)]
+# Under the interpreter the per-token kernels take up to 8 rows and the tile kernels (16 rows a tile) the rest.
+SHAPES = [(1, 37, 29), (5, 20, 17), (13, 24, 40), (40, 33, 19), (0, 16, 8)]
 if HAS_GPU:  # decode batches at real sizes, N past many column blocks
     SHAPES += [(1, 4096, 4096), (64, 4096, 14336), (257, 1024, 1000)]
 
@@ -86,6 +83,23 @@ def test_3d_per_sample_ids_and_non_contiguous_x(backend):
     torch.testing.assert_close(out, multi_lora_linear(x, weight, pool, per_token.contiguous(), bias))
 
 
+def test_strided_ids_batch_of_one_and_every_other_token(backend):
+    """Ids that reshape to strided views (one sample's id expanded over its tokens; a strided slice)."""
+    weight, bias, adapters = make(20, 12, [3, 16], torch.float32)
+    pool = AdapterPool.build(adapters)
+    as64 = [(a.double(), b.double(), s) for a, b, s in adapters]
+    x = torch.randn(1, 11, 20, device=DEVICE)
+    one = torch.tensor([1], device=DEVICE)
+    per_token = one[:, None].expand(1, 11)
+    ref = reference(x.double(), weight.double(), bias.double(), as64, per_token)
+    for ids in (one, per_token):
+        assert_close_to_reference(multi_lora_linear(x, weight, pool, ids, bias), ref, ref.float(), "batch of 1")
+    strided = torch.tensor([0, 9, 1, 9, -1, 9, 1, 9, 0, 9, 1, 9] * 2, device=DEVICE)[::2].reshape(1, 12)
+    x = torch.randn(1, 12, 20, device=DEVICE)
+    ref = reference(x.double(), weight.double(), bias.double(), as64, strided)
+    assert_close_to_reference(multi_lora_linear(x, weight, pool, strided, bias), ref, ref.float(), "strided")
+
+
 def test_many_adapters(backend):
     weight, bias, adapters = make(16, 24, [4, 8, 16, 64] * 32, torch.float32)  # 128 adapters
     pool = AdapterPool.build(adapters)
@@ -101,9 +115,11 @@ def test_many_adapters(backend):
 def test_pool_has_no_padding():
     _, _, adapters = make(16, 24, [4, 8, 64], torch.float32)
     pool = AdapterPool.build(adapters)
-    assert pool.lora_a.shape == (76, 16) and pool.lora_b_t.shape == (76, 24)
-    assert pool.offsets.tolist() == [0, 4, 12, 76] and pool.max_rank == 64 and pool.num_adapters == 3
-    torch.testing.assert_close(pool.lora_b_t[4:12], adapters[1][1].t())
+    assert pool.lora_a.shape == (76, 16) and pool.lora_b.shape == (76 * 24,)
+    assert pool.a_offsets.tolist() == [0, 4, 12, 76] and pool.max_rank == 64 and pool.num_adapters == 3
+    assert pool.ranks.tolist() == [[4, 8, 64]] and pool.b_starts.tolist() == [[0, 4 * 24, 12 * 24]]
+    torch.testing.assert_close(pool.lora_b_t(1), adapters[1][1].t())
+    torch.testing.assert_close(pool.lora_a[4:12], adapters[1][0])
 
 
 def test_bad_ids_are_refused_and_never_read_outside_the_pool(backend):
@@ -142,12 +158,18 @@ def test_bad_input(changes, error, match):
 
 def test_bad_pool():
     a, b = torch.randn(4, 16), torch.randn(8, 4)
-    with pytest.raises(ValueError, match="at least one"):
-        AdapterPool.build([])
+    with pytest.raises(ValueError, match="without adapters needs in_features"):
+        AdapterPool.build([], out_features=8)
     with pytest.raises(ValueError, match="adapter 1: lora_a must be"):
         AdapterPool.build([(a, b, 1.0), (torch.randn(4, 15), b, 1.0)])
-    with pytest.raises(TypeError, match="adapter 1: lora_b must match"):
+    with pytest.raises(TypeError, match=r"adapter 1: lora_b must be torch\.float32 on cpu"):
         AdapterPool.build([(a, b, 1.0), (a, b.half(), 1.0)])
+    with pytest.raises(ValueError, match="adapter 1: expected 2 slices, got 1"):
+        AdapterPool.build_packed([[(a, b, 1.0), None], [(a, b, 1.0)]], slice_widths=[8, 8])
+    with pytest.raises(ValueError, match="every slice needs a positive output width"):
+        AdapterPool.build_packed([[(a, b, 1.0), None]])
+    with pytest.raises(ValueError, match=r"lora_b \[3, r\]"):
+        AdapterPool.build_packed([[(a, b, 1.0), (a, b, 1.0)]], slice_widths=[8, 3])
     with pytest.raises(TypeError, match="scaling must be a float"):
         AdapterPool.build([(a, b, "2")])
 
@@ -156,11 +178,82 @@ def test_opcheck():
     _, _, adapters = make(16, 8, [4, 8], torch.float32)
     pool = AdapterPool.build(adapters)
     x, ids = torch.randn(5, 16, device=DEVICE), torch.tensor([0, 1, -1, 1, 0], device=DEVICE)
-    torch.library.opcheck(torch.ops.fastpeft.multi_lora_shrink.default, (x, pool.lora_a, pool.offsets, ids, 8))
-    v = torch.ops.fastpeft.multi_lora_shrink(x, pool.lora_a, pool.offsets, ids, 8)
+    torch.library.opcheck(torch.ops.fastpeft.multi_lora_shrink.default, (x, pool.lora_a, pool.a_offsets, ids, 8))
+    v = torch.ops.fastpeft.multi_lora_shrink(x, pool.lora_a, pool.a_offsets, ids, 8)
     base = torch.randn(5, 8, device=DEVICE)
-    args = (base, v, pool.lora_b_t, pool.offsets, pool.scalings, ids)
+    tables = (pool.ranks, pool.v_starts, pool.b_starts, pool.scalings, pool.out_starts)
+    args = (base, v, pool.lora_b, ids, *tables, 8)
     torch.library.opcheck(torch.ops.fastpeft.multi_lora_expand.default, args)
+
+
+def packed_reference(x, weight, bias, packed, widths, ids):
+    """Slice by slice: each slice's columns get that slice's LoRA pair of the token's adapter."""
+    y = torch.nn.functional.linear(x, weight, bias)
+    bounds = [0, *torch.tensor(widths).cumsum(0).tolist()]
+    for t, adapter in enumerate(ids.tolist()):
+        for s, pair in enumerate(packed[adapter] if adapter >= 0 else []):
+            if pair is not None:
+                a, b, scale = pair
+                y[t, bounds[s] : bounds[s + 1]] += scale * (x[t] @ a.to(x.dtype).t() @ b.to(x.dtype).t())
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("m", [3, 37], ids=lambda m: f"m{m}")
+def test_packed_slices_in_one_launch(backend, dtype, m):
+    """q/k/v-like slices of different widths, each adapter with its own rank per slice, one slice left out."""
+    k, widths = 24, [32, 8, 8]
+    gen = torch.Generator().manual_seed(m)
+
+    def pair(r, width, scale):
+        a = torch.randn(r, k, generator=gen) * k**-0.5
+        return a.to(DEVICE, dtype), (torch.randn(width, r, generator=gen) * r**-0.5).to(DEVICE, dtype), scale
+
+    packed = [
+        [pair(4, 32, 2.0), pair(4, 8, 2.0), pair(4, 8, 2.0)],
+        [pair(16, 32, 0.5), None, pair(8, 8, 1.5)],  # adapter 1 leaves slice 1 (k) alone
+        [pair(5, 32, 1.0), pair(3, 8, 3.0), None],
+    ]
+    pool = AdapterPool.build_packed(packed)
+    assert pool.slice_widths == (32, 8, 8) and pool.max_rank == 24 and pool.ranks.tolist()[1] == [4, 0, 3]
+    weight = (torch.randn(sum(widths), k, generator=gen) * k**-0.5).to(DEVICE, dtype)
+    bias = torch.randn(sum(widths), generator=gen).to(DEVICE, dtype)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    ids = torch.randint(-1, 3, (m,), generator=gen).to(DEVICE)
+    with record_backends() as calls:
+        out = multi_lora_linear(x, weight, pool, ids, bias)
+    assert {used for _, used in calls} == {backend}
+    as64 = [[None if p is None else (p[0].double(), p[1].double(), p[2]) for p in slices] for slices in packed]
+    ref = packed_reference(x.double(), weight.double(), bias.double(), as64, widths, ids)
+    assert_close_to_reference(out, ref, packed_reference(x, weight, bias, packed, widths, ids), f"{backend} packed")
+
+
+def test_segments_of_a_prefill(backend):
+    """Packed sequences of different lengths, one adapter per sequence: the tile kernels' runs cross tiles."""
+    weight, bias, adapters = make(32, 24, [8, 16, 4, 64], torch.float32)
+    pool = AdapterPool.build(adapters)
+    lengths = torch.tensor([7, 20, 1, 0, 13, 9], device=DEVICE)
+    per_segment = torch.tensor([2, 0, -1, 3, 3, 1], device=DEVICE)
+    ids = segment_adapter_ids(lengths, per_segment, 50)
+    assert ids.tolist() == [2] * 7 + [0] * 20 + [-1] + [3] * 13 + [1] * 9 and ids.dtype == torch.int32
+    x = torch.randn(50, 32, device=DEVICE)
+    ref = reference(x.double(), weight.double(), bias.double(), [(a.double(), b.double(), s) for a, b, s in adapters],
+                    ids)  # fmt: skip
+    out = multi_lora_linear(x, weight, pool, ids, bias)
+    assert_close_to_reference(out, ref, reference(x, weight, bias, adapters, ids), "segments")
+    with pytest.raises(ValueError, match="sum to 50, not num_tokens=49"):
+        segment_adapter_ids(lengths, per_segment, 49)
+
+
+def test_pool_without_adapters_runs_the_base_layer(backend):
+    weight, bias, _ = make(16, 8, [4], torch.float32)
+    pool = AdapterPool.build([], in_features=16, out_features=8, dtype=torch.float32, device=DEVICE)
+    assert pool.num_adapters == 0 and pool.max_rank == 0
+    x = torch.randn(3, 16, device=DEVICE)
+    out = multi_lora_linear(x, weight, pool, torch.full((3,), -1, device=DEVICE), bias)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias))
+    with pytest.raises(IndexError, match="adapter_ids holds 0"):
+        multi_lora_linear(x, weight, pool, torch.zeros(3, dtype=torch.int64, device=DEVICE), bias)
 
 
 @pytest.mark.gpu

@@ -92,7 +92,9 @@ SHRINK_CONFIGS = [
 # Without autotuning (FASTPEFT_TRITON_AUTOTUNE=0): one configuration per kernel, valid for every shape.
 FIXED_DECODE_CONFIG = _configs([(16, 32, 128, 4, 4)])[0]
 FIXED_PREFILL_CONFIG = _configs([(64, 64, 64, 4, 3)])[0]
-FIXED_SHRINK_CONFIG = SHRINK_CONFIGS[0]
+# Small enough for fp32 operands at R_PAD = 256 within an H100's 227 KiB of shared memory per block
+# (scripts/compile_triton.py checks this): (64 * 64 + 64 * 256) * 4 bytes * 2 stages = 160 KiB.
+FIXED_SHRINK_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2)
 # The interpreter gets tiny tiles: autotuning there would time nothing real.
 _INTERPRETER_CONFIG = _configs([(16, 16, 16, 1, 1)])[0]
 _INTERPRETER_SHRINK_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)

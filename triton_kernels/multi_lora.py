@@ -1,61 +1,96 @@
 """Triton kernels for many LoRA adapters in one batch (punica-style shrink and expand over an adapter pool).
 
-The pool (fastpeft.ops.multi_lora.AdapterPool) stacks every adapter's rank rows without padding: adapter i owns
-rows ``offsets[i]:offsets[i + 1]`` of ``lora_a`` [P, K] and of ``lora_b_t`` [P, N] (B transposed, so the expand
-reads contiguous rows of N). Each token t carries ``adapter_ids[t]``; -1 means no adapter.
+The pool (fastpeft.ops.adapter_pool.AdapterPool) stacks every adapter's rank rows without padding: adapter i owns
+rows ``a_offsets[i]:a_offsets[i + 1]`` of ``lora_a`` [P, K] (its A rows for every output slice); slice s of
+adapter i has rank ``ranks[s, i]``, its columns of v start at ``v_starts[s, i]``, its B transposed lies
+row-major [rank, width_s] at element ``b_starts[s, i]`` of the flat ``lora_b``. Token t carries
+``adapter_ids[t]``; -1 means no adapter.
 
-- ``_shrink_kernel``: ``v[t, :r] = x[t] @ A[id[t]].T`` in fp32, one program per token looping over K, columns
-  past the adapter's rank written as zeros.
-- ``_expand_kernel``: ``y[t, n] = base[t, n] + scaling[id[t]] * v[t] @ B[id[t]].T`` for a block of n, in fp32,
-  rounded once to y's dtype.
+- shrink: ``v[t, :R_i] = x[t] @ lora_a[rows of i].T`` in fp32 (x read once for every slice); columns past the
+  adapter's total rank, and rows of tokens without an adapter, are zero.
+- expand: ``y[t, slice s] = base[t, slice s] + scaling[s, i] * v[t, slice s's columns] @ B[s, i].T`` in fp32,
+  rounded once to y's dtype. One launch covers every slice (grid axis 2).
 
-An id outside [0, num_adapters) reads nothing (the token gets the base output): the kernels never address the
-pool through an unchecked id. Grids depend on the shapes and the pool's largest rank only, never on the ids, and
-nothing is allocated from data: both launches can be captured in a CUDA graph.
+Two forms of each:
+- per token (decode, few rows): one program per token, GEMV-like, reading only that token's adapter;
+- per tile (prefill, the segment form): a program takes BLOCK_M consecutive tokens and walks the runs of one
+  adapter inside them with ``tl.dot``; when contiguous tokens share an adapter (a sequence's segment), a tile
+  costs one or two dot products, and any id layout stays correct (a tile of distinct ids is BLOCK_M runs).
 
-Per-token programs re-read an adapter's rows for every token that uses it (from L2 when the batch shares
-adapters); the segment form (tokens of one sequence share an adapter, tiles of tokens through ``tl.dot``) is the
-prefill path still to come.
+An id outside [0, num_adapters) reads nothing (masked loads: the token gets the base output), so a bad id never
+addresses memory outside the pool. Grids depend on the shapes and the pool's largest rank only, never on the ids,
+and nothing is allocated from data: every launch can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .lora import _on_device
+from .lora import _dot_precision, _on_device
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Rows at or below which the per-token kernels run; above, the per-tile (tl.dot) kernels. The interpreter takes
+# the tile kernels from 9 rows, so that the tests' tiny shapes exercise both forms.
+DECODE_MAX_M = 8 if _INTERPRET else 64
+# The tile kernels' blocks and launch options (the interpreter gets tiny ones); scripts/compile_triton.py
+# compiles exactly these for sm_90.
+TILE_M = 16 if _INTERPRET else 64
+TILE_K = 16 if _INTERPRET else 64
+TILE_N = 16 if _INTERPRET else 128
+TILE_OPTIONS = {"shrink": dict(num_warps=4, num_stages=3), "expand": dict(num_warps=4, num_stages=2)}
 
 
 @triton.jit
-def _adapter_rows(ids_ptr, offsets_ptr, t, num_adapters):
-    """(first pool row, rank) of token t's adapter; rank 0 for -1 or any id outside the pool."""
-    adapter = tl.load(ids_ptr + t).to(tl.int32)
-    valid = (adapter >= 0) & (adapter < num_adapters)
-    safe = tl.where(valid, adapter, 0)
-    start = tl.load(offsets_ptr + safe)
-    end = tl.load(offsets_ptr + safe + 1)
-    return start, tl.where(valid, end - start, 0), safe
+def _adapter_of(ids, num_adapters):
+    """(valid, index safe to address with) for adapter ids; invalid ids (-1, or outside the pool) read nothing."""
+    valid = (ids >= 0) & (ids < num_adapters)
+    return valid, tl.where(valid, ids, 0)
 
 
 @triton.jit
-def _shrink_kernel(
-    x_ptr, a_ptr, ids_ptr, offsets_ptr, v_ptr,
+def _slice_of(adapter, valid, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr):
+    """(rank, first column in v, first element in lora_b, scaling) of slice s of ``adapter``; rank 0 if invalid."""
+    at = s * num_adapters + adapter
+    rank = tl.load(ranks_ptr + at, mask=valid, other=0)
+    v_start = tl.load(v_starts_ptr + at, mask=valid, other=0)
+    b_start = tl.load(b_starts_ptr + at, mask=valid, other=0)
+    scaling = tl.load(scalings_ptr + at, mask=valid, other=0.0)
+    return rank, v_start, b_start, scaling
+
+
+@triton.jit
+def _next_run(ids, pending, BLOCK_M: tl.constexpr):
+    """The adapter of the tile's first pending token, and the pending tokens that use it."""
+    lanes = tl.arange(0, BLOCK_M)
+    first = tl.min(tl.where(pending, lanes, BLOCK_M), axis=0)
+    adapter = tl.max(tl.where(lanes == first, ids, -1), axis=0)
+    return adapter, pending & (ids == adapter)
+
+
+@triton.jit
+def _shrink_token_kernel(
+    x_ptr, a_ptr, ids_ptr, a_offsets_ptr, v_ptr,
     K, num_adapters,
     stride_xm, stride_xk, stride_ap, stride_ak, stride_vm,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     t = tl.program_id(0)
-    start, rank, _ = _adapter_rows(ids_ptr, offsets_ptr, t, num_adapters)
+    valid, adapter = _adapter_of(tl.load(ids_ptr + t), num_adapters)
+    start = tl.load(a_offsets_ptr + adapter, mask=valid, other=0)
+    rank = tl.load(a_offsets_ptr + adapter + 1, mask=valid, other=0) - start
     rows = tl.arange(0, BLOCK_R)
     row_mask = rows < rank
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        xk = tl.load(x_ptr + t * stride_xm + ks * stride_xk, mask=k_mask & (rank > 0), other=0.0).to(tl.float32)
+        xk = tl.load(x_ptr + t * stride_xm + ks * stride_xk, mask=k_mask & valid, other=0.0).to(tl.float32)
         a = tl.load(
-            a_ptr + (start + rows)[:, None] * stride_ap + ks[None, :] * stride_ak,
+            a_ptr + (start + rows)[:, None].to(tl.int64) * stride_ap + ks[None, :] * stride_ak,
             mask=row_mask[:, None] & k_mask[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -64,71 +99,196 @@ def _shrink_kernel(
 
 
 @triton.jit
-def _expand_kernel(
-    base_ptr, v_ptr, b_ptr, ids_ptr, offsets_ptr, scalings_ptr, y_ptr,
-    N, num_adapters,
-    stride_base_m, stride_base_n, stride_vm, stride_bp, stride_bn, stride_ym, stride_yn,
+def _shrink_tile_kernel(
+    x_ptr, a_ptr, ids_ptr, a_offsets_ptr, v_ptr,
+    M, K, num_adapters,
+    stride_xm, stride_xk, stride_ap, stride_ak, stride_vm,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    toks = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = toks < M
+    ids = tl.load(ids_ptr + toks, mask=in_range, other=-1)
+    valid, _ = _adapter_of(ids, num_adapters)
+    rows = tl.arange(0, BLOCK_R)
+    v_ptrs = v_ptr + toks[:, None].to(tl.int64) * stride_vm + rows[None, :]
+    tl.store(v_ptrs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=(in_range & ~valid)[:, None])
+    pending = valid
+    while tl.max(pending.to(tl.int32), axis=0) > 0:
+        adapter, run = _next_run(ids, pending, BLOCK_M)
+        start = tl.load(a_offsets_ptr + adapter)
+        rank = tl.load(a_offsets_ptr + adapter + 1) - start
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            x = tl.load(
+                x_ptr + toks[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
+                mask=run[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            a = tl.load(  # A's rows of this adapter, as [BLOCK_K, BLOCK_R]
+                a_ptr + (start + rows)[None, :].to(tl.int64) * stride_ap + ks[:, None] * stride_ak,
+                mask=(rows < rank)[None, :] & k_mask[:, None],
+                other=0.0,
+            )
+            if UPCAST:
+                x = x.to(tl.float32)
+                a = a.to(tl.float32)
+            acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+        tl.store(v_ptrs, acc, mask=run[:, None])
+        pending = pending & (ids != adapter)
+
+
+@triton.jit
+def _expand_token_kernel(
+    base_ptr, v_ptr, b_ptr, ids_ptr, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr, out_starts_ptr, y_ptr,
+    num_adapters,
+    stride_base_m, stride_base_n, stride_vm, stride_ym, stride_yn,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
+    t, s = tl.program_id(0), tl.program_id(2)
+    out_start = tl.load(out_starts_ptr + s)
+    width = tl.load(out_starts_ptr + s + 1) - out_start
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    start, rank, safe = _adapter_rows(ids_ptr, offsets_ptr, t, num_adapters)
+    col_mask = cols < width  # slices narrower than the widest leave their last column blocks idle
+    valid, adapter = _adapter_of(tl.load(ids_ptr + t), num_adapters)
+    rank, v_start, b_start, scaling = _slice_of(
+        adapter, valid, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
+    )
     rows = tl.arange(0, BLOCK_R)
     row_mask = rows < rank
-    v = tl.load(v_ptr + t * stride_vm + rows, mask=row_mask, other=0.0)
+    v = tl.load(v_ptr + t * stride_vm + v_start + rows, mask=row_mask, other=0.0)
     b = tl.load(
-        b_ptr + (start + rows)[:, None] * stride_bp + cols[None, :] * stride_bn,
+        b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
         mask=row_mask[:, None] & col_mask[None, :],
         other=0.0,
     ).to(tl.float32)
-    scaling = tl.where(rank > 0, tl.load(scalings_ptr + safe), 0.0)
     delta = tl.sum(v[:, None] * b, axis=0) * scaling
-    base = tl.load(base_ptr + t * stride_base_m + cols * stride_base_n, mask=col_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + t * stride_ym + cols * stride_yn, (base + delta).to(y_ptr.dtype.element_ty), mask=col_mask)
+    out_cols = out_start + cols
+    base = tl.load(base_ptr + t * stride_base_m + out_cols * stride_base_n, mask=col_mask, other=0.0)
+    y = (base.to(tl.float32) + delta).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + t * stride_ym + out_cols * stride_yn, y, mask=col_mask)
+
+
+@triton.jit
+def _expand_tile_kernel(
+    base_ptr, v_ptr, b_ptr, ids_ptr, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr, out_starts_ptr, y_ptr,
+    M, num_adapters,
+    stride_base_m, stride_base_n, stride_vm, stride_ym, stride_yn,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    s = tl.program_id(2)
+    out_start = tl.load(out_starts_ptr + s)
+    width = tl.load(out_starts_ptr + s + 1) - out_start
+    toks = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_range = toks < M
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < width
+    out_cols = out_start + cols
+    tile_mask = in_range[:, None] & col_mask[None, :]
+    base = tl.load(
+        base_ptr + toks[:, None].to(tl.int64) * stride_base_m + out_cols[None, :] * stride_base_n,
+        mask=tile_mask,
+        other=0.0,
+    )
+    acc = base.to(tl.float32)
+    ids = tl.load(ids_ptr + toks, mask=in_range, other=-1)
+    pending, _ = _adapter_of(ids, num_adapters)
+    rows = tl.arange(0, BLOCK_R)
+    while tl.max(pending.to(tl.int32), axis=0) > 0:
+        adapter, run = _next_run(ids, pending, BLOCK_M)
+        rank, v_start, b_start, scaling = _slice_of(
+            adapter, True, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
+        )
+        v = tl.load(
+            v_ptr + toks[:, None].to(tl.int64) * stride_vm + v_start + rows[None, :],
+            mask=run[:, None] & (rows < rank)[None, :],
+            other=0.0,
+        )
+        b = tl.load(
+            b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
+            mask=(rows < rank)[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        # B's 16-bit values are exact in tf32, so a tf32 dot only rounds v, to 11 bits.
+        acc = tl.dot(v * scaling, b, acc, input_precision=DOT_PRECISION)
+        pending = pending & (ids != adapter)
+    tl.store(
+        y_ptr + toks[:, None].to(tl.int64) * stride_ym + out_cols[None, :] * stride_yn,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=tile_mask,
+    )
 
 
 def multi_lora_shrink(
-    x: torch.Tensor, lora_a: torch.Tensor, offsets: torch.Tensor, adapter_ids: torch.Tensor, v_width: int
+    x: torch.Tensor, lora_a: torch.Tensor, a_offsets: torch.Tensor, adapter_ids: torch.Tensor, v_width: int
 ) -> torch.Tensor:
-    """``v[t, :r] = x[t] @ A[id[t]].T``: fp32 [M, v_width] (the rank block: a power of two >= 16 and >= the
-    pool's largest rank, chosen by fastpeft.ops.multi_lora; columns past each token's rank, and whole rows of
-    tokens without an adapter, are zero). x [M, K]; lora_a [P, K]; offsets int [n + 1]; adapter_ids int [M]."""
+    """``v[t, :R] = x[t] @ A[id[t]].T``: fp32 [M, v_width] (the rank block: a power of two >= 16 and >= the
+    pool's largest total rank, chosen by fastpeft.ops.multi_lora; columns past each token's rank, and whole rows
+    of tokens without an adapter, are zero). x [M, K]; lora_a [P, K]; a_offsets int32 [n + 1]; adapter_ids
+    int32/int64 [M]."""
     m, k = x.shape
     v = torch.empty((m, v_width), device=x.device, dtype=torch.float32)
     if m == 0:
         return v
+    num_adapters = a_offsets.numel() - 1
+    strides = (x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), v.stride(0))
     with _on_device(x):
-        _shrink_kernel[(m,)](
-            x, lora_a, adapter_ids, offsets, v, k, offsets.numel() - 1,
-            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), v.stride(0),
-            BLOCK_R=v_width, BLOCK_K=min(128, max(16, triton.next_power_of_2(k))),
-        )  # fmt: skip
+        if m <= DECODE_MAX_M:
+            _shrink_token_kernel[(m,)](
+                x, lora_a, adapter_ids, a_offsets, v, k, num_adapters, *strides,
+                BLOCK_R=v_width, BLOCK_K=min(128, max(16, triton.next_power_of_2(k))),
+            )  # fmt: skip
+        else:
+            _shrink_tile_kernel[(triton.cdiv(m, TILE_M),)](
+                x, lora_a, adapter_ids, a_offsets, v, m, k, num_adapters, *strides,
+                DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
+                BLOCK_M=TILE_M, BLOCK_R=v_width, BLOCK_K=TILE_K, **TILE_OPTIONS["shrink"],
+            )  # fmt: skip
     return v
 
 
 def multi_lora_expand(
     base: torch.Tensor,
     v: torch.Tensor,
-    lora_b_t: torch.Tensor,
-    offsets: torch.Tensor,
-    scalings: torch.Tensor,
+    lora_b: torch.Tensor,
     adapter_ids: torch.Tensor,
+    ranks: torch.Tensor,
+    v_starts: torch.Tensor,
+    b_starts: torch.Tensor,
+    scalings: torch.Tensor,
+    out_starts: torch.Tensor,
+    max_width: int,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y[t] = base[t] + scaling[id[t]] * v[t, :r] @ B[id[t]].T`` in fp32, rounded once to base's dtype.
-    base [M, N]; v fp32 [M, BLOCK_R] from :func:`multi_lora_shrink`; lora_b_t [P, N]; scalings fp32 [n].
-    ``out`` may be ``base`` itself (each element is read before it is written, by the same program)."""
+    """``y[t, slice s] = base[t, slice s] + scaling[s, i] * v[t, cols of s] @ B[s, i].T`` in fp32, rounded once
+    to base's dtype. base [M, N]; v fp32 [M, v_width] from :func:`multi_lora_shrink`; lora_b flat; ranks,
+    v_starts int32 [S, n], b_starts int64 [S, n], scalings fp32 [S, n], out_starts int32 [S + 1]; ``max_width``
+    the widest slice. ``out`` may be ``base`` itself (each element is read before it is written, by the same
+    program)."""
     m, n = base.shape
     y = torch.empty_like(base) if out is None else out
     if m == 0 or n == 0:
         return y
-    block_n = 128 if n >= 128 else max(16, triton.next_power_of_2(n))
+    num_slices, num_adapters = ranks.shape
+    block_n = 128 if max_width >= 128 else max(16, triton.next_power_of_2(max_width))
+    tables = (ranks, v_starts, b_starts, scalings, out_starts)
+    strides = (base.stride(0), base.stride(1), v.stride(0), y.stride(0), y.stride(1))
     with _on_device(base):
-        _expand_kernel[(m, triton.cdiv(n, block_n))](
-            base, v, lora_b_t, adapter_ids, offsets, scalings, y, n, offsets.numel() - 1,
-            base.stride(0), base.stride(1), v.stride(0), lora_b_t.stride(0), lora_b_t.stride(1),
-            y.stride(0), y.stride(1),
-            BLOCK_R=v.shape[1], BLOCK_N=block_n,
-        )  # fmt: skip
+        if m <= DECODE_MAX_M:
+            grid = (m, triton.cdiv(max_width, block_n), num_slices)
+            _expand_token_kernel[grid](
+                base, v, lora_b, adapter_ids, *tables, y, num_adapters, *strides,
+                BLOCK_R=v.shape[1], BLOCK_N=block_n,
+            )  # fmt: skip
+        else:
+            block_n = min(block_n, TILE_N)
+            grid = (triton.cdiv(m, TILE_M), triton.cdiv(max_width, block_n), num_slices)
+            _expand_tile_kernel[grid](
+                base, v, lora_b, adapter_ids, *tables, y, m, num_adapters, *strides,
+                DOT_PRECISION=_dot_precision(base.dtype) if base.dtype == torch.float32 else "tf32",
+                BLOCK_M=TILE_M, BLOCK_R=v.shape[1], BLOCK_N=block_n, **TILE_OPTIONS["expand"],
+            )  # fmt: skip
     return y

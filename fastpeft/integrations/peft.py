@@ -15,8 +15,10 @@ through PEFT's API after patching are covered on the next call; new LoRA layers 
   per adapter, drawn for the dtype PEFT casts x to), or, with ``dropout_mode="philox"`` and one adapter, drawn
   inside the kernels;
 - DoRA as the only active adapter, with or without dropout (:mod:`fastpeft.ops.dora`);
-- PEFT's own forward otherwise: DoRA beside other adapters, other LoRA variants, ``adapter_names`` mixed
-  batches, merged or disabled adapters, other dropout modules.
+- ``adapter_names`` mixed batches (``model(..., adapter_names=[...])``, one name per sample) in one
+  ``multi_lora_linear`` call per layer (:mod:`fastpeft.integrations.peft_mixed_batch`), at inference;
+- PEFT's own forward otherwise: DoRA beside other adapters, other LoRA variants, merged or disabled adapters,
+  other dropout modules, mixed batches the multi_lora op does not express (DoRA, lora_bias, training).
 
 :func:`explain_patch` says, per layer, which path runs now and why. ``unpatch_peft_model`` removes the patch.
 """
@@ -205,6 +207,12 @@ def _dora_forward(layer: nn.Module, name: str, x: torch.Tensor, weight, bias) ->
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    names = kwargs.get("adapter_names")
+    if not args and names is not None and len(kwargs) == 1:  # a mixed batch: one multi_lora call if it can
+        from fastpeft.integrations.peft_mixed_batch import mixed_batch_forward, mixed_batch_unsupported_reason
+
+        if mixed_batch_unsupported_reason(self, names, x) is None:
+            return mixed_batch_forward(self, x, names)
     if args or kwargs or _why_not_fused(self, x.dtype, torch.is_autocast_enabled(x.device.type)) is not None:
         self.__dict__.pop("_fastpeft_cache", None)  # merged or unmerged weights may follow: cached norms go
         return type(self).forward(self, x, *args, **kwargs)  # extra arguments include adapter_names
@@ -250,9 +258,10 @@ def patch_peft_model(model: nn.Module, *, dropout_mode: str = "torch") -> nn.Mod
     same seed); ``"philox"`` draws it inside the kernels (no dropped copy of x; other masks than PEFT's, so
     seeded runs no longer match PEFT's bit for bit). Patching again sets the mode anew.
 
-    Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear`` or Conv1D. Other layers (LoRA
-    stacked on another tuner, quantized or tensor-subclass bases), and calls the fused ops do not express (DoRA
-    beside other adapters, ``adapter_names`` mixed batches, merged or disabled adapters), keep PEFT's own forward.
+    Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear`` or Conv1D, plain calls and
+    ``adapter_names`` mixed batches (one multi_lora launch per layer, inference). Other layers (LoRA stacked on
+    another tuner, quantized or tensor-subclass bases), and calls the fused ops do not express (DoRA beside other
+    adapters or in a mixed batch, merged or disabled adapters), keep PEFT's own forward.
     Idempotent: call it again after adding LoRA layers to cover them. :func:`explain_patch` shows what runs where.
     """
     if dropout_mode not in DROPOUT_MODES:
@@ -298,11 +307,19 @@ class PatchReport(list):
         return "\n".join(lines)
 
 
-def _explain(layer: nn.Module) -> tuple[str, str]:
+def _explain(layer: nn.Module, adapter_names: list[str] | None) -> tuple[str, str]:
     if not is_patched(layer):
         if type(layer) is not _peft_lora_linear_class():
             return "not patched", f"{type(layer).__name__} is not PEFT's lora.Linear"
         return "not patched", _base_unsupported_reason(layer) or "patch_peft_model has not run on it"
+    if adapter_names is not None:
+        from fastpeft.integrations.peft_mixed_batch import mixed_batch_unsupported_reason
+
+        reason = mixed_batch_unsupported_reason(layer, adapter_names, None)
+        if reason is not None:
+            return "PEFT", f"mixed batch: {reason}"
+        used = sorted({n for n in adapter_names if n in layer.lora_A})
+        return "fused", f"mixed batch in one multi_lora call, adapters {used} on this layer"
     reason = _why_not_fused(layer, None, False)
     if reason is not None:
         return "PEFT", reason
@@ -318,13 +335,14 @@ def _explain(layer: nn.Module) -> tuple[str, str]:
     return "fused", detail
 
 
-def explain_patch(model: nn.Module) -> PatchReport:
+def explain_patch(model: nn.Module, adapter_names: list[str] | None = None) -> PatchReport:
     """Per PEFT LoRA layer of ``model``: the path a plain call runs now (train/eval mode, active adapters, merged
-    or disabled state as they are) and why. Calls with ``adapter_names`` (mixed batches) keep PEFT's forward."""
+    or disabled state as they are) and why; with ``adapter_names``, the path of that mixed batch (shapes and
+    input dtype are not known here and not checked)."""
     from peft.tuners.lora.layer import LoraLayer
 
     report = PatchReport()
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            report.append(LayerPath(name, *_explain(module)))
+            report.append(LayerPath(name, *_explain(module, adapter_names)))
     return report

@@ -2,77 +2,35 @@
 
     y[t] = x[t] @ W.T + bias + scaling[id[t]] * (x[t] @ A[id[t]].T) @ B[id[t]].T        (id[t] = -1: no adapter)
 
-Adapters live in an :class:`AdapterPool`: their rank rows stacked without padding (adapter i owns rows
-``offsets[i]:offsets[i + 1]`` of ``lora_a`` [P, in] and of ``lora_b_t`` [P, out], B stored transposed), so
-adapters of different ranks cost only their own bytes. Two custom ops, each with a fake implementation:
+for a plain linear layer, and slice by slice for a packed one (q/k/v or gate/up: one base weight, each output
+slice with its own LoRA pair per adapter). Adapters live in an :class:`~fastpeft.ops.adapter_pool.AdapterPool`
+(rank rows stacked without padding). Two custom ops, each with a fake implementation:
 
-- ``fastpeft::multi_lora_shrink(x, lora_a, offsets, adapter_ids, max_rank)``: ``v`` fp32 [M, >= max_rank];
-- ``fastpeft::multi_lora_expand(base, v, lora_b_t, offsets, scalings, adapter_ids)``: ``base + scaling * v B^T``;
+- ``fastpeft::multi_lora_shrink(x, lora_a, a_offsets, adapter_ids, max_rank)``: ``v`` fp32 [M, >= max_rank],
+  every slice's shrink in one pass over x;
+- ``fastpeft::multi_lora_expand(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_starts,
+  max_width)``: ``base + scaling * v B^T`` on every slice, in one launch;
 
 and :func:`multi_lora_linear`, the layer: the base GEMM (cuBLAS through torch), then shrink and expand. Backends:
-``triton`` (triton_kernels/multi_lora.py; per-token programs, capturable in CUDA graphs) and ``torch`` (a loop
-over the adapters present, the CPU path). The op serves inference: it has no autograd formula.
+``cuda`` (csrc/multi_lora.cu, per-token kernels), ``triton`` (triton_kernels/multi_lora.py; per-token kernels for
+decode, tiles of tokens through ``tl.dot`` for prefill segments) and ``torch`` (a loop over the adapters
+present, the CPU path). The op serves inference: it has no autograd formula.
 """
 
 # No `from __future__ import annotations`: torch.library reads these annotations at runtime.
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from fastpeft.backends import select_backend
-from fastpeft.ops.lora import FLOAT_DTYPES, check_lora_linear_args
+from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.lora import _check_tensor, check_lora_linear_args
 
 ID_DTYPES = (torch.int32, torch.int64)
-_PREFERENCE = ("triton",)  # no CUDA kernel for this family yet
-
-
-@dataclass(frozen=True)
-class AdapterPool:
-    """Adapters stacked by rank rows. ``lora_a`` [P, in_features]; ``lora_b_t`` [P, out_features] (each
-    adapter's B transposed); ``offsets`` int32 [num_adapters + 1] (adapter i owns rows offsets[i]:offsets[i+1]);
-    ``scalings`` fp32 [num_adapters]; ``max_rank`` the largest rank (fixes kernel grids and v's width)."""
-
-    lora_a: torch.Tensor
-    lora_b_t: torch.Tensor
-    offsets: torch.Tensor
-    scalings: torch.Tensor
-    max_rank: int
-
-    @property
-    def num_adapters(self) -> int:
-        return self.offsets.numel() - 1
-
-    @classmethod
-    def build(cls, adapters: Sequence[tuple[torch.Tensor, torch.Tensor, float]]) -> "AdapterPool":
-        """A pool of ``adapters``, each ``(lora_a [r_i, in], lora_b [out, r_i], scaling)`` in index order; all of
-        one dtype and device. Copies the weights once."""
-        if not adapters:
-            raise ValueError("adapters must hold at least one (lora_a, lora_b, scaling)")
-        first_a = adapters[0][0]
-        in_features, out_features = first_a.shape[1], adapters[0][1].shape[0]
-        for index, (lora_a, lora_b, scaling) in enumerate(adapters):
-            for name, t in (("lora_a", lora_a), ("lora_b", lora_b)):
-                if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or t.dim() != 2:
-                    raise TypeError(f"adapter {index}: {name} must be a 2-D float16/bfloat16/float32 tensor")
-                if t.dtype != first_a.dtype or t.device != first_a.device:
-                    raise TypeError(f"adapter {index}: {name} must match adapter 0's dtype and device")
-            r = lora_a.shape[0]
-            if r < 1 or lora_a.shape[1] != in_features or tuple(lora_b.shape) != (out_features, r):
-                raise ValueError(f"adapter {index}: lora_a must be [r, {in_features}] and lora_b [{out_features}, r], "
-                                 f"got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}")  # fmt: skip
-            if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
-                raise TypeError(f"adapter {index}: scaling must be a float, got {type(scaling).__name__}")
-        ranks = [a.shape[0] for a, _, _ in adapters]
-        offsets = torch.tensor([0, *torch.tensor(ranks).cumsum(0).tolist()], dtype=torch.int32)
-        return cls(
-            lora_a=torch.cat([a for a, _, _ in adapters]).contiguous(),
-            lora_b_t=torch.cat([b.t() for _, b, _ in adapters]).contiguous(),
-            offsets=offsets.to(first_a.device),
-            scalings=torch.tensor([float(s) for _, _, s in adapters], dtype=torch.float32, device=first_a.device),
-            max_rank=max(ranks),
-        )
+# Prefill (many rows) runs the Triton tile kernels; the CUDA kernels are per-token (decode).
+_DECODE_PREFERENCE = ("cuda", "triton")
+_PREFILL_PREFERENCE = ("triton", "cuda")
+_CUDA_DECODE_MAX_M = 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -86,81 +44,117 @@ def _rows_per_adapter(adapter_ids: torch.Tensor, num_adapters: int) -> list[tupl
     return [(i, (adapter_ids == i).nonzero().squeeze(1)) for i in present]
 
 
-def _shrink_torch(x, lora_a, offsets, adapter_ids, max_rank):
-    v = torch.zeros((x.shape[0], _v_width(max_rank)), device=x.device, dtype=torch.float32)
-    bounds = offsets.tolist()
+def _shrink_torch(x, lora_a, a_offsets, adapter_ids, max_rank):
+    v = torch.zeros((x.shape[0], v_width(max_rank)), device=x.device, dtype=torch.float32)
+    bounds = a_offsets.tolist()
     for i, rows in _rows_per_adapter(adapter_ids, len(bounds) - 1):
         start, end = bounds[i], bounds[i + 1]
         v[rows, : end - start] = x[rows].float() @ lora_a[start:end].float().t()
     return v
 
 
-def _expand_torch(base, v, lora_b_t, offsets, scalings, adapter_ids):
+def _expand_torch(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_starts, max_width):
     y = base.to(torch.float32, copy=True)  # never the input itself: a custom op may not return an alias
-    bounds = offsets.tolist()
-    for i, rows in _rows_per_adapter(adapter_ids, len(bounds) - 1):
-        start, end = bounds[i], bounds[i + 1]
-        y[rows] += scalings[i] * (v[rows, : end - start] @ lora_b_t[start:end].float())
+    ranks_, v_starts_, b_starts_, scalings_ = (t.tolist() for t in (ranks, v_starts, b_starts, scalings))
+    bounds = out_starts.tolist()
+    for i, rows in _rows_per_adapter(adapter_ids, ranks.shape[1]):
+        for s in range(ranks.shape[0]):
+            rank, v0, b0, width = ranks_[s][i], v_starts_[s][i], b_starts_[s][i], bounds[s + 1] - bounds[s]
+            if rank:
+                b_t = lora_b[b0 : b0 + rank * width].view(rank, width).float()
+                y[rows, bounds[s] : bounds[s + 1]] += scalings_[s][i] * (v[rows, v0 : v0 + rank] @ b_t)
     return y.to(base.dtype)
 
 
-def _v_width(max_rank: int) -> int:
-    """v's columns on every backend: the Triton kernels' rank block (tl.arange needs a power of two >= 16)."""
-    return max(16, 1 << (max_rank - 1).bit_length())
+def v_width(max_rank: int) -> int:
+    """v's columns on every backend: the kernels' rank block (tl.arange needs a power of two >= 16)."""
+    return max(16, 1 << (max(max_rank, 1) - 1).bit_length())
 
 
-def _shrink_triton(x, lora_a, offsets, adapter_ids, max_rank):
+# The triton and cuda backends (imported on first use: triton and fastpeft._C are optional)
+
+
+def _shrink_triton(x, lora_a, a_offsets, adapter_ids, max_rank):
     from fastpeft.triton_kernels.multi_lora import multi_lora_shrink
 
-    return multi_lora_shrink(x, lora_a, offsets, adapter_ids, _v_width(max_rank))
+    return multi_lora_shrink(x, lora_a, a_offsets, adapter_ids, v_width(max_rank))
 
 
-def _expand_triton(base, v, lora_b_t, offsets, scalings, adapter_ids):
+def _expand_triton(base, v, lora_b, adapter_ids, *tables_and_width):
     from fastpeft.triton_kernels.multi_lora import multi_lora_expand
 
-    return multi_lora_expand(base, v, lora_b_t, offsets, scalings, adapter_ids)
+    return multi_lora_expand(base, v, lora_b, adapter_ids, *tables_and_width)
+
+
+def _shrink_cuda(x, lora_a, a_offsets, adapter_ids, max_rank):
+    return torch.ops.fastpeft.multi_lora_shrink_cuda(x, lora_a, a_offsets, adapter_ids, v_width(max_rank))
+
+
+def _expand_cuda(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_starts, max_width):
+    return torch.ops.fastpeft.multi_lora_expand_cuda(
+        base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_starts, max_width
+    )
 
 
 IMPLS = {
-    "multi_lora_shrink": {"torch": _shrink_torch, "triton": _shrink_triton},
-    "multi_lora_expand": {"torch": _expand_torch, "triton": _expand_triton},
+    "multi_lora_shrink": {"torch": _shrink_torch, "triton": _shrink_triton, "cuda": _shrink_cuda},
+    "multi_lora_expand": {"torch": _expand_torch, "triton": _expand_triton, "cuda": _expand_cuda},
 }
 
 
 def _run(op: str, x: torch.Tensor, *args) -> torch.Tensor:
-    backend = select_backend(op, x.device, _PREFERENCE)
-    if backend not in IMPLS[op]:
-        raise RuntimeError(f"fastpeft::{op} has no {backend} implementation yet (it runs on triton or torch)")
+    decode = x.shape[0] <= _CUDA_DECODE_MAX_M
+    backend = select_backend(op, x.device, _DECODE_PREFERENCE if decode else _PREFILL_PREFERENCE)
     return IMPLS[op][backend](x, *args)
 
 
 @torch.library.custom_op("fastpeft::multi_lora_shrink", mutates_args=())
 def _multi_lora_shrink_op(
-    x: torch.Tensor, lora_a: torch.Tensor, offsets: torch.Tensor, adapter_ids: torch.Tensor, max_rank: int
+    x: torch.Tensor, lora_a: torch.Tensor, a_offsets: torch.Tensor, adapter_ids: torch.Tensor, max_rank: int
 ) -> torch.Tensor:
-    return _run("multi_lora_shrink", x, lora_a, offsets, adapter_ids, max_rank)
+    return _run("multi_lora_shrink", x, lora_a, a_offsets, adapter_ids, max_rank)
 
 
 @_multi_lora_shrink_op.register_fake
-def _(x, lora_a, offsets, adapter_ids, max_rank):
-    return x.new_empty((x.shape[0], _v_width(max_rank)), dtype=torch.float32)
+def _(x, lora_a, a_offsets, adapter_ids, max_rank):
+    return x.new_empty((x.shape[0], v_width(max_rank)), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastpeft::multi_lora_expand", mutates_args=())
 def _multi_lora_expand_op(
     base: torch.Tensor,
     v: torch.Tensor,
-    lora_b_t: torch.Tensor,
-    offsets: torch.Tensor,
-    scalings: torch.Tensor,
+    lora_b: torch.Tensor,
     adapter_ids: torch.Tensor,
+    ranks: torch.Tensor,
+    v_starts: torch.Tensor,
+    b_starts: torch.Tensor,
+    scalings: torch.Tensor,
+    out_starts: torch.Tensor,
+    max_width: int,
 ) -> torch.Tensor:
-    return _run("multi_lora_expand", base, v, lora_b_t, offsets, scalings, adapter_ids)
+    return _run("multi_lora_expand", base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings,
+                out_starts, max_width)  # fmt: skip
 
 
 @_multi_lora_expand_op.register_fake
-def _(base, v, lora_b_t, offsets, scalings, adapter_ids):
+def _(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_starts, max_width):
     return torch.empty_like(base)
+
+
+def multi_lora_shrink(x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor) -> torch.Tensor:
+    """``v[t, :R_i] = x[t] @ A_i.T`` for every slice at once: x [M, in] (2-D), adapter_ids int [M]; returns
+    fp32 [M, v_width(pool.max_rank)], zero past each token's rank."""
+    return _multi_lora_shrink_op(x, pool.lora_a, pool.a_offsets, adapter_ids, pool.max_rank)
+
+
+def multi_lora_expand(
+    base: torch.Tensor, v: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor
+) -> torch.Tensor:
+    """``base + scaling_si * v[:, slice s of i] @ B_si.T`` on every slice: base [M, out] (x's dtype), v from
+    :func:`multi_lora_shrink`; returns a new [M, out] tensor in base's dtype."""
+    return _multi_lora_expand_op(base, v, pool.lora_b, adapter_ids, pool.ranks, pool.v_starts, pool.b_starts,
+                                 pool.scalings, pool.out_starts, max(pool.slice_widths))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,12 +170,31 @@ def _token_ids(x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
                         f"got {getattr(adapter_ids, 'dtype', type(adapter_ids).__name__)}")  # fmt: skip
     if adapter_ids.device != x.device:
         raise ValueError(f"adapter_ids is on {adapter_ids.device}, x on {x.device}")
+    # The kernels read ids[t] at t: a contiguous copy where a view would keep strides (an expanded batch of 1).
     if tuple(adapter_ids.shape) == tuple(x.shape[:-1]):
-        return adapter_ids.reshape(-1)
+        return adapter_ids.reshape(-1).contiguous()
     if x.dim() == 3 and tuple(adapter_ids.shape) == (x.shape[0],):
-        return adapter_ids[:, None].expand(x.shape[0], x.shape[1]).reshape(-1)
+        return adapter_ids[:, None].expand(x.shape[0], x.shape[1]).reshape(-1).contiguous()
     raise ValueError(f"adapter_ids must be one id per token {tuple(x.shape[:-1])} or, for a 3-D x, one per "
                      f"sample ({x.shape[0]},); got {tuple(adapter_ids.shape)}")  # fmt: skip
+
+
+def segment_adapter_ids(
+    segment_lengths: torch.Tensor, segment_adapters: torch.Tensor, num_tokens: int, *, check: bool = True
+) -> torch.Tensor:
+    """Per-token ids for the segment form (a prefill of packed sequences): segment j is ``segment_lengths[j]``
+    contiguous tokens using adapter ``segment_adapters[j]`` (-1: none). Both int tensors [S] on one device;
+    ``num_tokens`` is their total, given so that the expansion needs no host sync (``check=True`` verifies it,
+    which does sync; pass False inside graph capture). Returns int32 [num_tokens]."""
+    for name, t in (("segment_lengths", segment_lengths), ("segment_adapters", segment_adapters)):
+        if not isinstance(t, torch.Tensor) or t.dtype not in ID_DTYPES or t.dim() != 1:
+            raise TypeError(f"{name} must be a 1-D int32 or int64 tensor")
+    if segment_lengths.shape != segment_adapters.shape:
+        raise ValueError(f"segment_lengths {tuple(segment_lengths.shape)} and segment_adapters "
+                         f"{tuple(segment_adapters.shape)} must have one entry per segment")  # fmt: skip
+    if check and int(segment_lengths.sum()) != num_tokens:
+        raise ValueError(f"segment_lengths sum to {int(segment_lengths.sum())}, not num_tokens={num_tokens}")
+    return torch.repeat_interleave(segment_adapters.to(torch.int32), segment_lengths, output_size=num_tokens)
 
 
 def check_adapter_ids(adapter_ids: torch.Tensor, num_adapters: int) -> None:
@@ -203,11 +216,14 @@ def multi_lora_linear(
     *,
     check_ids: bool = True,
 ) -> torch.Tensor:
-    """A linear layer with a different LoRA adapter per token: ``x W^T + bias + s_i (x A_i^T) B_i^T``.
+    """A linear layer with a different LoRA adapter per token: ``x W^T + bias + s_i (x A_i^T) B_i^T`` (per output
+    slice for a packed pool). Tokens in contiguous runs of one adapter (a prefill's segments, one id per sample
+    of a 3-D x) take the tile kernels, one ``tl.dot`` per run and tile.
 
     Args:
         x: [..., in_features], any leading shape, any strides.
-        weight: [out_features, in_features], the shared base weight.
+        weight: [out_features, in_features], the shared base weight (for a packed layer, the slices' weights
+            stacked along out_features, in the pool's slice order).
         pool: the adapters (:class:`AdapterPool`), in x's dtype and on its device.
         adapter_ids: int32/int64, one per token (``x.shape[:-1]``) or one per sample (``[batch]`` for a 3-D
             x); -1 runs the base layer only.
@@ -219,17 +235,26 @@ def multi_lora_linear(
     Returns [..., out_features] in x's dtype: the base GEMM in x's dtype, the adapter term in fp32 added once.
     Inference only (no autograd).
     """
-    if not isinstance(pool, AdapterPool):
-        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
-    # The pool's first rank row stands in for A and B: the checks compare dtypes, devices and widths.
-    check_lora_linear_args(x, weight, pool.lora_a[:1], pool.lora_b_t[:1].t(), 1.0, bias)
-    if pool.lora_a.device != x.device:
-        raise ValueError(f"pool is on {pool.lora_a.device}, x on {x.device}")
+    check_multi_lora_args(x, weight, pool, bias)
     ids = _token_ids(x, adapter_ids)
     if check_ids:
         check_adapter_ids(ids, pool.num_adapters)
     rows = x.reshape(-1, x.shape[-1])
-    base = torch.nn.functional.linear(rows, weight, bias)
-    v = _multi_lora_shrink_op(rows, pool.lora_a, pool.offsets, ids, pool.max_rank)
-    y = _multi_lora_expand_op(base, v, pool.lora_b_t, pool.offsets, pool.scalings, ids)
+    y = torch.nn.functional.linear(rows, weight, bias)
+    if pool.num_adapters:
+        y = multi_lora_expand(y, multi_lora_shrink(rows, pool, ids), pool, ids)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def check_multi_lora_args(x: torch.Tensor, weight: torch.Tensor, pool: AdapterPool, bias: Optional[torch.Tensor]):
+    """TypeError/ValueError naming the argument unless x, weight, bias and the pool fit together."""
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
+    _check_tensor("weight", weight, dims=2)
+    # weight's own first row and column stand in for a rank-1 A and B: the lora checks then cover x and bias.
+    check_lora_linear_args(x, weight, weight[:1], weight[:, :1], 1.0, bias)
+    if pool.dtype != x.dtype or pool.device != x.device:
+        raise ValueError(f"pool is {pool.dtype} on {pool.device}, x is {x.dtype} on {x.device}")
+    if (pool.in_features, pool.out_features) != (weight.shape[1], weight.shape[0]):
+        raise ValueError(f"pool is {pool.in_features} -> {pool.out_features} features (slices "
+                         f"{list(pool.slice_widths)}), weight {weight.shape[1]} -> {weight.shape[0]}")  # fmt: skip

@@ -1,0 +1,35 @@
+// Device helpers shared by the op families' CUDA kernels (csrc/*.cu): 16-byte vector loads, warp sums.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace fastpeft {
+
+constexpr int kWarpSize = 32;
+
+template <typename T>
+constexpr int vec_width() {
+  return 16 / static_cast<int>(sizeof(T));  // elements per 16-byte load
+}
+
+// Loads vec_width<T>() consecutive elements (16 bytes, aligned) and widens them to fp32.
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[vec_width<T>()]) {
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(ptr));
+  const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < vec_width<T>(); ++i) out[i] = static_cast<float>(values[i]);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+}  // namespace fastpeft

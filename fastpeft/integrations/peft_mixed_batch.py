@@ -1,0 +1,103 @@
+"""PEFT's mixed-adapter batches, ``model(..., adapter_names=[...])``, as one fused multi_lora call per layer.
+
+PEFT's ``_mixed_batch_forward`` runs the base layer, then loops in Python over the distinct names of the batch:
+index the sub-batch, two GEMMs, scale, scatter-add. A patched layer (:func:`fastpeft.patch_peft_model`) runs
+instead ``fastpeft.ops.multi_lora_linear``: the base GEMM, one shrink and one expand launch for the whole batch.
+Same semantics: one name per sample (dim 0 of x), ``"__base__"`` or a name the layer does not have (an adapter
+that targets other modules) gets the base output; the scaling is the layer's own (``lora_alpha / r`` or rsLoRA).
+
+The layer's adapters are pooled once and kept while their weights and scalings are unchanged (an adapter loaded,
+deleted, or trained in between re-pools on the next call). A call falls back to PEFT's own forward, with the
+reason :func:`mixed_batch_unsupported_reason` gives, when the kernels would not give PEFT's numbers: DoRA or other
+variants, lora_bias, dropout in training, gradients needed (the op has no autograd), merged or disabled
+adapters (PEFT's own errors and rules then apply).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fastpeft._base_layers import linear_weight
+from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.multi_lora import multi_lora_linear
+
+BASE_NAME = "__base__"
+
+
+def _used(layer: nn.Module, names: Sequence[str]) -> list[str]:
+    """The adapters of ``names`` that this layer has, in first-seen order."""
+    return [name for name in dict.fromkeys(names) if name != BASE_NAME and name in layer.lora_A]
+
+
+def mixed_batch_unsupported_reason(layer: nn.Module, names: object, x: torch.Tensor | None) -> str | None:
+    """None when a call with ``adapter_names=names`` runs fused, else why PEFT's forward runs it."""
+    from fastpeft.integrations.peft import _dropout_p, _is_dora, unsupported_reason
+
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        return "adapter_names is not a list of str"
+    if layer.disable_adapters:
+        return "adapters disabled"
+    if layer.merged:
+        return "adapters merged into the base weight"
+    if x is not None:
+        if x.dim() < 2 or len(names) != x.shape[0]:
+            return "adapter_names does not give one name per sample"
+        if x.dtype != layer.base_layer.weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return "input dtype differs from the base weight's, or autocast is on"
+    used = _used(layer, names)
+    for name in used:
+        reason = "DoRA" if _is_dora(layer, name) else unsupported_reason(layer, name)
+        if reason is None and layer.lora_B[name].bias is not None:
+            reason = "lora_bias"
+        if reason is None and layer.training and _dropout_p(layer.lora_dropout[name]) > 0:
+            reason = "dropout in training"
+        if reason is not None:
+            return f"adapter {name!r}: {reason}"
+    if torch.is_grad_enabled() and (
+        (x is not None and x.requires_grad)
+        or any(p.requires_grad for name in used for p in (layer.lora_A[name].weight, layer.lora_B[name].weight))
+    ):
+        return "gradients are needed (the multi_lora op is inference-only: use torch.no_grad())"
+    return None
+
+
+def _pool_key(layer: nn.Module, names: list[str], dtype: torch.dtype) -> tuple:
+    from fastpeft.integrations.peft import _version_key
+
+    weights = [t for name in names for t in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
+    return (tuple(names), tuple(float(layer.scaling[n]) for n in names), dtype, *_version_key(*weights))
+
+
+def layer_pool(layer: nn.Module, dtype: torch.dtype) -> tuple[AdapterPool, dict[str, int]]:
+    """The layer's plain LoRA adapters (no DoRA, variant or lora_bias) pooled in ``dtype``, and their indices."""
+    from fastpeft.integrations.peft import _cached, _is_dora, unsupported_reason
+
+    names = [
+        name
+        for name in layer.lora_A
+        if not _is_dora(layer, name) and unsupported_reason(layer, name) is None and layer.lora_B[name].bias is None
+    ]
+
+    def build() -> tuple[AdapterPool, dict[str, int]]:
+        weight = linear_weight(layer.base_layer)
+        adapters = [
+            (layer.lora_A[n].weight.detach().to(dtype), layer.lora_B[n].weight.detach().to(dtype), layer.scaling[n])
+            for n in names
+        ]
+        pool = AdapterPool.build(adapters, in_features=weight.shape[1], out_features=weight.shape[0], dtype=dtype,
+                                 device=weight.device)  # fmt: skip
+        return pool, {name: i for i, name in enumerate(names)}
+
+    return _cached(layer, "multi_lora_pool", _pool_key(layer, names, dtype), build)
+
+
+def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
+    """PEFT's ``_mixed_batch_forward`` for a supported call (:func:`mixed_batch_unsupported_reason` is None)."""
+    pool, index = layer_pool(layer, x.dtype)
+    per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32)
+    ids = per_sample.to(x.device, non_blocking=True).reshape(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+    base = layer.base_layer
+    return multi_lora_linear(x, linear_weight(base), pool, ids, base.bias, check_ids=False)

@@ -1,0 +1,193 @@
+"""MultiLoRALinear: one frozen linear layer serving many LoRA adapters at once, a different one per token or per
+sample, computed by ``fastpeft::multi_lora_*`` (the base GEMM, one shrink and one expand launch)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fastpeft._base_layers import is_linear_like, linear_weight
+from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.lora import FLOAT_DTYPES
+from fastpeft.ops.multi_lora import multi_lora_linear
+
+# One slice's pair as given to add_adapter: (lora_a [r, in], lora_b [width, r]); None where an adapter has none.
+_Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+class MultiLoRALinear(nn.Module):
+    """``y[t] = base_layer(x[t]) + scaling_i * x[t] @ A_i.T @ B_i.T`` with adapter ``i = adapter_ids[t]``.
+
+    Args:
+        base_layer: the frozen ``nn.Linear`` or GPT-2 ``Conv1D``, fp16/bf16/fp32. Its parameters are frozen.
+        slice_widths: for a packed projection (q/k/v or gate/up in one weight), the output width of each slice
+            in order; default one slice, the whole output.
+
+    Adapters are kept in the base weight's dtype and device (``.to()`` moves them with the module) and pooled
+    (:class:`~fastpeft.ops.adapter_pool.AdapterPool`) on first use after a change, so adding or removing one
+    costs one copy of the adapters, not one per call. Indices are dense, in the order adapters were added;
+    removing one shifts the indices after it (look them up again with :meth:`adapter_index`). Inference only.
+    """
+
+    def __init__(self, base_layer: nn.Module, *, slice_widths: Sequence[int] | None = None) -> None:
+        super().__init__()
+        if not is_linear_like(base_layer):
+            kind = type(base_layer).__name__
+            raise TypeError(f"base_layer must be an nn.Linear or a transformers Conv1D, got {kind}")
+        weight = linear_weight(base_layer)
+        if weight.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"base_layer.weight must be float16, bfloat16 or float32, got {weight.dtype}")
+        widths = [weight.shape[0]] if slice_widths is None else [int(w) for w in slice_widths]
+        if any(w < 1 for w in widths) or sum(widths) != weight.shape[0]:
+            raise ValueError(f"slice_widths {widths} must be positive and sum to out_features={weight.shape[0]}")
+        self.base_layer = base_layer.requires_grad_(False)
+        self.slice_widths = tuple(widths)
+        self._adapters: dict[str, tuple[_Pair | None, ...]] = {}
+        self._scalings: dict[str, tuple[float, ...]] = {}
+        self._pool: AdapterPool | None = None
+        self.batch_ids: torch.Tensor | None = None  # set for a whole model's call by fastpeft.adapter_batch
+
+    @property
+    def in_features(self) -> int:
+        return linear_weight(self.base_layer).shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return linear_weight(self.base_layer).shape[0]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapter names in index order."""
+        return list(self._adapters)
+
+    def add_adapter(
+        self,
+        name: str,
+        lora_a: torch.Tensor | Sequence[torch.Tensor | None],
+        lora_b: torch.Tensor | Sequence[torch.Tensor | None],
+        scaling: float | Sequence[float] = 1.0,
+    ) -> int:
+        """Add (or replace) adapter ``name``: ``lora_a`` [r, in_features], ``lora_b`` [out_features, r] and its
+        scaling (PEFT's ``lora_alpha / r``, or ``/ sqrt(r)`` for rsLoRA); for a packed layer one of each per
+        slice (None for a slice the adapter leaves alone; ``lora_b`` [width_s, r_s]). Copied into the base
+        weight's dtype and device. Returns the adapter's index."""
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, got {name!r}")
+        slices = len(self.slice_widths)
+        packed = slices > 1
+        a_list = list(lora_a) if packed else [lora_a]
+        b_list = list(lora_b) if packed else [lora_b]
+        s_list = list(scaling) if packed and not isinstance(scaling, (int, float)) else [scaling] * slices
+        if not (len(a_list) == len(b_list) == len(s_list) == slices):
+            raise ValueError(f"a packed layer of {slices} slices needs {slices} lora_a, lora_b (and scalings)")
+        weight = linear_weight(self.base_layer)
+        pairs: list[_Pair | None] = []
+        for s, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
+            if (a is None) != (b is None):
+                raise ValueError(f"slice {s}: lora_a and lora_b must both be given or both be None")
+            if a is None:
+                pairs.append(None)
+                continue
+            for arg, t in (("lora_a", a), ("lora_b", b)):
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
+                    raise TypeError(f"{arg} must be a 2-D floating-point tensor, got {getattr(t, 'shape', t)!r}")
+            pairs.append((a.detach().to(weight), b.detach().to(weight)))
+        for value in s_list:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"scaling must be a float (one per slice), got {type(value).__name__}")
+        candidate = {**self._adapters, name: tuple(pairs)}
+        scalings = {**self._scalings, name: tuple(float(v) for v in s_list)}
+        pool = self._build(candidate, scalings)  # checks the shapes before anything changes
+        self._adapters, self._scalings, self._pool = candidate, scalings, pool
+        return self.adapter_index(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (KeyError if absent); the indices after it shift down by one."""
+        if name not in self._adapters:
+            raise KeyError(f"no adapter named {name!r}; adapters: {self.adapter_names}")
+        del self._adapters[name], self._scalings[name]
+        self._pool = None
+
+    def adapter_index(self, name: str) -> int:
+        """The index ``forward``'s ``adapter_ids`` use for adapter ``name`` (KeyError if absent)."""
+        try:
+            return self.adapter_names.index(name)
+        except ValueError:
+            raise KeyError(f"no adapter named {name!r}; adapters: {self.adapter_names}") from None
+
+    def ids_for(self, names: Sequence[str | None], *, missing_ok: bool = False) -> torch.Tensor:
+        """int32 ids for ``names`` (None -> -1, no adapter) on the base weight's device; a name this layer does
+        not have raises KeyError, or gives -1 with ``missing_ok`` (an adapter that targets other modules)."""
+        index = {name: i for i, name in enumerate(self._adapters)}
+        if not missing_ok and (unknown := [n for n in names if n is not None and n not in index]):
+            raise KeyError(f"no adapter named {unknown[0]!r}; adapters: {self.adapter_names}")
+        ids = [index.get(n, -1) for n in names]
+        return torch.tensor(ids, dtype=torch.int32, device=linear_weight(self.base_layer).device)
+
+    @property
+    def pool(self) -> AdapterPool:
+        """The adapters pooled for the kernels (built on first use after a change)."""
+        if self._pool is None:
+            self._pool = self._build(self._adapters, self._scalings)
+        return self._pool
+
+    def _build(self, adapters, scalings) -> AdapterPool:
+        weight = linear_weight(self.base_layer)
+        packed = [
+            [None if pair is None else (*pair, scale) for pair, scale in zip(pairs, scalings[name], strict=True)]
+            for name, pairs in adapters.items()
+        ]
+        return AdapterPool.build_packed(
+            packed, slice_widths=self.slice_widths, in_features=weight.shape[1], dtype=weight.dtype,
+            device=weight.device,
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None, *, check_ids: bool = True):
+        """x [..., in_features] -> [..., out_features]. ``adapter_ids``: int32/int64, one per token
+        (``x.shape[:-1]``) or one per sample (``[batch]`` for a 3-D x), -1 for none; None takes the ids set by
+        :func:`fastpeft.adapter_batch` around a whole model's call, or else runs the base layer.
+        ``check_ids=False`` skips the host-side range check (for CUDA-graph capture; out-of-range ids then get
+        the base output, never a read outside the pool)."""
+        if adapter_ids is None:
+            adapter_ids = self.batch_ids
+        if adapter_ids is None:
+            return self.base_layer(x)
+        weight = linear_weight(self.base_layer)
+        return multi_lora_linear(x, weight, self.pool, adapter_ids, self.base_layer.bias, check_ids=check_ids)
+
+    def _apply(self, fn, recurse=True):
+        # Adapters are plain tensors, not parameters: move and cast them with the module, then re-pool.
+        super()._apply(fn, recurse)
+        self._adapters = {
+            name: tuple(None if pair is None else (fn(pair[0]), fn(pair[1])) for pair in pairs)
+            for name, pairs in self._adapters.items()
+        }
+        self._pool = None
+        return self
+
+    def extra_repr(self) -> str:
+        return f"slices={list(self.slice_widths)}, adapters={self.adapter_names}"
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[None]:
+    """Run ``model``'s calls inside the block with one adapter per sample: ``adapter_names[b]`` for sample b
+    (None or ``"__base__"``: the base model). Every :class:`MultiLoRALinear` of the model reads its ids from
+    here (a layer without that adapter runs its base output for the sample). Inputs of each layer must be
+    [batch, ...] with batch = len(adapter_names)."""
+    names = [None if n == "__base__" else n for n in adapter_names]
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    known = {n for layer in layers for n in layer.adapter_names}
+    if unknown := sorted({n for n in names if n is not None and n not in known}):
+        raise KeyError(f"no layer of the model has adapter {unknown[0]!r}; adapters: {sorted(known)}")
+    previous = [layer.batch_ids for layer in layers]
+    for layer in layers:
+        layer.batch_ids = layer.ids_for(names, missing_ok=True)
+    try:
+        yield
+    finally:
+        for layer, ids in zip(layers, previous, strict=True):
+            layer.batch_ids = ids
