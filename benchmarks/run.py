@@ -29,12 +29,13 @@ sys.path.insert(0, str(HERE))
 
 import bench_dora  # noqa: E402
 import bench_lora  # noqa: E402
+import bench_multi_lora  # noqa: E402
 import bench_train  # noqa: E402
 import targets  # noqa: E402
 
 from fastpeft.cli import package_version  # noqa: E402
 
-BENCHES = {"lora": bench_lora, "dora": bench_dora, "train": bench_train}
+BENCHES = {"lora": bench_lora, "dora": bench_dora, "multi_lora": bench_multi_lora, "train": bench_train}
 
 
 def machine() -> dict:

@@ -38,6 +38,8 @@ _DECODE = _lora_cases((1, 16, 64), DECODE_FEATURES)
 _PREFILL = _lora_cases((4096, 16384), DECODE_FEATURES)
 _TRAIN = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward")
 _DORA = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "dtype": "bfloat16", "mode": "forward+backward", "dropout": 0.0},)
+_MULTI_DECODE = ({"m": 64, "k": 4096, "n": 4096, "r": 16, "adapters": 32, "segments": 0, "dtype": "bfloat16"},)
+_MULTI_PREFILL = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "adapters": 8, "segments": 8, "dtype": "bfloat16"},)
 _DROPOUT = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward", dropout=0.05)
 
 TARGETS: tuple[Target, ...] = (
@@ -51,9 +53,31 @@ TARGETS: tuple[Target, ...] = (
     ),
     Target("DoRA layer fwd+bwd (M=4096): over PEFT's DoRA", "dora", _DORA, "speedup_vs_peft", 2.0, True),
     Target("DoRA layer fwd+bwd (M=4096): vs fused plain LoRA", "dora", _DORA, "ratio_vs_lora", 1.25),
-    Target("multi_lora_linear decode, batch 64, 32 adapters: vs base GEMM", None),
-    Target("multi_lora shrink + expand: fraction of copy bandwidth", None),
-    Target("multi_lora_linear prefill, 8 segments: vs base GEMM", None),
+    Target(
+        "multi_lora_linear decode, batch 64, 32 adapters: vs base GEMM",
+        "multi_lora",
+        _MULTI_DECODE,
+        "ratio_vs_base",
+        1.35,
+    ),
+    Target(
+        "multi_lora_linear decode, batch 64, 32 adapters: over PEFT",
+        "multi_lora",
+        _MULTI_DECODE,
+        "speedup_vs_peft",
+        3.0,
+        True,
+    ),
+    Target(
+        "multi_lora shrink + expand: fraction of copy bandwidth",
+        "multi_lora",
+        _MULTI_DECODE,
+        "bw_fraction",
+        0.7,
+        True,
+        "shrink+expand",
+    ),
+    Target("multi_lora_linear prefill, 8 segments: vs base GEMM", "multi_lora", _MULTI_PREFILL, "ratio_vs_base", 1.10),
     Target("matmul_4bit NF4+DQ M=1, 4096x14336: over bf16 cuBLAS", None),
     Target("matmul_4bit M=16: over bf16 cuBLAS", None),
     Target("matmul_4bit M=4096: vs bf16 cuBLAS", None),

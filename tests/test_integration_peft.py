@@ -66,7 +66,8 @@ def test_several_active_adapters_add_their_deltas(backend):
 
 
 def test_uncovered_settings_keep_peft_numbers(backend, fused_calls):
-    """Mixed adapter batches, merged and disabled adapters: PEFT's own forward runs."""
+    """Disabled adapters: PEFT's own forward runs. Mixed adapter batches run the multi_lora op (not lora_linear;
+    tests/test_integration_peft_mixed_batch.py covers them) with PEFT's numbers."""
     model = peft_model(lora_dropout=0.3)
     model.add_adapter("other", peft.LoraConfig(r=3, target_modules=TARGETS))
     randomize_lora_b(model)
@@ -76,7 +77,7 @@ def test_uncovered_settings_keep_peft_numbers(backend, fused_calls):
     with model.disable_adapter():
         disabled = logits(model, ids)
     patch_peft_model(model)
-    assert torch.equal(logits(model, ids, adapter_names=["default", "__base__", "other"]), mixed)
+    assert rel_error(logits(model, ids, adapter_names=["default", "__base__", "other"]), mixed) < 1e-5
     with model.disable_adapter():
         assert torch.equal(logits(model, ids), disabled)
     assert fused_calls == []

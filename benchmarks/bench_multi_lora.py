@@ -1,0 +1,186 @@
+"""Benchmark of fastpeft.multi_lora_linear (a LoRA adapter per token) against what users run today.
+
+Variants, timed in the same run on the same operands (bf16 on a GPU):
+    base            the base GEMM alone (torch.nn.functional.linear): the floor
+    peft            PEFT's mixed-batch path: a lora.Linear holding every adapter, called with adapter_names
+    gather_bmm      the torch path without PEFT: each token's A and B gathered from stacked adapters, two bmm
+    fused:<name>    multi_lora_linear forced to one backend, and fused:auto
+    shrink+expand   the two multi_lora launches alone (no base GEMM), fused:auto's backend
+    copy            a device-to-device copy of 256 MiB: the bandwidth the adapters' reads are compared with
+
+A case is decode (``segments = 0``: token t uses adapter t % distinct, one token per sequence) or prefill
+(``segments`` sequences of m / segments tokens, sequence j with adapter j % distinct). Rows carry
+``ratio_vs_base``, ``speedup_vs_peft`` and, for shrink+expand, ``adapter_gbps`` (the bytes of the adapters
+the batch uses, each read once, per second) and ``bw_fraction`` (that over the copy's GB/s). Every fused variant
+and gather_bmm are checked against PEFT's output first; failures become rows with ``error``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from common import backends_for, case_fields, case_rows, describe_error, time_ms, time_variants, with_backend
+from common import case_from_fields as common_case_from_fields
+
+from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.multi_lora import multi_lora_expand, multi_lora_linear, multi_lora_shrink
+
+OP = "multi_lora_linear"
+ALPHA = 32.0
+COPY_BYTES = 256 * 2**20
+
+__all__ = ["OP", "backends_for", "case_fields", "case_from_fields", "cases", "describe", "run_case"]
+
+
+@dataclass(frozen=True)
+class Case:
+    m: int  # tokens
+    k: int
+    n: int
+    r: int
+    adapters: int  # distinct adapters in the batch (the pool holds exactly these)
+    segments: int  # 0: decode, one token per sequence; else prefill sequences of m / segments tokens
+    dtype: torch.dtype
+    mode: str = "forward"
+
+
+def case_from_fields(fields: dict) -> Case:
+    return common_case_from_fields(Case, fields)
+
+
+def describe(case: Case) -> str:
+    shape = "decode" if not case.segments else f"prefill {case.segments} segments"
+    dtype = str(case.dtype).removeprefix("torch.")
+    return f"{shape} M={case.m} {case.k}->{case.n} r={case.r} adapters={case.adapters} {dtype}"
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        return [Case(8, 64, 48, 8, 4, 0, torch.float32), Case(40, 64, 48, 8, 4, 4, torch.float32)]
+    bf16 = torch.bfloat16
+    decode = [Case(m, 4096, 4096, 16, min(m, 32), 0, bf16) for m in (1, 16, 64, 256)]
+    decode += [Case(m, 4096, 4096, 16, a, 0, bf16) for m, a in itertools.product((64, 256), (1, 8, 128)) if a <= m]
+    decode += [Case(64, 4096, 4096, r, 32, 0, bf16) for r in (8, 64)]
+    decode += [Case(64, 4096, 14336, 16, 32, 0, bf16)]
+    prefill = [Case(4096, 4096, n, 16, 8, 8, bf16) for n in (4096, 14336)] + [Case(4096, 4096, 4096, 64, 8, 8, bf16)]
+    return decode + prefill
+
+
+def _names(case: Case) -> list[str]:
+    """One adapter name per sequence."""
+    sequences = case.m if not case.segments else case.segments
+    return [f"a{j % case.adapters}" for j in range(sequences)]
+
+
+def _peft_layer(case: Case, weight: torch.Tensor, adapters: list[tuple]) -> torch.nn.Module:
+    import peft
+
+    holder = torch.nn.ModuleDict({"proj": torch.nn.Linear(case.k, case.n, bias=False, device=weight.device)})
+    config = peft.LoraConfig(r=case.r, lora_alpha=ALPHA, target_modules=["proj"], init_lora_weights=False)
+    model = peft.get_peft_model(holder, config, adapter_name="a0")
+    for i in range(1, case.adapters):
+        model.add_adapter(f"a{i}", config)
+    layer = model.base_model.model["proj"].to(case.dtype).eval()
+    with torch.no_grad():
+        layer.base_layer.weight.copy_(weight)
+        for i, (lora_a, lora_b, _) in enumerate(adapters):
+            layer.lora_A[f"a{i}"].weight.copy_(lora_a)
+            layer.lora_B[f"a{i}"].weight.copy_(lora_b)
+    return layer
+
+
+def operands(case: Case, device: torch.device) -> dict:
+    def rand(*shape, scale):
+        return (torch.randn(*shape, device=device) * scale).to(case.dtype)
+
+    weight = rand(case.n, case.k, scale=case.k**-0.5)
+    adapters = [(rand(case.r, case.k, scale=case.k**-0.5), rand(case.n, case.r, scale=case.r**-0.5), ALPHA / case.r)
+                for _ in range(case.adapters)]  # fmt: skip
+    names = _names(case)
+    per_sequence = torch.tensor([int(name[1:]) for name in names], device=device)
+    seq_len = 1 if not case.segments else case.m // case.segments
+    x = rand(len(names), seq_len, case.k, scale=1.0)
+    return dict(
+        x=x, weight=weight, names=names, ids=per_sequence, pool=AdapterPool.build(adapters),
+        peft=_peft_layer(case, weight, adapters), a_stack=torch.stack([a for a, _, _ in adapters]),
+        b_stack=torch.stack([b for _, b, _ in adapters]), token_ids=per_sequence.repeat_interleave(seq_len),
+        scaling=ALPHA / case.r,
+    )  # fmt: skip
+
+
+def _gather_bmm(ops: dict) -> torch.Tensor:
+    rows = ops["x"].reshape(-1, ops["x"].shape[-1])
+    v = torch.bmm(rows[:, None, :], ops["a_stack"][ops["token_ids"]].transpose(1, 2))  # [M, 1, r]
+    delta = torch.bmm(v, ops["b_stack"][ops["token_ids"]].transpose(1, 2))[:, 0]  # [M, n]
+    y = torch.nn.functional.linear(rows, ops["weight"]) + ops["scaling"] * delta
+    return y.reshape(*ops["x"].shape[:-1], -1)
+
+
+def _shrink_expand(ops: dict) -> torch.Tensor:
+    rows = ops["x"].reshape(-1, ops["x"].shape[-1])
+    ids, pool = ops["token_ids"], ops["pool"]
+    return multi_lora_expand(ops["base"], multi_lora_shrink(rows, pool, ids), pool, ids)
+
+
+def _variants(backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
+    def fused(ops):
+        return multi_lora_linear(ops["x"], ops["weight"], ops["pool"], ops["ids"], check_ids=False)
+
+    fns = {
+        "base": lambda ops: torch.nn.functional.linear(ops["x"], ops["weight"]),
+        "peft": lambda ops: ops["peft"](ops["x"], adapter_names=ops["names"]),
+        "gather_bmm": _gather_bmm,
+        "fused:auto": fused,
+    }
+    fns.update({f"fused:{b}": fused for b in backends})
+    fns["shrink+expand"] = _shrink_expand
+    return fns
+
+
+def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:
+    """Check fused variants and gather_bmm against PEFT's mixed batch, then time every variant; one row each."""
+    variants = _variants(backends)
+    errors: dict[str, str] = {}
+    ops: dict = {}
+    try:
+        with torch.no_grad():
+            ops = operands(case, device)
+            ops["base"] = torch.nn.functional.linear(ops["x"].reshape(-1, case.k), ops["weight"])
+            expected = variants["peft"](ops).double()
+            for name, fn in variants.items():
+                if name.startswith("fused") or name == "gather_bmm":
+                    got = with_backend(name, lambda fn=fn: fn(ops))().double()
+                    err = ((got - expected).norm() / expected.norm()).item()
+                    if not err <= (1e-4 if case.dtype == torch.float32 else 3e-2):
+                        errors[name] = f"wrong result: rel. error {err:.2e} against PEFT's mixed batch"
+    except Exception as exc:  # peft missing, out of memory: every variant reports it
+        ops, errors = {}, {name: describe_error(exc) for name in variants}
+    steps = {name: (lambda fn=fn: fn(ops)) for name, fn in variants.items()} if ops else {}
+    with torch.no_grad():
+        times = time_variants(steps, errors, device)
+        copy_gbps = _copy_gbps(device) if ops else None
+    used = len(set(_names(case)))
+    adapter_bytes = used * case.r * (case.k + case.n) * (torch.finfo(case.dtype).bits // 8)
+
+    def bandwidth(ms: float) -> dict:
+        gbps = adapter_bytes / ms / 1e6
+        return {"adapter_gbps": gbps, "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+
+    rows = case_rows(case_fields(case), OP, variants, times, errors, ratios={"base": "base"},
+                     speedups={"peft": "peft"})  # fmt: skip
+    for row in rows:
+        if row["variant"] == "shrink+expand" and row["ms"] is not None:
+            row.update(bandwidth(row["ms"]))
+    ops.clear()  # free the operands before the next case
+    return rows
+
+
+def _copy_gbps(device: torch.device) -> float:
+    """GB/s of a device-to-device copy (bytes read plus bytes written)."""
+    size = COPY_BYTES if device.type == "cuda" else 2**20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * size / time_ms(lambda: dst.copy_(src), device) / 1e6
