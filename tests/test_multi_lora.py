@@ -259,8 +259,8 @@ def test_pool_without_adapters_runs_the_base_layer(backend):
 @pytest.mark.gpu
 def test_decode_step_captures_in_a_cuda_graph(backend):
     """Fixed grids, no host sync with check_ids=False: a captured step replays new ids and inputs correctly."""
-    if backend != "triton":
-        pytest.skip("capture needs the kernel path (the torch backend loops over the adapters present)")
+    if backend == "torch":
+        pytest.skip("capture needs the kernels (the torch backend loops over the adapters present)")
     weight, bias, adapters = make(256, 192, [4, 16, 8], torch.bfloat16)
     pool = AdapterPool.build(adapters)
     x = torch.randn(8, 256, device=DEVICE, dtype=torch.bfloat16)
