@@ -230,6 +230,7 @@ def multi_lora_shrink(
     of tokens without an adapter, are zero). x [M, K]; lora_a [P, K]; a_offsets int32 [n + 1]; adapter_ids
     int32/int64 [M]."""
     m, k = x.shape
+    adapter_ids = adapter_ids.contiguous()  # the kernels read ids[t] at t (a no-op for the usual contiguous ids)
     v = torch.empty((m, v_width), device=x.device, dtype=torch.float32)
     if m == 0:
         return v
@@ -269,6 +270,7 @@ def multi_lora_expand(
     the widest slice. ``out`` may be ``base`` itself (each element is read before it is written, by the same
     program)."""
     m, n = base.shape
+    adapter_ids = adapter_ids.contiguous()
     y = torch.empty_like(base) if out is None else out
     if m == 0 or n == 0:
         return y

@@ -96,8 +96,16 @@ def layer_pool(layer: nn.Module, dtype: torch.dtype) -> tuple[AdapterPool, dict[
 
 def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     """PEFT's ``_mixed_batch_forward`` for a supported call (:func:`mixed_batch_unsupported_reason` is None)."""
+    from fastpeft.integrations.peft import _cached
+
     pool, index = layer_pool(layer, x.dtype)
-    per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32)
-    ids = per_sample.to(x.device, non_blocking=True).reshape(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+    # Kept while the names and the pool's indices are unchanged (every decode step of a generation): one
+    # host-to-device copy per layer and batch of names, not per call.
+    key = (tuple(names), tuple(index.items()), x.device)
+    per_sample = _cached(
+        layer, "multi_lora_ids", key, lambda: torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32,
+                                                           device=x.device)
+    )  # fmt: skip
+    ids = per_sample.reshape(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
     base = layer.base_layer
     return multi_lora_linear(x, linear_weight(base), pool, ids, base.bias, check_ids=False)
