@@ -30,12 +30,19 @@ sys.path.insert(0, str(HERE))
 import bench_dora  # noqa: E402
 import bench_lora  # noqa: E402
 import bench_multi_lora  # noqa: E402
+import bench_qlora  # noqa: E402
 import bench_train  # noqa: E402
 import targets  # noqa: E402
 
 from fastpeft.cli import package_version  # noqa: E402
 
-BENCHES = {"lora": bench_lora, "dora": bench_dora, "multi_lora": bench_multi_lora, "train": bench_train}
+BENCHES = {
+    "lora": bench_lora,
+    "dora": bench_dora,
+    "multi_lora": bench_multi_lora,
+    "qlora": bench_qlora,
+    "train": bench_train,
+}
 
 
 def machine() -> dict:

@@ -40,6 +40,11 @@ _TRAIN = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward")
 _DORA = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "dtype": "bfloat16", "mode": "forward+backward", "dropout": 0.0},)
 _MULTI_DECODE = ({"m": 64, "k": 4096, "n": 4096, "r": 16, "adapters": 32, "segments": 0, "dtype": "bfloat16"},)
 _MULTI_PREFILL = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "adapters": 8, "segments": 8, "dtype": "bfloat16"},)
+_4BIT = {"r": 0, "dtype": "bfloat16", "mode": "matmul", "quant_type": "nf4", "double_quant": True, "blocksize": 64}
+_4BIT_M1 = ({"m": 1, "k": 4096, "n": 14336, **_4BIT},)
+_4BIT_M16 = ({"m": 16, "k": 4096, "n": 14336, **_4BIT}, {"m": 16, "k": 4096, "n": 4096, **_4BIT})
+_4BIT_M4096 = ({"m": 4096, "k": 4096, "n": 14336, **_4BIT}, {"m": 4096, "k": 4096, "n": 4096, **_4BIT})
+_QLORA_M1 = ({"m": 1, "k": 4096, "n": 14336, **_4BIT, "r": 16, "mode": "qlora"},)
 _DROPOUT = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward", dropout=0.05)
 
 TARGETS: tuple[Target, ...] = (
@@ -78,10 +83,12 @@ TARGETS: tuple[Target, ...] = (
         "shrink+expand",
     ),
     Target("multi_lora_linear prefill, 8 segments: vs base GEMM", "multi_lora", _MULTI_PREFILL, "ratio_vs_base", 1.10),
-    Target("matmul_4bit NF4+DQ M=1, 4096x14336: over bf16 cuBLAS", None),
-    Target("matmul_4bit M=16: over bf16 cuBLAS", None),
-    Target("matmul_4bit M=4096: vs bf16 cuBLAS", None),
-    Target("QLoRA layer M=1, r=16: vs 4-bit matmul alone", None),
+    Target("matmul_4bit NF4+DQ M=1, 4096x14336: over bf16 cuBLAS", "qlora", _4BIT_M1, "speedup_vs_bf16", 3.0, True),
+    Target("matmul_4bit NF4+DQ M=1, 4096x14336: over bitsandbytes", "qlora", _4BIT_M1, "speedup_vs_bnb", 1.3, True),
+    Target("matmul_4bit M=16: over bf16 cuBLAS", "qlora", _4BIT_M16, "speedup_vs_bf16", 2.5, True),
+    Target("matmul_4bit M=4096: vs bf16 cuBLAS", "qlora", _4BIT_M4096, "ratio_vs_bf16", 1.15),
+    Target("QLoRA layer M=1, r=16: vs 4-bit matmul alone", "qlora", _QLORA_M1, "ratio_vs_matmul_4bit", 1.10),
+    Target("QLoRA layer M=1, r=16: over PEFT's bitsandbytes layer", "qlora", _QLORA_M1, "speedup_vs_peft", 2.0, True),
     Target("bottleneck_adapter forward, M>=8192: fraction of roofline", None),
     Target("bottleneck_adapter forward+backward: over torch", None),
     Target("bottleneck_adapter 8 adapters: over a per-adapter loop", None),

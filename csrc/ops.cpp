@@ -9,6 +9,7 @@
 
 #include "lora.h"
 #include "multi_lora.h"
+#include "qlora.h"
 
 TORCH_LIBRARY(fastpeft, m) {
   m.def("lora_shrink_cuda(Tensor x, Tensor lora_a) -> Tensor");
@@ -22,6 +23,14 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "multi_lora_expand_cuda(Tensor base, Tensor v, Tensor lora_b, Tensor adapter_ids, Tensor ranks, "
       "Tensor v_starts, Tensor b_starts, Tensor scalings, Tensor out_starts, int max_width) -> Tensor");
+  m.def(
+      "matmul_4bit_cuda(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
+      "Tensor? offset, int blocksize, int nested_blocksize, int n, ScalarType w_dtype, Tensor? bias, Tensor? xa, "
+      "Tensor? lora_b, float scaling) -> Tensor");
+  m.def(
+      "matmul_4bit_t_cuda(Tensor dy, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
+      "Tensor? offset, int blocksize, int nested_blocksize, int k, ScalarType w_dtype, Tensor? dyb, "
+      "Tensor? lora_a, float scaling) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
@@ -30,6 +39,8 @@ TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
   m.impl("lora_linear_cuda", &fastpeft::lora_linear_cuda);
   m.impl("multi_lora_shrink_cuda", &fastpeft::multi_lora_shrink_cuda);
   m.impl("multi_lora_expand_cuda", &fastpeft::multi_lora_expand_cuda);
+  m.impl("matmul_4bit_cuda", &fastpeft::matmul_4bit_cuda);
+  m.impl("matmul_4bit_t_cuda", &fastpeft::matmul_4bit_t_cuda);
 }
 
 extern "C" PyObject* PyInit__C(void) {

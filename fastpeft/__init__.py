@@ -3,29 +3,41 @@
 from fastpeft.backends import available_backends
 from fastpeft.integrations.peft import explain_patch, patch_peft_model, unpatch_peft_model
 from fastpeft.integrations.peft_checkpoint import load_peft_adapter
+from fastpeft.integrations.quantize import quantize_model
 from fastpeft.modules.lora import LoRALinear
 from fastpeft.modules.multi_lora import MultiLoRALinear, adapter_batch
+from fastpeft.modules.qlora import Linear4bit, QLoRALinear
 from fastpeft.ops.adapter_pool import AdapterPool
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora import lora_linear
 from fastpeft.ops.multi_lora import multi_lora_linear
+from fastpeft.ops.qlora import matmul_4bit, qlora_linear
+from fastpeft.ops.quant_4bit import QuantState, dequantize_4bit, quantize_4bit
 from fastpeft.warmup import warmup
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterPool",
+    "Linear4bit",
     "LoRALinear",
     "MultiLoRALinear",
+    "QLoRALinear",
+    "QuantState",
     "__version__",
     "adapter_batch",
     "available_backends",
+    "dequantize_4bit",
     "dora_linear",
     "explain_patch",
     "load_peft_adapter",
     "lora_linear",
+    "matmul_4bit",
     "multi_lora_linear",
     "patch_peft_model",
+    "qlora_linear",
+    "quantize_4bit",
+    "quantize_model",
     "unpatch_peft_model",
     "warmup",
 ]

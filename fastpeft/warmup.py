@@ -13,11 +13,28 @@ import torch
 from torch import nn
 
 from fastpeft.integrations.peft import is_patched
+from fastpeft.integrations.peft_qlora import is_peft_4bit_layer
 from fastpeft.modules.lora import LoRALinear
+from fastpeft.modules.qlora import Linear4bit, QLoRALinear
 
 
 def _fastpeft_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, LoRALinear) or is_patched(m)]
+    kinds = (LoRALinear, QLoRALinear, Linear4bit)
+    layers = [m for m in model.modules() if isinstance(m, kinds) or is_patched(m)]
+    inside = {id(m.base_layer) for m in layers if isinstance(m, QLoRALinear)}  # run through their QLoRA layer
+    return [m for m in layers if id(m) not in inside]
+
+
+def _input_like(layer: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the inputs the layer computes in: its weight's, or a 4-bit base's compute dtype
+    (else the dtype it dequantizes to)."""
+    base = layer.base_layer if isinstance(layer, QLoRALinear) or is_peft_4bit_layer(layer) else layer
+    if isinstance(base, Linear4bit):
+        return base.weight.device, base.compute_dtype or base.quant_state.dtype
+    if is_peft_4bit_layer(layer):
+        return base.weight.device, base.compute_dtype or base.weight.quant_state.dtype
+    weight = next(layer.parameters())
+    return weight.device, weight.dtype
 
 
 def _signature(layer: nn.Module) -> tuple:
@@ -27,10 +44,10 @@ def _signature(layer: nn.Module) -> tuple:
 
 
 def _run_layer(layer: nn.Module, rows: int, dtype: torch.dtype | None, training: bool) -> None:
-    weight = next(layer.parameters())
-    compute = dtype or weight.dtype
-    x = torch.randn(rows, layer.in_features, device=weight.device, dtype=compute, requires_grad=training)
-    autocast = torch.autocast(weight.device.type, dtype=compute, enabled=dtype is not None)
+    device, own_dtype = _input_like(layer)
+    compute = dtype or own_dtype
+    x = torch.randn(rows, layer.in_features, device=device, dtype=compute, requires_grad=training)
+    autocast = torch.autocast(device.type, dtype=compute, enabled=dtype is not None)
     with autocast, torch.set_grad_enabled(training):
         y = layer(x)
     if training:  # torch.autograd.grad leaves every .grad untouched
@@ -48,7 +65,8 @@ def warmup(
     """Run every fastpeft LoRA layer of ``model`` once per row count, so its kernels are compiled and tuned.
 
     Args:
-        model: a module holding :class:`fastpeft.LoRALinear` layers or PEFT LoRA layers patched by
+        model: a module holding :class:`fastpeft.LoRALinear`, :class:`fastpeft.QLoRALinear` or
+            :class:`fastpeft.Linear4bit` layers, or PEFT LoRA layers (4-bit ones included) patched by
             :func:`fastpeft.patch_peft_model` (the layers' current train/eval modes are kept).
         token_counts: the row counts M the layers will see: batch x sequence length of each step to capture
             (for decode, the batch sizes).

@@ -29,6 +29,8 @@ POINTER_TYPES = {
     "xa_ptr": "*fp32", "v_ptr": "*fp32", "out_scale_ptr": "*fp32", "scalings_ptr": "*fp32", "out_ptr": "*i1",
     "ids_ptr": "*i64", "a_offsets_ptr": "*i32", "ranks_ptr": "*i32", "v_starts_ptr": "*i32",
     "b_starts_ptr": "*i64", "out_starts_ptr": "*i32",
+    "w_ptr@qlora": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
+    "offset_ptr": "*fp32", "dyb_ptr": "*fp32",
 }  # fmt: skip
 FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale"}
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
@@ -36,10 +38,16 @@ SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
+    qlora = kernel.fn.__module__.endswith(".qlora")
+
     def arg_type(name: str) -> str:
         if name in constexprs:
             return "constexpr"
         if name.endswith("_ptr"):
+            if qlora and f"{name}@qlora" in POINTER_TYPES:
+                return POINTER_TYPES[f"{name}@qlora"]
+            if qlora and name == "absmax_ptr" and constexprs.get("NESTED"):
+                return "*u8"  # the nested state's absmax holds 8-bit codes
             return POINTER_TYPES.get(name, dtype)
         return "fp32" if name in FLOAT_SCALARS else "i32"
 
@@ -102,11 +110,48 @@ def multi_lora_cases(precision: str, full: bool) -> Iterator[Case]:
         yield f"multi_lora expand/tile R={block_r}", ml._expand_tile_kernel, expand, ml.TILE_OPTIONS["expand"], True
 
 
+def qlora_cases(precision: str, full: bool) -> Iterator[Case]:
+    import triton.language as tl
+    from fastpeft.triton_kernels import qlora as q
+
+    base = dict(LOG2_BLOCKSIZE=6, NESTED=True, LOG2_NESTED=8, W_DTYPE=tl.bfloat16, EVEN_K=True, R_PAD=16,
+                DOT_PRECISION=precision, UPCAST=False)  # fmt: skip
+    forward = {
+        "nested": dict(HAS_BIAS=True, LORA=0),
+        "plain absmax, fp16 weight": dict(HAS_BIAS=False, LORA=0, NESTED=False, W_DTYPE=tl.float16),
+        "odd K": dict(HAS_BIAS=False, LORA=0, EVEN_K=False),
+        "lora xa r=64": dict(HAS_BIAS=True, LORA=1, R_PAD=64),
+        "lora fused shrink": dict(HAS_BIAS=False, LORA=2),
+        "lora fused shrink, odd K": dict(HAS_BIAS=False, LORA=2, EVEN_K=False),
+    }
+    backward = {
+        "plain": dict(LORA=False),
+        "lora r=64": dict(LORA=True, R_PAD=64),
+        "odd K": dict(LORA=True, EVEN_K=False),
+    }
+    groups = (
+        ("decode", q.DECODE_CONFIGS, q.FIXED_DECODE_CONFIG),
+        ("prefill", q.PREFILL_CONFIGS, q.FIXED_PREFILL_CONFIG),
+    )
+    for group, configs, fixed in groups:
+        for config in [*configs, fixed]:
+            is_fixed = config is fixed
+            label = "fixed" if is_fixed else config.kwargs
+            for kernel, variants, kind in ((q._matmul_4bit_kernel, forward, "forward"),
+                                           (q._matmul_4bit_t_kernel, backward, "dx")):  # fmt: skip
+                for variant, changes in variants.items() if is_fixed or full else list(variants.items())[:1]:
+                    constexprs = {**base, **changes, **config.kwargs}
+                    if kernel is q._matmul_4bit_t_kernel:
+                        constexprs.pop("HAS_BIAS", None)
+                    name = f"qlora {kind} {group} {variant} {label}"
+                    yield name, kernel, constexprs, _options(config), is_fixed
+
+
 def _options(config) -> dict:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-FAMILIES = {"lora": lora_cases, "multi_lora": multi_lora_cases}
+FAMILIES = {"lora": lora_cases, "multi_lora": multi_lora_cases, "qlora": qlora_cases}
 
 
 def cases(family: str, dtype_name: str, every: bool) -> list[Case]:

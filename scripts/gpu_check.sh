@@ -10,25 +10,25 @@
 # and processes (TRITON_CACHE_AUTOTUNING=1), which a warm machine keeps between device calls.
 #
 # Sizing, on one H100 (limits in seconds; override one with GPU_CHECK_<STAGE>_S, e.g. GPU_CHECK_BENCH_S=500):
-#   build     150  csrc/lora.cu, csrc/multi_lora.cu and ops.cpp for sm_90 with MAX_JOBS=16: about a minute
-#   test      330  the GPU subset of tests/ (GPU_SHAPES, not every CPU case again) with one fixed Triton config
+#   build     150  csrc/lora.cu, multi_lora.cu, qlora.cu and ops.cpp for sm_90 with MAX_JOBS=16: about a minute
+#   test      390  the GPU subset of tests/ (GPU_SHAPES, not every CPU case again) with one fixed Triton config
 #                  per kernel (FASTPEFT_TRITON_AUTOTUNE=0): a few hundred cases, the time mostly Triton compiles
-#   sanitize  420  memcheck and racecheck x the backends each scripts/sanitize_<op>.py has cases for (lora, dora
-#                  and multi_lora, each on cuda and triton: twelve runs of a few small cases, about 30 s each,
+#   sanitize  540  memcheck and racecheck x the backends each scripts/sanitize_<op>.py has cases for (lora, dora,
+#                  multi_lora and qlora, each on cuda and triton: sixteen runs of a few small cases, about 30 s each,
 #                  mostly torch and CUDA starting under the sanitizer), fixed Triton configs (cached by the test
 #                  stage)
 #   bench     300  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases of every op first
 #                  (about three minutes with autotuning), then the sweeps, shortest first (the four training
 #                  steps of a small Llama, about a minute; multi_lora's, DoRA's, LoRA's) until the budget is
 #                  spent; summary last
-# Whole run at most 1200 s (20 min). In device calls of at most 10 minutes: `build test` (480 s), `sanitize`
-# (420 s), then `bench` (300 s), each call right after the last so the machine stays warm; a fresh machine
+# Whole run at most 1380 s (23 min). In device calls of at most 10 minutes: `build test` (540 s), `sanitize`
+# (540 s), then `bench` (300 s), each call right after the last so the machine stays warm; a fresh machine
 # needs `build` again first (about a minute).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ALL_STAGES=(build test sanitize bench)
-declare -A LIMIT=([build]=150 [test]=330 [sanitize]=420 [bench]=300)
+declare -A LIMIT=([build]=150 [test]=390 [sanitize]=540 [bench]=300)
 
 die() {  # one line naming the problem, on stderr, and a non-zero exit
   echo "gpu_check: $2" >&2

@@ -14,8 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import sanitize_dora
 import sanitize_lora
 import sanitize_multi_lora
+import sanitize_qlora
 
-SCRIPTS = (sanitize_lora, sanitize_dora, sanitize_multi_lora)
+SCRIPTS = (sanitize_lora, sanitize_dora, sanitize_multi_lora, sanitize_qlora)
 CASES = [(script, case) for script in SCRIPTS for cases in script.CASES.values() for case in cases]
 
 

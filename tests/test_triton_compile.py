@@ -24,3 +24,4 @@ def test_every_triton_kernel_compiles_for_h100():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "all compiled" in done.stdout
     assert "multi_lora expand/tile" in done.stdout and "lora prefill dora fixed" in done.stdout
+    assert "qlora forward decode lora fused shrink fixed" in done.stdout and "qlora dx prefill odd K" in done.stdout

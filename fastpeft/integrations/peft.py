@@ -17,6 +17,8 @@ through PEFT's API after patching are covered on the next call; new LoRA layers 
 - DoRA as the only active adapter, with or without dropout (:mod:`fastpeft.ops.dora`);
 - ``adapter_names`` mixed batches (``model(..., adapter_names=[...])``, one name per sample) in one
   ``multi_lora_linear`` call per layer (:mod:`fastpeft.integrations.peft_mixed_batch`), at inference;
+- PEFT's LoRA layers on bitsandbytes 4-bit bases (QLoRA), in :mod:`fastpeft.integrations.peft_qlora`: the
+  4-bit product and the adapter in one fused op, in training and inference, mixed batches included;
 - PEFT's own forward otherwise: DoRA beside other adapters, other LoRA variants, merged or disabled adapters,
   other dropout modules, mixed batches the multi_lora op does not express (DoRA, lora_bias, training).
 
@@ -69,7 +71,11 @@ def _is_plain_tensor(t: torch.Tensor | None) -> bool:
 
 def _base_unsupported_reason(layer: nn.Module) -> str | None:
     """None when the fused op can compute the direct base of the PEFT layer: a plain floating-point nn.Linear
-    or Conv1D."""
+    or Conv1D, or (for PEFT's bitsandbytes 4-bit layers) a quantized NF4/FP4 weight."""
+    from fastpeft.integrations.peft_qlora import base_4bit_unsupported_reason, is_peft_4bit_layer
+
+    if is_peft_4bit_layer(layer):
+        return base_4bit_unsupported_reason(layer)
     base = layer.base_layer
     if not is_linear_like(base):
         return f"base layer is {type(base).__name__}, not nn.Linear or Conv1D"
@@ -82,9 +88,11 @@ def _base_unsupported_reason(layer: nn.Module) -> str | None:
 
 def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
     """None when ``adapter_name`` of the PEFT layer can run fused, else what stops it."""
-    reason = _base_unsupported_reason(layer)
-    if reason is not None:
-        return reason
+    return _base_unsupported_reason(layer) or adapter_unsupported_reason(layer, adapter_name)
+
+
+def adapter_unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
+    """None when ``adapter_name`` itself (whatever the base) is something the fused ops express."""
     if adapter_name not in layer.lora_A:
         return f"no adapter named {adapter_name!r}"
     dora = _is_dora(layer, adapter_name)
@@ -247,8 +255,10 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
 
 def is_patched(module: nn.Module) -> bool:
     """True when ``module`` is a PEFT LoRA layer running fastpeft's forward (patch_peft_model)."""
+    from fastpeft.integrations.peft_qlora import fused_forward_4bit
+
     forward = module.__dict__.get("forward")
-    return getattr(forward, "__func__", None) is _fused_forward
+    return getattr(forward, "__func__", None) in (_fused_forward, fused_forward_4bit)
 
 
 def patch_peft_model(model: nn.Module, *, dropout_mode: str = "torch") -> nn.Module:
@@ -266,10 +276,13 @@ def patch_peft_model(model: nn.Module, *, dropout_mode: str = "torch") -> nn.Mod
     """
     if dropout_mode not in DROPOUT_MODES:
         raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
+    from fastpeft.integrations.peft_qlora import fused_forward_4bit, is_peft_4bit_layer
+
     lora_linear_class = _peft_lora_linear_class()
     for module in model.modules():
-        if type(module) is lora_linear_class and _base_unsupported_reason(module) is None:
-            module.forward = types.MethodType(_fused_forward, module)
+        four_bit = is_peft_4bit_layer(module)
+        if (type(module) is lora_linear_class or four_bit) and _base_unsupported_reason(module) is None:
+            module.forward = types.MethodType(fused_forward_4bit if four_bit else _fused_forward, module)
             module._fastpeft_dropout_mode = dropout_mode
     return model
 
@@ -308,8 +321,12 @@ class PatchReport(list):
 
 
 def _explain(layer: nn.Module, adapter_names: list[str] | None) -> tuple[str, str]:
+    from fastpeft.integrations.peft_qlora import explain_4bit, is_peft_4bit_layer
+
+    if is_patched(layer) and is_peft_4bit_layer(layer) and adapter_names is None:
+        return explain_4bit(layer)
     if not is_patched(layer):
-        if type(layer) is not _peft_lora_linear_class():
+        if type(layer) is not _peft_lora_linear_class() and not is_peft_4bit_layer(layer):
             return "not patched", f"{type(layer).__name__} is not PEFT's lora.Linear"
         return "not patched", _base_unsupported_reason(layer) or "patch_peft_model has not run on it"
     if adapter_names is not None:

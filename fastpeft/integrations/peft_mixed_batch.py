@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from fastpeft._base_layers import linear_weight
+from fastpeft.integrations.peft_qlora import base_forward, is_peft_4bit_layer
 from fastpeft.ops.adapter_pool import AdapterPool
-from fastpeft.ops.multi_lora import multi_lora_linear
+from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear
 
 BASE_NAME = "__base__"
 
@@ -45,7 +46,8 @@ def mixed_batch_unsupported_reason(layer: nn.Module, names: object, x: torch.Ten
     if x is not None:
         if x.dim() < 2 or len(names) != x.shape[0]:
             return "adapter_names does not give one name per sample"
-        if x.dtype != layer.base_layer.weight.dtype or torch.is_autocast_enabled(x.device.type):
+        four_bit = is_peft_4bit_layer(layer)  # bitsandbytes casts x to its compute dtype itself
+        if (not four_bit and x.dtype != layer.base_layer.weight.dtype) or torch.is_autocast_enabled(x.device.type):
             return "input dtype differs from the base weight's, or autocast is on"
     used = _used(layer, names)
     for name in used:
@@ -82,13 +84,12 @@ def layer_pool(layer: nn.Module, dtype: torch.dtype) -> tuple[AdapterPool, dict[
     ]
 
     def build() -> tuple[AdapterPool, dict[str, int]]:
-        weight = linear_weight(layer.base_layer)
         adapters = [
             (layer.lora_A[n].weight.detach().to(dtype), layer.lora_B[n].weight.detach().to(dtype), layer.scaling[n])
             for n in names
         ]
-        pool = AdapterPool.build(adapters, in_features=weight.shape[1], out_features=weight.shape[0], dtype=dtype,
-                                 device=weight.device)  # fmt: skip
+        pool = AdapterPool.build(adapters, in_features=layer.in_features, out_features=layer.out_features,
+                                 dtype=dtype, device=layer.base_layer.weight.device)  # fmt: skip
         return pool, {name: i for i, name in enumerate(names)}
 
     return _cached(layer, "multi_lora_pool", _pool_key(layer, names, dtype), build)
@@ -108,4 +109,6 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str])
     )  # fmt: skip
     ids = per_sample.reshape(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
     base = layer.base_layer
+    if is_peft_4bit_layer(layer):  # the 4-bit product fused, then the adapters on top of it
+        return multi_lora_add(base_forward(layer, x), x, pool, ids, check_ids=False)
     return multi_lora_linear(x, linear_weight(base), pool, ids, base.bias, check_ids=False)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from fastpeft._base_layers import is_linear_like, linear_weight
+from fastpeft.modules.qlora import Linear4bit
 from fastpeft.ops.adapter_pool import AdapterPool
 from fastpeft.ops.lora import FLOAT_DTYPES
-from fastpeft.ops.multi_lora import multi_lora_linear
+from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear
 
 # One slice's pair as given to add_adapter: (lora_a [r, in], lora_b [width, r]); None where an adapter has none.
 _Pair = tuple[torch.Tensor, torch.Tensor]
@@ -22,7 +23,9 @@ class MultiLoRALinear(nn.Module):
     """``y[t] = base_layer(x[t]) + scaling_i * x[t] @ A_i.T @ B_i.T`` with adapter ``i = adapter_ids[t]``.
 
     Args:
-        base_layer: the frozen ``nn.Linear`` or GPT-2 ``Conv1D``, fp16/bf16/fp32. Its parameters are frozen.
+        base_layer: the frozen ``nn.Linear`` or GPT-2 ``Conv1D`` (fp16/bf16/fp32), or a 4-bit
+            :class:`~fastpeft.Linear4bit` (many adapters on one quantized base: the fused 4-bit product, then one
+            shrink and one expand; adapters then take its compute dtype). Its parameters are frozen.
         slice_widths: for a packed projection (q/k/v or gate/up in one weight), the output width of each slice
             in order; default one slice, the whole output.
 
@@ -34,16 +37,16 @@ class MultiLoRALinear(nn.Module):
 
     def __init__(self, base_layer: nn.Module, *, slice_widths: Sequence[int] | None = None) -> None:
         super().__init__()
-        if not is_linear_like(base_layer):
+        if not (is_linear_like(base_layer) or isinstance(base_layer, Linear4bit)):
             kind = type(base_layer).__name__
-            raise TypeError(f"base_layer must be an nn.Linear or a transformers Conv1D, got {kind}")
-        weight = linear_weight(base_layer)
-        if weight.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"base_layer.weight must be float16, bfloat16 or float32, got {weight.dtype}")
-        widths = [weight.shape[0]] if slice_widths is None else [int(w) for w in slice_widths]
-        if any(w < 1 for w in widths) or sum(widths) != weight.shape[0]:
-            raise ValueError(f"slice_widths {widths} must be positive and sum to out_features={weight.shape[0]}")
+            raise TypeError(f"base_layer must be an nn.Linear, a transformers Conv1D or a Linear4bit, got {kind}")
+        if not isinstance(base_layer, Linear4bit) and linear_weight(base_layer).dtype not in FLOAT_DTYPES:
+            raise TypeError(f"base_layer.weight must be float16, bfloat16 or float32, got {base_layer.weight.dtype}")
         self.base_layer = base_layer.requires_grad_(False)
+        out_features = self.out_features
+        widths = [out_features] if slice_widths is None else [int(w) for w in slice_widths]
+        if any(w < 1 for w in widths) or sum(widths) != out_features:
+            raise ValueError(f"slice_widths {widths} must be positive and sum to out_features={out_features}")
         self.slice_widths = tuple(widths)
         self._adapters: dict[str, tuple[_Pair | None, ...]] = {}
         self._scalings: dict[str, tuple[float, ...]] = {}
@@ -52,11 +55,22 @@ class MultiLoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return linear_weight(self.base_layer).shape[1]
+        base = self.base_layer
+        return base.in_features if isinstance(base, Linear4bit) else linear_weight(base).shape[1]
 
     @property
     def out_features(self) -> int:
-        return linear_weight(self.base_layer).shape[0]
+        base = self.base_layer
+        return base.out_features if isinstance(base, Linear4bit) else linear_weight(base).shape[0]
+
+    def _adapter_like(self) -> dict:
+        """The adapters' dtype and device: the base weight's, or a 4-bit base's compute dtype (else the dtype
+        it dequantizes to)."""
+        base = self.base_layer
+        if isinstance(base, Linear4bit):
+            return {"dtype": base.compute_dtype or base.quant_state.dtype, "device": base.weight.device}
+        weight = linear_weight(base)
+        return {"dtype": weight.dtype, "device": weight.device}
 
     @property
     def adapter_names(self) -> list[str]:
@@ -83,7 +97,7 @@ class MultiLoRALinear(nn.Module):
         s_list = list(scaling) if packed and not isinstance(scaling, (int, float)) else [scaling] * slices
         if not (len(a_list) == len(b_list) == len(s_list) == slices):
             raise ValueError(f"a packed layer of {slices} slices needs {slices} lora_a, lora_b (and scalings)")
-        weight = linear_weight(self.base_layer)
+        like = self._adapter_like()
         pairs: list[_Pair | None] = []
         for s, (a, b) in enumerate(zip(a_list, b_list, strict=True)):
             if (a is None) != (b is None):
@@ -94,7 +108,7 @@ class MultiLoRALinear(nn.Module):
             for arg, t in (("lora_a", a), ("lora_b", b)):
                 if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != 2:
                     raise TypeError(f"{arg} must be a 2-D floating-point tensor, got {getattr(t, 'shape', t)!r}")
-            pairs.append((a.detach().to(weight), b.detach().to(weight)))
+            pairs.append((a.detach().to(**like), b.detach().to(**like)))
         for value in s_list:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"scaling must be a float (one per slice), got {type(value).__name__}")
@@ -125,7 +139,7 @@ class MultiLoRALinear(nn.Module):
         if not missing_ok and (unknown := [n for n in names if n is not None and n not in index]):
             raise KeyError(f"no adapter named {unknown[0]!r}; adapters: {self.adapter_names}")
         ids = [index.get(n, -1) for n in names]
-        return torch.tensor(ids, dtype=torch.int32, device=linear_weight(self.base_layer).device)
+        return torch.tensor(ids, dtype=torch.int32, device=self._adapter_like()["device"])
 
     @property
     def pool(self) -> AdapterPool:
@@ -135,15 +149,13 @@ class MultiLoRALinear(nn.Module):
         return self._pool
 
     def _build(self, adapters, scalings) -> AdapterPool:
-        weight = linear_weight(self.base_layer)
         packed = [
             [None if pair is None else (*pair, scale) for pair, scale in zip(pairs, scalings[name], strict=True)]
             for name, pairs in adapters.items()
         ]
         return AdapterPool.build_packed(
-            packed, slice_widths=self.slice_widths, in_features=weight.shape[1], dtype=weight.dtype,
-            device=weight.device,
-        )  # fmt: skip
+            packed, slice_widths=self.slice_widths, in_features=self.in_features, **self._adapter_like()
+        )
 
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None, *, check_ids: bool = True):
         """x [..., in_features] -> [..., out_features]. ``adapter_ids``: int32/int64, one per token
@@ -155,6 +167,8 @@ class MultiLoRALinear(nn.Module):
             adapter_ids = self.batch_ids
         if adapter_ids is None:
             return self.base_layer(x)
+        if isinstance(self.base_layer, Linear4bit):  # the 4-bit product fused, then the adapters on top
+            return multi_lora_add(self.base_layer(x), x, self.pool, adapter_ids, check_ids=check_ids)
         weight = linear_weight(self.base_layer)
         return multi_lora_linear(x, weight, self.pool, adapter_ids, self.base_layer.bias, check_ids=check_ids)
 

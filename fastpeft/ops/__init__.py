@@ -2,13 +2,22 @@
 
 from fastpeft.ops.dora import dora_linear, dora_linear_reference
 from fastpeft.ops.lora import lora_linear, lora_linear_reference
-from fastpeft.ops.multi_lora import multi_lora_linear, segment_adapter_ids
+from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear, segment_adapter_ids
+from fastpeft.ops.qlora import matmul_4bit, qlora_linear, qlora_linear_reference
+from fastpeft.ops.quant_4bit import QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = [
+    "QuantState",
+    "dequantize_4bit",
     "dora_linear",
     "dora_linear_reference",
     "lora_linear",
     "lora_linear_reference",
+    "matmul_4bit",
+    "multi_lora_add",
     "multi_lora_linear",
+    "qlora_linear",
+    "qlora_linear_reference",
+    "quantize_4bit",
     "segment_adapter_ids",
 ]

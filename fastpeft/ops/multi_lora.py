@@ -236,14 +236,33 @@ def multi_lora_linear(
     Inference only (no autograd).
     """
     check_multi_lora_args(x, weight, pool, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    base = torch.nn.functional.linear(rows, weight, bias)
+    return multi_lora_add(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, adapter_ids, check_ids=check_ids)
+
+
+def multi_lora_add(
+    base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor, *, check_ids: bool = True
+) -> torch.Tensor:
+    """``base + s_i (x A_i^T) B_i^T`` per token: the adapters of :func:`multi_lora_linear` on top of a base
+    output computed elsewhere (a 4-bit layer, :class:`fastpeft.Linear4bit`). base [..., out_features] and x
+    [..., in_features] share leading dims and x's dtype; ids as in :func:`multi_lora_linear`. Returns a new
+    tensor like base."""
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
+    if base.shape[:-1] != x.shape[:-1] or base.dtype != x.dtype or base.shape[-1] != pool.out_features:
+        raise ValueError(f"base {tuple(base.shape)} {base.dtype} must be [..., {pool.out_features}] with x's "
+                         f"leading dims {tuple(x.shape[:-1])} and dtype {x.dtype}")  # fmt: skip
+    if x.shape[-1] != pool.in_features or pool.dtype != x.dtype or pool.device != x.device:
+        raise ValueError(f"pool is {pool.in_features} features, {pool.dtype} on {pool.device}; x is "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}")  # fmt: skip
     ids = _token_ids(x, adapter_ids)
     if check_ids:
         check_adapter_ids(ids, pool.num_adapters)
-    rows = x.reshape(-1, x.shape[-1])
-    y = torch.nn.functional.linear(rows, weight, bias)
-    if pool.num_adapters:
-        y = multi_lora_expand(y, multi_lora_shrink(rows, pool, ids), pool, ids)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    if not pool.num_adapters:
+        return base.clone()
+    rows, base_rows = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
+    return multi_lora_expand(base_rows, multi_lora_shrink(rows, pool, ids), pool, ids).reshape(base.shape)
 
 
 def check_multi_lora_args(x: torch.Tensor, weight: torch.Tensor, pool: AdapterPool, bias: Optional[torch.Tensor]):

@@ -1,0 +1,488 @@
+// The `qlora` op family on CUDA: products with a 4-bit (NF4/FP4, bitsandbytes' layout) weight, dequantized on
+// chip. Every weight is code[q] * absmax in fp32 (the nested absmax decoded in place), rounded to the weight's
+// dtype (bitsandbytes' dequantized value) and then to x's dtype, as bitsandbytes' matmul_4bit computes it.
+//
+//   gemv_4bit_kernel   decode (M <= 16): a warp per output feature, 16-byte loads of packed weights (32 per
+//                      lane per step), the code table in shared memory, fp32 accumulation, bias and the LoRA
+//                      expand (xa . B[n]) in the epilogue
+//   gemm_4bit_kernel   16-bit prefill and the backward's dx: 64x64 output tiles, the weight tile dequantized
+//                      into shared memory and fed to the tensor cores (WMMA 16x16x16, fp32 accumulators)
+//   simple_4bit_kernel fp32 activations beyond decode: a thread per output, the weight decoded per element
+//
+// The Triton kernels (triton_kernels/qlora.py) cover the same ops; fastpeft/ops/qlora.py picks per shape.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <cstdint>
+
+#include "cuda_utils.cuh"
+#include "qlora.h"
+
+// fp32, fp16 and bf16 activations (not fp64: the tensor-core tiles have no fp64 form here).
+#define FASTPEFT_DISPATCH_FLOAT16_32(TYPE, NAME, ...)                                                 \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace fastpeft {
+namespace {
+
+constexpr int kDecodeMaxM = 16;
+
+// The 4-bit weight as every kernel reads it.
+struct Weight4bit {
+  const uint8_t* packed;
+  const float* absmax;    // fp32 [blocks], when not nested
+  const uint8_t* qabsmax; // uint8 [blocks], when nested (else nullptr)
+  const float* code;      // [16]
+  const float* absmax2;   // nested: fp32 [blocks / nested_blocksize]
+  const float* code2;     // nested: fp32 [256]
+  const float* offset;    // nested: fp32 [1]
+  int64_t K;              // W's columns (in_features)
+  int log2_blocksize;
+  int log2_nested;
+  int w_kind;  // the dtype the values round to: 0 fp32, 1 fp16, 2 bf16
+};
+
+// The LoRA epilogue: out[m, j] += scaling * sum_r left[m, r] * right[j, r] (left fp32, right of x's dtype).
+template <typename T>
+struct LoRAEpilogue {
+  const float* left;
+  int64_t left_stride;
+  const T* right;
+  int64_t right_stride_j;
+  int64_t right_stride_r;
+  int R;
+  float scaling;
+};
+
+__device__ __forceinline__ float block_scale(const Weight4bit& w, int64_t block) {
+  if (w.qabsmax != nullptr) {
+    // bitsandbytes' order: the product rounded to fp32, then the offset added (no fused multiply-add).
+    return __fadd_rn(__fmul_rn(w.code2[w.qabsmax[block]], w.absmax2[block >> w.log2_nested]), *w.offset);
+  }
+  return w.absmax[block];
+}
+
+__device__ __forceinline__ float round_weight(float v, int kind) {
+  if (kind == 1) return __half2float(__float2half_rn(v));
+  if (kind == 2) return __bfloat162float(__float2bfloat16_rn(v));
+  return v;
+}
+
+// One weight as x's dtype T sees it, widened back to fp32.
+template <typename T>
+__device__ __forceinline__ float decode_weight(const Weight4bit& w, const float* code, int q, float scale) {
+  return static_cast<float>(static_cast<T>(round_weight(__fmul_rn(code[q], scale), w.w_kind)));
+}
+
+template <typename T>
+__device__ __forceinline__ float weight_at(const Weight4bit& w, const float* code, int64_t row, int64_t col) {
+  const int64_t e = row * w.K + col;
+  const uint8_t byte = w.packed[e >> 1];
+  const int q = (e & 1) ? (byte & 0xF) : (byte >> 4);
+  return decode_weight<T>(w, code, q, block_scale(w, e >> w.log2_blocksize));
+}
+
+__device__ __forceinline__ void load_code(const Weight4bit& w, float* code) {
+  if (threadIdx.x < 16) code[threadIdx.x] = w.code[threadIdx.x];
+  __syncthreads();
+}
+
+template <typename T>
+__device__ __forceinline__ float lora_term(const LoRAEpilogue<T>& lora, int64_t m, int64_t j) {
+  float sum = 0.f;
+  for (int r = 0; r < lora.R; ++r) {
+    sum = fmaf(lora.left[m * lora.left_stride + r],
+               static_cast<float>(lora.right[j * lora.right_stride_j + r * lora.right_stride_r]), sum);
+  }
+  return lora.scaling * sum;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Decode: a warp per output feature
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr int kGemvThreads = 256;
+constexpr int kGemvWarps = kGemvThreads / kWarpSize;
+constexpr int kGemvRows = 8;  // rows of x per pass over a row of W
+
+template <typename T, bool kVector>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_4bit_kernel(const T* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k, Weight4bit w,
+                     const T* __restrict__ bias, LoRAEpilogue<T> lora, T* __restrict__ y, int64_t y_stride, int M,
+                     int N) {
+  __shared__ float code[16];
+  load_code(w, code);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
+  if (n >= N) return;
+  const int64_t K = w.K;
+  for (int m0 = 0; m0 < M; m0 += kGemvRows) {
+    const int rows = min(kGemvRows, M - m0);
+    float acc[kGemvRows] = {};
+    if constexpr (kVector) {
+      // K % 32 == 0: a lane's 16 bytes are 32 weights of one absmax block (blocksize >= 32).
+      const uint4* row_bytes = reinterpret_cast<const uint4*>(w.packed + n * (K / 2));
+      for (int64_t chunk = lane; chunk < K / 32; chunk += kWarpSize) {
+        const uint4 raw = __ldg(row_bytes + chunk);
+        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
+        const int64_t k0 = chunk * 32;
+        const float scale = block_scale(w, (n * K + k0) >> w.log2_blocksize);
+        float wv[32];
+#pragma unroll
+        for (int j = 0; j < 16; ++j) {
+          wv[2 * j] = decode_weight<T>(w, code, bytes[j] >> 4, scale);
+          wv[2 * j + 1] = decode_weight<T>(w, code, bytes[j] & 0xF, scale);
+        }
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r) {
+          if (r < rows) {
+            const T* xr = x + (m0 + r) * x_stride_m + k0 * x_stride_k;
+            float s = 0.f;
+#pragma unroll
+            for (int j = 0; j < 32; ++j) s = fmaf(wv[j], static_cast<float>(xr[j * x_stride_k]), s);
+            acc[r] += s;
+          }
+        }
+      }
+    } else {
+      for (int64_t k = lane; k < K; k += kWarpSize) {
+        const float wk = weight_at<T>(w, code, n, k);
+#pragma unroll
+        for (int r = 0; r < kGemvRows; ++r) {
+          if (r < rows) acc[r] = fmaf(wk, static_cast<float>(x[(m0 + r) * x_stride_m + k * x_stride_k]), acc[r]);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kGemvRows; ++r) {
+      if (r < rows) {  // uniform across the warp: every lane takes part in the sums
+        const int64_t m = m0 + r;
+        const float base = warp_sum(acc[r]);
+        float delta = 0.f;
+        if (lora.R > 0) {
+          for (int j = lane; j < lora.R; j += kWarpSize) {
+            delta = fmaf(lora.left[m * lora.left_stride + j],
+                         static_cast<float>(lora.right[n * lora.right_stride_j + j * lora.right_stride_r]), delta);
+          }
+          delta = lora.scaling * warp_sum(delta);
+        }
+        if (lane == 0) {
+          float out = base + delta;
+          if (bias != nullptr) out += static_cast<float>(bias[n]);
+          y[m * y_stride + n] = static_cast<T>(out);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Prefill and dx: tiles through the tensor cores (16-bit) or a thread per output (fp32)
+// ---------------------------------------------------------------------------------------------------------
+
+// kTrans = false: out [M, N] = a [M, K] . W^T (a = x; the reduction runs over W's columns).
+// kTrans = true:  out [M, K] = a [M, N] . W   (a = dy; the reduction runs over W's rows).
+template <bool kTrans, typename T>
+__device__ __forceinline__ float weight_for(const Weight4bit& w, const float* code, int64_t reduce_index,
+                                            int64_t out_col) {
+  return kTrans ? weight_at<T>(w, code, reduce_index, out_col) : weight_at<T>(w, code, out_col, reduce_index);
+}
+
+template <typename T>
+__device__ __forceinline__ void store_output(T* out, int64_t out_stride, const T* bias, const LoRAEpilogue<T>& lora,
+                                             int64_t m, int64_t j, float acc) {
+  float value = acc;
+  if (lora.R > 0) value += lora_term(lora, m, j);
+  if (bias != nullptr) value += static_cast<float>(bias[j]);
+  out[m * out_stride + j] = static_cast<T>(value);
+}
+
+constexpr int kSimpleThreads = 256;
+
+template <typename T, bool kTrans>
+__global__ void __launch_bounds__(kSimpleThreads)
+    simple_4bit_kernel(const T* __restrict__ a, int64_t a_stride_m, int64_t a_stride_r, Weight4bit w, int M,
+                       int out_cols, int64_t reduce, const T* __restrict__ bias, LoRAEpilogue<T> lora,
+                       T* __restrict__ out, int64_t out_stride) {
+  __shared__ float code[16];
+  load_code(w, code);
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kSimpleThreads + threadIdx.x;
+  if (idx >= static_cast<int64_t>(M) * out_cols) return;
+  const int64_t m = idx / out_cols, j = idx % out_cols;
+  float acc = 0.f;
+  for (int64_t r = 0; r < reduce; ++r) {
+    acc = fmaf(static_cast<float>(a[m * a_stride_m + r * a_stride_r]), weight_for<kTrans, T>(w, code, r, j), acc);
+  }
+  store_output(out, out_stride, bias, lora, m, j, acc);
+}
+
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+  static __device__ __forceinline__ type from_float(float v) { return __float2half_rn(v); }
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  static __device__ __forceinline__ type from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kGemmThreads = 128, kPad = 8;
+
+template <typename T, bool kTrans>
+__global__ void __launch_bounds__(kGemmThreads)
+    gemm_4bit_kernel(const T* __restrict__ a, int64_t a_stride_m, int64_t a_stride_r, Weight4bit w, int M,
+                     int out_cols, int64_t reduce, const T* __restrict__ bias, LoRAEpilogue<T> lora,
+                     T* __restrict__ out, int64_t out_stride) {
+  using namespace nvcuda;
+  using Wmma = WmmaType<T>;
+  using WT = typename Wmma::type;
+  __shared__ float code[16];
+  __shared__ __align__(32) WT a_tile[kTileM][kTileK + kPad];
+  __shared__ __align__(32) WT b_tile[kTileN][kTileK + kPad];  // b_tile[j][r] = B(r, j): column-major B
+  __shared__ __align__(32) float c_tile[kTileM][kTileN + 4];
+  load_code(w, code);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM, j0 = static_cast<int64_t>(blockIdx.x) * kTileN;
+  const int warp = threadIdx.x / kWarpSize, warp_m = warp / 2, warp_n = warp % 2;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.f);
+
+  for (int64_t r0 = 0; r0 < reduce; r0 += kTileK) {
+    for (int i = threadIdx.x; i < kTileM * kTileK; i += kGemmThreads) {
+      const int mm = i / kTileK, rr = i % kTileK;
+      const int64_t gm = m0 + mm, gr = r0 + rr;
+      const float v = (gm < M && gr < reduce) ? static_cast<float>(a[gm * a_stride_m + gr * a_stride_r]) : 0.f;
+      a_tile[mm][rr] = Wmma::from_float(v);
+    }
+    for (int i = threadIdx.x; i < kTileN * kTileK; i += kGemmThreads) {
+      const int jj = i / kTileK, rr = i % kTileK;
+      const int64_t gj = j0 + jj, gr = r0 + rr;
+      const float v = (gj < out_cols && gr < reduce) ? weight_for<kTrans, T>(w, code, gr, gj) : 0.f;
+      b_tile[jj][rr] = Wmma::from_float(v);  // exact: v already holds a value of T
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> fa[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> fb[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(fa[i], &a_tile[warp_m * 32 + i * 16][kk], kTileK + kPad);
+        wmma::load_matrix_sync(fb[i], &b_tile[warp_n * 32 + i * 16][kk], kTileK + kPad);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(&c_tile[warp_m * 32 + i * 16][warp_n * 32 + j * 16], acc[i][j], kTileN + 4,
+                              wmma::mem_row_major);
+    }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kTileM * kTileN; i += kGemmThreads) {
+    const int mm = i / kTileN, jj = i % kTileN;
+    const int64_t gm = m0 + mm, gj = j0 + jj;
+    if (gm < M && gj < out_cols) store_output(out, out_stride, bias, lora, gm, gj, c_tile[mm][jj]);
+  }
+}
+
+// Tiles on the tensor cores for 16-bit activations, a thread per output for fp32.
+template <typename T, bool kTrans>
+struct TiledLaunch {
+  static void run(const T* a, int64_t sm, int64_t sr, const Weight4bit& w, int M, int out_cols, int64_t reduce,
+                  const T* bias, const LoRAEpilogue<T>& lora, T* out, int64_t out_stride, cudaStream_t stream) {
+    const dim3 grid((out_cols + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);
+    gemm_4bit_kernel<T, kTrans>
+        <<<grid, kGemmThreads, 0, stream>>>(a, sm, sr, w, M, out_cols, reduce, bias, lora, out, out_stride);
+  }
+};
+template <bool kTrans>
+struct TiledLaunch<float, kTrans> {
+  static void run(const float* a, int64_t sm, int64_t sr, const Weight4bit& w, int M, int out_cols, int64_t reduce,
+                  const float* bias, const LoRAEpilogue<float>& lora, float* out, int64_t out_stride,
+                  cudaStream_t stream) {
+    const int64_t total = static_cast<int64_t>(M) * out_cols;
+    const unsigned blocks = static_cast<unsigned>((total + kSimpleThreads - 1) / kSimpleThreads);
+    simple_4bit_kernel<float, kTrans>
+        <<<blocks, kSimpleThreads, 0, stream>>>(a, sm, sr, w, M, out_cols, reduce, bias, lora, out, out_stride);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------------------
+
+int log2_exact(const char* op, const char* name, int64_t v) {
+  TORCH_CHECK(v >= 1 && (v & (v - 1)) == 0, op, ": ", name, " must be a power of two, got ", v);
+  int log2 = 0;
+  while ((int64_t{1} << log2) < v) ++log2;
+  return log2;
+}
+
+void check_on(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.device() == x.device() && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous ", dtype, " tensor on ", x.device(), ", got ", t.scalar_type(), " on ",
+              t.device());
+}
+
+Weight4bit make_weight(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                       const at::Tensor& code, const std::optional<at::Tensor>& absmax2,
+                       const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                       int64_t blocksize, int64_t nested_blocksize, int64_t rows, int64_t cols,
+                       at::ScalarType w_dtype) {
+  check_on(op, "packed", packed, at::kByte, x);
+  TORCH_CHECK(packed.numel() == (rows * cols + 1) / 2, op, ": packed holds ", packed.numel(), " bytes, W [", rows,
+              ", ", cols, "] needs ", (rows * cols + 1) / 2);
+  check_on(op, "code", code, at::kFloat, x);
+  TORCH_CHECK(code.numel() == 16, op, ": code must hold 16 values");
+  const bool nested = absmax2.has_value();
+  TORCH_CHECK(nested == code2.has_value() && nested == offset.has_value(), op,
+              ": absmax2, code2 and offset come together (double quantization) or not at all");
+  const int64_t blocks = (rows * cols + blocksize - 1) / blocksize;
+  check_on(op, "absmax", absmax, nested ? at::kByte : at::kFloat, x);
+  TORCH_CHECK(absmax.numel() == blocks, op, ": absmax must hold ", blocks, " blocks, got ", absmax.numel());
+  Weight4bit w{};
+  w.packed = packed.data_ptr<uint8_t>();
+  w.code = code.data_ptr<float>();
+  w.K = cols;
+  w.log2_blocksize = log2_exact(op, "blocksize", blocksize);
+  w.log2_nested = log2_exact(op, "nested_blocksize", nested_blocksize);
+  TORCH_CHECK(blocksize >= 32, op, ": blocksize must be at least 32, got ", blocksize);
+  if (nested) {
+    check_on(op, "absmax2", *absmax2, at::kFloat, x);
+    check_on(op, "code2", *code2, at::kFloat, x);
+    check_on(op, "offset", *offset, at::kFloat, x);
+    TORCH_CHECK(absmax2->numel() == (blocks + nested_blocksize - 1) / nested_blocksize && code2->numel() == 256 &&
+                    offset->numel() == 1,
+                op, ": the nested state's sizes do not match ", blocks, " blocks");
+    w.qabsmax = absmax.data_ptr<uint8_t>();
+    w.absmax2 = absmax2->data_ptr<float>();
+    w.code2 = code2->data_ptr<float>();
+    w.offset = offset->data_ptr<float>();
+  } else {
+    w.absmax = absmax.data_ptr<float>();
+  }
+  TORCH_CHECK(w_dtype == at::kFloat || w_dtype == at::kHalf || w_dtype == at::kBFloat16, op,
+              ": w_dtype must be float32, float16 or bfloat16, got ", w_dtype);
+  w.w_kind = w_dtype == at::kHalf ? 1 : (w_dtype == at::kBFloat16 ? 2 : 0);
+  return w;
+}
+
+void check_optional(const char* op, const char* name, const std::optional<at::Tensor>& t, at::ScalarType dtype,
+                    const at::Tensor& x, int64_t rows, int64_t cols) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == dtype && t->device() == x.device(), op, ": ", name, " must be ", dtype, " on ",
+              x.device(), ", got ", t->scalar_type(), " on ", t->device());
+  if (cols < 0) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == rows, op, ": ", name, " must be [", rows, "], got ", t->sizes());
+  } else {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == rows && (cols == 0 || t->size(1) == cols), op, ": ", name,
+                " must be [", rows, ", ", cols, "], got ", t->sizes());
+  }
+}
+
+template <typename T>
+LoRAEpilogue<T> make_epilogue(const std::optional<at::Tensor>& left, const std::optional<at::Tensor>& right,
+                              bool right_transposed, double scaling) {
+  LoRAEpilogue<T> lora{};
+  if (!left.has_value()) return lora;
+  lora.left = left->data_ptr<float>();
+  lora.left_stride = left->stride(0);
+  lora.R = static_cast<int>(left->size(1));
+  lora.right = right->data_ptr<T>();
+  // right[j, r]: lora_b [N, R] as is, or lora_a [R, K] read transposed (the backward).
+  lora.right_stride_j = right_transposed ? right->stride(1) : right->stride(0);
+  lora.right_stride_r = right_transposed ? right->stride(0) : right->stride(1);
+  lora.scaling = static_cast<float>(scaling);
+  return lora;
+}
+
+}  // namespace
+
+at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                            const at::Tensor& code, const std::optional<at::Tensor>& absmax2,
+                            const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                            int64_t blocksize, int64_t nested_blocksize, int64_t n, at::ScalarType w_dtype,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& xa,
+                            const std::optional<at::Tensor>& lora_b, double scaling) {
+  constexpr const char* op = "matmul_4bit_cuda";
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, op, ": x must be a 2-D CUDA tensor, got ", x.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  const Weight4bit w =
+      make_weight(op, x, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, n, K, w_dtype);
+  TORCH_CHECK(xa.has_value() == lora_b.has_value(), op, ": xa and lora_b come together");
+  check_optional(op, "bias", bias, x.scalar_type(), x, n, -1);
+  check_optional(op, "xa", xa, at::kFloat, x, M, 0);
+  if (xa.has_value()) check_optional(op, "lora_b", lora_b, x.scalar_type(), x, n, xa->size(1));
+  auto y = at::empty({M, n}, x.options());
+  if (M == 0 || n == 0) return y;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTPEFT_DISPATCH_FLOAT16_32(x.scalar_type(), op, [&] {
+    const auto lora = make_epilogue<scalar_t>(xa, lora_b, false, scaling);
+    const scalar_t* bias_ptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
+    if (M <= kDecodeMaxM) {
+      const bool vector = K % 32 == 0 && aligned16(packed);
+      auto kernel = vector ? gemv_4bit_kernel<scalar_t, true> : gemv_4bit_kernel<scalar_t, false>;
+      const unsigned blocks = static_cast<unsigned>((n + kGemvWarps - 1) / kGemvWarps);
+      kernel<<<blocks, kGemvThreads, 0, stream>>>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w, bias_ptr,
+                                                  lora, y.data_ptr<scalar_t>(), y.stride(0), static_cast<int>(M),
+                                                  static_cast<int>(n));
+    } else {
+      TiledLaunch<scalar_t, false>::run(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w, static_cast<int>(M),
+                                        static_cast<int>(n), K, bias_ptr, lora, y.data_ptr<scalar_t>(), y.stride(0),
+                                        stream);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+at::Tensor matmul_4bit_t_cuda(const at::Tensor& dy, const at::Tensor& packed, const at::Tensor& absmax,
+                              const at::Tensor& code, const std::optional<at::Tensor>& absmax2,
+                              const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
+                              int64_t blocksize, int64_t nested_blocksize, int64_t k, at::ScalarType w_dtype,
+                              const std::optional<at::Tensor>& dyb, const std::optional<at::Tensor>& lora_a,
+                              double scaling) {
+  constexpr const char* op = "matmul_4bit_t_cuda";
+  TORCH_CHECK(dy.is_cuda() && dy.dim() == 2, op, ": dy must be a 2-D CUDA tensor, got ", dy.sizes());
+  const c10::cuda::CUDAGuard guard(dy.device());
+  const int64_t M = dy.size(0), N = dy.size(1);
+  const Weight4bit w =
+      make_weight(op, dy, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, N, k, w_dtype);
+  TORCH_CHECK(dyb.has_value() == lora_a.has_value(), op, ": dyb and lora_a come together");
+  check_optional(op, "dyb", dyb, at::kFloat, dy, M, 0);
+  if (dyb.has_value()) check_optional(op, "lora_a", lora_a, dy.scalar_type(), dy, dyb->size(1), k);
+  auto dx = at::empty({M, k}, dy.options());
+  if (M == 0 || k == 0) return dx;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTPEFT_DISPATCH_FLOAT16_32(dy.scalar_type(), op, [&] {
+    const auto lora = make_epilogue<scalar_t>(dyb, lora_a, true, scaling);
+    TiledLaunch<scalar_t, true>::run(dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), w, static_cast<int>(M),
+                                     static_cast<int>(k), N, nullptr, lora, dx.data_ptr<scalar_t>(), dx.stride(0),
+                                     stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+}  // namespace fastpeft

@@ -1,0 +1,364 @@
+"""Triton kernels for 4-bit (NF4/FP4, bitsandbytes' layout) weights: ``y = x @ dequant(W).T`` without ever
+writing the dequantized W, optionally with a LoRA adapter in the same kernel.
+
+- ``_matmul_4bit_kernel``: an output tile [BLOCK_M, BLOCK_N]; the K loop loads packed bytes of W, decodes
+  both nibbles against the 16-entry code, scales them by their block's absmax (the nested 8-bit absmax decoded
+  in the same kernel: ``code2[q] * absmax2[b >> log2(256)] + offset``), rounds them to the weight's dtype (so
+  the product sees bitsandbytes' dequantized values exactly) and feeds ``tl.dot`` with fp32 accumulation. LoRA:
+  ``LORA=1`` adds ``scaling * xa @ B.T`` in the epilogue for a precomputed fp32 ``xa``; ``LORA=2`` also
+  accumulates the shrink ``xa = x @ A.T`` in the same K loop (decode: one launch, x read once).
+- ``_matmul_4bit_t_kernel``: ``dx = dy @ dequant(W)`` (the backward pass), optionally ``+ scaling * dyb @ A``
+  for a precomputed fp32 ``dyb = dy @ B``: tiles of W are dequantized on chip as in the forward kernel.
+
+When K is even, every row of W starts on a byte and a byte holds columns (2j, 2j+1): the kernels load
+[rows, BLOCK_K / 2] contiguous bytes (vectorised loads) and split the reduction into even and odd columns, two
+dots of half depth; the high and low nibble of one byte share one absmax. Odd K takes a per-element path.
+
+Decode tiles (few rows: memory-bound on W's bytes) and prefill tiles (compute-bound) are autotuned unless
+``FASTPEFT_TRITON_AUTOTUNE=0``. Under ``TRITON_INTERPRET=1`` they run on CPU tensors with tiny tiles, operands
+upcast to fp32 (the interpreter's ``tl.dot`` is wrong on bf16).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .lora import _INTERPRET, AUTOTUNE, _dot_precision, _on_device, _r_pad
+
+DECODE_MAX_M = 16
+
+
+def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in rows
+    ]
+
+
+# Decode: W's bytes dominate; narrow column tiles give 4096 / 32 = 128 programs, about one wave on an H100/H200.
+DECODE_CONFIGS = _configs([(16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 32, 512, 4, 2), (16, 64, 128, 4, 4)])
+PREFILL_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)])
+# 128 columns: fp32 activations with an odd K (the per-element path, no halving) fit in shared memory at 3 stages.
+FIXED_DECODE_CONFIG = _configs([(16, 32, 128, 4, 3)])[0]
+FIXED_PREFILL_CONFIG = _configs([(64, 64, 64, 4, 3)])[0]
+_INTERPRETER_CONFIG = _configs([(16, 16, 32, 1, 1)])[0]
+_KEY = ["M_BUCKET", "N", "K"]
+
+_TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+@triton.jit
+def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
+                 NESTED: tl.constexpr, LOG2_NESTED: tl.constexpr):  # fmt: skip
+    """fp32 absmax of ``block`` (any shape): read, or decoded from the double quantization in place."""
+    # One return, both branches constexpr: the compiler types only the branch taken (absmax is uint8 if nested).
+    if NESTED:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + (block >> LOG2_NESTED), mask=mask, other=0.0)
+        scale = tl.load(code2_ptr + q, mask=mask, other=0.0) * scale2 + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return scale
+
+
+@triton.jit
+def _decode(code_ptr, nibble, scale, mask, W_DTYPE: tl.constexpr, OPERAND: tl.constexpr):
+    """Weights from 4-bit indices: ``code[q] * absmax`` in fp32, rounded to the weight's dtype (bitsandbytes'
+    values), then to the dot's operand dtype."""
+    value = tl.load(code_ptr + nibble.to(tl.int32), mask=mask, other=0.0) * scale
+    return value.to(W_DTYPE).to(OPERAND)
+
+
+@triton.jit
+def _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, pairs, mask, K,
+                  LOG2_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOG2_NESTED: tl.constexpr,
+                  W_DTYPE: tl.constexpr, OPERAND: tl.constexpr):  # fmt: skip
+    """(W[rows, 2 * pairs], W[rows, 2 * pairs + 1]) for even K: one byte per pair, contiguous along pairs."""
+    half_k = K // 2
+    packed = tl.load(w_ptr + rows.to(tl.int64) * half_k + pairs, mask=mask, other=0)
+    block = ((rows.to(tl.int64) * K + 2 * pairs) >> LOG2_BLOCKSIZE).to(tl.int32)
+    scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NESTED, LOG2_NESTED)
+    high = _decode(code_ptr, packed >> 4, scale, mask, W_DTYPE, OPERAND)
+    low = _decode(code_ptr, packed & 0xF, scale, mask, W_DTYPE, OPERAND)
+    return high, low
+
+
+@triton.jit
+def _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, cols, mask, K,
+                     LOG2_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOG2_NESTED: tl.constexpr,
+                     W_DTYPE: tl.constexpr, OPERAND: tl.constexpr):  # fmt: skip
+    """W[rows, cols] for any K: element e = row * K + col is nibble (e & 1) of byte e >> 1, high nibble first."""
+    element = rows.to(tl.int64) * K + cols
+    packed = tl.load(w_ptr + (element >> 1), mask=mask, other=0)
+    nibble = (packed >> (4 - 4 * (element & 1)).to(tl.uint8)) & 0xF
+    block = (element >> LOG2_BLOCKSIZE).to(tl.int32)
+    scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NESTED, LOG2_NESTED)
+    return _decode(code_ptr, nibble, scale, mask, W_DTYPE, OPERAND)
+
+
+@triton.jit
+def _matmul_4bit_kernel(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
+    a_ptr, xa_ptr, b_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar, stride_bn, stride_br,
+    stride_ym, stride_yn,
+    scaling,
+    M_BUCKET,  # autotune key only
+    LOG2_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOG2_NESTED: tl.constexpr,
+    W_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    LORA: tl.constexpr,  # 0: none; 1: xa given; 2: the shrink x @ A^T accumulated here
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(1)
+    pid_n = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+    operand = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+    if EVEN_K:
+        HALF: tl.constexpr = BLOCK_K // 2
+        offs_p = tl.arange(0, HALF)
+        for k0 in range(0, K, BLOCK_K):
+            pairs = k0 // 2 + offs_p
+            mask_p = pairs < K // 2
+            w_mask = mask_n[:, None] & mask_p[None, :]
+            w_even, w_odd = _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                          offs_n[:, None], pairs[None, :], w_mask, K, LOG2_BLOCKSIZE, NESTED,
+                                          LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
+            x_mask = mask_m[:, None] & mask_p[None, :]
+            x_even = tl.load(x_rows + (2 * pairs[None, :]) * stride_xk, mask=x_mask, other=0.0).to(operand)
+            x_odd = tl.load(x_rows + (2 * pairs[None, :] + 1) * stride_xk, mask=x_mask, other=0.0).to(operand)
+            acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
+            if LORA == 2:
+                a_rows = a_ptr + offs_r[:, None] * stride_ar
+                a_mask = mask_r[:, None] & mask_p[None, :]
+                a_even = tl.load(a_rows + (2 * pairs[None, :]) * stride_ak, mask=a_mask, other=0.0).to(operand)
+                a_odd = tl.load(a_rows + (2 * pairs[None, :] + 1) * stride_ak, mask=a_mask, other=0.0).to(operand)
+                xa = tl.dot(x_even, tl.trans(a_even), xa, input_precision=DOT_PRECISION)
+                xa = tl.dot(x_odd, tl.trans(a_odd), xa, input_precision=DOT_PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs_k
+            mask_k = cols < K
+            w = _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n[:, None],
+                                 cols[None, :], mask_n[:, None] & mask_k[None, :], K, LOG2_BLOCKSIZE, NESTED,
+                                 LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
+            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x = x.to(operand)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            if LORA == 2:
+                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak
+                a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(operand)
+                xa = tl.dot(x, tl.trans(a), xa, input_precision=DOT_PRECISION)
+
+    if LORA == 1:
+        xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+        xa = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+    if LORA != 0:
+        b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
+        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(xa * scaling, b, acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptr + offs_y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _matmul_4bit_t_kernel(
+    dy_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, dyb_ptr, a_ptr, dx_ptr,
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_dybm, stride_dybr, stride_ar, stride_ak, stride_dxm, stride_dxk,
+    scaling,
+    M_BUCKET,  # autotune key only
+    LOG2_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOG2_NESTED: tl.constexpr,
+    W_DTYPE: tl.constexpr, EVEN_K: tl.constexpr, LORA: tl.constexpr,
+    R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # dx [M, K] = dy [M, N] @ W [N, K]: a tile of dx's columns, the loop over W's rows.
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    operand = tl.float32 if UPCAST else dy_ptr.dtype.element_ty
+    dy_rows = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym
+    dx_rows = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm
+    if LORA:
+        dyb_ptrs = dyb_ptr + offs_m[:, None].to(tl.int64) * stride_dybm + offs_r[None, :] * stride_dybr
+        dyb = tl.load(dyb_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0) * scaling
+    if EVEN_K:
+        HALF: tl.constexpr = BLOCK_K // 2
+        pairs = pid_k * HALF + tl.arange(0, HALF)
+        mask_p = pairs < K // 2
+        acc_even = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        acc_odd = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + offs_n
+            mask_n = rows < N
+            w_even, w_odd = _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                                          rows[:, None], pairs[None, :], mask_n[:, None] & mask_p[None, :], K,
+                                          LOG2_BLOCKSIZE, NESTED, LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
+            dy = tl.load(dy_rows + rows[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            dy = dy.to(operand)
+            acc_even = tl.dot(dy, w_even, acc_even, input_precision=DOT_PRECISION)
+            acc_odd = tl.dot(dy, w_odd, acc_odd, input_precision=DOT_PRECISION)
+        if LORA:
+            a_mask = mask_r[:, None] & mask_p[None, :]
+            a_even = tl.load(a_ptr + offs_r[:, None] * stride_ar + (2 * pairs[None, :]) * stride_ak, mask=a_mask,
+                             other=0.0).to(tl.float32)  # fmt: skip
+            a_odd = tl.load(a_ptr + offs_r[:, None] * stride_ar + (2 * pairs[None, :] + 1) * stride_ak,
+                            mask=a_mask, other=0.0).to(tl.float32)  # fmt: skip
+            acc_even = tl.dot(dyb, a_even, acc_even, input_precision="ieee")
+            acc_odd = tl.dot(dyb, a_odd, acc_odd, input_precision="ieee")
+        out_mask = mask_m[:, None] & mask_p[None, :]
+        out_ty = dx_ptr.dtype.element_ty
+        tl.store(dx_rows + (2 * pairs[None, :]) * stride_dxk, acc_even.to(out_ty), mask=out_mask)
+        tl.store(dx_rows + (2 * pairs[None, :] + 1) * stride_dxk, acc_odd.to(out_ty), mask=out_mask)
+    else:
+        cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = cols < K
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            rows = n0 + offs_n
+            mask_n = rows < N
+            w = _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
+                                 cols[None, :], mask_n[:, None] & mask_k[None, :], K, LOG2_BLOCKSIZE, NESTED,
+                                 LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
+            dy = tl.load(dy_rows + rows[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(dy.to(operand), w, acc, input_precision=DOT_PRECISION)
+        if LORA:
+            a_ptrs = a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak
+            a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(dyb, a, acc, input_precision="ieee")
+        tl.store(dx_rows + cols[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+                 mask=mask_m[:, None] & mask_k[None, :])  # fmt: skip
+
+
+def _tuned(kernel, configs: list[triton.Config], fixed: triton.Config):
+    """``kernel`` autotuned over ``configs``, or pinned to one configuration (no autotuning, the interpreter)."""
+    if AUTOTUNE:
+        return triton.autotune(configs, key=_KEY)(kernel)
+    return triton.autotune([_INTERPRETER_CONFIG if _INTERPRET else fixed], key=[])(kernel)
+
+
+_forward_decode = _tuned(_matmul_4bit_kernel, DECODE_CONFIGS, FIXED_DECODE_CONFIG)
+_forward_prefill = _tuned(_matmul_4bit_kernel, PREFILL_CONFIGS, FIXED_PREFILL_CONFIG)
+_backward_decode = _tuned(_matmul_4bit_t_kernel, DECODE_CONFIGS, FIXED_DECODE_CONFIG)
+_backward_prefill = _tuned(_matmul_4bit_t_kernel, PREFILL_CONFIGS, FIXED_PREFILL_CONFIG)
+
+
+def _format_args(absmax, code, absmax2, code2, offset, blocksize: int, nested_blocksize: int, w_dtype: torch.dtype):
+    """The state's tensors (absmax stands in for the absent nested ones) and its constexprs."""
+    nested = absmax2 is not None
+    tensors = (absmax, code, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code)
+    constexprs = {
+        "LOG2_BLOCKSIZE": blocksize.bit_length() - 1,
+        "NESTED": nested,
+        "LOG2_NESTED": nested_blocksize.bit_length() - 1,
+        "W_DTYPE": _TORCH_TO_TL[w_dtype],
+    }
+    return tensors, constexprs
+
+
+def matmul_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    n: int,
+    w_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+    xa: torch.Tensor | None = None,
+    lora_b: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """``y = x @ dequant(W).T + bias (+ scaling * xa @ lora_b.T)`` for x [M, K] (fp16/bf16/fp32, any strides),
+    W [n, K] as packed uint8 bytes with its state. LoRA: give lora_b [n, R] and either xa fp32 [M, R] or lora_a
+    [R, K] (the shrink then runs in this kernel: for decode). Returns [M, n] in x's dtype."""
+    m, k = x.shape
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0:
+        return y
+    state, constexprs = _format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
+    lora = 0 if lora_b is None else (2 if lora_a is not None else 1)
+    r = 0 if lora_b is None else lora_b.shape[1]
+    a = lora_a if lora_a is not None else x
+    xa_ = xa if xa is not None else y
+    b = lora_b if lora_b is not None else y
+    decode = m <= DECODE_MAX_M
+    kernel = _forward_decode if decode else _forward_prefill
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+    with _on_device(x):
+        kernel[grid](
+            x, packed, *state, bias if bias is not None else y, a, xa_, b, y,
+            m, n, k, r,
+            x.stride(0), x.stride(1), a.stride(0), a.stride(1), xa_.stride(0), xa_.stride(1), b.stride(0),
+            b.stride(1), y.stride(0), y.stride(1),
+            float(scaling), min(triton.next_power_of_2(m), 8192),
+            EVEN_K=k % 2 == 0, HAS_BIAS=bias is not None, LORA=lora, R_PAD=_r_pad(r),
+            DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET, **constexprs,
+        )  # fmt: skip
+    return y
+
+
+def matmul_4bit_t(
+    dy: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    k: int,
+    w_dtype: torch.dtype,
+    dyb: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """``dx = dy @ dequant(W) (+ scaling * dyb @ lora_a)`` for dy [M, N] and W [N, k]; dyb fp32 [M, R] with
+    lora_a [R, k] for a LoRA layer's backward. Returns [M, k] in dy's dtype."""
+    m, n = dy.shape
+    dx = torch.empty((m, k), device=dy.device, dtype=dy.dtype)
+    if m == 0:
+        return dx
+    state, constexprs = _format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
+    r = 0 if dyb is None else dyb.shape[1]
+    dyb_ = dyb if dyb is not None else dx
+    a = lora_a if lora_a is not None else dx
+    kernel = _backward_decode if m <= DECODE_MAX_M else _backward_prefill
+    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(m, meta["BLOCK_M"]))
+    with _on_device(dy):
+        kernel[grid](
+            dy, packed, *state, dyb_, a, dx,
+            m, n, k, r,
+            dy.stride(0), dy.stride(1), dyb_.stride(0), dyb_.stride(1), a.stride(0), a.stride(1), dx.stride(0),
+            dx.stride(1),
+            float(scaling), min(triton.next_power_of_2(m), 8192),
+            EVEN_K=k % 2 == 0, LORA=dyb is not None, R_PAD=_r_pad(r), DOT_PRECISION=_dot_precision(dy.dtype),
+            UPCAST=_INTERPRET, **constexprs,
+        )  # fmt: skip
+    return dx
