@@ -433,6 +433,8 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   TORCH_CHECK(xa.has_value() == lora_b.has_value(), op, ": xa and lora_b come together");
   check_optional(op, "bias", bias, x.scalar_type(), x, n, -1);
   check_optional(op, "xa", xa, at::kFloat, x, M, 0);
+  TORCH_CHECK(!xa.has_value() || xa->stride(1) == 1, op, ": xa's rows must be dense");
+  TORCH_CHECK(!bias.has_value() || bias->is_contiguous(), op, ": bias must be contiguous");
   if (xa.has_value()) check_optional(op, "lora_b", lora_b, x.scalar_type(), x, n, xa->size(1));
   auto y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
@@ -471,6 +473,7 @@ at::Tensor matmul_4bit_t_cuda(const at::Tensor& dy, const at::Tensor& packed, co
       make_weight(op, dy, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, N, k, w_dtype);
   TORCH_CHECK(dyb.has_value() == lora_a.has_value(), op, ": dyb and lora_a come together");
   check_optional(op, "dyb", dyb, at::kFloat, dy, M, 0);
+  TORCH_CHECK(!dyb.has_value() || dyb->stride(1) == 1, op, ": dyb's rows must be dense");
   if (dyb.has_value()) check_optional(op, "lora_a", lora_a, dy.scalar_type(), dy, dyb->size(1), k);
   auto dx = at::empty({M, k}, dy.options());
   if (M == 0 || k == 0) return dx;

@@ -101,6 +101,19 @@ def test_training_matches_peft(tmp_path):
     assert rel_error(logits(model), logits(reference)) < 1e-5
 
 
+def test_evaluation_then_training_matches_peft(tmp_path):
+    model = qlora_model(tmp_path).eval()
+    reference = copy.deepcopy(model)
+    fastpeft.patch_peft_model(model)
+    assert rel_error(logits(model), logits(reference)) < 1e-5  # a no_grad forward first, on both
+    ids = tokens()
+    for m in (model.train(), reference.train()):
+        m(ids, labels=ids).loss.backward()
+    ours, theirs = trainable_grads(model), trainable_grads(reference)
+    assert all(g is not None for g in ours.values()) and len(ours) == 28
+    assert all(rel_error(ours[name], theirs[name]) < 1e-4 for name in ours)
+
+
 def test_mixed_batch_and_several_adapters(tmp_path):
     model = qlora_model(tmp_path, adapters=("default", "other", "third")).eval()
     names = ["other", "__base__", "third"]

@@ -268,10 +268,12 @@ def patch_peft_model(model: nn.Module, *, dropout_mode: str = "torch") -> nn.Mod
     same seed); ``"philox"`` draws it inside the kernels (no dropped copy of x; other masks than PEFT's, so
     seeded runs no longer match PEFT's bit for bit). Patching again sets the mode anew.
 
-    Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear`` or Conv1D, plain calls and
-    ``adapter_names`` mixed batches (one multi_lora launch per layer, inference). Other layers (LoRA stacked on
-    another tuner, quantized or tensor-subclass bases), and calls the fused ops do not express (DoRA beside other
-    adapters or in a mixed batch, merged or disabled adapters), keep PEFT's own forward.
+    Covers PEFT ``lora.Linear`` layers directly on a floating-point ``nn.Linear`` or Conv1D, and PEFT's LoRA
+    layers on bitsandbytes 4-bit bases (``lora.bnb.Linear4bit``: QLoRA models, through
+    :mod:`fastpeft.integrations.peft_qlora`), plain calls and ``adapter_names`` mixed batches (one multi_lora
+    launch per layer, inference). Other layers (LoRA stacked on another tuner, 8-bit or tensor-subclass bases),
+    and calls the fused ops do not express (DoRA beside other adapters or in a mixed batch, merged or disabled
+    adapters), keep PEFT's own forward.
     Idempotent: call it again after adding LoRA layers to cover them. :func:`explain_patch` shows what runs where.
     """
     if dropout_mode not in DROPOUT_MODES:

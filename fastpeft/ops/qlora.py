@@ -149,11 +149,15 @@ def _matmul_4bit_cuda(x, packed, *rest):
     *state_and_shape, bias, lora_a, xa, lora_b, scaling = rest
     if lora_a is not None:
         xa = torch.ops.fastpeft.lora_shrink_cuda(x, lora_a)
+    bias = None if bias is None else bias.contiguous()  # the kernels index bias and xa's rows densely
+    xa = None if xa is None else xa.contiguous()
     return torch.ops.fastpeft.matmul_4bit_cuda(x, packed, *state_and_shape, bias, xa, lora_b, scaling)
 
 
 def _matmul_4bit_t_cuda(dy, packed, *rest):
-    return torch.ops.fastpeft.matmul_4bit_t_cuda(dy, packed, *rest)
+    *state_and_shape, dyb, lora_a, scaling = rest
+    dyb = None if dyb is None else dyb.contiguous()
+    return torch.ops.fastpeft.matmul_4bit_t_cuda(dy, packed, *state_and_shape, dyb, lora_a, scaling)
 
 
 IMPLS = {
@@ -251,7 +255,7 @@ class _QLoRAFunction(torch.autograd.Function):
         if lora and mask is not None:
             xa = _call("lora_shrink", apply_mask(x, mask, mask_scale), lora_a)
         y = _forward_op(x, weight, bias, lora_a if lora and xa is None else None, xa, lora_b, scaling)
-        ctx.save_for_backward(x, lora_a, lora_b, mask)
+        ctx.save_for_backward(x if lora else None, lora_a, lora_b, mask)  # dx alone needs only W
         ctx.weight, ctx.scaling, ctx.mask_scale, ctx.lora = weight, scaling, mask_scale, lora
         return y
 
