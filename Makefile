@@ -11,7 +11,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.fastpeft-installed
 
-.PHONY: install test lint demo bench gpu-check clean
+# AdapterHub's `adapters` 1.3 needs transformers ~4.57 (the main environment has transformers 5): its tests run
+# with these packages first on PYTHONPATH, over the main environment's torch and fastpeft.
+ADAPTERHUB_ENV := .adapterhub-env
+ADAPTERHUB_PACKAGES := "adapters==1.3.0" "transformers==4.57.1" "huggingface-hub>=0.34,<1.0" "tokenizers>=0.22,<0.23" \
+	requests charset-normalizer idna urllib3 certifi
+
+.PHONY: install test test-adapterhub lint demo bench gpu-check clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +37,14 @@ lint: $(STAMP)
 test: lint
 	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q benchmarks --benchmark-disable
+	$(MAKE) test-adapterhub
+
+$(ADAPTERHUB_ENV)/.installed: Makefile
+	$(PIP) install -q --no-deps --upgrade --target $(ADAPTERHUB_ENV) $(ADAPTERHUB_PACKAGES)
+	touch $@
+
+test-adapterhub: $(STAMP) $(ADAPTERHUB_ENV)/.installed
+	PYTHONPATH=$(ADAPTERHUB_ENV) $(PY) -m pytest -q tests/test_integration_adapterhub.py
 
 demo: $(STAMP)
 	$(VENV)/bin/fastpeft demo
@@ -42,4 +56,4 @@ gpu-check:
 	bash scripts/gpu_check.sh gpu_check_out
 
 clean:
-	rm -rf build *.egg-info fastpeft/_C*.so bench_out gpu_check_out .triton_cache
+	rm -rf build *.egg-info fastpeft/_C*.so bench_out gpu_check_out .triton_cache $(ADAPTERHUB_ENV)

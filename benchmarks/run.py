@@ -27,6 +27,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_bottleneck  # noqa: E402
 import bench_dora  # noqa: E402
 import bench_lora  # noqa: E402
 import bench_multi_lora  # noqa: E402
@@ -40,6 +41,7 @@ BENCHES = {
     "lora": bench_lora,
     "dora": bench_dora,
     "multi_lora": bench_multi_lora,
+    "bottleneck": bench_bottleneck,
     "qlora": bench_qlora,
     "train": bench_train,
 }
@@ -71,8 +73,19 @@ def ratio_fields(row: dict) -> list[str]:
     return sorted(k for k in row if k.startswith(("ratio_vs_", "speedup_vs_")))
 
 
+_NOT_CASE = {"op", "variant", "ms", "error", "m", "gbps", "bw_fraction", "adapter_gbps", "weight_gbps"}
+MAX_PANELS = 6
+
+
+def _panel(row: dict) -> tuple:
+    """The case fields but M: one panel per value (features, rank, dtype, mode, ...)."""
+    return tuple(
+        (k, v) for k, v in sorted(row.items()) if k not in _NOT_CASE and not k.startswith(("ratio_", "speedup_"))
+    )
+
+
 def plot(rows: list[dict], path: Path) -> bool:
-    """The first comparison of the rows against M, one panel per (mode, features, dtype) at the median rank."""
+    """The first comparison of the rows against M, one panel per case but M (the first MAX_PANELS of them)."""
     try:
         import matplotlib
 
@@ -81,19 +94,17 @@ def plot(rows: list[dict], path: Path) -> bool:
     except ImportError:
         return False
     metric = ratio_fields(rows[0])[0]
-    ranks = sorted({row["r"] for row in rows})
-    rank = ranks[len(ranks) // 2]
-    panels = sorted({(row["mode"], row["k"], row["n"], row["dtype"]) for row in rows if row["r"] == rank})
+    panels = sorted({_panel(row) for row in rows}, key=str)[:MAX_PANELS]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
-    for ax, (mode, k, n, dtype) in zip(axes[0], panels, strict=True):
-        selected = [r for r in rows if (r["mode"], r["k"], r["n"], r["dtype"], r["r"]) == (mode, k, n, dtype, rank)]
+    for ax, panel in zip(axes[0], panels, strict=True):
+        selected = [r for r in rows if _panel(r) == panel]
         for variant in sorted({r["variant"] for r in selected}):
             points = sorted((r["m"], r[metric]) for r in selected if r["variant"] == variant and metric in r)
             if points:
                 ax.plot(*zip(*points, strict=True), marker="o", label=variant)
         ax.set_xscale("log", base=2)
         ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_title(f"{mode}\n{k}->{n} r={rank} {dtype}", fontsize=9)
+        ax.set_title(" ".join(f"{k}={v}" for k, v in panel), fontsize=7, wrap=True)
         ax.set_xlabel("M (rows)")
         ax.set_ylabel(metric)
     axes[0][0].legend(fontsize=7)
@@ -112,11 +123,9 @@ def summary(rows: list[dict]) -> str:
     lines = []
     for row in rows:
         if row["variant"] == "fused:auto" and row.get("ms") is not None:
-            dropout = (" DoRA" if row.get("dora") else "") + (
-                f" dropout={row['dropout']:g}" if row.get("dropout") else ""
-            )
-            case = f"{row['mode']} M={row['m']} {row['k']}->{row['n']} r={row['r']} {row['dtype']}{dropout}"
-            lines.append(f"{case:<60} {row['ms']:>9.4f} ms  {_ratios(row)}")
+            fields = " ".join(f"{k}={v}" for k, v in _panel(row) if v not in (None, False, 0, 0.0))
+            case = f"{row['op']} M={row['m']} {fields}"
+            lines.append(f"{case:<90} {row['ms']:>9.4f} ms  {_ratios(row)}")
     return "\n".join(lines)
 
 

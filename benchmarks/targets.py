@@ -45,6 +45,17 @@ _4BIT_M1 = ({"m": 1, "k": 4096, "n": 14336, **_4BIT},)
 _4BIT_M16 = ({"m": 16, "k": 4096, "n": 14336, **_4BIT}, {"m": 16, "k": 4096, "n": 4096, **_4BIT})
 _4BIT_M4096 = ({"m": 4096, "k": 4096, "n": 14336, **_4BIT}, {"m": 4096, "k": 4096, "n": 4096, **_4BIT})
 _QLORA_M1 = ({"m": 1, "k": 4096, "n": 14336, **_4BIT, "r": 16, "mode": "qlora"},)
+_BN = {
+    "bottleneck": 64,
+    "adapters": 1,
+    "dtype": "bfloat16",
+    "mode": "forward",
+    "activation": "relu",
+    "ln_before": False,
+}
+_BN_FORWARD = tuple({"m": m, "d": d, **_BN} for m in (8192, 65536) for d in (4096,)) + ({"m": 8192, "d": 1024, **_BN},)
+_BN_TRAIN = ({"m": 8192, "d": 4096, **_BN, "mode": "forward+backward"},)
+_BN_MULTI = ({"m": 8192, "d": 4096, **_BN, "adapters": 8},)
 _DROPOUT = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward", dropout=0.05)
 
 TARGETS: tuple[Target, ...] = (
@@ -89,9 +100,14 @@ TARGETS: tuple[Target, ...] = (
     Target("matmul_4bit M=4096: vs bf16 cuBLAS", "qlora", _4BIT_M4096, "ratio_vs_bf16", 1.15),
     Target("QLoRA layer M=1, r=16: vs 4-bit matmul alone", "qlora", _QLORA_M1, "ratio_vs_matmul_4bit", 1.10),
     Target("QLoRA layer M=1, r=16: over PEFT's bitsandbytes layer", "qlora", _QLORA_M1, "speedup_vs_peft", 2.0, True),
-    Target("bottleneck_adapter forward, M>=8192: fraction of roofline", None),
-    Target("bottleneck_adapter forward+backward: over torch", None),
-    Target("bottleneck_adapter 8 adapters: over a per-adapter loop", None),
+    Target(
+        "bottleneck_adapter forward, M>=8192: fraction of roofline", "bottleneck", _BN_FORWARD, "bw_fraction", 0.8, True
+    ),
+    Target("bottleneck_adapter forward, M>=8192: over torch", "bottleneck", _BN_FORWARD, "speedup_vs_torch", 2.0, True),
+    Target("bottleneck_adapter forward+backward: over torch", "bottleneck", _BN_TRAIN, "speedup_vs_torch", 1.5, True),
+    Target(
+        "bottleneck_adapter 8 adapters: over a per-adapter loop", "bottleneck", _BN_MULTI, "speedup_vs_loop", 4.0, True
+    ),
 )
 
 
@@ -108,6 +124,12 @@ def _matches(row: dict, case: dict, variant: str) -> bool:
     return row.get("variant") == variant and all(row.get(k) == v for k, v in case.items())
 
 
+def _shape(case: dict) -> str:
+    """M and the features of a case: ``m=1 4096->14336`` (linear ops) or ``m=8192 d=4096`` (bottleneck)."""
+    features = f"{case['k']}->{case['n']}" if "k" in case else f"d={case['d']}"
+    return f"m={case['m']} {features}"
+
+
 def evaluate(target: Target, rows: list[dict]) -> tuple[str, str]:
     """(measured, verdict) for one target: the worst value over its cases, and met / NOT met / why not."""
     if target.bench is None:
@@ -116,12 +138,12 @@ def evaluate(target: Target, rows: list[dict]) -> tuple[str, str]:
     for case in target.cases:
         found = [r for r in rows if _matches(r, case, target.variant)]
         if not found:
-            return "-", f"not measured (m={case['m']} {case['k']}->{case['n']})"
+            return "-", f"not measured ({_shape(case)})"
         if found[0].get("error") or found[0].get(target.metric) is None:
-            return "-", f"FAILED (m={case['m']} {case['k']}->{case['n']}: {found[0].get('error', 'no value')})"
+            return "-", f"FAILED ({_shape(case)}: {found[0].get('error', 'no value')})"
         values.append((found[0][target.metric], case))
     worst, case = (min if target.higher_is_better else max)(values, key=lambda item: item[0])
-    measured = f"{worst:.3f} (m={case['m']} {case['k']}->{case['n']})"
+    measured = f"{worst:.3f} ({_shape(case)})"
     return measured, "met" if target.met(worst) else "NOT met"
 
 

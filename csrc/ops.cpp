@@ -7,6 +7,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "bottleneck.h"
 #include "lora.h"
 #include "multi_lora.h"
 #include "qlora.h"
@@ -31,6 +32,10 @@ TORCH_LIBRARY(fastpeft, m) {
       "matmul_4bit_t_cuda(Tensor dy, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
       "Tensor? offset, int blocksize, int nested_blocksize, int k, ScalarType w_dtype, Tensor? dyb, "
       "Tensor? lora_a, float scaling) -> Tensor");
+  m.def(
+      "bottleneck_forward_cuda(Tensor x, Tensor? residual, Tensor down_weight, Tensor down_bias, Tensor up_weight_t, "
+      "Tensor up_bias, Tensor? scale, float scale_value, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, "
+      "Tensor? ids, int activation) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
@@ -41,6 +46,7 @@ TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
   m.impl("multi_lora_expand_cuda", &fastpeft::multi_lora_expand_cuda);
   m.impl("matmul_4bit_cuda", &fastpeft::matmul_4bit_cuda);
   m.impl("matmul_4bit_t_cuda", &fastpeft::matmul_4bit_t_cuda);
+  m.impl("bottleneck_forward_cuda", &fastpeft::bottleneck_forward_cuda);
 }
 
 extern "C" PyObject* PyInit__C(void) {

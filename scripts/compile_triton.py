@@ -30,22 +30,24 @@ POINTER_TYPES = {
     "ids_ptr": "*i64", "a_offsets_ptr": "*i32", "ranks_ptr": "*i32", "v_starts_ptr": "*i32",
     "b_starts_ptr": "*i64", "out_starts_ptr": "*i32",
     "w_ptr@qlora": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
-    "offset_ptr": "*fp32", "dyb_ptr": "*fp32",
+    "offset_ptr": "*fp32", "dyb_ptr": "*fp32", "c1_ptr": "*fp32", "c0_ptr": "*fp32", "ids_ptr@bottleneck": "*i32",
+    "scale_ptr@bottleneck": "*fp32",
 }  # fmt: skip
-FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale"}
+FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "ln_eps", "scale_value"}
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
-    qlora = kernel.fn.__module__.endswith(".qlora")
+    family = kernel.fn.__module__.rsplit(".", 1)[-1]
+    qlora = family == "qlora"
 
     def arg_type(name: str) -> str:
         if name in constexprs:
             return "constexpr"
         if name.endswith("_ptr"):
-            if qlora and f"{name}@qlora" in POINTER_TYPES:
-                return POINTER_TYPES[f"{name}@qlora"]
+            if f"{name}@{family}" in POINTER_TYPES:
+                return POINTER_TYPES[f"{name}@{family}"]
             if qlora and name == "absmax_ptr" and constexprs.get("NESTED"):
                 return "*u8"  # the nested state's absmax holds 8-bit codes
             return POINTER_TYPES.get(name, dtype)
@@ -147,11 +149,29 @@ def qlora_cases(precision: str, full: bool) -> Iterator[Case]:
                     yield name, kernel, constexprs, _options(config), is_fixed
 
 
+def bottleneck_cases(precision: str, full: bool) -> Iterator[Case]:
+    from fastpeft.triton_kernels import bottleneck as bn
+
+    base = dict(HAS_LN=True, HAS_IDS=True, SCALE_KIND=2, ACT=1, DOT_PRECISION=precision, UPCAST=False,
+                BLOCK_M=bn.BLOCK_M, BLOCK_D=bn.BLOCK_D)  # fmt: skip
+    variants = {"ln ids channel gelu": {}, "plain relu": dict(HAS_LN=False, HAS_IDS=False, SCALE_KIND=0, ACT=0)}
+    variants |= {f"activation {code}": dict(ACT=code) for code in sorted(set(bn.ACTIVATION_CODES.values()))}
+    for m_pad in (16, 64, 256):
+        for variant, changes in variants.items() if m_pad == 64 or full else list(variants.items())[:2]:
+            constexprs = {**base, **changes, "MB_PAD": m_pad}
+            yield f"bottleneck {variant} m_pad={m_pad}", bn._bottleneck_kernel, constexprs, {"num_warps": 4}, True
+
+
 def _options(config) -> dict:
     return {"num_warps": config.num_warps, "num_stages": config.num_stages}
 
 
-FAMILIES = {"lora": lora_cases, "multi_lora": multi_lora_cases, "qlora": qlora_cases}
+FAMILIES = {
+    "lora": lora_cases,
+    "multi_lora": multi_lora_cases,
+    "qlora": qlora_cases,
+    "bottleneck": bottleneck_cases,
+}
 
 
 def cases(family: str, dtype_name: str, every: bool) -> list[Case]:

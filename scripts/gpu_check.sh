@@ -13,22 +13,23 @@
 #   build     150  csrc/lora.cu, multi_lora.cu, qlora.cu and ops.cpp for sm_90 with MAX_JOBS=16: about a minute
 #   test      390  the GPU subset of tests/ (GPU_SHAPES, not every CPU case again) with one fixed Triton config
 #                  per kernel (FASTPEFT_TRITON_AUTOTUNE=0): a few hundred cases, the time mostly Triton compiles
-#   sanitize  540  memcheck and racecheck x the backends each scripts/sanitize_<op>.py has cases for (lora, dora,
-#                  multi_lora and qlora, each on cuda and triton: sixteen runs of a few small cases, about 30 s each,
+#   sanitize  570  memcheck and racecheck x the backends each scripts/sanitize_<op>.py has cases for (lora, dora,
+#                  multi_lora, qlora and bottleneck, each on cuda and triton: twenty runs of a few small cases,
+#                  about 25 s each,
 #                  mostly torch and CUDA starting under the sanitizer), fixed Triton configs (cached by the test
 #                  stage)
 #   bench     300  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases of every op first
 #                  (about three minutes with autotuning), then the sweeps, shortest first (the four training
 #                  steps of a small Llama, about a minute; multi_lora's, DoRA's, LoRA's) until the budget is
 #                  spent; summary last
-# Whole run at most 1380 s (23 min). In device calls of at most 10 minutes: `build test` (540 s), `sanitize`
-# (540 s), then `bench` (300 s), each call right after the last so the machine stays warm; a fresh machine
+# Whole run at most 1410 s (23.5 min). In device calls of at most 10 minutes: `build test` (540 s), `sanitize`
+# (570 s), then `bench` (300 s), each call right after the last so the machine stays warm; a fresh machine
 # needs `build` again first (about a minute).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 ALL_STAGES=(build test sanitize bench)
-declare -A LIMIT=([build]=150 [test]=390 [sanitize]=540 [bench]=300)
+declare -A LIMIT=([build]=150 [test]=390 [sanitize]=570 [bench]=300)
 
 die() {  # one line naming the problem, on stderr, and a non-zero exit
   echo "gpu_check: $2" >&2

@@ -35,7 +35,7 @@ def test_target_verdicts():
     speedup = targets.TARGETS[1]
     assert targets.evaluate(speedup, rows_for(speedup, 1.6))[1] == "met"
     assert targets.evaluate(speedup, rows_for(speedup, 1.4))[1] == "NOT met"
-    missing = next(t for t in targets.TARGETS if t.bench is None)
+    missing = targets.Target("an op still to come", None)  # every target of TARGETS.md has its bench now
     assert targets.evaluate(missing, [])[1] == "no op yet"
     table = targets.summary_table(rows_for(DECODE, 1.04))
     assert len(table.splitlines()) == 2 + len(targets.TARGETS)

@@ -11,12 +11,13 @@ from conftest import DEVICE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
+import sanitize_bottleneck
 import sanitize_dora
 import sanitize_lora
 import sanitize_multi_lora
 import sanitize_qlora
 
-SCRIPTS = (sanitize_lora, sanitize_dora, sanitize_multi_lora, sanitize_qlora)
+SCRIPTS = (sanitize_lora, sanitize_dora, sanitize_multi_lora, sanitize_qlora, sanitize_bottleneck)
 CASES = [(script, case) for script in SCRIPTS for cases in script.CASES.values() for case in cases]
 
 

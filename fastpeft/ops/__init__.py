@@ -1,5 +1,6 @@
 """Functional entry points, one module per op family (schema, checks, backends, autograd, reference)."""
 
+from fastpeft.ops.bottleneck import bottleneck_adapter, bottleneck_reference
 from fastpeft.ops.dora import dora_linear, dora_linear_reference
 from fastpeft.ops.lora import lora_linear, lora_linear_reference
 from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear, segment_adapter_ids
@@ -8,6 +9,8 @@ from fastpeft.ops.quant_4bit import QuantState, dequantize_4bit, quantize_4bit
 
 __all__ = [
     "QuantState",
+    "bottleneck_adapter",
+    "bottleneck_reference",
     "dequantize_4bit",
     "dora_linear",
     "dora_linear_reference",

@@ -1,0 +1,175 @@
+"""Benchmark of fastpeft.bottleneck_adapter against the unfused adapter users run today.
+
+Variants, timed in the same run (bf16 on a GPU):
+    torch           the unfused composition AdapterHub's module runs: LayerNorm (with ln_before), two Linear, the
+                    activation, the scale and the residual add as separate kernels
+    loop            (several adapters per batch) AdapterHub's BatchSplit: that composition once per adapter on its
+                    samples, then concatenated
+    fused:<name>    bottleneck_adapter forced to one backend, and fused:auto (one launch for all adapters)
+Modes ``forward`` and ``forward+backward`` (gradients for x and every adapter parameter). Rows carry
+``speedup_vs_torch`` (or ``speedup_vs_loop``) and, for the forward, ``gbps`` and ``bw_fraction``: the bytes of x,
+y and the weights over the time, against a measured device copy (the roofline of a memory-bound op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from common import backends_for, case_fields, case_rows, describe_error, time_ms, time_variants, with_backend
+from common import case_from_fields as common_case_from_fields
+
+from fastpeft.ops.bottleneck import activation_fn, bottleneck_adapter, bottleneck_reference
+
+OP = "bottleneck_adapter"
+COPY_BYTES = 256 * 2**20
+
+__all__ = ["OP", "backends_for", "case_fields", "case_from_fields", "cases", "describe", "run_case"]
+
+
+@dataclass(frozen=True)
+class Case:
+    m: int  # tokens
+    d: int
+    bottleneck: int
+    adapters: int  # 1, or adapters per batch (one per sample)
+    dtype: torch.dtype
+    mode: str = "forward"
+    activation: str = "relu"
+    ln_before: bool = False
+
+
+def case_from_fields(fields: dict) -> Case:
+    return common_case_from_fields(Case, fields)
+
+
+def describe(case: Case) -> str:
+    more = f" {case.adapters} adapters" if case.adapters > 1 else ""
+    return f"{case.mode} M={case.m} d={case.d} m={case.bottleneck}{more} {str(case.dtype)[6:]}"
+
+
+def cases(quick: bool) -> list[Case]:
+    if quick:
+        f32 = torch.float32
+        return [Case(24, 48, 8, 1, f32), Case(24, 48, 8, 1, f32, "forward+backward", ln_before=True),
+                Case(32, 48, 8, 4, f32)]  # fmt: skip
+    bf16 = torch.bfloat16
+    forward = [Case(m, 4096, 64, 1, bf16) for m in (1, 64, 1024, 8192, 65536)]
+    forward += [Case(8192, d, 64, 1, bf16) for d in (768, 1024)] + [Case(8192, 4096, b, 1, bf16) for b in (16, 48, 256)]
+    forward += [Case(8192, 1024, 64, 1, bf16, activation="gelu", ln_before=True)]
+    train = [Case(8192, d, 64, 1, bf16, "forward+backward") for d in (1024, 4096)]
+    multi = [Case(8192, d, 64, 8, bf16) for d in (1024, 4096)]
+    return forward + train + multi
+
+
+def operands(case: Case, device: torch.device) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    lead = (case.adapters,) if case.adapters > 1 else ()
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*lead, *shape, device=device, generator=g) * scale + shift).to(case.dtype)
+
+    p = dict(down_weight=rand(case.bottleneck, case.d, scale=case.d**-0.5), down_bias=rand(case.bottleneck),
+             up_weight=rand(case.d, case.bottleneck, scale=case.bottleneck**-0.5), up_bias=rand(case.d))  # fmt: skip
+    if case.ln_before:
+        p.update(ln_weight=rand(case.d, shift=1.0), ln_bias=rand(case.d, scale=0.1))
+    p["scaling"] = 2.0
+    samples = max(case.adapters, 1) * (8 if case.adapters > 1 else 1)
+    x = torch.randn(samples, case.m // samples, case.d, device=device, generator=g).to(case.dtype)
+    ops = dict(x=x, params=p, activation=case.activation)
+    if case.adapters > 1:
+        ops["ids"] = torch.arange(samples, device=device) % case.adapters
+    if case.mode == "forward+backward":
+        for t in [x, *(v for v in p.values() if isinstance(v, torch.Tensor))]:
+            t.requires_grad_(True)
+    return ops
+
+
+def _torch(ops: dict) -> torch.Tensor:
+    return bottleneck_reference(ops["x"], **ops["params"], activation=ops["activation"])
+
+
+def _loop(ops: dict) -> torch.Tensor:
+    """AdapterHub's BatchSplit: each adapter's composition on its own samples, concatenated back in order."""
+    x, ids, p = ops["x"], ops["ids"], ops["params"]
+    out = torch.empty_like(x)
+    act = activation_fn(ops["activation"])
+    for a in range(p["down_weight"].shape[0]):
+        rows = (ids == a).nonzero().squeeze(1)
+        h = torch.nn.functional.linear(x[rows], p["down_weight"][a], p["down_bias"][a])
+        out[rows] = x[rows] + torch.nn.functional.linear(act(h), p["up_weight"][a], p["up_bias"][a]) * p["scaling"]
+    return out
+
+
+def _fused(ops: dict) -> torch.Tensor:
+    return bottleneck_adapter(ops["x"], **ops["params"], activation=ops["activation"], adapter_ids=ops.get("ids"))
+
+
+def _with_backward(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
+    def step(ops: dict) -> torch.Tensor:
+        y = fn(ops)
+        leaves = [ops["x"], *(v for v in ops["params"].values() if isinstance(v, torch.Tensor))]
+        torch.autograd.grad(y, leaves, ops["dy"])
+        return y
+
+    return step
+
+
+def _variants(case: Case, backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
+    fns = {"torch": _torch} if case.adapters == 1 else {"loop": _loop}
+    fns["fused:auto"] = _fused
+    fns.update({f"fused:{b}": _fused for b in backends})
+    if case.mode == "forward+backward":
+        fns = {name: _with_backward(fn) for name, fn in fns.items()}
+    return fns
+
+
+def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:
+    """Check the fused variants against the float64 formula, then time every variant; one row each."""
+    variants = _variants(case, backends)
+    errors: dict[str, str] = {}
+    ops: dict = {}
+    try:
+        ops = operands(case, device)
+        with torch.no_grad():
+            x64 = ops["x"].double()
+            p64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in ops["params"].items()}
+            if case.adapters == 1:
+                expected = bottleneck_reference(x64, **p64, activation=case.activation)
+            else:
+                expected = _loop({"x": x64, "ids": ops["ids"], "params": p64, "activation": case.activation})
+            ops["dy"] = torch.randn_like(ops["x"])
+            for name in variants:
+                if name.startswith("fused"):
+                    got = with_backend(name, lambda: _fused(ops))().double()
+                    err = ((got - expected).norm() / expected.norm()).item()
+                    if not err <= (1e-4 if case.dtype == torch.float32 else 2e-2):
+                        errors[name] = f"wrong result: rel. error {err:.2e} against the float64 formula"
+    except Exception as exc:  # out of memory: every variant reports it
+        ops, errors = {}, {name: describe_error(exc) for name in variants}
+    steps = {name: (lambda fn=fn: fn(ops)) for name, fn in variants.items()} if ops else {}
+    grad = torch.enable_grad() if case.mode == "forward+backward" else torch.no_grad()
+    with grad:
+        times = time_variants(steps, errors, device)
+    copy_gbps = _copy_gbps(device) if ops and case.mode == "forward" else None
+    size = torch.finfo(case.dtype).bits // 8
+    moved = (2 * case.m * case.d + 2 * case.adapters * case.d * case.bottleneck) * size
+
+    def bandwidth(ms: float) -> dict:
+        if case.mode != "forward":
+            return {}
+        gbps = moved / ms / 1e6
+        return {"gbps": gbps, "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+
+    baseline = "torch" if case.adapters == 1 else "loop"
+    rows = case_rows(case_fields(case), OP, variants, times, errors, speedups={baseline: baseline}, extra=bandwidth)
+    ops.clear()
+    return rows
+
+
+def _copy_gbps(device: torch.device) -> float:
+    size = COPY_BYTES if device.type == "cuda" else 2**20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * size / time_ms(lambda: dst.copy_(src), device) / 1e6

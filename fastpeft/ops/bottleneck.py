@@ -1,0 +1,354 @@
+"""The ``bottleneck`` op family: AdapterHub's bottleneck adapter (Houlsby, Pfeiffer, parallel) as one fused op.
+
+    h = LN(x)                                  (when ln_weight is given)
+    z = act(h @ down_weight.T + down_bias)     down_weight [m, d]
+    y = residual + scaling * (z @ up_weight.T + up_bias)      up_weight [d, m]; residual defaults to x
+
+``scaling`` is a float or a [d] tensor (AdapterHub's ``"channel"``; ``"learned"`` is a one-element tensor).
+Several adapters in one batch: weights stacked per adapter and one id per sample (-1: no adapter, y = residual),
+the fused form of AdapterHub's ``BatchSplit``.
+
+Backends: ``triton`` (triton_kernels/bottleneck.py: one kernel per tile of rows, the bottleneck activations kept
+on chip, LayerNorm folded into the down-projection), ``cuda`` (csrc/bottleneck.cu: a few rows per block, for
+decode) and ``torch`` (the composition, the CPU path and the reference's shape). The backward recomputes z
+from x (nothing of size [M, m] or [M, d] is saved but x) and gives x, every adapter parameter, the LN
+parameters and a tensor scaling their gradients, as PyTorch operations (no fused backward kernel yet).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from fastpeft.backends import select_backend
+from fastpeft.ops.lora import FLOAT_DTYPES
+
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "leakyrelu", "sigmoid")
+LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which AdapterHub's "leakyrelu" uses
+# Decode (few rows) on the CUDA kernel (a few rows per block, weights re-read per block); the rest on Triton tiles.
+_CUDA_DECODE_MAX_M = 64
+_DECODE_PREFERENCE = ("cuda", "triton")
+_PREFERENCE = ("triton", "cuda")
+
+
+def activation_fn(name: str):
+    """The activation AdapterHub's config name stands for, as a torch function."""
+    fns = {
+        "relu": torch.relu,
+        "gelu": torch.nn.functional.gelu,
+        "gelu_new": lambda v: torch.nn.functional.gelu(v, approximate="tanh"),
+        "silu": torch.nn.functional.silu,
+        "swish": torch.nn.functional.silu,
+        "tanh": torch.tanh,
+        "leakyrelu": lambda v: torch.nn.functional.leaky_relu(v, LEAKY_SLOPE),
+        "sigmoid": torch.sigmoid,
+    }
+    if name not in fns:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {name!r}")
+    return fns[name]
+
+
+class Adapters(NamedTuple):
+    """One or several bottleneck adapters' parameters; stacked on a leading adapter dimension when several."""
+
+    down_weight: torch.Tensor  # [m, d] or [A, m, d]
+    down_bias: torch.Tensor  # [m] or [A, m]
+    up_weight: torch.Tensor  # [d, m] or [A, d, m]
+    up_bias: torch.Tensor  # [d] or [A, d]
+    scaling: float | torch.Tensor  # float, [1] or [d] ([A, 1] / [A, d] when stacked)
+    ln_weight: torch.Tensor | None  # [d] or [A, d]
+    ln_bias: torch.Tensor | None
+
+
+def bottleneck_reference(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    *,
+    activation: str = "relu",
+    scaling: float | torch.Tensor = 1.0,
+    residual: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+) -> torch.Tensor:
+    """The unfused computation in x's dtype, as AdapterHub's modules compute it (float64 inputs give the
+    ground truth). Shapes as :func:`bottleneck_adapter`."""
+    h = x if ln_weight is None else torch.nn.functional.layer_norm(x, x.shape[-1:], ln_weight, ln_bias, ln_eps)
+    z = activation_fn(activation)(torch.nn.functional.linear(h, down_weight, down_bias))
+    out = torch.nn.functional.linear(z, up_weight, up_bias) * scaling
+    return (x if residual is None else residual) + out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends (on rows [M, d] with a per-row adapter index; a single adapter is index 0 everywhere)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _select(stacked: Adapters, ids: torch.Tensor | None, index: int) -> Adapters:
+    if ids is None:
+        return stacked
+    return Adapters(*(t if not isinstance(t, torch.Tensor) else t[index] for t in stacked))
+
+
+def _rows_of(ids: torch.Tensor | None, num_adapters: int) -> list[tuple[int, torch.Tensor | None]]:
+    if ids is None:
+        return [(0, None)]
+    present = torch.unique(ids[(ids >= 0) & (ids < num_adapters)]).tolist()
+    return [(i, (ids == i).nonzero().squeeze(1)) for i in present]
+
+
+def _forward_torch(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps):
+    y = (x if residual is None else residual).clone()
+    for index, rows in _rows_of(ids, adapters.down_weight.shape[0] if ids is not None else 1):
+        a = _select(adapters, ids, index)
+        xs = x if rows is None else x[rows]
+        h = xs if a.ln_weight is None else torch.nn.functional.layer_norm(
+            xs.float(), xs.shape[-1:], a.ln_weight.float(), a.ln_bias.float(), ln_eps).to(xs.dtype)  # fmt: skip
+        z = activation_fn(activation)(torch.nn.functional.linear(h, a.down_weight, a.down_bias).float())
+        out = torch.nn.functional.linear(z.to(x.dtype), a.up_weight, a.up_bias).float() * _scale(a.scaling)
+        target = y if rows is None else y[rows]
+        result = (target.float() + out).to(y.dtype)
+        if rows is None:
+            y = result
+        else:
+            y[rows] = result
+    return y
+
+
+def _scale(scaling) -> float | torch.Tensor:
+    return scaling.float() if isinstance(scaling, torch.Tensor) else scaling
+
+
+def _forward_triton(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps):
+    from fastpeft.triton_kernels.bottleneck import bottleneck_forward
+
+    return bottleneck_forward(x, residual, adapters, ids, rows_per_sample, activation, ln_eps)
+
+
+def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps):
+    from fastpeft.triton_kernels.bottleneck import ACTIVATION_CODES
+
+    def stacked(t):
+        return None if t is None else (t if ids is not None else t[None]).contiguous()
+
+    scaling = adapters.scaling
+    scale = None
+    if isinstance(scaling, torch.Tensor):
+        scale = stacked(scaling).float().reshape(adapters.down_weight.shape[0] if ids is not None else 1, -1)
+    up_t = stacked(adapters.up_weight).transpose(-1, -2).contiguous()  # [A, m, d]: coalesced reads per feature
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    residual = None if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous())
+    return torch.ops.fastpeft.bottleneck_forward_cuda(
+        x, residual, stacked(adapters.down_weight), stacked(adapters.down_bias), up_t, stacked(adapters.up_bias),
+        scale, float(scaling) if scale is None else 1.0, stacked(adapters.ln_weight), stacked(adapters.ln_bias),
+        ln_eps, None if ids is None else ids.contiguous(), ACTIVATION_CODES[activation],
+    )  # fmt: skip
+
+
+IMPLS = {"torch": _forward_torch, "triton": _forward_triton, "cuda": _forward_cuda}
+
+
+def _run(x, *args):
+    decode = x.shape[0] <= _CUDA_DECODE_MAX_M
+    backend = select_backend("bottleneck_adapter", x.device, _DECODE_PREFERENCE if decode else _PREFERENCE)
+    return IMPLS[backend](x, *args)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Autograd: forward fused, backward recomputing z from x
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.enable_grad()  # a Function's backward runs without grad mode
+def _adapter_grads(x_rows, dy_rows, a: Adapters, activation, ln_eps, needs):
+    """Gradients for one adapter's rows, by autograd over the composition recomputed in fp32."""
+    leaves = {}
+
+    def leaf(name, t):
+        if t is None or not isinstance(t, torch.Tensor):
+            return t
+        v = t.detach().float().requires_grad_(needs.get(name, False))
+        leaves[name] = v
+        return v
+
+    x = leaf("x", x_rows)
+    params = Adapters(*(leaf(name, t) for name, t in zip(Adapters._fields, a, strict=True)))
+    h = x if params.ln_weight is None else torch.nn.functional.layer_norm(
+        x, x.shape[-1:], params.ln_weight, params.ln_bias, ln_eps)  # fmt: skip
+    z = activation_fn(activation)(torch.nn.functional.linear(h, params.down_weight, params.down_bias))
+    out = torch.nn.functional.linear(z, params.up_weight, params.up_bias) * params.scaling
+    wanted = [(name, v) for name, v in leaves.items() if v.requires_grad]
+    if not wanted:
+        return {}
+    grads = torch.autograd.grad(out, [v for _, v in wanted], dy_rows.float())
+    return {name: g for (name, _), g in zip(wanted, grads, strict=True)}
+
+
+class _BottleneckFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, ids, rows_per_sample, activation, ln_eps, *params):
+        adapters = Adapters(*params)
+        y = _run(x, residual, adapters, ids, rows_per_sample, activation, ln_eps)
+        ctx.save_for_backward(x, ids, *(p if isinstance(p, torch.Tensor) else None for p in params))
+        ctx.activation, ctx.ln_eps, ctx.has_residual = activation, ln_eps, residual is not None
+        ctx.float_scaling = None if isinstance(params[4], torch.Tensor) else params[4]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, ids, *saved = ctx.saved_tensors
+        if ctx.float_scaling is not None:
+            saved[4] = ctx.float_scaling
+        adapters = Adapters(*saved)
+        needs = ctx.needs_input_grad
+        param_needs = dict(zip(Adapters._fields, needs[6:], strict=True))
+        wants = {"x": needs[0], **param_needs}
+        grads = {name: None for name in wants}
+        count = adapters.down_weight.shape[0] if ids is not None else 1
+        for index, rows in _rows_of(ids, count):
+            part = _adapter_grads(x if rows is None else x[rows], dy if rows is None else dy[rows],
+                                  _select(adapters, ids, index), ctx.activation, ctx.ln_eps, wants)  # fmt: skip
+            for name, g in part.items():
+                if name == "x":
+                    if grads["x"] is None:
+                        grads["x"] = torch.zeros_like(x, dtype=torch.float32)
+                    if rows is None:
+                        grads["x"] += g
+                    else:
+                        grads["x"][rows] += g
+                    continue
+                if ids is None:
+                    grads[name] = g
+                else:
+                    if grads[name] is None:
+                        grads[name] = torch.zeros(adapters._asdict()[name].shape, dtype=torch.float32,
+                                                  device=x.device)  # fmt: skip
+                    grads[name][index] += g.reshape(grads[name][index].shape)
+        dx = None
+        if needs[0]:
+            dx = dy.float() if not ctx.has_residual else torch.zeros_like(dy, dtype=torch.float32)
+            if grads["x"] is not None:
+                dx = dx + grads["x"]
+            dx = dx.to(x.dtype)
+        dresidual = dy if needs[1] else None
+        out = []
+        for name, p in zip(Adapters._fields, adapters, strict=True):
+            g = grads[name]
+            out.append(None if g is None or not isinstance(p, torch.Tensor) else g.to(p.dtype).reshape(p.shape))
+        return (dx, dresidual, None, None, None, None, *out)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check(x, residual, adapters: Adapters, ids, activation, ln_eps) -> None:
+    if not isinstance(x, torch.Tensor) or x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must be a float16, bfloat16 or float32 tensor, got {getattr(x, 'dtype', type(x))}")
+    if x.dim() < 1:
+        raise ValueError("x must be [..., d]")
+    activation_fn(activation)
+    if isinstance(ln_eps, bool) or not isinstance(ln_eps, (int, float)) or not ln_eps > 0:
+        raise ValueError(f"ln_eps must be a positive float, got {ln_eps!r}")
+    d = x.shape[-1]
+    stacked = ids is not None
+    lead = (adapters.down_weight.shape[0],) if stacked and adapters.down_weight.dim() == 3 else ()
+    if stacked and not lead:
+        raise ValueError("with adapter_ids, the weights must be stacked: down_weight [adapters, m, d]")
+    m = adapters.down_weight.shape[-2] if adapters.down_weight.dim() >= 2 else 0
+    expected = {
+        "down_weight": (*lead, m, d),
+        "down_bias": (*lead, m),
+        "up_weight": (*lead, d, m),
+        "up_bias": (*lead, d),
+        "ln_weight": (*lead, d),
+        "ln_bias": (*lead, d),
+    }
+    if m < 1:
+        raise ValueError(f"down_weight must be [{'adapters, ' if stacked else ''}m, d={d}], got "
+                         f"{tuple(adapters.down_weight.shape)}")  # fmt: skip
+    if (adapters.ln_weight is None) != (adapters.ln_bias is None):
+        raise ValueError("give both ln_weight and ln_bias, or neither")
+    for name, shape in expected.items():
+        t = getattr(adapters, name)
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {shape}, got {tuple(t.shape)}")
+        if t.dtype != x.dtype or t.device != x.device:
+            raise ValueError(f"{name} is {t.dtype} on {t.device}, x is {x.dtype} on {x.device}")
+    s = adapters.scaling
+    if isinstance(s, torch.Tensor):
+        if tuple(s.shape) not in ((*lead, 1), (*lead, d)) or s.device != x.device or not s.is_floating_point():
+            raise ValueError(f"scaling must be a float or a tensor {(*lead, 1)} or {(*lead, d)} on {x.device}, got "
+                             f"{tuple(s.shape)} on {s.device}")  # fmt: skip
+    elif isinstance(s, bool) or not isinstance(s, (int, float)):
+        raise TypeError(f"scaling must be a float or a tensor, got {type(s).__name__}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.device != x.device):
+        raise ValueError(f"residual must be like x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} "
+                         f"{residual.dtype}")  # fmt: skip
+
+
+def _row_ids(x: torch.Tensor, adapter_ids: torch.Tensor | None, count: int) -> torch.Tensor | None:
+    if adapter_ids is None:
+        return None
+    if not isinstance(adapter_ids, torch.Tensor) or adapter_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError("adapter_ids must be an int32 or int64 tensor")
+    if adapter_ids.dim() != 1 or x.dim() < 2 or adapter_ids.shape[0] != x.shape[0]:
+        raise ValueError(f"adapter_ids must be one id per sample [{x.shape[0] if x.dim() else '?'}], got "
+                         f"{tuple(adapter_ids.shape)}")  # fmt: skip
+    if adapter_ids.numel():
+        low, high = int(adapter_ids.min()), int(adapter_ids.max())
+        if low < -1 or high >= count:
+            raise IndexError(f"adapter_ids holds {low if low < -1 else high}, outside [-1, {count})")
+    return adapter_ids.to(torch.int32).repeat_interleave(math.prod(x.shape[1:-1]))
+
+
+def bottleneck_adapter(
+    x: torch.Tensor,
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    *,
+    activation: str = "relu",
+    scaling: float | torch.Tensor = 1.0,
+    residual: torch.Tensor | None = None,
+    ln_weight: torch.Tensor | None = None,
+    ln_bias: torch.Tensor | None = None,
+    ln_eps: float = 1e-5,
+    adapter_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A bottleneck adapter in one op: ``residual + scaling * (act(LN(x) @ down_weight.T + down_bias) @
+    up_weight.T + up_bias)``.
+
+    Args:
+        x: [..., d] float16/bfloat16/float32, any leading shape (zero rows allowed).
+        down_weight: [m, d]; down_bias: [m]; up_weight: [d, m]; up_bias: [d] (x's dtype and device). With
+            ``adapter_ids``, each stacked over adapters: [A, m, d], [A, m], [A, d, m], [A, d].
+        activation: relu, gelu (erf), gelu_new (tanh), silu/swish, tanh, leakyrelu (slope 0.01), sigmoid.
+        scaling: a float, or a tensor [1] (AdapterHub's "learned") or [d] ("channel"); [A, 1] / [A, d] stacked.
+        residual: like x, added to the adapter's output; default x itself.
+        ln_weight, ln_bias: [d] (or [A, d]): a LayerNorm on x before the down-projection (AdapterHub's
+            ``ln_before``), ``ln_eps`` its epsilon.
+        adapter_ids: int [batch], one adapter per sample of x (dim 0), -1 for none (y = residual there).
+
+    Returns a tensor like x. Differentiable in x, residual, every weight, the LN parameters and a tensor scaling.
+    """
+    adapters = Adapters(down_weight, down_bias, up_weight, up_bias, scaling, ln_weight, ln_bias)
+    _check(x, residual, adapters, adapter_ids, activation, ln_eps)
+    count = down_weight.shape[0] if adapter_ids is not None else 1
+    ids = _row_ids(x, adapter_ids, count)
+    rows = x.reshape(-1, x.shape[-1])
+    res = None if residual is None else residual.reshape(rows.shape)
+    per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 2 else 1
+    y = _BottleneckFunction.apply(rows, res, ids, per_sample, activation, float(ln_eps), *adapters)
+    return y.reshape(x.shape)

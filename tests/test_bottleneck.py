@@ -1,0 +1,150 @@
+"""The bottleneck adapter op on every backend against the float64 formula: activations, both scaling kinds, with
+and without LayerNorm, odd sizes, M = 1 and 0, several adapters per batch, gradients, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, HAS_GPU, assert_close_to_reference
+
+from fastpeft.ops.bottleneck import ACTIVATIONS, bottleneck_adapter, bottleneck_reference
+
+# (leading shape, d, m): odd sizes, one row, no rows, a d over several of the kernel's chunks.
+SHAPES = [((2, 5), 40, 12), ((1,), 33, 7), ((0, 3), 16, 4), ((3, 2), 72, 20)]
+DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if HAS_GPU else [])
+
+
+def params(d, m, dtype, ln=False, scaling="float", adapters=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lead = () if adapters is None else (adapters,)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*lead, *shape, generator=g) * scale + shift).to(device=DEVICE, dtype=dtype)
+
+    p = dict(down_weight=rand(m, d, scale=d**-0.5), down_bias=rand(m, scale=0.1),
+             up_weight=rand(d, m, scale=m**-0.5), up_bias=rand(d, scale=0.1))  # fmt: skip
+    if ln:
+        p.update(ln_weight=rand(d, scale=0.2, shift=1.0), ln_bias=rand(d, scale=0.1))
+    if scaling == "channel":
+        p["scaling"] = rand(d, scale=0.5, shift=1.0)
+    elif scaling == "learned":
+        p["scaling"] = rand(1, scale=0.1, shift=0.8)
+    else:
+        p["scaling"] = 0.7
+    return p
+
+
+def f64(p: dict) -> dict:
+    return {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, d, m", SHAPES)
+def test_forward_matches_the_formula(backend, dtype, lead, d, m):
+    for act, ln, scaling in [("relu", False, "float"), ("gelu", True, "channel"), ("silu", True, "learned")]:
+        x = torch.randn(*lead, d, device=DEVICE).to(dtype)
+        p = params(d, m, dtype, ln, scaling)
+        y = bottleneck_adapter(x, **p, activation=act)
+        ref = bottleneck_reference(x.double(), **f64(p), activation=act)
+        assert_close_to_reference(y, ref, bottleneck_reference(x, **p, activation=act), f"{act} ln={ln} {scaling}")
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_every_activation(backend, activation):
+    x = torch.randn(3, 4, 24, device=DEVICE)
+    p = params(24, 8, torch.float32, ln=True)
+    y = bottleneck_adapter(x, **p, activation=activation)
+    ref = bottleneck_reference(x.double(), **f64(p), activation=activation)
+    assert_close_to_reference(y, ref, bottleneck_reference(x, **p, activation=activation), activation)
+
+
+def test_residual_and_non_contiguous_x(backend):
+    x = torch.randn(2, 24, 6, device=DEVICE).transpose(1, 2)  # [2, 6, 24], d not the unit stride
+    residual = torch.randn(2, 6, 24, device=DEVICE)
+    p = params(24, 8, torch.float32, ln=True, scaling="channel")
+    y = bottleneck_adapter(x, **p, residual=residual, activation="gelu_new")
+    ref = bottleneck_reference(x.double(), **f64(p), residual=residual.double(), activation="gelu_new")
+    assert_close_to_reference(y, ref, ref.float())
+
+
+@pytest.mark.parametrize("scaling", ["float", "channel", "learned"])
+def test_several_adapters_per_batch(backend, scaling):
+    d, m, count = 24, 8, 3
+    x = torch.randn(5, 3, d, device=DEVICE)
+    p = params(d, m, torch.float32, ln=True, scaling=scaling, adapters=count)
+    ids = torch.tensor([2, -1, 0, 2, 1], device=DEVICE)
+    y = bottleneck_adapter(x, **p, activation="tanh", adapter_ids=ids)
+    ref = x.double().clone()
+    for b, a in enumerate(ids.tolist()):
+        if a >= 0:
+            one = {k: v[a] if isinstance(v, torch.Tensor) else v for k, v in f64(p).items()}
+            ref[b] = bottleneck_reference(x[b].double(), **one, activation="tanh")
+    assert_close_to_reference(y, ref, ref.float())
+
+
+@pytest.mark.parametrize("ln", [False, True])
+@pytest.mark.parametrize("scaling", ["float", "channel"])
+def test_gradients_match_the_formula(backend, ln, scaling):
+    d, m = 24, 8
+    x = torch.randn(2, 3, d, device=DEVICE)
+    p = params(d, m, torch.float32, ln, scaling)
+    dy = torch.randn_like(x)
+    leaves = {k: v.clone().requires_grad_() for k, v in p.items() if isinstance(v, torch.Tensor)}
+    xg = x.clone().requires_grad_()
+    bottleneck_adapter(xg, **{**p, **leaves}, activation="gelu").backward(dy)
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    xr = x.double().requires_grad_()
+    bottleneck_reference(xr, **{**f64(p), **ref_leaves}, activation="gelu").backward(dy.double())
+    assert_close_to_reference(xg.grad, xr.grad, xr.grad.float(), "dx")
+    for name, leaf in leaves.items():
+        assert_close_to_reference(leaf.grad, ref_leaves[name].grad, ref_leaves[name].grad.float(), name)
+
+
+def test_gradients_of_several_adapters(backend):
+    d, m, count = 16, 4, 2
+    x = torch.randn(3, 2, d, device=DEVICE)
+    p = params(d, m, torch.float32, ln=True, scaling="channel", adapters=count)
+    ids = torch.tensor([1, -1, 1], device=DEVICE)
+    leaves = {k: v.clone().requires_grad_() for k, v in p.items() if isinstance(v, torch.Tensor)}
+    xg = x.clone().requires_grad_()
+    bottleneck_adapter(xg, **leaves, activation="relu", adapter_ids=ids).square().sum().backward()
+    ref_leaves = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    xr = x.double().requires_grad_()
+    outs = [bottleneck_reference(xr[b], **{k: v[a] for k, v in ref_leaves.items()}, activation="relu") if a >= 0
+            else xr[b] for b, a in enumerate(ids.tolist())]  # fmt: skip
+    torch.stack(outs).square().sum().backward()
+    assert_close_to_reference(xg.grad, xr.grad, xr.grad.float(), "dx")
+    for name, leaf in leaves.items():
+        assert leaf.grad[0].abs().sum() == 0, name  # adapter 0 is used by no sample
+        assert_close_to_reference(leaf.grad, ref_leaves[name].grad, ref_leaves[name].grad.float(), name)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (lambda p: p.update(activation="mish"), ValueError, "activation"),
+        (lambda p: p.update(down_weight=p["down_weight"][:, :-1]), ValueError, "down_weight"),
+        (lambda p: p.update(up_bias=p["up_bias"][:-1]), ValueError, "up_bias"),
+        (lambda p: p.update(up_weight=p["up_weight"].double()), ValueError, "up_weight"),
+        (lambda p: p.update(scaling=torch.ones(5, device=DEVICE)), ValueError, "scaling"),
+        (lambda p: p.update(scaling="2"), TypeError, "scaling"),
+        (lambda p: p.update(ln_weight=torch.ones(24, device=DEVICE)), ValueError, "ln_bias"),
+        (lambda p: p.update(ln_eps=0.0), ValueError, "ln_eps"),
+        (lambda p: p.update(adapter_ids=torch.zeros(2, dtype=torch.long, device=DEVICE)), ValueError, "stacked"),
+    ],
+)
+def test_bad_input(change, error, match):
+    x = torch.randn(2, 3, 24, device=DEVICE)
+    p = params(24, 8, torch.float32)
+    change(p)
+    with pytest.raises(error, match=match):
+        bottleneck_adapter(x, **p)
+
+
+def test_adapter_ids_out_of_range_are_refused():
+    x = torch.randn(2, 3, 24, device=DEVICE)
+    p = params(24, 8, torch.float32, adapters=2)
+    with pytest.raises(IndexError, match="adapter_ids"):
+        bottleneck_adapter(x, **p, adapter_ids=torch.tensor([0, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="one id per sample"):
+        bottleneck_adapter(x, **p, adapter_ids=torch.tensor([0, 1, 1], device=DEVICE))
