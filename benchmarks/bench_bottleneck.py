@@ -3,6 +3,7 @@
 Variants, timed in the same run (bf16 on a GPU):
     torch           the unfused composition AdapterHub's module runs: LayerNorm (with ln_before), two Linear, the
                     activation, the scale and the residual add as separate kernels
+    adapterhub      AdapterHub's own Adapter module with the same weights, where ``adapters`` is installed
     loop            (several adapters per batch) AdapterHub's BatchSplit: that composition once per adapter on its
                     samples, then concatenated
     fused:<name>    bottleneck_adapter forced to one backend, and fused:auto (one launch for all adapters)
@@ -13,6 +14,7 @@ y and the weights over the time, against a measured device copy (the roofline of
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ from common import case_from_fields as common_case_from_fields
 from fastpeft.ops.bottleneck import activation_fn, bottleneck_adapter, bottleneck_reference
 
 OP = "bottleneck_adapter"
+HAS_ADAPTERHUB = importlib.util.find_spec("adapters") is not None  # an optional baseline: left out without it
 COPY_BYTES = 256 * 2**20
 
 __all__ = ["OP", "backends_for", "case_fields", "case_from_fields", "cases", "describe", "run_case"]
@@ -102,6 +105,30 @@ def _loop(ops: dict) -> torch.Tensor:
     return out
 
 
+def _adapterhub_module(case: Case, ops: dict) -> torch.nn.Module:
+    from adapters import SeqBnConfig
+    from adapters.methods.modeling import Adapter
+
+    config = SeqBnConfig(reduction_factor=case.d / case.bottleneck, non_linearity=case.activation,
+                         ln_before=case.ln_before, scaling=ops["params"]["scaling"])  # fmt: skip
+    module = Adapter("bench", case.d, case.bottleneck, config).to(device=ops["x"].device, dtype=case.dtype)
+    p = ops["params"]
+    linear = next(m for m in module.adapter_down if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        linear.weight.copy_(p["down_weight"])
+        linear.bias.copy_(p["down_bias"])
+        module.adapter_up.weight.copy_(p["up_weight"])
+        module.adapter_up.bias.copy_(p["up_bias"])
+        if case.ln_before:
+            module.adapter_norm_before.weight.copy_(p["ln_weight"])
+            module.adapter_norm_before.bias.copy_(p["ln_bias"])
+    return module
+
+
+def _adapterhub(ops: dict) -> torch.Tensor:
+    return ops["adapterhub"](ops["x"], ops["x"])[0]
+
+
 def _fused(ops: dict) -> torch.Tensor:
     return bottleneck_adapter(ops["x"], **ops["params"], activation=ops["activation"], adapter_ids=ops.get("ids"))
 
@@ -118,6 +145,8 @@ def _with_backward(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch
 
 def _variants(case: Case, backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
     fns = {"torch": _torch} if case.adapters == 1 else {"loop": _loop}
+    if HAS_ADAPTERHUB and case.adapters == 1 and case.mode == "forward":
+        fns["adapterhub"] = _adapterhub
     fns["fused:auto"] = _fused
     fns.update({f"fused:{b}": _fused for b in backends})
     if case.mode == "forward+backward":
@@ -140,6 +169,8 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
             else:
                 expected = _loop({"x": x64, "ids": ops["ids"], "params": p64, "activation": case.activation})
             ops["dy"] = torch.randn_like(ops["x"])
+            if "adapterhub" in variants:
+                ops["adapterhub"] = _adapterhub_module(case, ops)
             for name in variants:
                 if name.startswith("fused"):
                     got = with_backend(name, lambda: _fused(ops))().double()
@@ -163,7 +194,8 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
         return {"gbps": gbps, "bw_fraction": gbps / copy_gbps if copy_gbps else None}
 
     baseline = "torch" if case.adapters == 1 else "loop"
-    rows = case_rows(case_fields(case), OP, variants, times, errors, speedups={baseline: baseline}, extra=bandwidth)
+    speedups = {baseline: baseline} | ({"adapterhub": "adapterhub"} if "adapterhub" in variants else {})
+    rows = case_rows(case_fields(case), OP, variants, times, errors, speedups=speedups, extra=bandwidth)
     ops.clear()
     return rows
 

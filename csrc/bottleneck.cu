@@ -3,7 +3,8 @@
 //   bottleneck_rows_kernel  rows of x staged in shared memory (fp32), the LayerNorm applied there, a warp per
 //                           bottleneck unit for z = act(h . Wd[j] + bd[j]) (z kept in shared memory), then a
 //                           thread per feature for y = residual + s * (z . Wu^T[:, k] + bu[k]), Wu read
-//                           transposed so that a warp's reads are coalesced
+//                           transposed so that a warp's reads are coalesced; optionally the add + LayerNorm
+//                           after (out_residual, out_ln_*), on the row kept in shared memory
 //
 // Every block re-reads the adapter's weights (from L2): the right trade for decode, where rows are few. Prefill
 // runs the Triton tile kernel (fastpeft/ops/bottleneck.py prefers it above 64 rows).
@@ -40,11 +41,23 @@ __device__ __forceinline__ float activate(float v, int code) {
 
 struct Params {
   int64_t rows, d, m, adapters;
-  int64_t x_stride, res_stride;
+  int64_t x_stride, res_stride, out_res_stride;
   int scale_kind;  // 0: scale_value, 1: one per adapter, 2: one per feature and adapter
-  float scale_value, ln_eps;
+  float scale_value, ln_eps, out_ln_eps;
   int activation;
 };
+
+// Sum of v over the block's threads, in every thread. ``scratch`` holds kWarps floats.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  v = warp_sum(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+  for (int w = 0; w < kWarps; ++w) total += scratch[w];
+  __syncthreads();  // everyone has read scratch before it is reused
+  return total;
+}
 
 // grid (ceil(M / rows_per_block)), block kThreads, dynamic shared memory rows_per_block * (d + m) floats.
 template <typename T, bool kLayerNorm>
@@ -52,7 +65,9 @@ __global__ void __launch_bounds__(kThreads)
     bottleneck_rows_kernel(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ wd,
                            const T* __restrict__ bd, const T* __restrict__ wu_t, const T* __restrict__ bu,
                            const float* __restrict__ scale, const T* __restrict__ ln_w, const T* __restrict__ ln_b,
-                           const int* __restrict__ ids, T* __restrict__ y, Params p, int rows_per_block) {
+                           const int* __restrict__ ids, const T* __restrict__ out_res,
+                           const T* __restrict__ out_ln_w, const T* __restrict__ out_ln_b, T* __restrict__ y,
+                           Params p, int rows_per_block) {
   extern __shared__ float shared[];
   float* h = shared;                            // [rows_per_block, d]
   float* z = shared + rows_per_block * p.d;     // [rows_per_block, m]
@@ -67,28 +82,15 @@ __global__ void __launch_bounds__(kThreads)
     float* hr = h + r * p.d;
     for (int64_t k = threadIdx.x; k < p.d; k += kThreads) hr[k] = static_cast<float>(x[row * p.x_stride + k]);
     __syncthreads();
+    __shared__ float scratch[kWarps];
     if constexpr (kLayerNorm) {
-      __shared__ float stats[2][kWarps];
       float sum = 0.f, sq = 0.f;
       for (int64_t k = threadIdx.x; k < p.d; k += kThreads) {
         sum += hr[k];
         sq += hr[k] * hr[k];
       }
-      sum = warp_sum(sum);
-      sq = warp_sum(sq);
-      if (lane == 0) {
-        stats[0][warp] = sum;
-        stats[1][warp] = sq;
-      }
-      __syncthreads();
-      float total = 0.f, total_sq = 0.f;
-      for (int w = 0; w < kWarps; ++w) {
-        total += stats[0][w];
-        total_sq += stats[1][w];
-      }
-      const float mean = total / p.d;
-      const float rstd = rsqrtf(fmaxf(total_sq / p.d - mean * mean, 0.f) + p.ln_eps);
-      __syncthreads();  // everyone has read stats before the next row reuses them
+      const float mean = block_sum(sum, scratch) / p.d;
+      const float rstd = rsqrtf(fmaxf(block_sum(sq, scratch) / p.d - mean * mean, 0.f) + p.ln_eps);
       for (int64_t k = threadIdx.x; k < p.d; k += kThreads) {
         hr[k] = (hr[k] - mean) * rstd * static_cast<float>(ln_w[aa * p.d + k]) +
                 static_cast<float>(ln_b[aa * p.d + k]);
@@ -117,8 +119,28 @@ __global__ void __launch_bounds__(kThreads)
                                           : scale[p.scale_kind == 1 ? aa : aa * p.d + k];
         out = residual + s * acc;
       }
-      y[row * p.d + k] = static_cast<T>(out);
+      if (out_res != nullptr) out += static_cast<float>(out_res[row * p.out_res_stride + k]);
+      if (out_ln_w == nullptr) {
+        y[row * p.d + k] = static_cast<T>(out);
+      } else {
+        hr[k] = static_cast<float>(static_cast<T>(out));  // the rounded sum, normalised below
+      }
     }
+    if (out_ln_w != nullptr) {
+      __syncthreads();
+      float sum = 0.f, sq = 0.f;
+      for (int64_t k = threadIdx.x; k < p.d; k += kThreads) {
+        sum += hr[k];
+        sq += hr[k] * hr[k];
+      }
+      const float mean = block_sum(sum, scratch) / p.d;
+      const float rstd = rsqrtf(fmaxf(block_sum(sq, scratch) / p.d - mean * mean, 0.f) + p.out_ln_eps);
+      for (int64_t k = threadIdx.x; k < p.d; k += kThreads) {
+        y[row * p.d + k] = static_cast<T>((hr[k] - mean) * rstd * static_cast<float>(out_ln_w[k]) +
+                                          static_cast<float>(out_ln_b[k]));
+      }
+    }
+    __syncthreads();  // the next row reuses the shared rows
   }
 }
 
@@ -136,7 +158,10 @@ at::Tensor bottleneck_forward_cuda(const at::Tensor& x, const std::optional<at::
                                    const at::Tensor& up_weight_t, const at::Tensor& up_bias,
                                    const std::optional<at::Tensor>& scale, double scale_value,
                                    const std::optional<at::Tensor>& ln_weight, const std::optional<at::Tensor>& ln_bias,
-                                   double ln_eps, const std::optional<at::Tensor>& ids, int64_t activation) {
+                                   double ln_eps, const std::optional<at::Tensor>& ids, int64_t activation,
+                                   const std::optional<at::Tensor>& out_residual,
+                                   const std::optional<at::Tensor>& out_ln_weight,
+                                   const std::optional<at::Tensor>& out_ln_bias, double out_ln_eps) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.stride(1) == 1, "bottleneck_forward_cuda: x must be CUDA rows [M, d]");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), d = x.size(1);
@@ -166,13 +191,23 @@ at::Tensor bottleneck_forward_cuda(const at::Tensor& x, const std::optional<at::
   const at::Tensor res = residual.has_value() ? *residual : x;
   TORCH_CHECK(res.sizes() == x.sizes() && res.stride(1) == 1 && res.scalar_type() == x.scalar_type(),
               "bottleneck_forward_cuda: residual must be rows like x");
+  TORCH_CHECK(!out_residual.has_value() || (out_residual->sizes() == x.sizes() && out_residual->stride(1) == 1 &&
+                                             out_residual->scalar_type() == x.scalar_type()),
+              "bottleneck_forward_cuda: out_residual must be rows like x");
+  TORCH_CHECK(out_ln_weight.has_value() == out_ln_bias.has_value(),
+              "bottleneck_forward_cuda: out_ln_weight and out_ln_bias together");
+  if (out_ln_weight.has_value()) {
+    check_param("out_ln_weight", *out_ln_weight, x, {d});
+    check_param("out_ln_bias", *out_ln_bias, x, {d});
+  }
   auto y = at::empty({M, d}, x.options());
   if (M == 0) return y;
   const int64_t per_row = (d + m) * static_cast<int64_t>(sizeof(float));
   TORCH_CHECK(per_row <= kSharedBudget, "bottleneck_forward_cuda: d + m = ", d + m, " exceeds the kernel's shared memory");
   const int rows_per_block = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, kSharedBudget / per_row)));
-  Params p{M, d, m, A, x.stride(0), res.stride(0), scale_kind, static_cast<float>(scale_value),
-           static_cast<float>(ln_eps), static_cast<int>(activation)};
+  Params p{M, d, m, A, x.stride(0), res.stride(0), out_residual.has_value() ? out_residual->stride(0) : 0,
+           scale_kind, static_cast<float>(scale_value), static_cast<float>(ln_eps), static_cast<float>(out_ln_eps),
+           static_cast<int>(activation)};
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned blocks = static_cast<unsigned>((M + rows_per_block - 1) / rows_per_block);
   const size_t shared = static_cast<size_t>(rows_per_block) * per_row;
@@ -184,7 +219,10 @@ at::Tensor bottleneck_forward_cuda(const at::Tensor& x, const std::optional<at::
         down_bias.data_ptr<scalar_t>(), up_weight_t.data_ptr<scalar_t>(), up_bias.data_ptr<scalar_t>(),
         scale.has_value() ? scale->data_ptr<float>() : nullptr, ln ? ln_weight->data_ptr<scalar_t>() : nullptr,
         ln ? ln_bias->data_ptr<scalar_t>() : nullptr, ids.has_value() ? ids->data_ptr<int>() : nullptr,
-        y.data_ptr<scalar_t>(), p, rows_per_block);
+        out_residual.has_value() ? out_residual->data_ptr<scalar_t>() : nullptr,
+        out_ln_weight.has_value() ? out_ln_weight->data_ptr<scalar_t>() : nullptr,
+        out_ln_bias.has_value() ? out_ln_bias->data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), p,
+        rows_per_block);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;

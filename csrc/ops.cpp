@@ -35,7 +35,8 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "bottleneck_forward_cuda(Tensor x, Tensor? residual, Tensor down_weight, Tensor down_bias, Tensor up_weight_t, "
       "Tensor up_bias, Tensor? scale, float scale_value, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, "
-      "Tensor? ids, int activation) -> Tensor");
+      "Tensor? ids, int activation, Tensor? out_residual, Tensor? out_ln_weight, Tensor? out_ln_bias, "
+      "float out_ln_eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {

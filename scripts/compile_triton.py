@@ -31,9 +31,10 @@ POINTER_TYPES = {
     "b_starts_ptr": "*i64", "out_starts_ptr": "*i32",
     "w_ptr@qlora": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
     "offset_ptr": "*fp32", "dyb_ptr": "*fp32", "c1_ptr": "*fp32", "c0_ptr": "*fp32", "ids_ptr@bottleneck": "*i32",
-    "scale_ptr@bottleneck": "*fp32",
+    "scale_ptr@bottleneck": "*fp32", "dwd_ptr": "*fp32", "dbd_ptr": "*fp32", "dwu_ptr": "*fp32", "dbu_ptr": "*fp32",
+    "dscale_ptr": "*fp32", "dlnw_ptr": "*fp32", "dlnb_ptr": "*fp32",
 }  # fmt: skip
-FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "ln_eps", "scale_value"}
+FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "ln_eps", "scale_value", "out_ln_eps"}
 DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
@@ -150,16 +151,35 @@ def qlora_cases(precision: str, full: bool) -> Iterator[Case]:
 
 
 def bottleneck_cases(precision: str, full: bool) -> Iterator[Case]:
+    import torch
     from fastpeft.triton_kernels import bottleneck as bn
 
-    base = dict(HAS_LN=True, HAS_IDS=True, SCALE_KIND=2, ACT=1, DOT_PRECISION=precision, UPCAST=False,
-                BLOCK_M=bn.BLOCK_M, BLOCK_D=bn.BLOCK_D)  # fmt: skip
-    variants = {"ln ids channel gelu": {}, "plain relu": dict(HAS_LN=False, HAS_IDS=False, SCALE_KIND=0, ACT=0)}
+    base = dict(HAS_LN=True, HAS_IDS=True, SCALE_KIND=2, ACT=1, OUT_RES=False, OUT_LN=False, DOT_PRECISION=precision,
+                UPCAST=False, BLOCK_M=bn.BLOCK_M, BLOCK_D=bn.BLOCK_D)  # fmt: skip
+    variants = {
+        "ln ids channel gelu": {},
+        "plain relu": dict(HAS_LN=False, HAS_IDS=False, SCALE_KIND=0, ACT=0),
+        "add + layernorm after": dict(OUT_RES=True, OUT_LN=True, SCALE_KIND=1),
+    }
     variants |= {f"activation {code}": dict(ACT=code) for code in sorted(set(bn.ACTIVATION_CODES.values()))}
     for m_pad in (16, 64, 256):
-        for variant, changes in variants.items() if m_pad == 64 or full else list(variants.items())[:2]:
+        for variant, changes in variants.items() if m_pad == 64 or full else list(variants.items())[:3]:
             constexprs = {**base, **changes, "MB_PAD": m_pad}
             yield f"bottleneck {variant} m_pad={m_pad}", bn._bottleneck_kernel, constexprs, {"num_warps": 4}, True
+    backward = dict(HAS_LN=True, HAS_IDS=True, SCALE_KIND=2, IDENTITY=True, ACT=1, DOT_PRECISION=precision,
+                    UPCAST=False, BLOCK_M=bn.BLOCK_M)  # fmt: skip
+    fp32 = precision == "ieee"  # the cases are compiled per activation dtype; fp32 is the one with "ieee" dots
+    backward_variants = {
+        "ln ids channel": {},
+        "plain learned scaling": dict(HAS_LN=False, HAS_IDS=False, SCALE_KIND=1, IDENTITY=False, ACT=0),
+        "float scaling": dict(SCALE_KIND=0, ACT=3),
+    }
+    for m_pad in (16, 64, 256):
+        for variant, changes in backward_variants.items():
+            block_d = bn.backward_block_d(m_pad, torch.float32 if fp32 else torch.bfloat16)
+            constexprs = {**backward, **changes, "MB_PAD": m_pad, "BLOCK_D": block_d}
+            name = f"bottleneck backward {variant} m_pad={m_pad}"
+            yield name, bn._bottleneck_backward_kernel, constexprs, {"num_warps": 4}, True
 
 
 def _options(config) -> dict:

@@ -148,3 +148,36 @@ def test_adapter_ids_out_of_range_are_refused():
         bottleneck_adapter(x, **p, adapter_ids=torch.tensor([0, 2], device=DEVICE))
     with pytest.raises(ValueError, match="one id per sample"):
         bottleneck_adapter(x, **p, adapter_ids=torch.tensor([0, 1, 1], device=DEVICE))
+
+
+@pytest.mark.parametrize("adapters", [None, 2])
+def test_fused_add_and_layer_norm_after(backend, adapters):
+    """BERT-style placements: LN_out(residual + adapter + out_residual), rows without an adapter included."""
+    d, m = 40, 8
+    x = torch.randn(3, 4, d, device=DEVICE)
+    residual, out_residual = torch.randn_like(x), torch.randn_like(x)
+    g, b = torch.randn(d, device=DEVICE) * 0.2 + 1, torch.randn(d, device=DEVICE) * 0.1
+    p = params(d, m, torch.float32, ln=True, scaling="channel", adapters=adapters)
+    ids = None if adapters is None else torch.tensor([1, -1, 0], device=DEVICE)
+    leaves = [t.clone().requires_grad_() for t in (x, residual, out_residual, g, b)]
+    y = bottleneck_adapter(leaves[0], **p, residual=leaves[1], out_residual=leaves[2], out_ln_weight=leaves[3],
+                           out_ln_bias=leaves[4], activation="gelu", adapter_ids=ids)  # fmt: skip
+    y.square().sum().backward()
+
+    def reference(dtype):
+        refs = [t.detach().to(dtype).requires_grad_() for t in (x, residual, out_residual, g, b)]
+        inner = []
+        for i in range(3):
+            a = 0 if ids is None else int(ids[i])
+            one = {k: (v if adapters is None else v[a]).to(dtype) for k, v in p.items()}
+            inner.append(bottleneck_reference(refs[0][i], **one, residual=refs[1][i], activation="gelu") if a >= 0
+                         else refs[1][i])  # fmt: skip
+        out = torch.nn.functional.layer_norm(torch.stack(inner) + refs[2], (d,), refs[3], refs[4], 1e-5)
+        out.square().sum().backward()
+        return out, [r.grad for r in refs]
+
+    (ref, ref_grads), (plain, plain_grads) = reference(torch.float64), reference(torch.float32)
+    assert_close_to_reference(y, ref, plain)
+    for leaf, r, base, name in zip(leaves, ref_grads, plain_grads, ["x", "residual", "out_residual", "out_ln_weight",
+                                                                    "out_ln_bias"], strict=True):  # fmt: skip
+        assert_close_to_reference(leaf.grad, r, base, name)

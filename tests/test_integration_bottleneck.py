@@ -52,9 +52,11 @@ def run(model, batch=3):
         return model(ids).last_hidden_state
 
 
-def unfused_forward(self, x, residual=None):
-    """AdapterHub's Adapter.forward: residual + up(down(x)) * scaling."""
-    return (x if residual is None else residual) + self.adapter_up(self.adapter_down(x)) * self.scaling
+def unfused_forward(self, x, residual=None, out_residual=None, out_norm=None):
+    """AdapterHub's Adapter.forward, residual + up(down(x)) * scaling, then the layer's add and LayerNorm."""
+    y = (x if residual is None else residual) + self.adapter_up(self.adapter_down(x)) * self.scaling
+    y = y if out_residual is None else y + out_residual
+    return y if out_norm is None else out_norm(y)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -25,4 +25,5 @@ def test_every_triton_kernel_compiles_for_h100():
     assert "all compiled" in done.stdout
     assert "multi_lora expand/tile" in done.stdout and "lora prefill dora fixed" in done.stdout
     assert "qlora forward decode lora fused shrink fixed" in done.stdout and "qlora dx prefill odd K" in done.stdout
-    assert "bottleneck ln ids channel gelu m_pad=256" in done.stdout
+    assert "bottleneck add + layernorm after m_pad=256" in done.stdout
+    assert "bottleneck backward ln ids channel m_pad=256" in done.stdout

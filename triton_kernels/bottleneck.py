@@ -6,9 +6,14 @@ sum of squares, where ``Wd' = Wd * ln_weight`` folds the LayerNorm in (``LN(x) @
 mean * rowsum(Wd')) + Wd @ ln_bias``, the constants prepared on the host per call). The bottleneck
 activations z [BLOCK_M, m] stay in registers. Pass 2 runs over d again: ``z @ Wu.T + bu``, scaled, added to
 the residual, written once. x is read in pass 1 and, as the residual, in pass 2 (the second read of a tile
-just read, from L2).
+just read, from L2). With ``OUT_LN`` (BERT-style placements: ``LN_out(residual + adapter + out_residual)``) pass
+2 also gathers the row statistics of the sum and a third pass normalises the tile it just wrote.
 
-Under ``TRITON_INTERPRET=1`` the kernel runs on CPU tensors with dot operands upcast to fp32.
+``_bottleneck_backward_kernel`` recomputes z the same way, then: dz = (dy s) Wu * act'(z_pre) with dWu, dbu and
+d(scaling) from the same pass over dy, dh = dz Wd with dWd and the LayerNorm's dg, db, and (with LN, after the
+rows' sums are known) dx in a last pass. Parameter gradients are summed over the row tiles with fp32 atomics.
+
+Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with dot operands upcast to fp32.
 """
 
 from __future__ import annotations
@@ -48,10 +53,12 @@ def _activation(v, ACT: tl.constexpr):
 @triton.jit
 def _bottleneck_kernel(
     x_ptr, res_ptr, wd_ptr, c1_ptr, c0_ptr, wu_ptr, bu_ptr, scale_ptr, ids_ptr, y_ptr,
+    out_res_ptr, out_lnw_ptr, out_lnb_ptr,
     T, D, MB, num_adapters,
-    stride_xr, stride_rr, stride_yr,
-    ln_eps, scale_value,
+    stride_xr, stride_rr, stride_yr, stride_or,
+    ln_eps, scale_value, out_ln_eps,
     HAS_LN: tl.constexpr, HAS_IDS: tl.constexpr, SCALE_KIND: tl.constexpr,  # 0: float, 1: one per adapter, 2: [d]
+    OUT_RES: tl.constexpr, OUT_LN: tl.constexpr,  # y = LN_out(residual + adapter + out_residual)
     ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     MB_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
@@ -95,6 +102,8 @@ def _bottleneck_kernel(
     z = tl.where(mask_b[None, :], z, 0.0).to(operand)  # padded bottleneck columns contribute nothing
 
     wu_base = wu_ptr + a * D * MB
+    out_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    out_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + offs_d
         mask_d = cols < D
@@ -111,7 +120,28 @@ def _bottleneck_kernel(
         else:
             out = out * tl.load(scale_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         y = tl.where(active, res + out, res)
-        tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        if OUT_RES:
+            y += tl.load(out_res_ptr + rows[:, None] * stride_or + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        y = y.to(y_ptr.dtype.element_ty)
+        if OUT_LN:  # statistics of the rounded sum, as a LayerNorm applied to the stored sum would see it
+            yf = tl.where(mask, y.to(tl.float32), 0.0)
+            out_sum += tl.sum(yf, axis=1)
+            out_sq += tl.sum(yf * yf, axis=1)
+        tl.store(y_ptr + rows[:, None] * stride_yr + cols[None, :], y, mask=mask)
+    if OUT_LN:  # a third pass over the tile just written: normalise it in place
+        tl.debug_barrier()
+        mean = out_sum / D
+        rstd = 1.0 / tl.sqrt(tl.maximum(out_sq / D - mean * mean, 0.0) + out_ln_eps)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            mask_d = cols < D
+            mask = mask_t[:, None] & mask_d[None, :]
+            ptrs = y_ptr + rows[:, None] * stride_yr + cols[None, :]
+            v = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(out_lnw_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)
+            b = tl.load(out_lnb_ptr + cols, mask=mask_d, other=0.0).to(tl.float32)
+            v = (v - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+            tl.store(ptrs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _folded(adapters, stacked: bool):
@@ -131,11 +161,11 @@ def _folded(adapters, stacked: bool):
 
 
 def bottleneck_forward(
-    x, residual, adapters, ids, rows_per_sample: int, activation: str, ln_eps: float
+    x, residual, adapters, ids, rows_per_sample: int, activation: str, ln_eps: float, post
 ) -> torch.Tensor:
     """Rows x [M, d] (unit inner stride or a copy is made), residual like x or None, the (stacked when ids is
-    given) parameters, ids int32 [M] constant over each run of ``rows_per_sample`` rows (one sample), or None.
-    Returns y [M, d] in x's dtype."""
+    given) parameters, ids int32 [M] constant over each run of ``rows_per_sample`` rows (one sample), or None;
+    ``post`` (fastpeft.ops.bottleneck.Post): the add + LayerNorm after, if any. Returns y [M, d] in x's dtype."""
     m_rows, d = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     res = x if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous())
@@ -156,14 +186,242 @@ def bottleneck_forward(
     # Samples of T rows: ids are per sample, so a program's rows share one adapter. Without ids, one "sample".
     t = rows_per_sample if stacked else m_rows
     grid = (m_rows // t, triton.cdiv(t, BLOCK_M))
+    out_res = post.out_residual
+    out_res = None if out_res is None else (out_res if out_res.stride(-1) == 1 else out_res.contiguous())
+    out_ln = post.out_ln_weight is not None
     with _on_device(x):
         _bottleneck_kernel[grid](
             x, res, w_eff, c1, c0, up_w, up_b, scale, ids if stacked else c0, y,
+            out_res if out_res is not None else y, post.out_ln_weight if out_ln else y,
+            post.out_ln_bias if out_ln else y,
             t, d, mb, num_adapters,
-            x.stride(0), res.stride(0), y.stride(0),
-            float(ln_eps), value,
+            x.stride(0), res.stride(0), y.stride(0), (out_res if out_res is not None else y).stride(0),
+            float(ln_eps), value, float(post.out_ln_eps),
             HAS_LN=adapters.ln_weight is not None, HAS_IDS=stacked, SCALE_KIND=kind,
+            OUT_RES=out_res is not None, OUT_LN=out_ln,
             ACT=ACTIVATION_CODES[activation], DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
             MB_PAD=max(16, triton.next_power_of_2(mb)), BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )  # fmt: skip
     return y
+
+
+@triton.jit
+def _activation_grad(v, ACT: tl.constexpr):
+    """d act / d v at v (fp32)."""
+    if ACT == 0:
+        g = tl.where(v > 0, 1.0, 0.0)
+    elif ACT == 1:
+        g = 0.5 * (1.0 + tl.erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
+    elif ACT == 2:
+        u = 0.7978845608028654 * (v + 0.044715 * v * v * v)
+        t = 2.0 / (1.0 + tl.exp(-2.0 * u)) - 1.0
+        g = 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * v * v)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-v))
+        g = s * (1.0 + v * (1.0 - s))
+    elif ACT == 4:
+        t = 2.0 / (1.0 + tl.exp(-2.0 * v)) - 1.0
+        g = 1.0 - t * t
+    elif ACT == 5:
+        g = tl.where(v > 0, 1.0, 0.01)
+    else:
+        s = 1.0 / (1.0 + tl.exp(-v))
+        g = s * (1.0 - s)
+    return g
+
+
+@triton.jit
+def _bottleneck_backward_kernel(
+    x_ptr, dy_ptr, weff_ptr, wd_ptr, c1_ptr, c0_ptr, wu_ptr, bu_ptr, scale_ptr, lnw_ptr, lnb_ptr, ids_ptr, dx_ptr,
+    dwd_ptr, dbd_ptr, dwu_ptr, dbu_ptr, dscale_ptr, dlnw_ptr, dlnb_ptr,
+    T, D, MB, num_adapters,
+    stride_xr, stride_dyr, stride_dxr,
+    ln_eps, scale_value,
+    HAS_LN: tl.constexpr, HAS_IDS: tl.constexpr, SCALE_KIND: tl.constexpr, IDENTITY: tl.constexpr,
+    ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    MB_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # Gradients of y = [x +] s * (act(LN(x) Wd^T + bd) Wu^T + bu) for one tile of rows of one sample: z is
+    # recomputed as in the forward; parameter gradients are summed over the tiles with fp32 atomics.
+    sample = tl.program_id(0)
+    offs_t = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_t = offs_t < T
+    rows = (sample * T + offs_t).to(tl.int64)
+    offs_b = tl.arange(0, MB_PAD)
+    mask_b = offs_b < MB
+    offs_d = tl.arange(0, BLOCK_D)
+    adapter = 0
+    if HAS_IDS:
+        adapter = tl.load(ids_ptr + sample * T)
+    active = (adapter >= 0) & (adapter < num_adapters)
+    a = tl.where(active, adapter, 0).to(tl.int64)
+    on = tl.where(active, 1.0, 0.0)  # rows without an adapter pass dy through and add to no parameter
+    operand = tl.float32 if UPCAST else x_ptr.dtype.element_ty
+
+    # Pass 1: z_pre as in the forward (LayerNorm folded in), and the rows' statistics.
+    acc = tl.zeros((BLOCK_M, MB_PAD), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mask_d = cols < D
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask_t[:, None] & mask_d[None, :],
+                    other=0.0)  # fmt: skip
+        if HAS_LN:
+            xf = x.to(tl.float32)
+            row_sum += tl.sum(xf, axis=1)
+            row_sq += tl.sum(xf * xf, axis=1)
+        weff = tl.load(weff_ptr + a * MB * D + offs_b[None, :] * D + cols[:, None],
+                       mask=mask_d[:, None] & mask_b[None, :], other=0.0)  # fmt: skip
+        acc = tl.dot(x.to(operand), weff.to(operand), acc, input_precision=DOT_PRECISION)
+    c0 = tl.load(c0_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+    mean = row_sum / D
+    rstd = 1.0 / tl.sqrt(tl.maximum(row_sq / D - mean * mean, 0.0) + ln_eps)
+    if HAS_LN:
+        c1 = tl.load(c1_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+        acc = rstd[:, None] * (acc - mean[:, None] * c1[None, :])
+    z_pre = acc + c0[None, :]
+    zq = tl.where(mask_b[None, :], _activation(z_pre, ACT), 0.0).to(x_ptr.dtype.element_ty)
+
+    # Pass 2: dz = (dy s) Wu * act'(z_pre); dWu, dbu and d(scaling) from this tile.
+    dz = tl.zeros((BLOCK_M, MB_PAD), dtype=tl.float32)
+    dscale_all = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mask_d = cols < D
+        mask = mask_t[:, None] & mask_d[None, :]
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dyr + cols[None, :], mask=mask, other=0.0).to(tl.float32) * on
+        wu = tl.load(wu_ptr + a * D * MB + cols[:, None] * MB + offs_b[None, :], mask=mask_d[:, None] & mask_b[None, :],
+                     other=0.0)  # fmt: skip
+        if SCALE_KIND == 0:
+            s = tl.zeros((BLOCK_D,), dtype=tl.float32) + scale_value
+        elif SCALE_KIND == 1:
+            s = tl.zeros((BLOCK_D,), dtype=tl.float32) + tl.load(scale_ptr + a).to(tl.float32)
+        else:
+            s = tl.load(scale_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+        d_out = dy * s[None, :]
+        dz = tl.dot(d_out.to(operand), wu.to(operand), dz, input_precision=DOT_PRECISION)
+        dwu = tl.dot(tl.trans(d_out.to(operand)), zq.to(operand), input_precision=DOT_PRECISION)
+        tl.atomic_add(dwu_ptr + a * D * MB + cols[:, None] * MB + offs_b[None, :], dwu,
+                      mask=mask_d[:, None] & mask_b[None, :])  # fmt: skip
+        tl.atomic_add(dbu_ptr + a * D + cols, tl.sum(d_out, axis=0), mask=mask_d)
+        if SCALE_KIND != 0:
+            bu = tl.load(bu_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+            out = tl.dot(zq.to(operand), tl.trans(wu.to(operand)), input_precision=DOT_PRECISION) + bu[None, :]
+            if SCALE_KIND == 1:
+                dscale_all += tl.sum(dy * out, axis=1)
+            else:
+                tl.atomic_add(dscale_ptr + a * D + cols, tl.sum(dy * out, axis=0), mask=mask_d)
+    if SCALE_KIND == 1:
+        tl.atomic_add(dscale_ptr + a, tl.sum(dscale_all, axis=0))
+    dz = dz * _activation_grad(z_pre, ACT)
+    dz = tl.where(mask_b[None, :], dz, 0.0)
+    tl.atomic_add(dbd_ptr + a * MB + offs_b, tl.sum(dz, axis=0), mask=mask_b)
+
+    # Pass 3: dh = dz Wd; dWd from h = LN(x); the LayerNorm's backward needs the rows' sums of dh g and
+    # dh g xhat first, so with LN a fourth pass writes dx.
+    sum_g = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    sum_gx = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mask_d = cols < D
+        mask = mask_t[:, None] & mask_d[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        wd = tl.load(wd_ptr + a * MB * D + offs_b[:, None] * D + cols[None, :], mask=mask_b[:, None] & mask_d[None, :],
+                     other=0.0)  # fmt: skip
+        dh = tl.dot(dz.to(operand), wd.to(operand), input_precision=DOT_PRECISION)
+        if HAS_LN:
+            g = tl.load(lnw_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+            b = tl.load(lnb_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+            xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+            h = xhat * g[None, :] + b[None, :]
+            tl.atomic_add(dlnw_ptr + a * D + cols, tl.sum(dh * xhat, axis=0), mask=mask_d)
+            tl.atomic_add(dlnb_ptr + a * D + cols, tl.sum(dh, axis=0), mask=mask_d)
+            sum_g += tl.sum(dh * g[None, :], axis=1)
+            sum_gx += tl.sum(dh * g[None, :] * xhat, axis=1)
+        else:
+            h = x
+            dx = dh
+            if IDENTITY:
+                dx += tl.load(dy_ptr + rows[:, None] * stride_dyr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows[:, None] * stride_dxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        h = tl.where(mask, h, 0.0)
+        dwd = tl.dot(tl.trans(dz.to(operand)), h.to(operand), input_precision=DOT_PRECISION)
+        tl.atomic_add(dwd_ptr + a * MB * D + offs_b[:, None] * D + cols[None, :], dwd,
+                      mask=mask_b[:, None] & mask_d[None, :])  # fmt: skip
+    if HAS_LN:
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + offs_d
+            mask_d = cols < D
+            mask = mask_t[:, None] & mask_d[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            wd = tl.load(wd_ptr + a * MB * D + offs_b[:, None] * D + cols[None, :],
+                         mask=mask_b[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
+            dh = tl.dot(dz.to(operand), wd.to(operand), input_precision=DOT_PRECISION)
+            g = tl.load(lnw_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+            xhat = (x - mean[:, None]) * rstd[:, None]
+            dx = rstd[:, None] * (dh * g[None, :] - (sum_g[:, None] + xhat * sum_gx[:, None]) / D)
+            if IDENTITY:
+                dx += tl.load(dy_ptr + rows[:, None] * stride_dyr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows[:, None] * stride_dxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def backward_block_d(mb_pad: int, dtype: torch.dtype) -> int:
+    """The backward's feature chunk: halved for fp32 at the widest bottleneck, to fit an H100's shared memory."""
+    return BLOCK_D // 2 if mb_pad >= 256 and dtype == torch.float32 and not _INTERPRET else BLOCK_D
+
+
+def bottleneck_backward(x, dy, adapters, ids, rows_per_sample: int, activation: str, ln_eps: float, identity: bool):
+    """Gradients of the fused forward without the add + LayerNorm after: dx [M, d] (x's dtype; includes dy when
+    the residual is x itself, ``identity``) and fp32 gradients of every adapter tensor, stacked like the
+    parameters (``[A, ...]`` when ``ids`` is given, else the single adapter's shapes). Returns (dx, grads dict)."""
+    m_rows, d = x.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    stacked = ids is not None
+    w_eff, c1, c0 = _folded(adapters, stacked)  # pass 1 recomputes z as the forward does
+
+    def lead(t):
+        return None if t is None else (t if stacked else t[None]).contiguous()
+
+    down_w, up_w, up_b = lead(adapters.down_weight), lead(adapters.up_weight), lead(adapters.up_bias)
+    num_adapters, mb = down_w.shape[0], down_w.shape[1]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    grads = {
+        "down_weight": torch.zeros(num_adapters, mb, d, **f32),
+        "down_bias": torch.zeros(num_adapters, mb, **f32),
+        "up_weight": torch.zeros(num_adapters, d, mb, **f32),
+        "up_bias": torch.zeros(num_adapters, d, **f32),
+    }
+    scaling = adapters.scaling
+    if isinstance(scaling, torch.Tensor):
+        scale = scaling.reshape(num_adapters, -1).float().contiguous()
+        kind, value = (1 if scale.shape[1] == 1 else 2), 1.0
+        grads["scaling"] = torch.zeros_like(scale)
+    else:
+        scale, kind, value = c0, 0, float(scaling)
+    has_ln = adapters.ln_weight is not None
+    if has_ln:
+        grads["ln_weight"] = torch.zeros(num_adapters, d, **f32)
+        grads["ln_bias"] = torch.zeros(num_adapters, d, **f32)
+    dx = torch.empty_like(x)
+    mb_pad = max(16, triton.next_power_of_2(mb))
+    if m_rows:
+        t = rows_per_sample if stacked else m_rows
+        grid = (m_rows // t, triton.cdiv(t, BLOCK_M))
+        ln_w, ln_b = (lead(adapters.ln_weight), lead(adapters.ln_bias)) if has_ln else (c0, c0)
+        with _on_device(x):
+            _bottleneck_backward_kernel[grid](
+                x, dy, w_eff, down_w, c1, c0, up_w, up_b, scale, ln_w, ln_b, ids if stacked else c0, dx,
+                grads["down_weight"], grads["down_bias"], grads["up_weight"], grads["up_bias"],
+                grads.get("scaling", c0), grads.get("ln_weight", c0), grads.get("ln_bias", c0),
+                t, d, mb, num_adapters,
+                x.stride(0), dy.stride(0), dx.stride(0),
+                float(ln_eps), value,
+                HAS_LN=has_ln, HAS_IDS=stacked, SCALE_KIND=kind, IDENTITY=identity,
+                ACT=ACTIVATION_CODES[activation], DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
+                MB_PAD=mb_pad, BLOCK_M=BLOCK_M, BLOCK_D=backward_block_d(mb_pad, x.dtype),
+            )  # fmt: skip
+    if not stacked:
+        grads = {k: v[0] for k, v in grads.items()}
+    return dx, grads

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from fastpeft.modules.bottleneck import BottleneckAdapter
+from fastpeft.modules.bottleneck import BottleneckAdapter, _out_args
 from fastpeft.ops.bottleneck import bottleneck_adapter
 
 
@@ -88,18 +88,25 @@ class BottleneckLayer(nn.Module):
         self.batch_names: Sequence[str | None] | None = None
         self._stack_cache: tuple | None = None
 
-    def apply_adapter(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """``residual + A(x)`` for the active adapter(s); ``residual`` where none is active."""
+    def apply_adapter(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor,
+        out_residual: torch.Tensor | None = None,
+        out_norm: nn.LayerNorm | None = None,
+    ) -> torch.Tensor:
+        """``out_norm(residual + A(x) + out_residual)`` for the active adapter(s), without A where none is active
+        (out_residual and out_norm optional)."""
         if self.batch_names is not None:
-            return self._per_sample(x, residual)
+            return self._per_sample(x, residual, out_residual, out_norm)
         if self.active is None or self.active not in self.adapters:
-            return residual
-        return self.adapters[self.active](x, residual=residual)
+            return _without_adapter(residual, out_residual, out_norm)
+        return self.adapters[self.active](x, residual, out_residual, out_norm)
 
-    def _per_sample(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    def _per_sample(self, x, residual, out_residual, out_norm) -> torch.Tensor:
         names = [n for n in self.adapters if any(b == n for b in self.batch_names)]
         if not names:
-            return residual
+            return _without_adapter(residual, out_residual, out_norm)
         modules = [self.adapters[n] for n in names]
         first = modules[0]
         shape = (first.activation, first.adapter_norm_before is None, first.bottleneck_size)
@@ -124,7 +131,13 @@ class BottleneckLayer(nn.Module):
             stack(lambda m: m.adapter_up.bias), activation=first.activation, scaling=scaling, residual=residual,
             ln_weight=stack(lambda m: m.adapter_norm_before.weight) if norm else None,
             ln_bias=stack(lambda m: m.adapter_norm_before.bias) if norm else None, adapter_ids=ids,
+            **_out_args(out_residual, out_norm),
         )  # fmt: skip
+
+
+def _without_adapter(residual, out_residual, out_norm) -> torch.Tensor:
+    y = residual if out_residual is None else residual + out_residual
+    return y if out_norm is None else out_norm(y)
 
 
 def _bert_output_forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
@@ -133,10 +146,11 @@ def _bert_output_forward(self, hidden_states: torch.Tensor, input_tensor: torch.
     layer, config = self.adapters_layer, self._fastpeft_bottleneck_config
     if not layer.adapters or (layer.active is None and layer.batch_names is None):
         return self.LayerNorm(h + input_tensor)
+    # The add of the sublayer's input and the layer's LayerNorm run inside the fused op.
     if config.is_parallel:
-        return self.LayerNorm(layer.apply_adapter(input_tensor, h) + input_tensor)
+        return layer.apply_adapter(input_tensor, h, input_tensor, self.LayerNorm)
     x = self.LayerNorm(h + input_tensor) if config.original_ln_before else h
-    return self.LayerNorm(layer.apply_adapter(x, h) + input_tensor)
+    return layer.apply_adapter(x, h, input_tensor, self.LayerNorm)
 
 
 def _capture_input(store: dict, key: str, module: nn.Module, args: tuple) -> None:

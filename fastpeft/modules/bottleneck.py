@@ -106,14 +106,35 @@ class BottleneckAdapter(nn.Module):
             else:
                 nn.init.zeros_(linear.weight)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        out_residual: torch.Tensor | None = None,
+        out_norm: nn.LayerNorm | None = None,
+    ) -> torch.Tensor:
+        """x [..., d] -> ``out_norm(residual + adapter(x) + out_residual)`` (residual defaults to x; out_residual
+        and out_norm, a model's own LayerNorm after the adapter, are optional and fused into the same op)."""
+        return bottleneck_adapter(x, *self.weights(), activation=self.activation, residual=residual,
+                                  **_out_args(out_residual, out_norm), **self.norm_args())  # fmt: skip
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(down_weight [m, d], down_bias [m], up_weight [d, m], up_bias [d])."""
+        return self.down.weight, self.down.bias, self.adapter_up.weight, self.adapter_up.bias
+
+    def norm_args(self) -> dict:
+        """The op's scaling and ln_before arguments for this adapter."""
         norm = self.adapter_norm_before
-        return bottleneck_adapter(
-            x, self.down.weight, self.down.bias, self.adapter_up.weight, self.adapter_up.bias,
-            activation=self.activation, scaling=self.scaling, residual=residual,
-            ln_weight=None if norm is None else norm.weight, ln_bias=None if norm is None else norm.bias,
-            ln_eps=1e-5 if norm is None else norm.eps,
-        )  # fmt: skip
+        if norm is None:
+            return {"scaling": self.scaling}
+        return {"scaling": self.scaling, "ln_weight": norm.weight, "ln_bias": norm.bias, "ln_eps": norm.eps}
+
+
+def _out_args(out_residual: torch.Tensor | None, out_norm: nn.LayerNorm | None) -> dict:
+    args = {"out_residual": out_residual}
+    if out_norm is not None:
+        args |= {"out_ln_weight": out_norm.weight, "out_ln_bias": out_norm.bias, "out_ln_eps": out_norm.eps}
+    return args
 
     def extra_repr(self) -> str:
         scaling = self.scaling if isinstance(self.scaling, float) else f"tensor{tuple(self.scaling.shape)}"

@@ -12,7 +12,8 @@ Backends: ``triton`` (triton_kernels/bottleneck.py: one kernel per tile of rows,
 on chip, LayerNorm folded into the down-projection), ``cuda`` (csrc/bottleneck.cu: a few rows per block, for
 decode) and ``torch`` (the composition, the CPU path and the reference's shape). The backward recomputes z
 from x (nothing of size [M, m] or [M, d] is saved but x) and gives x, every adapter parameter, the LN
-parameters and a tensor scaling their gradients, as PyTorch operations (no fused backward kernel yet).
+parameters and a tensor scaling their gradients: one Triton kernel (``bottleneck_adapter_backward``), or, with
+an add + LayerNorm after the adapter or on the other backends, the composition through autograd.
 """
 
 from __future__ import annotations
@@ -89,6 +90,18 @@ def bottleneck_reference(
 # ----------------------------------------------------------------------------------------------------------
 
 
+class Post(NamedTuple):
+    """What follows the adapter's sum in BERT-style placements: ``LN_out(y + out_residual)`` (either optional)."""
+
+    out_residual: torch.Tensor | None  # like x
+    out_ln_weight: torch.Tensor | None  # [d]
+    out_ln_bias: torch.Tensor | None  # [d]
+    out_ln_eps: float
+
+
+NO_POST = Post(None, None, None, 1e-5)
+
+
 def _select(stacked: Adapters, ids: torch.Tensor | None, index: int) -> Adapters:
     if ids is None:
         return stacked
@@ -102,21 +115,26 @@ def _rows_of(ids: torch.Tensor | None, num_adapters: int) -> list[tuple[int, tor
     return [(i, (ids == i).nonzero().squeeze(1)) for i in present]
 
 
-def _forward_torch(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps):
-    y = (x if residual is None else residual).clone()
-    for index, rows in _rows_of(ids, adapters.down_weight.shape[0] if ids is not None else 1):
+def _composition(x, residual, adapters: Adapters, ids, activation, ln_eps, post: Post, dtype) -> torch.Tensor:
+    """The op as PyTorch operations (differentiable), in fp32 math with the bottleneck activations and the
+    pre-norm sum rounded to ``dtype`` as the fused kernels round them."""
+    y = (x if residual is None else residual).float()
+    count = adapters.down_weight.shape[0] if ids is not None else 1
+    for index, rows in _rows_of(ids, count):
         a = _select(adapters, ids, index)
-        xs = x if rows is None else x[rows]
+        xs = (x if rows is None else x[rows]).float()
         h = xs if a.ln_weight is None else torch.nn.functional.layer_norm(
-            xs.float(), xs.shape[-1:], a.ln_weight.float(), a.ln_bias.float(), ln_eps).to(xs.dtype)  # fmt: skip
-        z = activation_fn(activation)(torch.nn.functional.linear(h, a.down_weight, a.down_bias).float())
-        out = torch.nn.functional.linear(z.to(x.dtype), a.up_weight, a.up_bias).float() * _scale(a.scaling)
-        target = y if rows is None else y[rows]
-        result = (target.float() + out).to(y.dtype)
-        if rows is None:
-            y = result
-        else:
-            y[rows] = result
+            xs, xs.shape[-1:], a.ln_weight.float(), a.ln_bias.float(), ln_eps)  # fmt: skip
+        z = activation_fn(activation)(torch.nn.functional.linear(h, a.down_weight.float(), a.down_bias.float()))
+        z = z + (z.to(dtype).float() - z).detach()  # rounded like the kernels' z, with z's own gradient
+        out = torch.nn.functional.linear(z, a.up_weight.float(), a.up_bias.float()) * _scale(a.scaling)
+        y = y + out if rows is None else y.index_add(0, rows, out)
+    if post.out_residual is not None:
+        y = y + post.out_residual.float()
+    if post.out_ln_weight is not None:
+        y = y + (y.to(dtype).float() - y).detach()
+        y = torch.nn.functional.layer_norm(y, y.shape[-1:], post.out_ln_weight.float(), post.out_ln_bias.float(),
+                                           post.out_ln_eps)  # fmt: skip
     return y
 
 
@@ -124,29 +142,35 @@ def _scale(scaling) -> float | torch.Tensor:
     return scaling.float() if isinstance(scaling, torch.Tensor) else scaling
 
 
-def _forward_triton(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps):
+def _forward_torch(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps, post: Post):
+    return _composition(x, residual, adapters, ids, activation, ln_eps, post, x.dtype).to(x.dtype)
+
+
+def _forward_triton(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps, post: Post):
     from fastpeft.triton_kernels.bottleneck import bottleneck_forward
 
-    return bottleneck_forward(x, residual, adapters, ids, rows_per_sample, activation, ln_eps)
+    return bottleneck_forward(x, residual, adapters, ids, rows_per_sample, activation, ln_eps, post)
 
 
-def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps):
+def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps, post: Post):
     from fastpeft.triton_kernels.bottleneck import ACTIVATION_CODES
 
     def stacked(t):
         return None if t is None else (t if ids is not None else t[None]).contiguous()
+
+    def rows(t):
+        return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
     scaling = adapters.scaling
     scale = None
     if isinstance(scaling, torch.Tensor):
         scale = stacked(scaling).float().reshape(adapters.down_weight.shape[0] if ids is not None else 1, -1)
     up_t = stacked(adapters.up_weight).transpose(-1, -2).contiguous()  # [A, m, d]: coalesced reads per feature
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    residual = None if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous())
     return torch.ops.fastpeft.bottleneck_forward_cuda(
-        x, residual, stacked(adapters.down_weight), stacked(adapters.down_bias), up_t, stacked(adapters.up_bias),
-        scale, float(scaling) if scale is None else 1.0, stacked(adapters.ln_weight), stacked(adapters.ln_bias),
-        ln_eps, None if ids is None else ids.contiguous(), ACTIVATION_CODES[activation],
+        rows(x), rows(residual), stacked(adapters.down_weight), stacked(adapters.down_bias), up_t,
+        stacked(adapters.up_bias), scale, float(scaling) if scale is None else 1.0, stacked(adapters.ln_weight),
+        stacked(adapters.ln_bias), ln_eps, None if ids is None else ids.contiguous(), ACTIVATION_CODES[activation],
+        rows(post.out_residual), post.out_ln_weight, post.out_ln_bias, post.out_ln_eps,
     )  # fmt: skip
 
 
@@ -160,87 +184,73 @@ def _run(x, *args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd: forward fused, backward recomputing z from x
+# Autograd: forward fused, backward recomputing the composition from x
 # ----------------------------------------------------------------------------------------------------------
 
-
-@torch.enable_grad()  # a Function's backward runs without grad mode
-def _adapter_grads(x_rows, dy_rows, a: Adapters, activation, ln_eps, needs):
-    """Gradients for one adapter's rows, by autograd over the composition recomputed in fp32."""
-    leaves = {}
-
-    def leaf(name, t):
-        if t is None or not isinstance(t, torch.Tensor):
-            return t
-        v = t.detach().float().requires_grad_(needs.get(name, False))
-        leaves[name] = v
-        return v
-
-    x = leaf("x", x_rows)
-    params = Adapters(*(leaf(name, t) for name, t in zip(Adapters._fields, a, strict=True)))
-    h = x if params.ln_weight is None else torch.nn.functional.layer_norm(
-        x, x.shape[-1:], params.ln_weight, params.ln_bias, ln_eps)  # fmt: skip
-    z = activation_fn(activation)(torch.nn.functional.linear(h, params.down_weight, params.down_bias))
-    out = torch.nn.functional.linear(z, params.up_weight, params.up_bias) * params.scaling
-    wanted = [(name, v) for name, v in leaves.items() if v.requires_grad]
-    if not wanted:
-        return {}
-    grads = torch.autograd.grad(out, [v for _, v in wanted], dy_rows.float())
-    return {name: g for (name, _), g in zip(wanted, grads, strict=True)}
+_INPUTS = ("x", "residual", "out_residual", "out_ln_weight", "out_ln_bias", *Adapters._fields)
 
 
 class _BottleneckFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, ids, rows_per_sample, activation, ln_eps, *params):
-        adapters = Adapters(*params)
-        y = _run(x, residual, adapters, ids, rows_per_sample, activation, ln_eps)
-        ctx.save_for_backward(x, ids, *(p if isinstance(p, torch.Tensor) else None for p in params))
-        ctx.activation, ctx.ln_eps, ctx.has_residual = activation, ln_eps, residual is not None
-        ctx.float_scaling = None if isinstance(params[4], torch.Tensor) else params[4]
+    def forward(ctx, ids, rows_per_sample, activation, ln_eps, out_ln_eps, *tensors):
+        named = dict(zip(_INPUTS, tensors, strict=True))
+        adapters = Adapters(*(named[f] for f in Adapters._fields))
+        post = Post(named["out_residual"], named["out_ln_weight"], named["out_ln_bias"], out_ln_eps)
+        y = _run(named["x"], named["residual"], adapters, ids, rows_per_sample, activation, ln_eps, post)
+        ctx.save_for_backward(ids, *(t if isinstance(t, torch.Tensor) else None for t in tensors))
+        constants = {n: t for n, t in named.items() if not isinstance(t, torch.Tensor)}
+        ctx.constants = (activation, ln_eps, out_ln_eps, constants, rows_per_sample)
         return y
 
     @staticmethod
+    @torch.enable_grad()  # a Function's backward runs without grad mode
     def backward(ctx, dy):
-        x, ids, *saved = ctx.saved_tensors
-        if ctx.float_scaling is not None:
-            saved[4] = ctx.float_scaling
-        adapters = Adapters(*saved)
-        needs = ctx.needs_input_grad
-        param_needs = dict(zip(Adapters._fields, needs[6:], strict=True))
-        wants = {"x": needs[0], **param_needs}
-        grads = {name: None for name in wants}
-        count = adapters.down_weight.shape[0] if ids is not None else 1
-        for index, rows in _rows_of(ids, count):
-            part = _adapter_grads(x if rows is None else x[rows], dy if rows is None else dy[rows],
-                                  _select(adapters, ids, index), ctx.activation, ctx.ln_eps, wants)  # fmt: skip
-            for name, g in part.items():
-                if name == "x":
-                    if grads["x"] is None:
-                        grads["x"] = torch.zeros_like(x, dtype=torch.float32)
-                    if rows is None:
-                        grads["x"] += g
-                    else:
-                        grads["x"][rows] += g
-                    continue
-                if ids is None:
-                    grads[name] = g
-                else:
-                    if grads[name] is None:
-                        grads[name] = torch.zeros(adapters._asdict()[name].shape, dtype=torch.float32,
-                                                  device=x.device)  # fmt: skip
-                    grads[name][index] += g.reshape(grads[name][index].shape)
-        dx = None
-        if needs[0]:
-            dx = dy.float() if not ctx.has_residual else torch.zeros_like(dy, dtype=torch.float32)
-            if grads["x"] is not None:
-                dx = dx + grads["x"]
-            dx = dx.to(x.dtype)
-        dresidual = dy if needs[1] else None
+        ids, *saved = ctx.saved_tensors
+        activation, ln_eps, out_ln_eps, constants, rows_per_sample = ctx.constants
+        needs = ctx.needs_input_grad[5:]
+        fused = _fused_backward(ids, saved, constants, dy, rows_per_sample, activation, ln_eps)
+        if fused is not None:
+            return (None, None, None, None, None, *fused)
+        named, leaves = {}, []
+        for name, t, need in zip(_INPUTS, saved, needs, strict=True):
+            if t is None:
+                named[name] = constants.get(name)
+                continue
+            v = t.detach().float().requires_grad_(need)
+            named[name] = v
+            if need:
+                leaves.append((name, v))
+        grads = {}
+        if leaves:
+            adapters = Adapters(*(named[f] for f in Adapters._fields))
+            post = Post(named["out_residual"], named["out_ln_weight"], named["out_ln_bias"], out_ln_eps)
+            y = _composition(named["x"], named["residual"], adapters, ids, activation, ln_eps, post, dy.dtype)
+            values = torch.autograd.grad(y, [v for _, v in leaves], dy.float(), allow_unused=True)
+            grads = dict(zip((n for n, _ in leaves), values, strict=True))
         out = []
-        for name, p in zip(Adapters._fields, adapters, strict=True):
-            g = grads[name]
-            out.append(None if g is None or not isinstance(p, torch.Tensor) else g.to(p.dtype).reshape(p.shape))
-        return (dx, dresidual, None, None, None, None, *out)
+        for name, t in zip(_INPUTS, saved, strict=True):
+            g = grads.get(name)
+            out.append(None if g is None else g.to(t.dtype))
+        return (None, None, None, None, None, *out)
+
+
+def _fused_backward(ids, saved, constants, dy, rows_per_sample, activation, ln_eps):
+    """The gradients from the Triton backward kernel (every input's, None where it has none), or None where it
+    does not apply: another backend, or an add + LayerNorm after the adapter (recomputed as PyTorch ops)."""
+    named = {name: t if t is not None else constants.get(name) for name, t in zip(_INPUTS, saved, strict=True)}
+    x = named["x"]
+    if named["out_residual"] is not None or named["out_ln_weight"] is not None:
+        return None
+    if select_backend("bottleneck_adapter_backward", x.device, ("triton",)) != "triton":
+        return None
+    from fastpeft.triton_kernels.bottleneck import bottleneck_backward
+
+    adapters = Adapters(*(named[f] for f in Adapters._fields))
+    identity = named["residual"] is None
+    dx, grads = bottleneck_backward(x, dy, adapters, ids, rows_per_sample, activation, ln_eps, identity)
+    grads |= {"x": dx, "residual": None if identity else dy}
+    return [None if t is None or grads.get(name) is None else grads[name].to(t.dtype).reshape(t.shape)
+            for name, t in zip(_INPUTS, saved, strict=True)]  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,6 +336,10 @@ def bottleneck_adapter(
     ln_bias: torch.Tensor | None = None,
     ln_eps: float = 1e-5,
     adapter_ids: torch.Tensor | None = None,
+    out_residual: torch.Tensor | None = None,
+    out_ln_weight: torch.Tensor | None = None,
+    out_ln_bias: torch.Tensor | None = None,
+    out_ln_eps: float = 1e-5,
 ) -> torch.Tensor:
     """A bottleneck adapter in one op: ``residual + scaling * (act(LN(x) @ down_weight.T + down_bias) @
     up_weight.T + up_bias)``.
@@ -340,8 +354,11 @@ def bottleneck_adapter(
         ln_weight, ln_bias: [d] (or [A, d]): a LayerNorm on x before the down-projection (AdapterHub's
             ``ln_before``), ``ln_eps`` its epsilon.
         adapter_ids: int [batch], one adapter per sample of x (dim 0), -1 for none (y = residual there).
+        out_residual, out_ln_weight, out_ln_bias, out_ln_eps: the fused add + LayerNorm after the adapter that
+            BERT-style placements need: ``y = LN_out(residual + adapter + out_residual)`` (out_residual like x,
+            the LN parameters [d]; either part optional). Applied to every row, with or without an adapter.
 
-    Returns a tensor like x. Differentiable in x, residual, every weight, the LN parameters and a tensor scaling.
+    Returns a tensor like x. Differentiable in every tensor argument.
     """
     adapters = Adapters(down_weight, down_bias, up_weight, up_bias, scaling, ln_weight, ln_bias)
     _check(x, residual, adapters, adapter_ids, activation, ln_eps)
@@ -349,6 +366,25 @@ def bottleneck_adapter(
     ids = _row_ids(x, adapter_ids, count)
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(rows.shape)
+    _check_post(x, out_residual, out_ln_weight, out_ln_bias, out_ln_eps)
     per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 2 else 1
-    y = _BottleneckFunction.apply(rows, res, ids, per_sample, activation, float(ln_eps), *adapters)
+    out_res = None if out_residual is None else out_residual.reshape(rows.shape)
+    y = _BottleneckFunction.apply(ids, per_sample, activation, float(ln_eps), float(out_ln_eps), rows, res, out_res,
+                                  out_ln_weight, out_ln_bias, *adapters)  # fmt: skip
     return y.reshape(x.shape)
+
+
+def _check_post(x, out_residual, out_ln_weight, out_ln_bias, out_ln_eps) -> None:
+    if out_residual is not None and (out_residual.shape != x.shape or out_residual.dtype != x.dtype
+                                     or out_residual.device != x.device):  # fmt: skip
+        raise ValueError(f"out_residual must be like x {tuple(x.shape)} {x.dtype}, got {tuple(out_residual.shape)} "
+                         f"{out_residual.dtype}")  # fmt: skip
+    if (out_ln_weight is None) != (out_ln_bias is None):
+        raise ValueError("give both out_ln_weight and out_ln_bias, or neither")
+    for name, t in (("out_ln_weight", out_ln_weight), ("out_ln_bias", out_ln_bias)):
+        if t is not None and (tuple(t.shape) != (x.shape[-1],) or t.dtype != x.dtype or t.device != x.device):
+            raise ValueError(
+                f"{name} must be [{x.shape[-1]}] in x's dtype on its device, got {tuple(t.shape)} {t.dtype}"
+            )
+    if isinstance(out_ln_eps, bool) or not isinstance(out_ln_eps, (int, float)) or not out_ln_eps > 0:
+        raise ValueError(f"out_ln_eps must be a positive float, got {out_ln_eps!r}")
