@@ -59,6 +59,18 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
+// A LayerNorm's mean and 1 / sqrt(var + eps) of the row ``h`` [d] in shared memory, in every thread.
+__device__ __forceinline__ void row_stats(const float* h, int64_t d, float eps, float* scratch, float& mean,
+                                          float& rstd) {
+  float sum = 0.f, sq = 0.f;
+  for (int64_t k = threadIdx.x; k < d; k += kThreads) {
+    sum += h[k];
+    sq += h[k] * h[k];
+  }
+  mean = block_sum(sum, scratch) / d;
+  rstd = rsqrtf(fmaxf(block_sum(sq, scratch) / d - mean * mean, 0.f) + eps);
+}
+
 // grid (ceil(M / rows_per_block)), block kThreads, dynamic shared memory rows_per_block * (d + m) floats.
 template <typename T, bool kLayerNorm>
 __global__ void __launch_bounds__(kThreads)
@@ -84,13 +96,8 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     __shared__ float scratch[kWarps];
     if constexpr (kLayerNorm) {
-      float sum = 0.f, sq = 0.f;
-      for (int64_t k = threadIdx.x; k < p.d; k += kThreads) {
-        sum += hr[k];
-        sq += hr[k] * hr[k];
-      }
-      const float mean = block_sum(sum, scratch) / p.d;
-      const float rstd = rsqrtf(fmaxf(block_sum(sq, scratch) / p.d - mean * mean, 0.f) + p.ln_eps);
+      float mean, rstd;
+      row_stats(hr, p.d, p.ln_eps, scratch, mean, rstd);
       for (int64_t k = threadIdx.x; k < p.d; k += kThreads) {
         hr[k] = (hr[k] - mean) * rstd * static_cast<float>(ln_w[aa * p.d + k]) +
                 static_cast<float>(ln_b[aa * p.d + k]);
@@ -128,13 +135,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (out_ln_w != nullptr) {
       __syncthreads();
-      float sum = 0.f, sq = 0.f;
-      for (int64_t k = threadIdx.x; k < p.d; k += kThreads) {
-        sum += hr[k];
-        sq += hr[k] * hr[k];
-      }
-      const float mean = block_sum(sum, scratch) / p.d;
-      const float rstd = rsqrtf(fmaxf(block_sum(sq, scratch) / p.d - mean * mean, 0.f) + p.out_ln_eps);
+      float mean, rstd;
+      row_stats(hr, p.d, p.out_ln_eps, scratch, mean, rstd);
       for (int64_t k = threadIdx.x; k < p.d; k += kThreads) {
         y[row * p.d + k] = static_cast<T>((hr[k] - mean) * rstd * static_cast<float>(out_ln_w[k]) +
                                           static_cast<float>(out_ln_b[k]));

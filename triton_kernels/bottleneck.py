@@ -51,6 +51,39 @@ def _activation(v, ACT: tl.constexpr):
 
 
 @triton.jit
+def _pre_activation(x_ptr, w_ptr, c1_ptr, c0_ptr, rows, mask_t, a, D, MB, stride_xr, ln_eps,
+                    HAS_LN: tl.constexpr, DOT_PRECISION: tl.constexpr, OPERAND: tl.constexpr, MB_PAD: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """(LN(x) @ Wd.T + bd [BLOCK_M, MB_PAD], the rows' mean, rstd) in one pass over x: ``w_ptr`` holds Wd with the
+    LayerNorm's weight folded in, ``c1`` its row sums and ``c0`` = Wd @ ln_bias + bd (just bd without LN)."""
+    offs_b = tl.arange(0, MB_PAD)
+    mask_b = offs_b < MB
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros((BLOCK_M, MB_PAD), dtype=tl.float32)
+    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + offs_d
+        mask_d = cols < D
+        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask_t[:, None] & mask_d[None, :],
+                    other=0.0)  # fmt: skip
+        if HAS_LN:
+            xf = x.to(tl.float32)
+            row_sum += tl.sum(xf, axis=1)
+            row_sq += tl.sum(xf * xf, axis=1)
+        w = tl.load(w_ptr + a * MB * D + offs_b[None, :] * D + cols[:, None], mask=mask_d[:, None] & mask_b[None, :],
+                    other=0.0)  # fmt: skip
+        acc = tl.dot(x.to(OPERAND), w.to(OPERAND), acc, input_precision=DOT_PRECISION)
+    c0 = tl.load(c0_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+    mean = row_sum / D
+    rstd = 1.0 / tl.sqrt(tl.maximum(row_sq / D - mean * mean, 0.0) + ln_eps)
+    if HAS_LN:
+        c1 = tl.load(c1_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
+        acc = rstd[:, None] * (acc - mean[:, None] * c1[None, :])
+    return acc + c0[None, :], mean, rstd
+
+
+@triton.jit
 def _bottleneck_kernel(
     x_ptr, res_ptr, wd_ptr, c1_ptr, c0_ptr, wu_ptr, bu_ptr, scale_ptr, ids_ptr, y_ptr,
     out_res_ptr, out_lnw_ptr, out_lnb_ptr,
@@ -76,30 +109,9 @@ def _bottleneck_kernel(
     a = tl.where(active, adapter, 0).to(tl.int64)
     operand = tl.float32 if UPCAST else x_ptr.dtype.element_ty
 
-    acc = tl.zeros((BLOCK_M, MB_PAD), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    wd_base = wd_ptr + a * MB * D
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        mask_d = cols < D
-        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask_t[:, None] & mask_d[None, :],
-                    other=0.0)  # fmt: skip
-        if HAS_LN:
-            xf = x.to(tl.float32)
-            row_sum += tl.sum(xf, axis=1)
-            row_sq += tl.sum(xf * xf, axis=1)
-        wd = tl.load(wd_base + offs_b[None, :] * D + cols[:, None], mask=mask_d[:, None] & mask_b[None, :],
-                     other=0.0)  # fmt: skip
-        acc = tl.dot(x.to(operand), wd.to(operand), acc, input_precision=DOT_PRECISION)
-    c0 = tl.load(c0_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
-    if HAS_LN:
-        mean = row_sum / D
-        rstd = 1.0 / tl.sqrt(tl.maximum(row_sq / D - mean * mean, 0.0) + ln_eps)
-        c1 = tl.load(c1_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
-        acc = rstd[:, None] * (acc - mean[:, None] * c1[None, :])
-    z = _activation(acc + c0[None, :], ACT)
-    z = tl.where(mask_b[None, :], z, 0.0).to(operand)  # padded bottleneck columns contribute nothing
+    z_pre, _, _ = _pre_activation(x_ptr, wd_ptr, c1_ptr, c0_ptr, rows, mask_t, a, D, MB, stride_xr, ln_eps, HAS_LN,
+                                  DOT_PRECISION, operand, MB_PAD, BLOCK_M, BLOCK_D)  # fmt: skip
+    z = tl.where(mask_b[None, :], _activation(z_pre, ACT), 0.0).to(operand)  # padded columns contribute nothing
 
     wu_base = wu_ptr + a * D * MB
     out_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -259,28 +271,8 @@ def _bottleneck_backward_kernel(
     operand = tl.float32 if UPCAST else x_ptr.dtype.element_ty
 
     # Pass 1: z_pre as in the forward (LayerNorm folded in), and the rows' statistics.
-    acc = tl.zeros((BLOCK_M, MB_PAD), dtype=tl.float32)
-    row_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    row_sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + offs_d
-        mask_d = cols < D
-        x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask_t[:, None] & mask_d[None, :],
-                    other=0.0)  # fmt: skip
-        if HAS_LN:
-            xf = x.to(tl.float32)
-            row_sum += tl.sum(xf, axis=1)
-            row_sq += tl.sum(xf * xf, axis=1)
-        weff = tl.load(weff_ptr + a * MB * D + offs_b[None, :] * D + cols[:, None],
-                       mask=mask_d[:, None] & mask_b[None, :], other=0.0)  # fmt: skip
-        acc = tl.dot(x.to(operand), weff.to(operand), acc, input_precision=DOT_PRECISION)
-    c0 = tl.load(c0_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
-    mean = row_sum / D
-    rstd = 1.0 / tl.sqrt(tl.maximum(row_sq / D - mean * mean, 0.0) + ln_eps)
-    if HAS_LN:
-        c1 = tl.load(c1_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
-        acc = rstd[:, None] * (acc - mean[:, None] * c1[None, :])
-    z_pre = acc + c0[None, :]
+    z_pre, mean, rstd = _pre_activation(x_ptr, weff_ptr, c1_ptr, c0_ptr, rows, mask_t, a, D, MB, stride_xr, ln_eps,
+                                        HAS_LN, DOT_PRECISION, operand, MB_PAD, BLOCK_M, BLOCK_D)  # fmt: skip
     zq = tl.where(mask_b[None, :], _activation(z_pre, ACT), 0.0).to(x_ptr.dtype.element_ty)
 
     # Pass 2: dz = (dy s) Wu * act'(z_pre); dWu, dbu and d(scaling) from this tile.
