@@ -19,14 +19,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import backends_for, case_fields, case_rows, describe_error, time_ms, time_variants, with_backend
+from common import backends_for, case_fields, case_rows, copy_gbps, describe_error, time_variants, with_backend
 from common import case_from_fields as common_case_from_fields
 
 from fastpeft.ops.bottleneck import activation_fn, bottleneck_adapter, bottleneck_reference
 
 OP = "bottleneck_adapter"
 HAS_ADAPTERHUB = importlib.util.find_spec("adapters") is not None  # an optional baseline: left out without it
-COPY_BYTES = 256 * 2**20
 
 __all__ = ["OP", "backends_for", "case_fields", "case_from_fields", "cases", "describe", "run_case"]
 
@@ -183,7 +182,7 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     grad = torch.enable_grad() if case.mode == "forward+backward" else torch.no_grad()
     with grad:
         times = time_variants(steps, errors, device)
-    copy_gbps = _copy_gbps(device) if ops and case.mode == "forward" else None
+    ceiling = copy_gbps(device) if ops and case.mode == "forward" else None
     size = torch.finfo(case.dtype).bits // 8
     moved = (2 * case.m * case.d + 2 * case.adapters * case.d * case.bottleneck) * size
 
@@ -191,17 +190,10 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
         if case.mode != "forward":
             return {}
         gbps = moved / ms / 1e6
-        return {"gbps": gbps, "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+        return {"gbps": gbps, "bw_fraction": gbps / ceiling if ceiling else None}
 
     baseline = "torch" if case.adapters == 1 else "loop"
     speedups = {baseline: baseline} | ({"adapterhub": "adapterhub"} if "adapterhub" in variants else {})
     rows = case_rows(case_fields(case), OP, variants, times, errors, speedups=speedups, extra=bandwidth)
     ops.clear()
     return rows
-
-
-def _copy_gbps(device: torch.device) -> float:
-    size = COPY_BYTES if device.type == "cuda" else 2**20
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * size / time_ms(lambda: dst.copy_(src), device) / 1e6

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from common import backends_for, case_fields, case_rows, describe_error, time_ms, time_variants, with_backend
+from common import backends_for, case_fields, case_rows, copy_gbps, describe_error, time_variants, with_backend
 from common import case_from_fields as common_case_from_fields
 
 from fastpeft.ops.adapter_pool import AdapterPool
@@ -30,7 +30,6 @@ from fastpeft.ops.multi_lora import multi_lora_expand, multi_lora_linear, multi_
 
 OP = "multi_lora_linear"
 ALPHA = 32.0
-COPY_BYTES = 256 * 2**20
 
 __all__ = ["OP", "backends_for", "case_fields", "case_from_fields", "cases", "describe", "run_case"]
 
@@ -161,13 +160,13 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     steps = {name: (lambda fn=fn: fn(ops)) for name, fn in variants.items()} if ops else {}
     with torch.no_grad():
         times = time_variants(steps, errors, device)
-        copy_gbps = _copy_gbps(device) if ops else None
+        ceiling = copy_gbps(device) if ops else None
     used = len(set(_names(case)))
     adapter_bytes = used * case.r * (case.k + case.n) * (torch.finfo(case.dtype).bits // 8)
 
     def bandwidth(ms: float) -> dict:
         gbps = adapter_bytes / ms / 1e6
-        return {"adapter_gbps": gbps, "bw_fraction": gbps / copy_gbps if copy_gbps else None}
+        return {"adapter_gbps": gbps, "bw_fraction": gbps / ceiling if ceiling else None}
 
     rows = case_rows(case_fields(case), OP, variants, times, errors, ratios={"base": "base"},
                      speedups={"peft": "peft"})  # fmt: skip
@@ -176,11 +175,3 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
             row.update(bandwidth(row["ms"]))
     ops.clear()  # free the operands before the next case
     return rows
-
-
-def _copy_gbps(device: torch.device) -> float:
-    """GB/s of a device-to-device copy (bytes read plus bytes written)."""
-    size = COPY_BYTES if device.type == "cuda" else 2**20
-    src = torch.empty(size, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return 2 * size / time_ms(lambda: dst.copy_(src), device) / 1e6

@@ -72,6 +72,17 @@ def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -
     return statistics.median(samples)
 
 
+COPY_BYTES = 256 * 2**20
+
+
+def copy_gbps(device: torch.device) -> float:
+    """GB/s of a device-to-device copy (bytes read plus bytes written): the bandwidth ceiling rows compare with."""
+    size = COPY_BYTES if device.type == "cuda" else 2**20
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * size / time_ms(lambda: dst.copy_(src), device) / 1e6
+
+
 def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 

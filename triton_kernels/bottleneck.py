@@ -18,14 +18,16 @@ Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors with dot operands up
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
+from fastpeft.ops.bottleneck import ACTIVATION_CODES, scale_table
+
 from .lora import _INTERPRET, _dot_precision, _on_device
 
-ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_new": 2, "silu": 3, "swish": 3, "tanh": 4, "leakyrelu": 5,
-                    "sigmoid": 6}  # fmt: skip
 BLOCK_M = 16 if _INTERPRET else 64
 BLOCK_D = 32 if _INTERPRET else 64
 
@@ -48,6 +50,19 @@ def _activation(v, ACT: tl.constexpr):
     else:
         out = 1.0 / (1.0 + tl.exp(-v))
     return out
+
+
+@triton.jit
+def _tile_rows(ids_ptr, T, num_adapters, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's rows (int64 [BLOCK_M] and their mask) of one sample, the sample's adapter clamped into
+    the stack, and whether it has one (ids are per row, equal within a sample; without ids, adapter 0)."""
+    sample = tl.program_id(0)
+    offs_t = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    adapter = 0
+    if HAS_IDS:
+        adapter = tl.load(ids_ptr + sample * T)
+    active = (adapter >= 0) & (adapter < num_adapters)
+    return (sample * T + offs_t).to(tl.int64), offs_t < T, tl.where(active, adapter, 0).to(tl.int64), active
 
 
 @triton.jit
@@ -95,18 +110,10 @@ def _bottleneck_kernel(
     ACT: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     MB_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    sample = tl.program_id(0)
-    offs_t = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_t = offs_t < T
-    rows = (sample * T + offs_t).to(tl.int64)
+    rows, mask_t, a, active = _tile_rows(ids_ptr, T, num_adapters, HAS_IDS, BLOCK_M)
     offs_b = tl.arange(0, MB_PAD)
     mask_b = offs_b < MB
     offs_d = tl.arange(0, BLOCK_D)
-    adapter = 0
-    if HAS_IDS:
-        adapter = tl.load(ids_ptr + sample * T)  # ids are per row, equal within a sample
-    active = (adapter >= 0) & (adapter < num_adapters)
-    a = tl.where(active, adapter, 0).to(tl.int64)
     operand = tl.float32 if UPCAST else x_ptr.dtype.element_ty
 
     z_pre, _, _ = _pre_activation(x_ptr, wd_ptr, c1_ptr, c0_ptr, rows, mask_t, a, D, MB, stride_xr, ln_eps, HAS_LN,
@@ -156,63 +163,75 @@ def _bottleneck_kernel(
             tl.store(ptrs, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _folded(adapters, stacked: bool):
+def _folded(adapters):
     """(Wd', rowsum(Wd'), c0) per adapter, fp32 where it is a sum: the LayerNorm folded into the down-projection."""
     down_w, down_b = adapters.down_weight, adapters.down_bias
-    if not stacked:
-        down_w, down_b = down_w[None], down_b[None]
     if adapters.ln_weight is None:
         return down_w.contiguous(), down_b, down_b.float().contiguous()
     g, b = adapters.ln_weight, adapters.ln_bias
-    if not stacked:
-        g, b = g[None], b[None]
     w_eff = (down_w.float() * g.float()[:, None, :]).to(down_w.dtype)
     c1 = w_eff.float().sum(-1)
     c0 = torch.einsum("amd,ad->am", down_w.float(), b.float()) + down_b.float()
     return w_eff.contiguous(), c1.contiguous(), c0.contiguous()
 
 
+class _Setup(NamedTuple):
+    """What the forward and the backward launches share."""
+
+    w_eff: torch.Tensor  # [A, m, d]: Wd with the LayerNorm's weight folded in (Wd itself without LN)
+    c1: torch.Tensor  # fp32 [A, m]: rowsum(w_eff) (without LN: unused, bd)
+    c0: torch.Tensor  # fp32 [A, m]: Wd @ ln_bias + bd (without LN: bd)
+    scale: torch.Tensor  # fp32 [A, 1] or [A, d]; c0 as a placeholder for a float scaling
+    scale_kind: int  # 0: scale_value, 1: one per adapter, 2: one per feature
+    scale_value: float
+    rows_per_program_group: int  # T: the rows of one sample (all rows without ids)
+    grid: tuple[int, int]  # (samples, row tiles per sample)
+    mb_pad: int
+
+
+def _setup(x: torch.Tensor, adapters, ids, rows_per_sample: int) -> _Setup:
+    w_eff, c1, c0 = _folded(adapters)
+    scale = scale_table(adapters.scaling, w_eff.shape[0])
+    kind = 0 if scale is None else (1 if scale.shape[1] == 1 else 2)
+    value = float(adapters.scaling) if scale is None else 1.0
+    # Samples of T rows: ids are per sample, so a program's rows share one adapter. Without ids, one "sample".
+    t = rows_per_sample if ids is not None else x.shape[0]
+    mb_pad = max(16, triton.next_power_of_2(w_eff.shape[1]))
+    return _Setup(w_eff, c1, c0, c0 if scale is None else scale, kind, value, t,
+                  (x.shape[0] // t, triton.cdiv(t, BLOCK_M)), mb_pad)  # fmt: skip
+
+
 def bottleneck_forward(
     x, residual, adapters, ids, rows_per_sample: int, activation: str, ln_eps: float, post
 ) -> torch.Tensor:
-    """Rows x [M, d] (unit inner stride or a copy is made), residual like x or None, the (stacked when ids is
-    given) parameters, ids int32 [M] constant over each run of ``rows_per_sample`` rows (one sample), or None;
-    ``post`` (fastpeft.ops.bottleneck.Post): the add + LayerNorm after, if any. Returns y [M, d] in x's dtype."""
+    """Rows x [M, d] (unit inner stride or a copy is made), residual like x or None, the parameters stacked
+    ([A, ...], fastpeft.ops.bottleneck.Adapters), ids int32 [M] constant over each run of ``rows_per_sample``
+    rows (one sample), or None (adapter 0 everywhere); ``post`` (fastpeft.ops.bottleneck.Post): the add +
+    LayerNorm after, if any. Returns y [M, d] in x's dtype."""
     m_rows, d = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     res = x if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous())
     y = torch.empty_like(x)
     if m_rows == 0:
         return y
-    stacked = ids is not None
-    w_eff, c1, c0 = _folded(adapters, stacked)
-    up_w = (adapters.up_weight if stacked else adapters.up_weight[None]).contiguous()
-    up_b = (adapters.up_bias if stacked else adapters.up_bias[None]).contiguous()
-    num_adapters, mb = w_eff.shape[0], w_eff.shape[1]
-    scaling = adapters.scaling
-    if isinstance(scaling, torch.Tensor):
-        scale = scaling.reshape(num_adapters, -1).contiguous()
-        kind, value = (1 if scale.shape[1] == 1 else 2), 1.0
-    else:
-        scale, kind, value = c0, 0, float(scaling)
-    # Samples of T rows: ids are per sample, so a program's rows share one adapter. Without ids, one "sample".
-    t = rows_per_sample if stacked else m_rows
-    grid = (m_rows // t, triton.cdiv(t, BLOCK_M))
+    setup = _setup(x, adapters, ids, rows_per_sample)
+    num_adapters, mb = setup.w_eff.shape[:2]
     out_res = post.out_residual
     out_res = None if out_res is None else (out_res if out_res.stride(-1) == 1 else out_res.contiguous())
     out_ln = post.out_ln_weight is not None
     with _on_device(x):
-        _bottleneck_kernel[grid](
-            x, res, w_eff, c1, c0, up_w, up_b, scale, ids if stacked else c0, y,
+        _bottleneck_kernel[setup.grid](
+            x, res, setup.w_eff, setup.c1, setup.c0, adapters.up_weight.contiguous(), adapters.up_bias.contiguous(),
+            setup.scale, ids if ids is not None else setup.c0, y,
             out_res if out_res is not None else y, post.out_ln_weight if out_ln else y,
             post.out_ln_bias if out_ln else y,
-            t, d, mb, num_adapters,
+            setup.rows_per_program_group, d, mb, num_adapters,
             x.stride(0), res.stride(0), y.stride(0), (out_res if out_res is not None else y).stride(0),
-            float(ln_eps), value, float(post.out_ln_eps),
-            HAS_LN=adapters.ln_weight is not None, HAS_IDS=stacked, SCALE_KIND=kind,
+            float(ln_eps), setup.scale_value, float(post.out_ln_eps),
+            HAS_LN=adapters.ln_weight is not None, HAS_IDS=ids is not None, SCALE_KIND=setup.scale_kind,
             OUT_RES=out_res is not None, OUT_LN=out_ln,
             ACT=ACTIVATION_CODES[activation], DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
-            MB_PAD=max(16, triton.next_power_of_2(mb)), BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            MB_PAD=setup.mb_pad, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
         )  # fmt: skip
     return y
 
@@ -255,18 +274,10 @@ def _bottleneck_backward_kernel(
 ):  # fmt: skip
     # Gradients of y = [x +] s * (act(LN(x) Wd^T + bd) Wu^T + bu) for one tile of rows of one sample: z is
     # recomputed as in the forward; parameter gradients are summed over the tiles with fp32 atomics.
-    sample = tl.program_id(0)
-    offs_t = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_t = offs_t < T
-    rows = (sample * T + offs_t).to(tl.int64)
+    rows, mask_t, a, active = _tile_rows(ids_ptr, T, num_adapters, HAS_IDS, BLOCK_M)
     offs_b = tl.arange(0, MB_PAD)
     mask_b = offs_b < MB
     offs_d = tl.arange(0, BLOCK_D)
-    adapter = 0
-    if HAS_IDS:
-        adapter = tl.load(ids_ptr + sample * T)
-    active = (adapter >= 0) & (adapter < num_adapters)
-    a = tl.where(active, adapter, 0).to(tl.int64)
     on = tl.where(active, 1.0, 0.0)  # rows without an adapter pass dy through and add to no parameter
     operand = tl.float32 if UPCAST else x_ptr.dtype.element_ty
 
@@ -364,56 +375,32 @@ def backward_block_d(mb_pad: int, dtype: torch.dtype) -> int:
 
 
 def bottleneck_backward(x, dy, adapters, ids, rows_per_sample: int, activation: str, ln_eps: float, identity: bool):
-    """Gradients of the fused forward without the add + LayerNorm after: dx [M, d] (x's dtype; includes dy when
-    the residual is x itself, ``identity``) and fp32 gradients of every adapter tensor, stacked like the
-    parameters (``[A, ...]`` when ``ids`` is given, else the single adapter's shapes). Returns (dx, grads dict)."""
+    """Gradients of the fused forward without the add + LayerNorm after, for stacked parameters as in
+    :func:`bottleneck_forward`: dx [M, d] (x's dtype; includes dy when the residual is x itself, ``identity``)
+    and fp32 gradients of every adapter tensor, stacked like the parameters. Returns (dx, grads dict)."""
     m_rows, d = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    stacked = ids is not None
-    w_eff, c1, c0 = _folded(adapters, stacked)  # pass 1 recomputes z as the forward does
-
-    def lead(t):
-        return None if t is None else (t if stacked else t[None]).contiguous()
-
-    down_w, up_w, up_b = lead(adapters.down_weight), lead(adapters.up_weight), lead(adapters.up_bias)
-    num_adapters, mb = down_w.shape[0], down_w.shape[1]
-    f32 = dict(dtype=torch.float32, device=x.device)
-    grads = {
-        "down_weight": torch.zeros(num_adapters, mb, d, **f32),
-        "down_bias": torch.zeros(num_adapters, mb, **f32),
-        "up_weight": torch.zeros(num_adapters, d, mb, **f32),
-        "up_bias": torch.zeros(num_adapters, d, **f32),
-    }
-    scaling = adapters.scaling
-    if isinstance(scaling, torch.Tensor):
-        scale = scaling.reshape(num_adapters, -1).float().contiguous()
-        kind, value = (1 if scale.shape[1] == 1 else 2), 1.0
-        grads["scaling"] = torch.zeros_like(scale)
-    else:
-        scale, kind, value = c0, 0, float(scaling)
-    has_ln = adapters.ln_weight is not None
-    if has_ln:
-        grads["ln_weight"] = torch.zeros(num_adapters, d, **f32)
-        grads["ln_bias"] = torch.zeros(num_adapters, d, **f32)
+    setup = _setup(x, adapters, ids, rows_per_sample)  # pass 1 recomputes z as the forward does
+    num_adapters, mb = setup.w_eff.shape[:2]
+    grads = {name: torch.zeros(t.shape, dtype=torch.float32, device=x.device)
+             for name, t in zip(adapters._fields, adapters, strict=True) if isinstance(t, torch.Tensor)}  # fmt: skip
     dx = torch.empty_like(x)
-    mb_pad = max(16, triton.next_power_of_2(mb))
+    has_ln = adapters.ln_weight is not None
     if m_rows:
-        t = rows_per_sample if stacked else m_rows
-        grid = (m_rows // t, triton.cdiv(t, BLOCK_M))
-        ln_w, ln_b = (lead(adapters.ln_weight), lead(adapters.ln_bias)) if has_ln else (c0, c0)
+        c0 = setup.c0
         with _on_device(x):
-            _bottleneck_backward_kernel[grid](
-                x, dy, w_eff, down_w, c1, c0, up_w, up_b, scale, ln_w, ln_b, ids if stacked else c0, dx,
+            _bottleneck_backward_kernel[setup.grid](
+                x, dy, setup.w_eff, adapters.down_weight.contiguous(), setup.c1, c0, adapters.up_weight.contiguous(),
+                adapters.up_bias.contiguous(), setup.scale, adapters.ln_weight.contiguous() if has_ln else c0,
+                adapters.ln_bias.contiguous() if has_ln else c0, ids if ids is not None else c0, dx,
                 grads["down_weight"], grads["down_bias"], grads["up_weight"], grads["up_bias"],
                 grads.get("scaling", c0), grads.get("ln_weight", c0), grads.get("ln_bias", c0),
-                t, d, mb, num_adapters,
+                setup.rows_per_program_group, d, mb, num_adapters,
                 x.stride(0), dy.stride(0), dx.stride(0),
-                float(ln_eps), value,
-                HAS_LN=has_ln, HAS_IDS=stacked, SCALE_KIND=kind, IDENTITY=identity,
+                float(ln_eps), setup.scale_value,
+                HAS_LN=has_ln, HAS_IDS=ids is not None, SCALE_KIND=setup.scale_kind, IDENTITY=identity,
                 ACT=ACTIVATION_CODES[activation], DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
-                MB_PAD=mb_pad, BLOCK_M=BLOCK_M, BLOCK_D=backward_block_d(mb_pad, x.dtype),
+                MB_PAD=setup.mb_pad, BLOCK_M=BLOCK_M, BLOCK_D=backward_block_d(setup.mb_pad, x.dtype),
             )  # fmt: skip
-    if not stacked:
-        grads = {k: v[0] for k, v in grads.items()}
     return dx, grads

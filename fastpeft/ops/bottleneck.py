@@ -27,6 +27,9 @@ from fastpeft.backends import select_backend
 from fastpeft.ops.lora import FLOAT_DTYPES
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "leakyrelu", "sigmoid")
+# The kernels' activation codes (csrc/bottleneck.cu and triton_kernels/bottleneck.py switch on them).
+ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_new": 2, "silu": 3, "swish": 3, "tanh": 4, "leakyrelu": 5,
+                    "sigmoid": 6}  # fmt: skip
 LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which AdapterHub's "leakyrelu" uses
 # Decode (few rows) on the CUDA kernel (a few rows per block, weights re-read per block); the rest on Triton tiles.
 _CUDA_DECODE_MAX_M = 64
@@ -52,7 +55,8 @@ def activation_fn(name: str):
 
 
 class Adapters(NamedTuple):
-    """One or several bottleneck adapters' parameters; stacked on a leading adapter dimension when several."""
+    """Bottleneck adapters' parameters. The public function takes one adapter, or several stacked on a leading
+    dimension; the backends always see them stacked ([A, ...], A = 1 for a single adapter)."""
 
     down_weight: torch.Tensor  # [m, d] or [A, m, d]
     down_bias: torch.Tensor  # [m] or [A, m]
@@ -61,6 +65,19 @@ class Adapters(NamedTuple):
     scaling: float | torch.Tensor  # float, [1] or [d] ([A, 1] / [A, d] when stacked)
     ln_weight: torch.Tensor | None  # [d] or [A, d]
     ln_bias: torch.Tensor | None
+
+    def stacked(self) -> Adapters:
+        """One adapter as a stack of one (float scaling and absent LN parameters stay as they are)."""
+        return Adapters(*(t[None] if isinstance(t, torch.Tensor) else t for t in self))
+
+    def select(self, index: int) -> Adapters:
+        """Adapter ``index`` of the stack."""
+        return Adapters(*(t[index] if isinstance(t, torch.Tensor) else t for t in self))
+
+
+def scale_table(scaling: float | torch.Tensor, count: int) -> torch.Tensor | None:
+    """A tensor scaling as the kernels read it, fp32 [A, 1] or [A, d]; None for a float."""
+    return scaling.reshape(count, -1).float().contiguous() if isinstance(scaling, torch.Tensor) else None
 
 
 def bottleneck_reference(
@@ -99,15 +116,6 @@ class Post(NamedTuple):
     out_ln_eps: float
 
 
-NO_POST = Post(None, None, None, 1e-5)
-
-
-def _select(stacked: Adapters, ids: torch.Tensor | None, index: int) -> Adapters:
-    if ids is None:
-        return stacked
-    return Adapters(*(t if not isinstance(t, torch.Tensor) else t[index] for t in stacked))
-
-
 def _rows_of(ids: torch.Tensor | None, num_adapters: int) -> list[tuple[int, torch.Tensor | None]]:
     if ids is None:
         return [(0, None)]
@@ -119,9 +127,8 @@ def _composition(x, residual, adapters: Adapters, ids, activation, ln_eps, post:
     """The op as PyTorch operations (differentiable), in fp32 math with the bottleneck activations and the
     pre-norm sum rounded to ``dtype`` as the fused kernels round them."""
     y = (x if residual is None else residual).float()
-    count = adapters.down_weight.shape[0] if ids is not None else 1
-    for index, rows in _rows_of(ids, count):
-        a = _select(adapters, ids, index)
+    for index, rows in _rows_of(ids, adapters.down_weight.shape[0]):
+        a = adapters.select(index)
         xs = (x if rows is None else x[rows]).float()
         h = xs if a.ln_weight is None else torch.nn.functional.layer_norm(
             xs, xs.shape[-1:], a.ln_weight.float(), a.ln_bias.float(), ln_eps)  # fmt: skip
@@ -153,23 +160,19 @@ def _forward_triton(x, residual, adapters: Adapters, ids, rows_per_sample, activ
 
 
 def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps, post: Post):
-    from fastpeft.triton_kernels.bottleneck import ACTIVATION_CODES
-
-    def stacked(t):
-        return None if t is None else (t if ids is not None else t[None]).contiguous()
+    def dense(t):
+        return None if t is None else t.contiguous()
 
     def rows(t):
         return None if t is None else (t if t.stride(-1) == 1 else t.contiguous())
 
     scaling = adapters.scaling
-    scale = None
-    if isinstance(scaling, torch.Tensor):
-        scale = stacked(scaling).float().reshape(adapters.down_weight.shape[0] if ids is not None else 1, -1)
-    up_t = stacked(adapters.up_weight).transpose(-1, -2).contiguous()  # [A, m, d]: coalesced reads per feature
+    scale = scale_table(scaling, adapters.down_weight.shape[0])
+    up_t = adapters.up_weight.transpose(-1, -2).contiguous()  # [A, m, d]: coalesced reads per feature
     return torch.ops.fastpeft.bottleneck_forward_cuda(
-        rows(x), rows(residual), stacked(adapters.down_weight), stacked(adapters.down_bias), up_t,
-        stacked(adapters.up_bias), scale, float(scaling) if scale is None else 1.0, stacked(adapters.ln_weight),
-        stacked(adapters.ln_bias), ln_eps, None if ids is None else ids.contiguous(), ACTIVATION_CODES[activation],
+        rows(x), rows(residual), dense(adapters.down_weight), dense(adapters.down_bias), up_t,
+        dense(adapters.up_bias), scale, float(scaling) if scale is None else 1.0, dense(adapters.ln_weight),
+        dense(adapters.ln_bias), ln_eps, dense(ids), ACTIVATION_CODES[activation],
         rows(post.out_residual), post.out_ln_weight, post.out_ln_bias, post.out_ln_eps,
     )  # fmt: skip
 
@@ -362,8 +365,9 @@ def bottleneck_adapter(
     """
     adapters = Adapters(down_weight, down_bias, up_weight, up_bias, scaling, ln_weight, ln_bias)
     _check(x, residual, adapters, adapter_ids, activation, ln_eps)
-    count = down_weight.shape[0] if adapter_ids is not None else 1
-    ids = _row_ids(x, adapter_ids, count)
+    if adapter_ids is None:
+        adapters = adapters.stacked()
+    ids = _row_ids(x, adapter_ids, adapters.down_weight.shape[0])
     rows = x.reshape(-1, x.shape[-1])
     res = None if residual is None else residual.reshape(rows.shape)
     _check_post(x, out_residual, out_ln_weight, out_ln_bias, out_ln_eps)
