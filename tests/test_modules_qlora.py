@@ -192,3 +192,20 @@ def test_warmup_runs_4bit_layers_once_each(backend):
     model = nn.Sequential(qlora(), Linear4bit.from_linear(linear(k=24, n=16, bias=False)))
     assert fastpeft.warmup(model, [1, 5], training=True) == 4  # the QLoRA layer's own base is not run twice
     assert model[0].lora_A.grad is None
+
+
+def test_from_bnb_reads_a_layer_bitsandbytes_repacked_for_cpu_inference():
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.randn(64, 64) * 0.1
+    theirs = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    theirs.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4").to("cpu")
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        expected = theirs.eval()(x)  # bitsandbytes' CPU inference repacks the layer here (AVX-512 bf16 CPUs)
+    if not getattr(theirs.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("bitsandbytes did not repack here (no AVX-512 bf16)")
+    ours = Linear4bit.from_bnb(theirs)
+    assert not theirs.weight.quant_state.packing_format_for_cpu
+    assert rel_error(ours.dequantize(torch.float32), w) < 0.15  # NF4's own error: the layout is read right
+    with torch.no_grad():
+        assert rel_error(ours(x), expected) < 2e-2  # bitsandbytes' own numbers, to bf16 rounding

@@ -22,7 +22,7 @@ from torch import nn
 
 from fastpeft.ops.dropout import draw_mask
 from fastpeft.ops.qlora import Weight4bit, qlora_linear
-from fastpeft.ops.quant_4bit import BLOCKSIZES, QUANT_TYPES, QuantState
+from fastpeft.ops.quant_4bit import BLOCKSIZES, QUANT_TYPES, QuantState, restore_bnb_layout
 
 
 @functools.cache
@@ -55,15 +55,8 @@ def kernel_weight(layer: nn.Module) -> Weight4bit:
     from fastpeft.integrations.peft import _cached
 
     weight = layer.base_layer.weight
+    restore_bnb_layout(weight)  # a forward before the patch may have repacked it (bitsandbytes' CPU inference)
     state = weight.quant_state
-    if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes' CPU inference (AVX-512 bf16) repacked the layer into a private layout on a forward before
-        # the patch: put it back in the standard one, as bitsandbytes does before saving (its absmax stays as
-        # that repacking rounded it).
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-        state = weight.quant_state
     key = (weight.data_ptr(), id(state), state.absmax.data_ptr(), weight.device)
     return _cached(layer, "weight4bit", key, lambda: Weight4bit.from_state(weight.data, QuantState.from_bnb(state)))
 

@@ -13,7 +13,7 @@ from fastpeft._autocast import compute_dtype
 from fastpeft.ops.dropout import check_p
 from fastpeft.ops.lora import FLOAT_DTYPES
 from fastpeft.ops.qlora import Weight4bit, qlora_linear
-from fastpeft.ops.quant_4bit import QuantState, check_quant_state, dequantize_4bit, quantize_4bit
+from fastpeft.ops.quant_4bit import QuantState, check_quant_state, dequantize_4bit, quantize_4bit, restore_bnb_layout
 
 REQUANTIZE_WARNING = (
     "re-quantizing a merged weight to 4 bits is lossy: the adapter's delta is rounded to the 4-bit grid, so the "
@@ -77,11 +77,12 @@ class Linear4bit(nn.Module):
     def from_bnb(cls, layer: nn.Module) -> Linear4bit:
         """The same layer from a ``bitsandbytes.nn.Linear4bit`` (its bytes and state shared, not copied)."""
         weight = getattr(layer, "weight", None)
-        state = getattr(weight, "quant_state", None)
-        if state is None:
+        if getattr(weight, "quant_state", None) is None:
             raise TypeError(f"layer must be a quantized bitsandbytes Linear4bit, got {type(layer).__name__} "
                             "(bitsandbytes quantizes on the first .to(device) or forward)")  # fmt: skip
-        return cls(weight.data, QuantState.from_bnb(state), layer.bias, getattr(layer, "compute_dtype", None))
+        restore_bnb_layout(weight)  # bitsandbytes' CPU inference may have repacked it into its private layout
+        state = QuantState.from_bnb(weight.quant_state)
+        return cls(weight.data, state, layer.bias, getattr(layer, "compute_dtype", None))
 
     def kernel_weight(self) -> Weight4bit:
         """The weight as the kernels take it (state checked once, then cached until the module moves)."""

@@ -231,6 +231,17 @@ class QuantState:
                    nested)  # fmt: skip
 
 
+def restore_bnb_layout(param: Any) -> None:
+    """Put a bitsandbytes ``Params4bit`` back in the standard layout, in place, if bitsandbytes' CPU inference
+    (AVX-512 bf16) repacked it into its private one on an eval forward; as bitsandbytes does before saving (absmax
+    stays as that repacking rounded it, to bf16). A no-op for a parameter in the standard layout."""
+    state = getattr(param, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        param.data, param.quant_state = _convert_weight_packed_for_cpu_inverse(param.data, state)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
