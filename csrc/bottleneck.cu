@@ -1,19 +1,26 @@
-// The `bottleneck` op family on CUDA: a bottleneck adapter's forward for a few rows per block (decode).
+// The `bottleneck` op family on CUDA: a bottleneck adapter's forward, x read once and y written once.
 //
-//   bottleneck_rows_kernel  rows of x staged in shared memory (fp32), the LayerNorm applied there, a warp per
-//                           bottleneck unit for z = act(h . Wd[j] + bd[j]) (z kept in shared memory), then a
-//                           thread per feature for y = residual + s * (z . Wu^T[:, k] + bu[k]), Wu read
-//                           transposed so that a warp's reads are coalesced; optionally the add + LayerNorm
-//                           after (out_residual, out_ln_*), on the row kept in shared memory
+//   bottleneck_rows_kernel  decode (few rows) and every shape the tile kernel does not take: rows of x staged in
+//                           shared memory (fp32), the LayerNorm applied there, a warp per bottleneck unit for
+//                           z = act(h . Wd[j] + bd[j]) (z kept in shared memory), then a thread per feature for
+//                           y = residual + s * (z . Wu^T[:, k] + bu[k]), Wu read transposed so that a warp's
+//                           reads are coalesced; optionally the add + LayerNorm after (out_residual, out_ln_*)
+//   bottleneck_tile_kernel  prefill in fp16/bf16 (d and m multiples of 16): 16 rows per block staged once in
+//                           shared memory in x's dtype (16 x 4096 x 2 bytes = 128 KiB at d = 4096), both products
+//                           on the tensor cores (WMMA 16x16x16, fp32 accumulators), the LayerNorm folded into
+//                           the down-projection as the Triton kernel folds it, z in shared memory, y built in
+//                           place of x in shared memory (the add + LayerNorm after included) and stored once
 //
-// Every block re-reads the adapter's weights (from L2): the right trade for decode, where rows are few. Prefill
-// runs the Triton tile kernel (fastpeft/ops/bottleneck.py prefers it above 64 rows).
+// Both kernels re-read the adapter's weights per block (from L2): the weights are small next to x at the sizes
+// bottleneck adapters have (m <= 256).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <mma.h>
 
 #include <cstdint>
 
@@ -26,6 +33,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarpSize;
 constexpr int kSharedBudget = 40 * 1024;  // under the 48 KiB a block gets without opting in
+constexpr int64_t kDecodeRows = 64;        // up to this many rows, the rows kernel (fastpeft/ops/bottleneck.py)
 
 __device__ __forceinline__ float activate(float v, int code) {
   switch (code) {
@@ -146,11 +154,265 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Prefill: bottleneck_tile_kernel
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr int kTileRows = 16;  // one WMMA tile of rows per block
+constexpr int kTileThreads = 256;
+constexpr int kTileWarps = kTileThreads / kWarpSize;
+constexpr int kRowPad = 8;      // elements: rows stay 16-byte aligned and start on different banks
+constexpr int kAccLd = 16 + 4;  // a warp's fp32 scratch tile [16][kAccLd]
+constexpr int64_t kTileMaxM = 256;
+
+// Where each buffer of the tile kernel lies in its dynamic shared memory (bytes; the same on host and device).
+struct TileLayout {
+  int64_t ldx, ldz, ldh;  // row pitches (elements) of xs, zs, hs
+  int ksplit;             // warps that share one 16-column tile of h, each over a slice of d
+  size_t xs, hs, zs, stats, total;
+};
+
+__host__ __device__ inline TileLayout tile_layout(int64_t d, int64_t m) {
+  TileLayout l{};
+  const int m_tiles = static_cast<int>(m / 16);
+  l.ksplit = m_tiles >= kTileWarps ? 1 : kTileWarps / m_tiles;
+  l.ldx = d + kRowPad;
+  l.ldz = m + kRowPad;
+  l.ldh = m + 4;
+  const size_t h_parts = static_cast<size_t>(l.ksplit) * kTileRows * l.ldh * sizeof(float);
+  const size_t acc = static_cast<size_t>(kTileWarps) * kTileRows * kAccLd * sizeof(float);
+  l.xs = 0;
+  l.hs = l.xs + static_cast<size_t>(kTileRows) * l.ldx * 2;  // 16-bit elements; a multiple of 32 bytes
+  l.zs = l.hs + (h_parts > acc ? h_parts : acc);              // hs holds h's partial sums, later the warps' tiles
+  l.stats = l.zs + static_cast<size_t>(kTileRows) * l.ldz * 2;
+  l.total = l.stats + 2 * kTileRows * sizeof(float);
+  return l;
+}
+
+// grid (ceil(M / 16)), block kTileThreads, dynamic shared memory tile_layout(d, m).total. x, res, out_res and y
+// are 16-byte aligned with row strides that are multiples of 8 elements; wd (LayerNorm weight folded in, as
+// triton_kernels/bottleneck.py's _folded makes it) and wu_t are [A, m, d], 32-byte aligned; c1 = rowsum(wd) and
+// c0 = Wd . ln_bias + bd (bd without LayerNorm) are fp32 [A, m]. res == nullptr: the residual is x.
+template <typename T, bool kLayerNorm>
+__global__ void __launch_bounds__(kTileThreads)
+    bottleneck_tile_kernel(const T* __restrict__ x, const T* __restrict__ res, const T* __restrict__ wd,
+                           const float* __restrict__ c1, const float* __restrict__ c0, const T* __restrict__ wu_t,
+                           const T* __restrict__ bu, const float* __restrict__ scale, const int* __restrict__ ids,
+                           const T* __restrict__ out_res, const T* __restrict__ out_ln_w,
+                           const T* __restrict__ out_ln_b, T* __restrict__ y, Params p) {
+  using namespace nvcuda;
+  using Wmma = WmmaType<T>;
+  using WT = typename Wmma::type;
+  extern __shared__ __align__(128) unsigned char shared_bytes[];
+  const TileLayout l = tile_layout(p.d, p.m);
+  WT* xs = reinterpret_cast<WT*>(shared_bytes + l.xs);  // [16][ldx]: the rows of x, then of y
+  float* hs = reinterpret_cast<float*>(shared_bytes + l.hs);
+  WT* zs = reinterpret_cast<WT*>(shared_bytes + l.zs);  // [16][ldz]
+  float* mean_s = reinterpret_cast<float*>(shared_bytes + l.stats);
+  float* rstd_s = mean_s + kTileRows;
+  __shared__ int run_adapter, run_end;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kTileRows;
+  const int rows = static_cast<int>(p.rows - first < kTileRows ? p.rows - first : kTileRows);
+  constexpr int kVec = 8;  // elements per 16-byte access
+  const int64_t vecs = p.d / kVec;
+
+  // The only read of x: 16-byte loads into shared memory, rows past M zero.
+  for (int64_t i = threadIdx.x; i < kTileRows * vecs; i += kTileThreads) {
+    const int r = static_cast<int>(i / vecs);
+    const int64_t c = (i % vecs) * kVec;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (r < rows) v = __ldg(reinterpret_cast<const uint4*>(x + (first + r) * p.x_stride + c));
+    *reinterpret_cast<uint4*>(xs + r * l.ldx + c) = v;
+  }
+  __syncthreads();
+  if constexpr (kLayerNorm) {  // two-pass statistics of each row, a warp per row
+    for (int r = warp; r < kTileRows; r += kTileWarps) {
+      const WT* xr = xs + r * l.ldx;
+      float sum = 0.f;
+      for (int64_t k = lane; k < p.d; k += kWarpSize) sum += Wmma::to_float(xr[k]);
+      const float mean = warp_sum(sum) / p.d;
+      float sq = 0.f;
+      for (int64_t k = lane; k < p.d; k += kWarpSize) {
+        const float dv = Wmma::to_float(xr[k]) - mean;
+        sq += dv * dv;
+      }
+      sq = warp_sum(sq);
+      if (lane == 0) {
+        mean_s[r] = mean;
+        rstd_s[r] = rsqrtf(sq / p.d + p.ln_eps);
+      }
+    }
+  }
+
+  // Runs of rows with one adapter (a sample's rows share one; a tile may straddle samples): each run computes
+  // h for all 16 rows on the tensor cores and keeps its own.
+  const int m_tiles = static_cast<int>(p.m / 16);
+  for (int r0 = 0; r0 < rows;) {
+    __syncthreads();  // every thread has read the previous run's bounds; the statistics are in place
+    if (threadIdx.x == 0) {
+      const int a = ids == nullptr ? 0 : ids[first + r0];
+      int r1 = r0 + 1;
+      while (r1 < rows && (ids == nullptr || ids[first + r1] == a)) ++r1;
+      run_adapter = a;
+      run_end = r1;
+    }
+    __syncthreads();
+    const int a = run_adapter, r1 = run_end;
+    const bool active = a >= 0 && a < p.adapters;
+    if (active) {
+      // h = x . Wd'^T: warp t owns the 16 columns t % m_tiles over the slice t / m_tiles of d.
+      const T* wa = wd + static_cast<int64_t>(a) * p.m * p.d;
+      for (int t = warp; t < m_tiles * l.ksplit; t += kTileWarps) {
+        const int n = t % m_tiles, part = t / m_tiles;
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int64_t k = part * 16; k < p.d; k += 16 * l.ksplit) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::col_major> fb;  // B(k, j) = Wd'[j, k]
+          wmma::load_matrix_sync(fa, xs + k, static_cast<unsigned>(l.ldx));
+          wmma::load_matrix_sync(fb, reinterpret_cast<const WT*>(wa + n * 16 * p.d + k), static_cast<unsigned>(p.d));
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(hs + part * kTileRows * l.ldh + n * 16, acc, static_cast<unsigned>(l.ldh),
+                                wmma::mem_row_major);
+      }
+      __syncthreads();
+      // z = act(h + c0), the LayerNorm unfolded: h = rstd * (x . Wd'^T - mean * c1) + c0; rounded to x's dtype
+      // as the unfused module's activations are.
+      for (int i = threadIdx.x; i < kTileRows * p.m; i += kTileThreads) {
+        const int r = static_cast<int>(i / p.m), j = static_cast<int>(i % p.m);
+        float h = 0.f;
+        for (int part = 0; part < l.ksplit; ++part) h += hs[(part * kTileRows + r) * l.ldh + j];
+        if constexpr (kLayerNorm) h = rstd_s[r] * (h - mean_s[r] * c1[a * p.m + j]);
+        zs[r * l.ldz + j] = Wmma::from_float(activate(h + c0[a * p.m + j], p.activation));
+      }
+      __syncthreads();
+    }
+    // y = residual + s * (z . Wu^T + bu) (+ out_residual) for this run's rows, written over their x in shared
+    // memory: warp w owns the 16-feature columns w, w + 8, ...; an element is read and written by one lane.
+    float* scratch = hs + warp * kTileRows * kAccLd;
+    const T* ua = wu_t + static_cast<int64_t>(active ? a : 0) * p.m * p.d;
+    for (int64_t n = warp; n < p.d / 16; n += kTileWarps) {
+      if (active) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+        for (int64_t j = 0; j < p.m; j += 16) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, WT, wmma::row_major> fa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, WT, wmma::row_major> fb;  // B(j, k) = Wu[k, j]
+          wmma::load_matrix_sync(fa, zs + j, static_cast<unsigned>(l.ldz));
+          wmma::load_matrix_sync(fb, reinterpret_cast<const WT*>(ua + j * p.d + n * 16), static_cast<unsigned>(p.d));
+          wmma::mma_sync(acc, fa, fb, acc);
+        }
+        wmma::store_matrix_sync(scratch, acc, kAccLd, wmma::mem_row_major);
+        __syncwarp();
+      }
+      for (int e = lane; e < kTileRows * 16; e += kWarpSize) {
+        const int r = e / 16;
+        const int64_t k = n * 16 + e % 16;
+        if (r < r0 || r >= r1) continue;
+        WT& slot = xs[r * l.ldx + k];
+        float out = res == nullptr ? Wmma::to_float(slot) : static_cast<float>(res[(first + r) * p.res_stride + k]);
+        if (active) {
+          const float s = p.scale_kind == 0 ? p.scale_value : scale[p.scale_kind == 1 ? a : a * p.d + k];
+          out += s * (scratch[r * kAccLd + e % 16] + static_cast<float>(bu[a * p.d + k]));
+        }
+        if (out_res != nullptr) out += static_cast<float>(out_res[(first + r) * p.out_res_stride + k]);
+        slot = Wmma::from_float(out);
+      }
+      __syncwarp();  // the scratch tile is read before the next column overwrites it
+    }
+    r0 = r1;
+  }
+  __syncthreads();
+
+  // The only write of y, a warp per row; with the LayerNorm after, the row is normalised in place first
+  // (statistics of the rounded sum, as a LayerNorm applied to the stored sum sees it).
+  for (int r = warp; r < rows; r += kTileWarps) {
+    WT* yr = xs + r * l.ldx;
+    if (out_ln_w != nullptr) {
+      float sum = 0.f;
+      for (int64_t k = lane; k < p.d; k += kWarpSize) sum += Wmma::to_float(yr[k]);
+      const float mean = warp_sum(sum) / p.d;
+      float sq = 0.f;
+      for (int64_t k = lane; k < p.d; k += kWarpSize) {
+        const float dv = Wmma::to_float(yr[k]) - mean;
+        sq += dv * dv;
+      }
+      const float rstd = rsqrtf(warp_sum(sq) / p.d + p.out_ln_eps);
+      for (int64_t k = lane; k < p.d; k += kWarpSize) {
+        yr[k] = Wmma::from_float((Wmma::to_float(yr[k]) - mean) * rstd * static_cast<float>(out_ln_w[k]) +
+                                 static_cast<float>(out_ln_b[k]));
+      }
+      __syncwarp();
+    }
+    for (int64_t c = lane * kVec; c < p.d; c += kWarpSize * kVec) {
+      *reinterpret_cast<uint4*>(y + (first + r) * p.d + c) = *reinterpret_cast<const uint4*>(yr + c);
+    }
+  }
+}
+
 void check_param(const char* name, const at::Tensor& t, const at::Tensor& x, std::initializer_list<int64_t> shape) {
   TORCH_CHECK(t.scalar_type() == x.scalar_type() && t.device() == x.device() && t.is_contiguous(),
               "bottleneck_forward_cuda: ", name, " must be contiguous, of x's dtype and device");
   TORCH_CHECK(t.sizes().vec() == std::vector<int64_t>(shape), "bottleneck_forward_cuda: ", name, " must be ",
               at::IntArrayRef(shape), ", got ", t.sizes());
+}
+
+// ``t`` itself when its data is ``bytes``-aligned and its rows start at multiples of 8 elements, else an
+// aligned contiguous copy (a view at an odd offset, or rows of odd pitch, is rare: the copy is the simple way).
+at::Tensor aligned_rows(const at::Tensor& t, int64_t bytes) {
+  const bool ok = reinterpret_cast<std::uintptr_t>(t.data_ptr()) % bytes == 0 && t.stride(0) % 8 == 0 &&
+                  (t.dim() < 3 || t.is_contiguous());
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Whether the tile kernel takes these rows on this device (mirrored by fastpeft/ops/bottleneck.py's preference).
+bool tile_kernel_fits(const at::Tensor& x, int64_t M, int64_t d, int64_t m) {
+  const bool half_width = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  if (M <= kDecodeRows || !half_width || d % 16 != 0 || m % 16 != 0 || m == 0 || m > kTileMaxM) return false;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.get_device()));
+  return tile_layout(d, m).total + 2 * sizeof(int) <= static_cast<size_t>(optin);  // + the run's static bounds
+}
+
+template <typename T>
+void launch_tile_kernel(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& down_weight,
+                        const at::Tensor& down_bias, const at::Tensor& up_weight_t, const at::Tensor& up_bias,
+                        const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& ln_weight,
+                        const std::optional<at::Tensor>& ln_bias, const std::optional<at::Tensor>& ids,
+                        const std::optional<at::Tensor>& out_residual, const std::optional<at::Tensor>& out_ln_weight,
+                        const std::optional<at::Tensor>& out_ln_bias, at::Tensor& y, Params p) {
+  const at::Tensor xx = aligned_rows(x, 16);
+  const std::optional<at::Tensor> res = residual.has_value() ? std::optional(aligned_rows(*residual, 16)) : std::nullopt;
+  const std::optional<at::Tensor> out_res =
+      out_residual.has_value() ? std::optional(aligned_rows(*out_residual, 16)) : std::nullopt;
+  p.x_stride = xx.stride(0);
+  p.res_stride = res.has_value() ? res->stride(0) : 0;
+  p.out_res_stride = out_res.has_value() ? out_res->stride(0) : 0;
+  // The LayerNorm folded into the down-projection, as triton_kernels/bottleneck.py's _folded does it.
+  const bool ln = ln_weight.has_value();
+  const at::Tensor wd_f = down_weight.to(at::kFloat);
+  const at::Tensor w_eff = aligned_rows(ln ? (wd_f * ln_weight->to(at::kFloat).unsqueeze(1)).to(x.scalar_type())
+                                           : down_weight, 32);
+  const at::Tensor c1 = ln ? w_eff.to(at::kFloat).sum(-1).contiguous() : down_bias.to(at::kFloat).contiguous();
+  const at::Tensor c0 =
+      ln ? (at::matmul(wd_f, ln_bias->to(at::kFloat).unsqueeze(-1)).squeeze(-1) + down_bias.to(at::kFloat)).contiguous()
+         : c1;
+  const at::Tensor wu_t = aligned_rows(up_weight_t, 32);
+  const TileLayout layout = tile_layout(p.d, p.m);
+  auto kernel = ln ? bottleneck_tile_kernel<T, true> : bottleneck_tile_kernel<T, false>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(layout.total)));
+  const unsigned blocks = static_cast<unsigned>((p.rows + kTileRows - 1) / kTileRows);
+  kernel<<<blocks, kTileThreads, layout.total, c10::cuda::getCurrentCUDAStream()>>>(
+      xx.data_ptr<T>(), res.has_value() ? res->data_ptr<T>() : nullptr, w_eff.data_ptr<T>(), c1.data_ptr<float>(),
+      c0.data_ptr<float>(), wu_t.data_ptr<T>(), up_bias.data_ptr<T>(),
+      scale.has_value() ? scale->data_ptr<float>() : nullptr, ids.has_value() ? ids->data_ptr<int>() : nullptr,
+      out_res.has_value() ? out_res->data_ptr<T>() : nullptr,
+      out_ln_weight.has_value() ? out_ln_weight->data_ptr<T>() : nullptr,
+      out_ln_bias.has_value() ? out_ln_bias->data_ptr<T>() : nullptr, y.data_ptr<T>(), p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
@@ -204,12 +466,19 @@ at::Tensor bottleneck_forward_cuda(const at::Tensor& x, const std::optional<at::
   }
   auto y = at::empty({M, d}, x.options());
   if (M == 0) return y;
-  const int64_t per_row = (d + m) * static_cast<int64_t>(sizeof(float));
-  TORCH_CHECK(per_row <= kSharedBudget, "bottleneck_forward_cuda: d + m = ", d + m, " exceeds the kernel's shared memory");
-  const int rows_per_block = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, kSharedBudget / per_row)));
   Params p{M, d, m, A, x.stride(0), res.stride(0), out_residual.has_value() ? out_residual->stride(0) : 0,
            scale_kind, static_cast<float>(scale_value), static_cast<float>(ln_eps), static_cast<float>(out_ln_eps),
            static_cast<int>(activation)};
+  if (tile_kernel_fits(x, M, d, m)) {
+    AT_DISPATCH_REDUCED_FLOATING_TYPES(x.scalar_type(), "bottleneck_forward_cuda", [&] {
+      launch_tile_kernel<scalar_t>(x, residual, down_weight, down_bias, up_weight_t, up_bias, scale, ln_weight,
+                                   ln_bias, ids, out_residual, out_ln_weight, out_ln_bias, y, p);
+    });
+    return y;
+  }
+  const int64_t per_row = (d + m) * static_cast<int64_t>(sizeof(float));
+  TORCH_CHECK(per_row <= kSharedBudget, "bottleneck_forward_cuda: d + m = ", d + m, " exceeds the kernel's shared memory");
+  const int rows_per_block = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(8, kSharedBudget / per_row)));
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const unsigned blocks = static_cast<unsigned>((M + rows_per_block - 1) / rows_per_block);
   const size_t shared = static_cast<size_t>(rows_per_block) * per_row;

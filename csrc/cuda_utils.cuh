@@ -1,7 +1,10 @@
-// Device helpers shared by the op families' CUDA kernels (csrc/*.cu): 16-byte vector loads, warp sums.
+// Device helpers shared by the op families' CUDA kernels (csrc/*.cu): 16-byte vector loads, warp sums, the
+// tensor cores' element types.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,5 +34,21 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 inline bool aligned16(const at::Tensor& t) { return reinterpret_cast<std::uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The WMMA element type of a 16-bit torch dtype (same bits), with conversions to and from fp32.
+template <typename T>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> {
+  using type = __half;
+  static __device__ __forceinline__ type from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ float to_float(type v) { return __half2float(v); }
+};
+template <>
+struct WmmaType<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  static __device__ __forceinline__ type from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ float to_float(type v) { return __bfloat162float(v); }
+};
 
 }  // namespace fastpeft

@@ -224,19 +224,6 @@ __global__ void __launch_bounds__(kSimpleThreads)
   store_output(out, out_stride, bias, lora, m, j, acc);
 }
 
-template <typename T>
-struct WmmaType;
-template <>
-struct WmmaType<c10::Half> {
-  using type = __half;
-  static __device__ __forceinline__ type from_float(float v) { return __float2half_rn(v); }
-};
-template <>
-struct WmmaType<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  static __device__ __forceinline__ type from_float(float v) { return __float2bfloat16_rn(v); }
-};
-
 constexpr int kTileM = 64, kTileN = 64, kTileK = 32, kGemmThreads = 128, kPad = 8;
 
 template <typename T, bool kTrans>

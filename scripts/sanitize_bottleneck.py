@@ -3,8 +3,9 @@
     compute-sanitizer --tool memcheck python3 scripts/sanitize_bottleneck.py --backend triton
 
 Odd d and bottleneck sizes (masked chunks and padded bottleneck columns), LayerNorm folded or not, a per-channel
-scaling, several adapters per batch with samples that use none; the CUDA kernel is the decode one, so its cases
-keep to 64 rows. Environment and checks as in scripts/_sanitize.py.
+scaling, several adapters per batch with samples that use none. On CUDA: the rows kernel (decode, and d not a
+multiple of 16) and the tile kernel (fp16/bf16 beyond 64 rows: a partial last tile, tiles straddling samples of
+different adapters). Environment and checks as in scripts/_sanitize.py.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ _CASES = [
     (2, 37, 200, 24, 0, True, "gelu", "float32"),  # odd sizes, LayerNorm folded
     (5, 9, 64, 8, 3, True, "silu", "float16"),  # three adapters, one sample without any
     (3, 70, 130, 64, 2, False, "gelu_new", "bfloat16"),  # row tiles past one block
+    (3, 70, 128, 48, 2, True, "gelu_new", "bfloat16"),  # CUDA tiles straddling samples, LayerNorm folded
+    (2, 50, 96, 16, 0, False, "relu", "float16"),  # CUDA tiles, a partial last one
 ]
-CASES = {"triton": _CASES, "cuda": _CASES[:3]}
+CASES = {"triton": _CASES, "cuda": _CASES}
 
 
 def run_case(samples, tokens, d, m, adapters, ln, activation, dtype_name, *, backend, device="cuda") -> bool:

@@ -181,3 +181,43 @@ def test_fused_add_and_layer_norm_after(backend, adapters):
     for leaf, r, base, name in zip(leaves, ref_grads, plain_grads, ["x", "residual", "out_residual", "out_ln_weight",
                                                                     "out_ln_bias"], strict=True):  # fmt: skip
         assert_close_to_reference(leaf.grad, r, base, name)
+
+
+def _per_sample(x, p, ids, dtype, residual, out_residual, out_ln):
+    """The formula per sample in ``dtype`` (adapter ids[b], none for -1), then the add + LayerNorm after."""
+    rows = []
+    for b, a in enumerate(ids.tolist()):
+        res = None if residual is None else residual[b].to(dtype)
+        if a < 0:
+            rows.append(x[b].to(dtype) if res is None else res)
+            continue
+        one = {k: v[a].to(dtype) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+        rows.append(bottleneck_reference(x[b].to(dtype), **one, residual=res, activation="gelu"))
+    out = torch.stack(rows)
+    if out_residual is not None:
+        out = out + out_residual.to(dtype)
+    if out_ln is not None:
+        out = torch.nn.functional.layer_norm(out, out.shape[-1:], out_ln[0].to(dtype), out_ln[1].to(dtype), 1e-5)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16] + ([torch.float16] if HAS_GPU else []))
+@pytest.mark.parametrize("d, m", [(48, 16), (80, 48), (32, 256)])
+@pytest.mark.parametrize("post", [False, True])
+def test_prefill_tiles_across_samples(backend, dtype, d, m, post):
+    """The CUDA tile kernel's shapes (16-bit, more than 64 rows, d and m multiples of 16): a partial last tile of
+    16 rows; m of one, three and sixteen 16-wide tiles; samples of 10 rows, so tiles straddle samples of other
+    adapters and of none. With ``post``: a residual that is an unaligned view, and the add + LayerNorm after."""
+    ids = torch.tensor([2, -1, 0, 0, 1, 2, 1, -1, 0, 2, 2, 1, 0], device=DEVICE)
+    x = torch.randn(len(ids), 10, d, device=DEVICE).to(dtype)
+    p = params(d, m, dtype, ln=True, scaling="channel", adapters=3)
+    residual = out_residual = out_ln = None
+    if post:
+        residual = torch.randn(len(ids), 10, d + 1, device=DEVICE).to(dtype)[..., 1:]  # rows of odd pitch
+        out_residual = torch.randn_like(x)
+        out_ln = (torch.randn(d, device=DEVICE) * 0.2 + 1).to(dtype), (torch.randn(d, device=DEVICE) * 0.1).to(dtype)
+    y = bottleneck_adapter(x, **p, activation="gelu", adapter_ids=ids, residual=residual, out_residual=out_residual,
+                           out_ln_weight=None if out_ln is None else out_ln[0],
+                           out_ln_bias=None if out_ln is None else out_ln[1])  # fmt: skip
+    ref = _per_sample(x, f64(p), ids, torch.float64, residual, out_residual, out_ln)
+    assert_close_to_reference(y, ref, _per_sample(x, p, ids, dtype, residual, out_residual, out_ln))

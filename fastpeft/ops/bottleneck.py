@@ -9,11 +9,13 @@ Several adapters in one batch: weights stacked per adapter and one id per sample
 the fused form of AdapterHub's ``BatchSplit``.
 
 Backends: ``triton`` (triton_kernels/bottleneck.py: one kernel per tile of rows, the bottleneck activations kept
-on chip, LayerNorm folded into the down-projection), ``cuda`` (csrc/bottleneck.cu: a few rows per block, for
-decode) and ``torch`` (the composition, the CPU path and the reference's shape). The backward recomputes z
-from x (nothing of size [M, m] or [M, d] is saved but x) and gives x, every adapter parameter, the LN
-parameters and a tensor scaling their gradients: one Triton kernel (``bottleneck_adapter_backward``), or, with
-an add + LayerNorm after the adapter or on the other backends, the composition through autograd.
+on chip, LayerNorm folded into the down-projection; x read twice, the second time from L2), ``cuda``
+(csrc/bottleneck.cu: a few rows per block for decode; for fp16/bf16 prefill, 16 rows per block staged once in
+shared memory and both products on the tensor cores) and ``torch`` (the composition, the CPU path and the
+reference's shape). The backward recomputes z from x (nothing of size [M, m] or [M, d] is saved but x) and
+gives x, every adapter parameter, the LN parameters and a tensor scaling their gradients: one Triton kernel
+(``bottleneck_adapter_backward``), or, with an add + LayerNorm after the adapter or on the other backends, the
+composition through autograd.
 """
 
 from __future__ import annotations
@@ -31,10 +33,13 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "leakyrelu",
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_new": 2, "silu": 3, "swish": 3, "tanh": 4, "leakyrelu": 5,
                     "sigmoid": 6}  # fmt: skip
 LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which AdapterHub's "leakyrelu" uses
-# Decode (few rows) on the CUDA kernel (a few rows per block, weights re-read per block); the rest on Triton tiles.
+# Decode (few rows) on the CUDA rows kernel; prefill on the CUDA tile kernel (x read once) where it takes the
+# shape, else on the Triton tiles. Mirrors csrc/bottleneck.cu's kDecodeRows and tile_kernel_fits.
 _CUDA_DECODE_MAX_M = 64
-_DECODE_PREFERENCE = ("cuda", "triton")
-_PREFERENCE = ("triton", "cuda")
+_CUDA_TILE_MAX_M = 256
+_CUDA_TILE_SHARED_BYTES = 40 * 1024  # a bound on the tile kernel's shared memory besides its 16 rows of x
+_CUDA_FIRST = ("cuda", "triton")
+_TRITON_FIRST = ("triton", "cuda")
 
 
 def activation_fn(name: str):
@@ -180,10 +185,21 @@ def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activat
 IMPLS = {"torch": _forward_torch, "triton": _forward_triton, "cuda": _forward_cuda}
 
 
-def _run(x, *args):
-    decode = x.shape[0] <= _CUDA_DECODE_MAX_M
-    backend = select_backend("bottleneck_adapter", x.device, _DECODE_PREFERENCE if decode else _PREFERENCE)
-    return IMPLS[backend](x, *args)
+def _cuda_tiles_fit(x: torch.Tensor, m: int) -> bool:
+    """Whether csrc/bottleneck.cu's tile kernel takes these rows [M, d] (M beyond decode) with bottleneck m."""
+    d = x.shape[1]
+    if x.dtype not in (torch.float16, torch.bfloat16) or d % 16 or m % 16 or not 0 < m <= _CUDA_TILE_MAX_M:
+        return False
+    optin = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 0)
+    return 16 * (d + 8) * x.element_size() + _CUDA_TILE_SHARED_BYTES <= optin
+
+
+def _run(x, residual, adapters: Adapters, *args):
+    cuda_first = x.device.type == "cuda" and (
+        x.shape[0] <= _CUDA_DECODE_MAX_M or _cuda_tiles_fit(x, adapters.down_weight.shape[-2])
+    )
+    backend = select_backend("bottleneck_adapter", x.device, _CUDA_FIRST if cuda_first else _TRITON_FIRST)
+    return IMPLS[backend](x, residual, adapters, *args)
 
 
 # ----------------------------------------------------------------------------------------------------------
