@@ -57,19 +57,33 @@ def with_backend(variant: str, fn: Callable[[], object]) -> Callable[[], object]
     return forced
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -> float:
+class Timing(float):
+    """Median milliseconds per call, with ``spread``: the interquartile range of the samples over the median
+    (the noise a comparison between runs allows for)."""
+
+    spread: float
+
+    def __new__(cls, median: float, q1: float, q3: float) -> Timing:
+        timing = super().__new__(cls, median)
+        timing.spread = (q3 - q1) / median if median > 0 else 0.0
+        return timing
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, rep_ms: int = 100) -> Timing:
     """Median milliseconds per call: CUDA events over about ``rep_ms`` on a GPU, wall clock on a CPU."""
     if device.type == "cuda":
         import triton.testing
 
-        return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+        q1, median, q3 = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.25, 0.5, 0.75])
+        return Timing(median, q1, q3)
     fn()
     samples = []
     for _ in range(5):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+    q1, median, q3 = statistics.quantiles(samples, n=4)
+    return Timing(statistics.median(samples), q1, q3)
 
 
 COPY_BYTES = 256 * 2**20
@@ -89,7 +103,7 @@ def describe_error(exc: BaseException) -> str:
 
 def time_variants(
     steps: dict[str, Callable[[], object]], errors: dict[str, str], device: torch.device, rep_ms: int = 100
-) -> dict[str, float]:
+) -> dict[str, Timing]:
     """Median ms per variant (:func:`time_ms`). Variants that already failed are skipped, except for a wrong
     result, which is still timed; a variant that raises now gets its error recorded in ``errors``."""
     times = {}
@@ -114,16 +128,18 @@ def case_rows(
     speedups: dict[str, str] = {},  # noqa: B006 - read only
     extra: Callable[[float], dict] | None = None,
 ) -> list[dict]:
-    """One row per variant: ``ms``, ``error`` where it failed, ``ratio_vs_X = ms / time[baseline]`` for each
-    ``X: baseline`` of ``ratios``, ``speedup_vs_X = time[baseline] / ms`` for each of ``speedups``, and
-    ``extra(ms)`` (GB/s, TFLOP/s)."""
+    """One row per variant: ``ms`` (and ``ms_spread`` for a :class:`Timing`), ``error`` where it failed,
+    ``ratio_vs_X = ms / time[baseline]`` for each ``X: baseline`` of ``ratios``, ``speedup_vs_X = time[baseline]
+    / ms`` for each of ``speedups``, and ``extra(ms)`` (GB/s, TFLOP/s)."""
     rows = []
     for name in variants:
         ms = times.get(name)
-        row = {**fields, "op": op, "variant": name, "ms": ms}
+        row = {**fields, "op": op, "variant": name, "ms": None if ms is None else float(ms)}
         if name in errors:
             row["error"] = errors[name][:500]
         if ms is not None:
+            if isinstance(ms, Timing):
+                row["ms_spread"] = ms.spread
             row.update(extra(ms) if extra else {})
             row.update({f"ratio_vs_{k}": ms / times[b] for k, b in ratios.items() if b in times})
             row.update({f"speedup_vs_{k}": times[b] / ms for k, b in speedups.items() if b in times})

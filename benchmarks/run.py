@@ -3,11 +3,17 @@
 ``results.json`` (rows and the machine they ran on) is rewritten after every case, with ``"complete": false``
 until the run ends, so a run cut short still returns what it measured; a case that fails is a row with
 ``error``, not the end of the run. At the end: a PNG plot per op, ``summary.md`` (every target, its measured
-value, met or not) and the same table printed last.
+value, met or not) and the same table printed last; with ``--compare``, the regression table against an older
+run (benchmarks/compare.py), also written to ``compare.md``.
 
-    python benchmarks/run.py --out bench_out                  # targets + sweep on a GPU, smoke pass on a CPU
-    python benchmarks/run.py --out bench_out --budget-s 300   # start no case after 300 s
-    python benchmarks/run.py --out bench_out --quick          # smoke pass anywhere
+    fastpeft bench                                    # = python benchmarks/run.py: targets + sweep on a GPU
+    fastpeft bench --quick --ops lora,bottleneck      # smoke pass of two ops, anywhere
+    fastpeft bench --budget-s 300                     # start no case after 300 s
+    fastpeft bench --json new.json --plot plots/ --compare benchmarks/results/h100/results.json
+    fastpeft bench --compare auto                     # against this GPU's committed results, if any
+
+Exit status: 0, 1 when a row failed or regressed, 2 for bad input (an unknown op, a baseline that is corrupt
+or from another device), with one line naming it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +32,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"  # committed baselines, one folder per GPU (results_folder)
 sys.path.insert(0, str(HERE))
 
 import bench_bottleneck  # noqa: E402
@@ -33,6 +41,7 @@ import bench_lora  # noqa: E402
 import bench_multi_lora  # noqa: E402
 import bench_qlora  # noqa: E402
 import bench_train  # noqa: E402
+import compare  # noqa: E402
 import targets  # noqa: E402
 
 from fastpeft.cli import package_version  # noqa: E402
@@ -68,12 +77,24 @@ def machine() -> dict:
     }
 
 
+def results_folder(device: str) -> str:
+    """The folder under benchmarks/results/ for a report's device: "NVIDIA H100 80GB HBM3" -> "h100"."""
+    name = device.lower().replace("nvidia", "")
+    model = re.search(r"[a-z]*\d+[a-z]*", name)
+    return model.group(0) if model else re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "unknown"
+
+
+def committed_baseline(device: str) -> Path:
+    """Where the committed results of this device's kind live (``--compare auto`` reads them)."""
+    return RESULTS / results_folder(device) / "results.json"
+
+
 def ratio_fields(row: dict) -> list[str]:
     """The comparisons a row carries (``ratio_vs_*`` times, ``speedup_vs_*`` factors), in a stable order."""
     return sorted(k for k in row if k.startswith(("ratio_vs_", "speedup_vs_")))
 
 
-_NOT_CASE = {"op", "variant", "ms", "error", "m", "gbps", "bw_fraction", "adapter_gbps", "weight_gbps"}
+_NOT_CASE = compare.MEASURED | {"op", "variant", "m"}
 MAX_PANELS = 6
 
 
@@ -154,23 +175,63 @@ def run_plan(names: list[str], quick: bool) -> list[tuple[str, object]]:
     return order + [(name, case) for name in by_length for case in plans[name][heads[name] :]]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out", help="folder for results.json, summary.md and the plots")
-    parser.add_argument("--quick", action="store_true", help="smoke pass on tiny shapes")
-    parser.add_argument("--ops", default=",".join(BENCHES), help=f"comma list of {sorted(BENCHES)}")
+def progress(done: int, total: int, width: int = 20) -> str:
+    """A text progress bar that reads in a log as well as on a terminal: ``[#####-----] 12/24``."""
+    filled = width * done // max(total, 1)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
+
+
+def _fail(message: str) -> int:
+    print(f"fastpeft bench: {message}", file=sys.stderr)
+    return 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="fastpeft bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="bench_out", help="folder for summary.md (and, by default, the rest)")
+    parser.add_argument("--json", default=None, help="where the JSON report goes (default OUT/results.json)")
+    parser.add_argument("--plot", default=None, help="folder for the PNG plots (default OUT)")
+    parser.add_argument("--quick", action="store_true", help="smoke pass on tiny shapes (a few minutes on a CPU)")
+    parser.add_argument("--ops", default=",".join(BENCHES), help=f"comma list of {', '.join(BENCHES)}")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
-    args = parser.parse_args(argv)
-    unknown = sorted(set(args.ops.split(",")) - set(BENCHES))
-    if unknown:
-        parser.error(f"unknown op(s) {unknown}; expected some of {sorted(BENCHES)}")
+    parser.add_argument("--compare", default=None,
+                        help="an older results.json, or 'auto' (benchmarks/results/<gpu>/results.json)")  # fmt: skip
+    parser.add_argument("--threshold", type=float, default=compare.DEFAULT_THRESHOLD,
+                        help="slowdown allowed before noise is counted (default %(default)s)")  # fmt: skip
+    parser.add_argument("--floor-ms", type=float, default=compare.DEFAULT_FLOOR_MS,
+                        help="changes below this many ms never regress (default %(default)s)")  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = [name for name in args.ops.split(",") if name]
+    unknown = [name for name in names if name not in BENCHES]
+    if unknown or not names:
+        return _fail(f"unknown op {', '.join(unknown) or repr(args.ops)} (expected some of {', '.join(BENCHES)})")
+    info = machine()
+    baseline = None
+    if args.compare == "auto":
+        path = committed_baseline(info["device"])
+        args.compare = str(path) if path.exists() else None
+        print(f"comparing with {path}" if args.compare else f"no committed baseline at {path}: nothing to compare")
+    if args.compare is not None:
+        try:
+            baseline = compare.load_report(args.compare)
+            compare.check_comparable(baseline, info["device"])
+        except compare.BaselineError as exc:
+            return _fail(str(exc))
     quick = args.quick or not torch.cuda.is_available()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    json_path = Path(args.json) if args.json else out / "results.json"
+    plot_dir = Path(args.plot) if args.plot else out
+    for folder in (out, json_path.parent, plot_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = {"machine": machine(), "quick": quick, "complete": False, "skipped_cases": 0, "rows": []}
+    report = {"machine": info, "quick": quick, "complete": False, "skipped_cases": 0, "rows": []}
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
-    names = args.ops.split(",")
     plan = run_plan(names, quick)
     backends = {name: BENCHES[name].backends_for(device) for name in names}
     for index, (name, case) in enumerate(plan, 1):
@@ -181,26 +242,36 @@ def main(argv: list[str] | None = None) -> int:
         bench = BENCHES[name]
         rows = bench.run_case(case, device, backends[name])
         report["rows"].extend(rows)
-        write_json(out / "results.json", report)
+        write_json(json_path, report)
         auto = next(r for r in rows if r["variant"] == "fused:auto")
         failed = [r["variant"] for r in rows if r.get("error")]
         failures = f"  FAILED {failed}" if failed else ""
-        print(f"[{index}/{len(plan)} {name}] {bench.describe(case)}: fused:auto {_ratios(auto)}{failures}", flush=True)
+        print(f"{progress(index, len(plan))} {name} {bench.describe(case)}: fused:auto {_ratios(auto)}{failures}",
+              flush=True)  # fmt: skip
     for name in names:
         op_rows = [r for r in report["rows"] if r["op"] == BENCHES[name].OP]
         timed = [r for r in op_rows if ratio_fields(r)]
-        if timed and plot(timed, out / f"{name}.png"):
-            print(f"wrote {out / f'{name}.png'}")
+        if timed and plot(timed, plot_dir / f"{name}.png"):
+            print(f"wrote {plot_dir / f'{name}.png'}")
         print(summary(op_rows))
     report["complete"] = True
-    write_json(out / "results.json", report)
+    write_json(json_path, report)
     table = targets.summary_table(report["rows"])
     (out / "summary.md").write_text(f"# Targets ({report['machine']['device']})\n\n{table}\n")
-    print(f"wrote {out / 'results.json'} ({len(report['rows'])} rows, {report['machine']['device']})")
+    print(f"wrote {json_path} ({len(report['rows'])} rows, {report['machine']['device']})")
     print()
     print(table)
     failures = sum(bool(r.get("error")) for r in report["rows"])
-    return 1 if failures else 0
+    regressions = 0
+    if baseline is not None:
+        changes = compare.compare(baseline, report, args.threshold, args.floor_ms)
+        if not changes:
+            return _fail(f"baseline {args.compare} shares no timed fastpeft rows with this run")
+        regression_table = compare.table(changes)
+        (out / "compare.md").write_text(f"# Against {args.compare}\n\n{regression_table}\n")
+        regressions = sum(change.regressed for change in changes)
+        print(f"\n{regression_table}\n\n{regressions} of {len(changes)} rows slower than {args.compare}")
+    return 1 if failures or regressions else 0
 
 
 if __name__ == "__main__":

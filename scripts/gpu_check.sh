@@ -21,7 +21,7 @@
 #   bench     300  benchmarks/run.py with a budget 40 s under the limit: TARGETS.md's cases of every op first
 #                  (about three minutes with autotuning), then the sweeps, shortest first (the four training
 #                  steps of a small Llama, about a minute; multi_lora's, DoRA's, LoRA's) until the budget is
-#                  spent; summary last
+#                  spent; summary last, then the regression table against the committed results of this GPU
 # Whole run at most 1410 s (23.5 min). In device calls of at most 10 minutes: `build test` (540 s), `sanitize`
 # (570 s), then `bench` (300 s), each call right after the last so the machine stays warm; a fresh machine
 # needs `build` again first (about a minute).
@@ -103,8 +103,8 @@ stage_sanitize() {  # every scripts/sanitize_<op>.py, each backend, under memche
   return $rc
 }
 
-stage_bench() {
-  "$PY" benchmarks/run.py --out "$OUT/bench" --budget-s $((BENCH_LIMIT_S - 40))
+stage_bench() {  # --compare auto: against benchmarks/results/<gpu>/results.json when one is committed
+  "$PY" benchmarks/run.py --out "$OUT/bench" --budget-s $((BENCH_LIMIT_S - 40)) --compare auto
 }
 export -f stage_build stage_test stage_sanitize stage_bench
 
