@@ -50,7 +50,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fastpeft demo
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py --out bench_out
+	$(VENV)/bin/fastpeft bench --out bench_out
 
 gpu-check:
 	bash scripts/gpu_check.sh gpu_check_out

@@ -75,9 +75,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, the extension's state, the GPU and the usable backends")
-    demo = sub.add_parser("demo", help="a small Llama with LoRA layers: fused vs unfused outputs and times")
-    demo.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    demo.add_argument("--steps", type=int, default=10, help="timed forward passes per variant")
+    demo = sub.add_parser("demo", help="LoRA, a mixed batch, QLoRA and bottleneck adapters: before and after fastpeft")
+    demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
+    demo.add_argument("--model", default=None, help="a local transformers checkpoint (default: a small random Llama)")
+    demo.add_argument("--steps", type=int, default=5, help="timed forward passes per variant")
     sub.add_parser("bench", add_help=False, help="run the benchmarks (source checkout; fastpeft bench --help)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # every option belongs to benchmarks/run.py
@@ -87,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         print(env_report())
         return 0
     if args.command == "demo":
-        from fastpeft.demo import run_demo
+        from fastpeft.demo import DemoError, run_demo
 
-        return 0 if run_demo(device=args.device, steps=args.steps).passed else 1
+        try:
+            return 0 if run_demo(device=args.device, steps=args.steps, model=args.model).passed else 1
+        except DemoError as exc:
+            print(f"fastpeft demo: {exc}", file=sys.stderr)
+            return 2
     raise AssertionError(f"unhandled command {args.command}")
 
 

@@ -1,84 +1,73 @@
-"""``fastpeft demo``: a small Llama (random weights, built from a config, nothing downloaded) whose projections
-are wrapped in LoRALinear with random B; its logits through the fused op against the unfused PEFT math, and
-the time of both on the device present.
+"""``fastpeft demo``: what fastpeft does to a model, on the device present, as one table.
+
+A small Llama built from a config (random weights, nothing downloaded; ``--model PATH`` loads a local
+transformers checkpoint instead) runs four scenarios, each first as users run it today and then patched by
+fastpeft, with the largest difference between the two logits and the time of both:
+
+    LoRA           PEFT, three adapters of ranks 8, 16 and 32, one active      patch_peft_model
+    mixed batch    the same model, one adapter per sample (PEFT's adapter_names, the base model for one)
+    QLoRA          the base loaded in 4 bits by transformers + bitsandbytes (NF4, double quantization), PEFT
+                   LoRA on top (skipped without bitsandbytes)                    patch_peft_model
+    bottleneck     AdapterHub's seq_bn (Pfeiffer) adapters in every block; "before" is the unfused PyTorch
+                   composition AdapterHub computes                               add_bottleneck_adapters
+
+Every LoRA B and bottleneck up-projection is random: at PEFT's zero initialisation the adapters would add
+nothing and the comparison would test nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
+import tempfile
 import time
-import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from fastpeft.modules.lora import LoRALinear
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {"a": 8, "b": 16, "c": 32}  # name: rank
+# The largest relative difference from the unpatched model's logits a scenario may show, per dtype: fp32 is
+# summation order only; 16-bit logits of a model carry the rounding of every layer.
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+class DemoError(ValueError):
+    """Bad input to the demo (a --model path that is not a checkpoint, an unknown device): one line."""
+
+
+@dataclass
+class Scenario:
+    name: str
+    layers: int  # layers fastpeft runs
+    max_abs_diff: float  # max |fastpeft - before| over the logits
+    rel_diff: float  # ||fastpeft - before|| / ||before||
+    before_ms: float
+    fastpeft_ms: float
+    tolerance: float
+    skipped: str = ""  # why the scenario did not run
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.skipped) or (self.layers > 0 and self.rel_diff <= self.tolerance)
 
 
 @dataclass
 class DemoResult:
     device: str
     dtype: torch.dtype
-    lora_layers: int
-    rel_error_fused: float  # ||fused - float64 reference|| / ||reference||
-    rel_error_unfused: float  # the same for the unfused path in the model's dtype
-    fused_ms: float
-    unfused_ms: float
+    scenarios: list[Scenario]
 
     @property
     def passed(self) -> bool:
-        return self.rel_error_fused <= 2 * self.rel_error_unfused + 1e-6
+        return all(s.passed for s in self.scenarios)
 
 
-def build_model(hidden: int = 256, layers: int = 2, vocab: int = 512, r: int = 16) -> nn.Module:
-    """A small LlamaForCausalLM (random weights) with LoRALinear on every projection, B random."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=hidden * 11 // 4,  # deliberately not a multiple of 16
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config)
-    for block in model.model.layers:
-        for parent in (block.self_attn, block.mlp):
-            for name in PROJECTIONS:
-                if isinstance(getattr(parent, name, None), nn.Linear):
-                    lora = LoRALinear(getattr(parent, name), r=r, lora_alpha=2 * r)
-                    nn.init.normal_(lora.lora_B, std=0.02)  # B = 0 would test nothing
-                    setattr(parent, name, lora)
-    return model.eval()
-
-
-def _unfused_forward(self: LoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """PEFT's math: base layer, then the LoRA branch as two more linears, a scale and an add."""
-    lora = nn.functional.linear(nn.functional.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-    return self.base_layer(x) + lora * self.scaling
-
-
-@contextlib.contextmanager
-def unfused(model: nn.Module) -> Iterator[None]:
-    """Within the block, every LoRALinear of ``model`` computes the unfused PEFT way."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    for layer in layers:
-        layer.forward = types.MethodType(_unfused_forward, layer)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            del layer.forward
-
-
-def _time_ms(fn, steps: int, device: torch.device) -> float:
+def _time_ms(fn: Callable[[], object], steps: int, device: torch.device) -> float:
     fn()  # warm-up: compilation, autotuning
     times = []
     for _ in range(steps):
@@ -92,44 +81,190 @@ def _time_ms(fn, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref).norm() / ref.norm()).item()
+@contextlib.contextmanager
+def _forced_backend(name: str) -> Iterator[None]:
+    previous = os.environ.get("FASTPEFT_BACKEND")
+    os.environ["FASTPEFT_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["FASTPEFT_BACKEND"]
+        else:
+            os.environ["FASTPEFT_BACKEND"] = previous
 
 
-@torch.no_grad()
-def run_demo(device: str | None = None, steps: int = 10, batch: int = 4, seq: int = 64) -> DemoResult:
-    """Build the model, compare fused and unfused logits with a float64 reference, time both, print a table."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+def tiny_llama_checkpoint(path: Path, hidden: int = 256, layers: int = 2, vocab: int = 512) -> Path:
+    """Save a small random LlamaForCausalLM at ``path`` (in_features are multiples of 64, bitsandbytes'
+    blocksize: its CPU dequantization is wrong when blocks straddle rows)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    intermediate = (hidden * 11 // 4 + 63) // 64 * 64
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256)  # fmt: skip
     torch.manual_seed(0)
-    model = build_model()
-    tokens = torch.randint(0, model.config.vocab_size, (batch, seq))
-    with unfused(model):
-        reference = model.double()(tokens).logits  # the float64 reference, before rounding the weights
-    model = model.to(device=device, dtype=dtype)
-    tokens = tokens.to(device)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
 
-    fused_logits = model(tokens).logits
-    with unfused(model):
-        unfused_logits = model(tokens).logits
-        unfused_ms = _time_ms(lambda: model(tokens), steps, device)
-    fused_ms = _time_ms(lambda: model(tokens), steps, device)
-    result = DemoResult(
-        device=str(device),
-        dtype=dtype,
-        lora_layers=sum(isinstance(m, LoRALinear) for m in model.modules()),
-        rel_error_fused=_rel_error(fused_logits.cpu(), reference),
-        rel_error_unfused=_rel_error(unfused_logits.cpu(), reference),
-        fused_ms=fused_ms,
-        unfused_ms=unfused_ms,
-    )
-    print(f"fastpeft demo: Llama ({result.lora_layers} LoRA layers), batch {batch} x {seq} tokens, "
-          f"{device} {str(dtype).removeprefix('torch.')}")  # fmt: skip
-    print(f"  {'path':<8} {'rel. error vs float64':>22} {'forward ms':>11}")
-    print(f"  {'fused':<8} {result.rel_error_fused:>22.3e} {fused_ms:>11.3f}")
-    print(f"  {'unfused':<8} {result.rel_error_unfused:>22.3e} {unfused_ms:>11.3f}")
-    verdict = "PASS" if result.passed else "FAIL"
-    print(f"  {verdict}: fused error within 2x of the unfused path's (speed: {unfused_ms / fused_ms:.2f}x)")
-    if device.type == "cpu":
-        print("  (CPU: the torch backend runs; speed-ups need a GPU, see benchmarks/)")
+
+def check_checkpoint(path: str | Path) -> Path:
+    """``path`` as a Path when it is a local transformers checkpoint (a folder with config.json), else DemoError."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DemoError(f"--model {path}: no such folder")
+    if not (path / "config.json").is_file():
+        raise DemoError(f"--model {path}: not a transformers checkpoint (no config.json)")
+    return path
+
+
+def _vocab_size(path: Path) -> int:
+    from transformers import AutoConfig
+
+    try:
+        return int(AutoConfig.from_pretrained(path).vocab_size)
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise DemoError(f"--model {path}: transformers cannot read its config ({type(exc).__name__})") from None
+
+
+def _load(path: Path, device: torch.device, dtype: torch.dtype, **kwargs) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=str(device), **kwargs)
+    except TypeError:  # transformers 4.x names it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=dtype, device_map=str(device), **kwargs)
+    except (OSError, ValueError, KeyError) as exc:
+        raise DemoError(f"--model {path}: transformers cannot load it ({type(exc).__name__}: {exc})") from None
+    return model.eval()
+
+
+def _randomize(model: nn.Module, markers: tuple[str, ...], std: float) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(marker in name for marker in markers):
+                param.normal_(std=std)
+
+
+def _with_lora(base: nn.Module) -> nn.Module:
+    import peft
+
+    targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in base.named_modules())]
+    model = None
+    for name, rank in ADAPTERS.items():
+        config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+        if model is None:
+            model = peft.get_peft_model(base, config, adapter_name=name)
+        else:
+            model.add_adapter(name, config)
+    _randomize(model, ("lora_B",), 0.02)
+    model.set_adapter("a")
+    return model.eval()
+
+
+def _compare(name, run, fused, device, dtype, steps, unfused=None) -> Scenario:
+    """Logits and time of ``run()`` under ``unfused`` (a context; none by default), then under ``fused`` (a
+    context giving the number of layers fastpeft runs there)."""
+    with torch.no_grad():
+        with unfused or contextlib.nullcontext():
+            before = run().float()
+            before_ms = _time_ms(run, steps, device)
+        with fused as layers:
+            after = run().float()
+            after_ms = _time_ms(run, steps, device)
+    diff = after - before
+    return Scenario(name, layers, diff.abs().max().item(), (diff.norm() / before.norm()).item(), before_ms,
+                    after_ms, TOLERANCE[dtype])  # fmt: skip
+
+
+@contextlib.contextmanager
+def _peft_patched(model: nn.Module) -> Iterator[int]:
+    from fastpeft.integrations.peft import patch_peft_model, patched_layer_count, unpatch_peft_model
+
+    patch_peft_model(model)
+    try:
+        yield patched_layer_count(model)
+    finally:
+        unpatch_peft_model(model)
+
+
+def _lora_scenarios(path: Path, tokens, device, dtype, steps) -> list[Scenario]:
+    model = _with_lora(_load(path, device, dtype))
+    names = [("a", "b", "c", "__base__")[i % 4] for i in range(tokens.shape[0])]
+    return [
+        _compare("LoRA (PEFT, 1 of 3 adapters)", lambda: model(tokens).logits, _peft_patched(model), device, dtype,
+                 steps),
+        _compare("mixed batch (a, b, c, base)", lambda: model(tokens, adapter_names=names).logits,
+                 _peft_patched(model), device, dtype, steps),
+    ]  # fmt: skip
+
+
+def _qlora_scenario(path: Path, tokens, device, dtype, steps) -> Scenario:
+    name = "QLoRA (bitsandbytes NF4 + PEFT)"
+    try:
+        import bitsandbytes as bnb
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        return Scenario(name, 0, 0.0, 0.0, 0.0, 0.0, 0.0, skipped="bitsandbytes not installed")
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                      bnb_4bit_compute_dtype=dtype)  # fmt: skip
+    base = _load(path, device, dtype, quantization_config=quantization)
+    for module in base.modules():
+        # bitsandbytes' CPU inference repacks its weights into a private layout with bf16 scales (lossy): keep
+        # the standard layout, whose numbers are those bitsandbytes gives on a GPU.
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+    model = _with_lora(base)
+    return _compare(name, lambda: model(tokens).logits, _peft_patched(model), device, dtype, steps)
+
+
+def _bottleneck_scenario(path: Path, tokens, device, dtype, steps) -> Scenario:
+    from fastpeft.integrations.bottleneck_models import BottleneckLayer, add_bottleneck_adapters
+
+    model = add_bottleneck_adapters(_load(path, device, dtype), "seq_bn", "task")
+    _randomize(model, ("adapter_up",), 0.02)
+    layers = sum(isinstance(m, BottleneckLayer) for m in model.modules())
+    # before: the composition AdapterHub computes, five PyTorch operations per adapter
+    return _compare("bottleneck (seq_bn)", lambda: model(tokens).logits, contextlib.nullcontext(layers), device,
+                    dtype, steps, unfused=_forced_backend("torch"))  # fmt: skip
+
+
+def run_demo(
+    device: str | None = None, steps: int = 5, batch: int = 4, seq: int = 64, model: str | Path | None = None
+) -> DemoResult:
+    """Run the four scenarios on ``device`` (default: cuda when available) and print the table. ``model``: a
+    local transformers checkpoint (a folder with config.json); default: a small random Llama."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DemoError("--device cuda: no GPU visible to torch")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with tempfile.TemporaryDirectory() as tmp:
+        path = check_checkpoint(model) if model is not None else tiny_llama_checkpoint(Path(tmp) / "llama")
+        generator = torch.Generator().manual_seed(1)
+        tokens = torch.randint(0, _vocab_size(path), (batch, seq), generator=generator).to(device)
+        scenarios = _lora_scenarios(path, tokens, device, dtype, steps)
+        scenarios.append(_qlora_scenario(path, tokens, device, dtype, steps))
+        scenarios.append(_bottleneck_scenario(path, tokens, device, dtype, steps))
+    result = DemoResult(str(device), dtype, scenarios)
+    print(format_table(result, path.name if model is not None else "small random Llama", batch, seq))
     return result
+
+
+def format_table(result: DemoResult, model_name: str, batch: int, seq: int) -> str:
+    """The demo's table: per scenario, the layers fastpeft runs, the difference and both times."""
+    dtype = str(result.dtype).removeprefix("torch.")
+    lines = [f"fastpeft demo: {model_name}, batch {batch} x {seq} tokens, {result.device} {dtype}", "",
+             f"| {'scenario':<32} | layers | max abs diff | rel. diff | before ms | fastpeft ms | speed-up | ok |",
+             f"|{'-' * 34}|-------:|-------------:|----------:|----------:|------------:|---------:|----|"]  # fmt: skip
+    for s in result.scenarios:
+        if s.skipped:
+            lines.append(f"| {s.name:<32} | skipped: {s.skipped} |")
+            continue
+        lines.append(f"| {s.name:<32} | {s.layers:>6} | {s.max_abs_diff:>12.2e} | {s.rel_diff:>9.2e} | "
+                     f"{s.before_ms:>9.2f} | {s.fastpeft_ms:>11.2f} | {s.before_ms / s.fastpeft_ms:>7.2f}x | "
+                     f"{'yes' if s.passed else 'NO'} |")  # fmt: skip
+    lines.append("")
+    lines.append("PASS: every scenario within its tolerance" if result.passed else "FAIL: see the rows marked NO")
+    if result.device == "cpu":
+        lines.append("(CPU: fastpeft runs its PyTorch paths; the fused kernels need a GPU: --device cuda)")
+    return "\n".join(lines)

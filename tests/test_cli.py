@@ -23,10 +23,37 @@ def test_console_script_is_installed():
     assert "lora_linear" in result.stdout
 
 
-def test_demo_passes_on_this_device():
-    pytest.importorskip("transformers")
+def test_demo_runs_every_scenario_and_passes(capsys):
+    pytest.importorskip("peft")
     from fastpeft.demo import run_demo
 
-    result = run_demo(steps=1, batch=2, seq=16)
-    assert result.lora_layers == 14
+    result = run_demo(steps=1, batch=4, seq=16)
+    layers = {s.name.split(" (")[0]: s.layers for s in result.scenarios if not s.skipped}
+    assert layers == {"LoRA": 14, "mixed batch": 14, "QLoRA": 14, "bottleneck": 2}
     assert result.passed, result
+    table = capsys.readouterr().out
+    assert "| LoRA (PEFT, 1 of 3 adapters)" in table and "PASS" in table
+
+
+def test_demo_on_a_local_checkpoint(tmp_path, capsys):
+    pytest.importorskip("peft")
+    from fastpeft.demo import tiny_llama_checkpoint
+
+    path = tiny_llama_checkpoint(tmp_path / "my-llama", hidden=64, layers=1, vocab=97)
+    assert main(["demo", "--model", str(path), "--steps", "1"]) == 0
+    assert "fastpeft demo: my-llama" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda p: None, "no such folder"),
+        (lambda p: p.mkdir(), "not a transformers checkpoint (no config.json)"),
+        (lambda p: p.mkdir() or (p / "config.json").write_text("{broken"), "cannot read its config"),
+    ],
+)
+def test_demo_refuses_a_model_path_that_is_not_a_checkpoint(tmp_path, capsys, setup, message):
+    setup(tmp_path / "model")
+    assert main(["demo", "--model", str(tmp_path / "model")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
