@@ -189,6 +189,22 @@ __host__ __device__ inline TileLayout tile_layout(int64_t d, int64_t m) {
   return l;
 }
 
+// A LayerNorm's mean and 1 / sqrt(var + eps) (two passes) of the 16-bit row ``h`` [d], in every lane of a warp.
+template <typename T>
+__device__ __forceinline__ void warp_row_stats(const typename WmmaType<T>::type* h, int64_t d, float eps,
+                                               float& mean, float& rstd) {
+  const int lane = threadIdx.x % kWarpSize;
+  float sum = 0.f;
+  for (int64_t k = lane; k < d; k += kWarpSize) sum += WmmaType<T>::to_float(h[k]);
+  mean = warp_sum(sum) / d;
+  float sq = 0.f;
+  for (int64_t k = lane; k < d; k += kWarpSize) {
+    const float dv = WmmaType<T>::to_float(h[k]) - mean;
+    sq += dv * dv;
+  }
+  rstd = rsqrtf(warp_sum(sq) / d + eps);
+}
+
 // grid (ceil(M / 16)), block kTileThreads, dynamic shared memory tile_layout(d, m).total. x, res, out_res and y
 // are 16-byte aligned with row strides that are multiples of 8 elements; wd (LayerNorm weight folded in, as
 // triton_kernels/bottleneck.py's _folded makes it) and wu_t are [A, m, d], 32-byte aligned; c1 = rowsum(wd) and
@@ -226,21 +242,13 @@ __global__ void __launch_bounds__(kTileThreads)
     *reinterpret_cast<uint4*>(xs + r * l.ldx + c) = v;
   }
   __syncthreads();
-  if constexpr (kLayerNorm) {  // two-pass statistics of each row, a warp per row
+  if constexpr (kLayerNorm) {  // statistics of each row, a warp per row
     for (int r = warp; r < kTileRows; r += kTileWarps) {
-      const WT* xr = xs + r * l.ldx;
-      float sum = 0.f;
-      for (int64_t k = lane; k < p.d; k += kWarpSize) sum += Wmma::to_float(xr[k]);
-      const float mean = warp_sum(sum) / p.d;
-      float sq = 0.f;
-      for (int64_t k = lane; k < p.d; k += kWarpSize) {
-        const float dv = Wmma::to_float(xr[k]) - mean;
-        sq += dv * dv;
-      }
-      sq = warp_sum(sq);
+      float mean, rstd;
+      warp_row_stats<T>(xs + r * l.ldx, p.d, p.ln_eps, mean, rstd);
       if (lane == 0) {
         mean_s[r] = mean;
-        rstd_s[r] = rsqrtf(sq / p.d + p.ln_eps);
+        rstd_s[r] = rstd;
       }
     }
   }
@@ -331,15 +339,8 @@ __global__ void __launch_bounds__(kTileThreads)
   for (int r = warp; r < rows; r += kTileWarps) {
     WT* yr = xs + r * l.ldx;
     if (out_ln_w != nullptr) {
-      float sum = 0.f;
-      for (int64_t k = lane; k < p.d; k += kWarpSize) sum += Wmma::to_float(yr[k]);
-      const float mean = warp_sum(sum) / p.d;
-      float sq = 0.f;
-      for (int64_t k = lane; k < p.d; k += kWarpSize) {
-        const float dv = Wmma::to_float(yr[k]) - mean;
-        sq += dv * dv;
-      }
-      const float rstd = rsqrtf(warp_sum(sq) / p.d + p.out_ln_eps);
+      float mean, rstd;
+      warp_row_stats<T>(yr, p.d, p.out_ln_eps, mean, rstd);
       for (int64_t k = lane; k < p.d; k += kWarpSize) {
         yr[k] = Wmma::from_float((Wmma::to_float(yr[k]) - mean) * rstd * static_cast<float>(out_ln_w[k]) +
                                  static_cast<float>(out_ln_b[k]));
