@@ -9,13 +9,13 @@ Several adapters in one batch: weights stacked per adapter and one id per sample
 the fused form of AdapterHub's ``BatchSplit``.
 
 Backends: ``triton`` (triton_kernels/bottleneck.py: one kernel per tile of rows, the bottleneck activations kept
-on chip, LayerNorm folded into the down-projection; x read twice, the second time from L2), ``cuda``
-(csrc/bottleneck.cu: a few rows per block for decode; for fp16/bf16 prefill, 16 rows per block staged once in
-shared memory and both products on the tensor cores) and ``torch`` (the composition, the CPU path and the
-reference's shape). The backward recomputes z from x (nothing of size [M, m] or [M, d] is saved but x) and
-gives x, every adapter parameter, the LN parameters and a tensor scaling their gradients: one Triton kernel
-(``bottleneck_adapter_backward``), or, with an add + LayerNorm after the adapter or on the other backends, the
-composition through autograd.
+on chip, LayerNorm folded into the down-projection; x read twice, the second read hitting L2 when the tile
+is still there), ``cuda`` (csrc/bottleneck.cu: a few rows per block for decode; for fp16/bf16 prefill, 16 rows
+per block staged once in shared memory and both products on the tensor cores) and ``torch`` (the composition,
+the CPU path and the reference's shape). The backward recomputes z from x (nothing of size [M, m] or [M, d] is
+saved but x) and gives x, every adapter parameter, the LN parameters and a tensor scaling their gradients: one
+Triton kernel (``bottleneck_adapter_backward``), or, with an add + LayerNorm after the adapter or on the other
+backends, the composition through autograd.
 """
 
 from __future__ import annotations
