@@ -4,14 +4,13 @@ times and failures into rows with ratios to the baselines measured in the same c
 from __future__ import annotations
 
 import dataclasses
-import os
 import statistics
 import time
 from collections.abc import Callable, Iterable
 
 import torch
 
-from fastpeft.backends import available_backends
+from fastpeft.backends import available_backends, use_backend
 
 ROTATE_BYTES = 3 * 60 * 2**20  # operand sets rotated past three times an H200's L2
 
@@ -44,15 +43,8 @@ def with_backend(variant: str, fn: Callable[[], object]) -> Callable[[], object]
         return fn
 
     def forced():
-        previous = os.environ.get("FASTPEFT_BACKEND")
-        os.environ["FASTPEFT_BACKEND"] = name
-        try:
+        with use_backend(name):
             return fn()
-        finally:
-            if previous is None:
-                del os.environ["FASTPEFT_BACKEND"]
-            else:
-                os.environ["FASTPEFT_BACKEND"] = previous
 
     return forced
 

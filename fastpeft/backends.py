@@ -78,6 +78,20 @@ def forced_backend() -> str | None:
     return value
 
 
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force backend ``name`` (FASTPEFT_BACKEND) inside the block, restoring what was set before."""
+    previous = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = name
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENV_VAR]
+        else:
+            os.environ[ENV_VAR] = previous
+
+
 _recorders: list[list[tuple[str, str]]] = []
 
 

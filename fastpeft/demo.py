@@ -18,7 +18,6 @@ nothing and the comparison would test nothing.
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from fastpeft.backends import use_backend
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTERS = {"a": 8, "b": 16, "c": 32}  # name: rank
@@ -79,19 +80,6 @@ def _time_ms(fn: Callable[[], object], steps: int, device: torch.device) -> floa
             torch.cuda.synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-@contextlib.contextmanager
-def _forced_backend(name: str) -> Iterator[None]:
-    previous = os.environ.get("FASTPEFT_BACKEND")
-    os.environ["FASTPEFT_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["FASTPEFT_BACKEND"]
-        else:
-            os.environ["FASTPEFT_BACKEND"] = previous
 
 
 def tiny_llama_checkpoint(path: Path, hidden: int = 256, layers: int = 2, vocab: int = 512) -> Path:
@@ -226,7 +214,7 @@ def _bottleneck_scenario(path: Path, tokens, device, dtype, steps) -> Scenario:
     layers = sum(isinstance(m, BottleneckLayer) for m in model.modules())
     # before: the composition AdapterHub computes, five PyTorch operations per adapter
     return _compare("bottleneck (seq_bn)", lambda: model(tokens).logits, contextlib.nullcontext(layers), device,
-                    dtype, steps, unfused=_forced_backend("torch"))  # fmt: skip
+                    dtype, steps, unfused=use_backend("torch"))  # fmt: skip
 
 
 def run_demo(
