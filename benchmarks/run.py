@@ -37,6 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_bottleneck  # noqa: E402
 import bench_dora  # noqa: E402
+import bench_inference  # noqa: E402
 import bench_lora  # noqa: E402
 import bench_multi_lora  # noqa: E402
 import bench_qlora  # noqa: E402
@@ -53,6 +54,7 @@ BENCHES = {
     "bottleneck": bench_bottleneck,
     "qlora": bench_qlora,
     "train": bench_train,
+    "inference": bench_inference,
 }
 
 

@@ -35,6 +35,7 @@ ADAPTERS = {"a": 8, "b": 16, "c": 32}  # name: rank
 # The largest relative difference from the unpatched model's logits a scenario may show, per dtype: fp32 is
 # summation order only; 16-bit logits of a model carry the rounding of every layer.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 2e-2}
+ROUNDS = 3  # alternating timing rounds of the unpatched and the patched model
 
 
 class DemoError(ValueError):
@@ -115,7 +116,9 @@ def _vocab_size(path: Path) -> int:
         raise DemoError(f"--model {path}: transformers cannot read its config ({type(exc).__name__})") from None
 
 
-def _load(path: Path, device: torch.device, dtype: torch.dtype, **kwargs) -> nn.Module:
+def load_model(path: Path, device: torch.device, dtype: torch.dtype, **kwargs) -> nn.Module:
+    """The causal LM at ``path`` on ``device`` in ``dtype``, in eval mode; DemoError when transformers cannot
+    load it."""
     from transformers import AutoModelForCausalLM
 
     try:
@@ -134,7 +137,8 @@ def _randomize(model: nn.Module, markers: tuple[str, ...], std: float) -> None:
                 param.normal_(std=std)
 
 
-def _with_lora(base: nn.Module) -> nn.Module:
+def with_lora(base: nn.Module) -> nn.Module:
+    """PEFT LoRA adapters a, b, c (ranks 8, 16, 32) on every projection of ``base``, B random, "a" active."""
     import peft
 
     targets = [t for t in LORA_TARGETS if any(n.endswith(t) for n, _ in base.named_modules())]
@@ -151,22 +155,29 @@ def _with_lora(base: nn.Module) -> nn.Module:
 
 
 def _compare(name, run, fused, device, dtype, steps, unfused=None) -> Scenario:
-    """Logits and time of ``run()`` under ``unfused`` (a context; none by default), then under ``fused`` (a
-    context giving the number of layers fastpeft runs there)."""
+    """Logits and time of ``run()`` under ``unfused()`` (a context; none by default), then under ``fused()`` (a
+    context giving the number of layers fastpeft runs there). The two are timed in alternating rounds, each
+    the median of ``steps`` calls, and the fastest round counts: load on the machine then weighs on both."""
+    unfused = unfused or contextlib.nullcontext
     with torch.no_grad():
-        with unfused or contextlib.nullcontext():
+        with unfused():
             before = run().float()
-            before_ms = _time_ms(run, steps, device)
-        with fused as layers:
+        with fused() as layers:
             after = run().float()
-            after_ms = _time_ms(run, steps, device)
+        before_ms, after_ms = [], []
+        for _ in range(ROUNDS):
+            with unfused():
+                before_ms.append(_time_ms(run, steps, device))
+            with fused():
+                after_ms.append(_time_ms(run, steps, device))
     diff = after - before
-    return Scenario(name, layers, diff.abs().max().item(), (diff.norm() / before.norm()).item(), before_ms,
-                    after_ms, TOLERANCE[dtype])  # fmt: skip
+    return Scenario(name, layers, diff.abs().max().item(), (diff.norm() / before.norm()).item(), min(before_ms),
+                    min(after_ms), TOLERANCE[dtype])  # fmt: skip
 
 
 @contextlib.contextmanager
-def _peft_patched(model: nn.Module) -> Iterator[int]:
+def peft_patched(model: nn.Module) -> Iterator[int]:
+    """Inside the block the PEFT model runs patched by fastpeft (the number of layers it runs is given)."""
     from fastpeft.integrations.peft import patch_peft_model, patched_layer_count, unpatch_peft_model
 
     patch_peft_model(model)
@@ -177,44 +188,57 @@ def _peft_patched(model: nn.Module) -> Iterator[int]:
 
 
 def _lora_scenarios(path: Path, tokens, device, dtype, steps) -> list[Scenario]:
-    model = _with_lora(_load(path, device, dtype))
+    model = with_lora(load_model(path, device, dtype))
     names = [("a", "b", "c", "__base__")[i % 4] for i in range(tokens.shape[0])]
     return [
-        _compare("LoRA (PEFT, 1 of 3 adapters)", lambda: model(tokens).logits, _peft_patched(model), device, dtype,
-                 steps),
+        _compare("LoRA (PEFT, 1 of 3 adapters)", lambda: model(tokens).logits, lambda: peft_patched(model), device,
+                 dtype, steps),
         _compare("mixed batch (a, b, c, base)", lambda: model(tokens, adapter_names=names).logits,
-                 _peft_patched(model), device, dtype, steps),
+                 lambda: peft_patched(model), device, dtype, steps),
     ]  # fmt: skip
 
 
-def _qlora_scenario(path: Path, tokens, device, dtype, steps) -> Scenario:
-    name = "QLoRA (bitsandbytes NF4 + PEFT)"
-    try:
-        import bitsandbytes as bnb
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        return Scenario(name, 0, 0.0, 0.0, 0.0, 0.0, 0.0, skipped="bitsandbytes not installed")
+def qlora_model(path: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The checkpoint loaded in 4 bits by transformers + bitsandbytes (NF4, double quantization, computing in
+    ``dtype``), with :func:`with_lora`'s adapters. ImportError without bitsandbytes."""
+    import bitsandbytes as bnb
+    from transformers import BitsAndBytesConfig
+
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype)  # fmt: skip
-    base = _load(path, device, dtype, quantization_config=quantization)
+    base = load_model(path, device, dtype, quantization_config=quantization)
     for module in base.modules():
         # bitsandbytes' CPU inference repacks its weights into a private layout with bf16 scales (lossy): keep
         # the standard layout, whose numbers are those bitsandbytes gives on a GPU.
         if isinstance(module, bnb.nn.Linear4bit):
             module.support_avx512bf16_for_cpu = False
-    model = _with_lora(base)
-    return _compare(name, lambda: model(tokens).logits, _peft_patched(model), device, dtype, steps)
+    return with_lora(base)
+
+
+def bottleneck_model(path: Path, device: torch.device, dtype: torch.dtype) -> tuple[nn.Module, int]:
+    """The checkpoint with AdapterHub's seq_bn adapters (up-projections random) in every block, and the number
+    of adapter layers. Unpatched means run with the torch backend forced: the composition AdapterHub computes."""
+    from fastpeft.integrations.bottleneck_models import BottleneckLayer, add_bottleneck_adapters
+
+    model = add_bottleneck_adapters(load_model(path, device, dtype), "seq_bn", "task")
+    _randomize(model, ("adapter_up",), 0.02)
+    return model, sum(isinstance(m, BottleneckLayer) for m in model.modules())
+
+
+def _qlora_scenario(path: Path, tokens, device, dtype, steps) -> Scenario:
+    name = "QLoRA (bitsandbytes NF4 + PEFT)"
+    try:
+        model = qlora_model(path, device, dtype)
+    except ImportError:
+        return Scenario(name, 0, 0.0, 0.0, 0.0, 0.0, 0.0, skipped="bitsandbytes not installed")
+    return _compare(name, lambda: model(tokens).logits, lambda: peft_patched(model), device, dtype, steps)
 
 
 def _bottleneck_scenario(path: Path, tokens, device, dtype, steps) -> Scenario:
-    from fastpeft.integrations.bottleneck_models import BottleneckLayer, add_bottleneck_adapters
-
-    model = add_bottleneck_adapters(_load(path, device, dtype), "seq_bn", "task")
-    _randomize(model, ("adapter_up",), 0.02)
-    layers = sum(isinstance(m, BottleneckLayer) for m in model.modules())
+    model, layers = bottleneck_model(path, device, dtype)
     # before: the composition AdapterHub computes, five PyTorch operations per adapter
-    return _compare("bottleneck (seq_bn)", lambda: model(tokens).logits, contextlib.nullcontext(layers), device,
-                    dtype, steps, unfused=use_backend("torch"))  # fmt: skip
+    return _compare("bottleneck (seq_bn)", lambda: model(tokens).logits, lambda: contextlib.nullcontext(layers),
+                    device, dtype, steps, unfused=lambda: use_backend("torch"))  # fmt: skip
 
 
 def run_demo(

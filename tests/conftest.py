@@ -49,7 +49,8 @@ def poisoned_outputs():
 
 @pytest.fixture
 def fused_calls(monkeypatch) -> list[str]:
-    """Records the calls patched PEFT layers make to the fused ops (``lora_linear`` or ``dora_linear``)."""
+    """Records the calls patched PEFT layers make to the fused ops (``lora_linear``, its unchecked inference
+    entry ``lora_forward_no_dropout``, or ``dora_linear``)."""
     import fastpeft.integrations.peft as integration
 
     calls: list[str] = []
@@ -61,7 +62,7 @@ def fused_calls(monkeypatch) -> list[str]:
 
         return call
 
-    for name in ("lora_linear", "dora_linear"):
+    for name in ("lora_linear", "lora_forward_no_dropout", "dora_linear"):
         monkeypatch.setattr(integration, name, spy(name, getattr(integration, name)))
     return calls
 

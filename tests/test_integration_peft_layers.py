@@ -158,3 +158,63 @@ def test_each_peft_layer_is_fused_with_peft_numbers_or_left_to_peft(name, backen
             assert torch.equal(y, ref_y)
             for grad, ref_grad in zip(grads, ref_grads, strict=True):
                 assert torch.equal(grad, ref_grad)
+
+
+def test_the_inference_plan_follows_every_change_to_the_layer(fused_calls):
+    """A patched layer keeps its inference arguments between calls; every change PEFT or a user can make to the
+    layer reaches the next call: a new active adapter, a scaling, a replaced parameter, an in-place edit, a
+    merge, training mode, a new dtype."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(IN, OUT)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Net(), peft.LoraConfig(r=4, target_modules=["proj"]), adapter_name="a")
+    model.add_adapter("b", peft.LoraConfig(r=2, target_modules=["proj"]))
+    randomize_lora_b(model)
+    model = model.to(DEVICE).eval()
+    twin = peft.get_peft_model(Net(), peft.LoraConfig(r=4, target_modules=["proj"]), adapter_name="a")  # unpatched
+    twin.add_adapter("b", peft.LoraConfig(r=2, target_modules=["proj"]))
+    twin = twin.to(DEVICE).eval()
+    twin.load_state_dict(model.state_dict())
+    patch_peft_model(model)
+    layer, twin_layer = model.base_model.model.proj, twin.base_model.model.proj
+    x = torch.randn(3, IN, device=DEVICE)
+
+    def same(tolerance: float = 1e-5) -> None:
+        with torch.no_grad():
+            assert rel_error(model(x), twin(x)) < tolerance
+
+    same()
+    for target in (model, twin):
+        target.set_adapter("b")
+    same()
+    for target in (layer, twin_layer):
+        target.scaling["b"] = 3.5
+    same()
+    new_b = torch.randn(OUT, 2, device=DEVICE)
+    for target in (layer, twin_layer):
+        target.lora_B["b"].weight = nn.Parameter(new_b.clone())
+    same()
+    with torch.no_grad():
+        for target in (layer, twin_layer):
+            target.lora_A["b"].weight.mul_(-2)
+    same()
+    for target in (model, twin):
+        target.base_model.merge_adapter()
+    same(1e-4)
+    for target in (model, twin):
+        target.base_model.unmerge_adapter()
+    same(1e-4)
+    calls = len(fused_calls)
+    for target in (model, twin):
+        target.to(torch.float64)
+    x = x.double()
+    same(1e-12)
+    assert len(fused_calls) == calls  # float64 is not a fused dtype: PEFT's forward ran
+    assert calls >= 5  # every call before fused

@@ -66,8 +66,9 @@ def test_inference_matches_peft(tmp_path, monkeypatch, quant_type, double_quant)
     reference = logits(model)
     fastpeft.patch_peft_model(model)
     calls = []
-    real = peft_qlora.qlora_linear
-    monkeypatch.setattr(peft_qlora, "qlora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for entry in ("qlora_linear", "qlora_forward_unchecked"):  # with dropout, and without (inference)
+        real = getattr(peft_qlora, entry)
+        monkeypatch.setattr(peft_qlora, entry, lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     logits(model)
     assert len(calls) == 14  # every LoRA layer, one fused call each
     assert patched_layer_count(model) == 14

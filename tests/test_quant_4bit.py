@@ -11,8 +11,10 @@ from fastpeft.ops.quant_4bit import (
     FP4_CODE,
     NF4_CODE,
     QuantState,
+    _dequantize_bnb_cpu,
     code_4bit,
     dequantize_4bit,
+    dequantize_lookup,
     dynamic_code,
     quantize_4bit,
 )
@@ -99,6 +101,35 @@ def test_dequantize_follows_the_format(quant_type, double_quant):
                 assert out.dtype == dtype and out.shape == shape
                 assert torch.equal(out, definition(packed, state)), (blocksize, shape, dtype)
                 assert torch.equal(dequantize_4bit(packed, state, torch.float64), out.double())
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_both_cpu_dequantizations_give_the_format(quant_type, double_quant):
+    """fastpeft's lookup everywhere, and bitsandbytes' C++ kernel (which dequantize_4bit takes on a CPU once
+    bitsandbytes is imported) where it applies: rows of whole blocks. Both are the definition, bit for bit."""
+    used_bnb = 0
+    for blocksize in (32, 64, 128):
+        for shape in [*SHAPES, (24, 384)]:
+            for dtype in DTYPES:
+                packed, state = quantize_4bit(weight(shape, dtype, seed=5), quant_type, blocksize, double_quant)
+                expected = definition(packed, state)
+                assert torch.equal(dequantize_lookup(packed, state), expected), (blocksize, shape, dtype)
+                fast = _dequantize_bnb_cpu(packed, state)
+                assert (fast is not None) == (shape[1] % blocksize == 0), (blocksize, shape)
+                if fast is not None:
+                    used_bnb += 1
+                    assert torch.equal(fast, expected), (blocksize, shape, dtype)
+    assert used_bnb >= 6
+
+
+def test_a_code_changed_in_place_is_read_again():
+    """The byte-pair table is cached per code tensor: an in-place change (a new version) rebuilds it."""
+    packed, state = quantize_4bit(weight((8, 64), torch.float32), "nf4", 64)
+    before = dequantize_lookup(packed, state)
+    state.code.mul_(2)
+    assert torch.equal(dequantize_lookup(packed, state), before * 2)
+    assert _dequantize_bnb_cpu(packed, state) is None  # no longer bitsandbytes' code: the lookup decodes it
 
 
 @pytest.mark.parametrize("double_quant", [False, True])

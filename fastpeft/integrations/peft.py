@@ -37,7 +37,7 @@ from fastpeft._autocast import compute_dtype
 from fastpeft._base_layers import is_linear_like, linear_weight
 from fastpeft.ops.dora import dora_linear, dora_weight_norm, weight_row_norm_sq
 from fastpeft.ops.dropout import DROPOUT_MODES, draw_mask
-from fastpeft.ops.lora import FLOAT_DTYPES, lora_linear
+from fastpeft.ops.lora import FLOAT_DTYPES, lora_forward_no_dropout, lora_linear
 
 
 def _peft_lora_linear_class() -> type:
@@ -150,6 +150,76 @@ def _why_not_fused(layer: nn.Module, x_dtype: torch.dtype | None, autocast: bool
     return None
 
 
+def _inference_plan(layer: nn.Module, x: torch.Tensor) -> tuple | None:
+    """(adapter name, weight, lora_a, lora_b, bias) of an inference call with one plain adapter active, all in
+    x's dtype, or None (the general path decides). Kept on the layer while the modules, parameters, active
+    adapter, flags and x's dtype are unchanged: on a CPU the checks behind it cost more than a small layer's
+    GEMMs. The key reads nn.Module's registries directly (no __getattr__ per read)."""
+    active = layer.active_adapter  # a name, or a list of names (PEFT >= 0.14 keeps a list)
+    if not isinstance(active, str):
+        if len(active) != 1:
+            return None
+        active = active[0]
+    if layer.training:
+        return None
+    modules = layer._modules
+    adapter = [modules[kind]._modules.get(active) for kind in ("lora_A", "lora_B", "lora_dropout")]
+    base = modules["base_layer"]
+    params = [None if m is None else m._parameters.get("weight") for m in (*adapter[:2], base)]
+    bias = base._parameters.get("bias")
+    if params[2] is None:
+        return None
+    autocast = torch.is_autocast_enabled(x.device.type)
+    key = (x.dtype, autocast, layer.disable_adapters, layer.merged, active, *map(id, (*adapter, base, *params, bias)),
+           params[2].data_ptr())  # fmt: skip
+    cache = layer.__dict__.get("_fastpeft_plan")
+    if cache is None or cache[0] != key:
+        cache = (key, _plan(layer, active, x.dtype, autocast, bias))
+        layer.__dict__["_fastpeft_plan"] = cache
+    return cache[1]
+
+
+def _plan(layer: nn.Module, name: str, dtype: torch.dtype, autocast: bool, bias) -> tuple | None:
+    if autocast or _why_not_fused(layer, dtype, autocast) is not None or _is_dora(layer, name):
+        return None
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    weight = linear_weight(layer.base_layer)
+    if layer.lora_B[name].bias is not None or any(t.dtype != dtype for t in (lora_a, lora_b, weight)):
+        return None
+    if bias is not None and bias.dtype != dtype:
+        return None
+    return name, weight, lora_a, lora_b, bias
+
+
+def plain_adapter_reasons(layer: nn.Module) -> dict[str, str | None]:
+    """Per adapter of the PEFT layer: None when it runs fused as plain LoRA, else why not (DoRA, lora_bias, or
+    :func:`unsupported_reason`). Kept while the adapters' modules and the base weight are the same objects."""
+    modules = layer._modules  # nn.Module's registries: no __getattr__ per read
+    lora_a, lora_b, dropout = (modules[kind]._modules for kind in ("lora_A", "lora_B", "lora_dropout"))
+    base = modules["base_layer"]
+    weight = base._parameters.get("weight")
+    key = (
+        id(base), id(weight), None if weight is None else weight.dtype,
+        *((name, id(a), id(lora_b.get(name)), id(dropout.get(name)),
+           id(getattr(lora_b.get(name), "_parameters", {}).get("bias"))) for name, a in lora_a.items()),
+    )  # fmt: skip
+    cache = layer.__dict__.get("_fastpeft_adapter_reasons")
+    if cache is None or torch.compiler.is_compiling() or cache[0] != key:  # traced once, then guarded
+        reasons = {}
+        for name in lora_a:
+            reason = "DoRA" if _is_dora(layer, name) else unsupported_reason(layer, name)
+            reasons[name] = "lora_bias" if reason is None and layer.lora_B[name].bias is not None else reason
+        if torch.compiler.is_compiling():
+            return reasons
+        cache = (key, reasons)
+        layer.__dict__["_fastpeft_adapter_reasons"] = cache
+    return cache[1]
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _active_adapters(layer: nn.Module) -> list[str]:
     return [name for name in layer.active_adapters if name in layer.lora_A]
 
@@ -161,7 +231,7 @@ def _dropout_dtype(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.dty
 
 def _stacked(layer: nn.Module, adapters: list[str], dtype: torch.dtype) -> tuple:
     """(lora_a, lora_b, scaling, lora_bias) running all ``adapters`` as one: ranks stacked, each B scaled."""
-    lora_as = [layer.lora_A[name].weight.to(dtype) for name in adapters]
+    lora_as = [_to(layer.lora_A[name].weight, dtype) for name in adapters]
     biases = [
         layer.scaling[name] * layer.lora_B[name].bias.to(dtype)
         for name in adapters
@@ -171,14 +241,18 @@ def _stacked(layer: nn.Module, adapters: list[str], dtype: torch.dtype) -> tuple
     if len(adapters) == 1:
         name = adapters[0]
         unscaled_bias = None if lora_bias is None else layer.lora_B[name].bias.to(dtype)
-        return lora_as[0], layer.lora_B[name].weight.to(dtype), float(layer.scaling[name]), unscaled_bias
+        return lora_as[0], _to(layer.lora_B[name].weight, dtype), float(layer.scaling[name]), unscaled_bias
     lora_bs = [layer.lora_B[name].weight.to(dtype) * layer.scaling[name] for name in adapters]
     return torch.cat(lora_as), torch.cat(lora_bs, dim=1), 1.0, lora_bias
 
 
 def _cached(layer: nn.Module, slot: str, key: tuple, compute) -> torch.Tensor:
-    """``compute()``, kept on the layer until ``key`` changes (tensors' storage and version counters in it)."""
+    """``compute()``, kept on the layer until ``key`` changes (tensors' storage and version counters in it).
+    While torch.compile traces, what is kept is used as it is (the key's data pointers cannot be traced), or
+    computed in the graph when nothing is kept: run the model once eagerly after changing its adapters."""
     cache = layer.__dict__.setdefault("_fastpeft_cache", {})
+    if torch.compiler.is_compiling():
+        return cache[slot][1] if slot in cache else compute()
     if slot not in cache or cache[slot][0] != key:
         cache[slot] = (key, compute())
     return cache[slot][1]
@@ -221,20 +295,25 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
 
         if mixed_batch_unsupported_reason(self, names, x) is None:
             return mixed_batch_forward(self, x, names)
+    # Under torch.compile the checks are traced once and guarded: no cache (its keys read data pointers).
+    plan = None if args or kwargs or torch.compiler.is_compiling() else _inference_plan(self, x)
+    if plan is not None:
+        name, weight, lora_a, lora_b, bias = plan
+        return lora_forward_no_dropout(x, weight, lora_a, lora_b, float(self.scaling[name]), bias)
     if args or kwargs or _why_not_fused(self, x.dtype, torch.is_autocast_enabled(x.device.type)) is not None:
         self.__dict__.pop("_fastpeft_cache", None)  # merged or unmerged weights may follow: cached norms go
         return type(self).forward(self, x, *args, **kwargs)  # extra arguments include adapter_names
     base = self.base_layer
     dtype = compute_dtype(x)
-    weight = linear_weight(base).to(dtype)
-    bias = None if base.bias is None else base.bias.to(dtype)
+    weight = _to(linear_weight(base), dtype)
+    bias = None if base.bias is None else _to(base.bias, dtype)
     adapters = _active_adapters(self)
     if _is_dora(self, adapters[0]):  # the only active adapter (_why_not_fused)
         return _dora_forward(self, adapters[0], x.to(dtype), weight, bias)
     ps = [_dropout_p(self.lora_dropout[name]) if self.training else 0.0 for name in adapters]
     lora_a, lora_b, scaling, lora_bias = _stacked(self, adapters, dtype)
     if not any(ps):
-        return lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias)
+        return lora_linear(_to(x, dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias)
     if len(adapters) == 1 and _mode(self) == "philox":
         return lora_linear(x.to(dtype), weight, lora_a, lora_b, scaling, bias, lora_bias=lora_bias, dropout_p=ps[0],
                            dropout_mode="philox")  # fmt: skip

@@ -35,7 +35,7 @@ def _used(layer: nn.Module, names: Sequence[str]) -> list[str]:
 
 def mixed_batch_unsupported_reason(layer: nn.Module, names: object, x: torch.Tensor | None) -> str | None:
     """None when a call with ``adapter_names=names`` runs fused, else why PEFT's forward runs it."""
-    from fastpeft.integrations.peft import _dropout_p, _is_dora, unsupported_reason
+    from fastpeft.integrations.peft import _dropout_p, plain_adapter_reasons
 
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         return "adapter_names is not a list of str"
@@ -50,10 +50,9 @@ def mixed_batch_unsupported_reason(layer: nn.Module, names: object, x: torch.Ten
         if (not four_bit and x.dtype != layer.base_layer.weight.dtype) or torch.is_autocast_enabled(x.device.type):
             return "input dtype differs from the base weight's, or autocast is on"
     used = _used(layer, names)
+    reasons = plain_adapter_reasons(layer)
     for name in used:
-        reason = "DoRA" if _is_dora(layer, name) else unsupported_reason(layer, name)
-        if reason is None and layer.lora_B[name].bias is not None:
-            reason = "lora_bias"
+        reason = reasons[name]
         if reason is None and layer.training and _dropout_p(layer.lora_dropout[name]) > 0:
             reason = "dropout in training"
         if reason is not None:
@@ -75,13 +74,9 @@ def _pool_key(layer: nn.Module, names: list[str], dtype: torch.dtype) -> tuple:
 
 def layer_pool(layer: nn.Module, dtype: torch.dtype) -> tuple[AdapterPool, dict[str, int]]:
     """The layer's plain LoRA adapters (no DoRA, variant or lora_bias) pooled in ``dtype``, and their indices."""
-    from fastpeft.integrations.peft import _cached, _is_dora, unsupported_reason
+    from fastpeft.integrations.peft import _cached, plain_adapter_reasons
 
-    names = [
-        name
-        for name in layer.lora_A
-        if not _is_dora(layer, name) and unsupported_reason(layer, name) is None and layer.lora_B[name].bias is None
-    ]
+    names = [name for name, reason in plain_adapter_reasons(layer).items() if reason is None]
 
     def build() -> tuple[AdapterPool, dict[str, int]]:
         adapters = [

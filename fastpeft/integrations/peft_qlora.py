@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fastpeft.ops.dropout import draw_mask
-from fastpeft.ops.qlora import Weight4bit, qlora_linear
+from fastpeft.ops.qlora import Weight4bit, qlora_forward_unchecked, qlora_linear
 from fastpeft.ops.quant_4bit import BLOCKSIZES, QUANT_TYPES, QuantState, restore_bnb_layout
 
 
@@ -78,7 +78,7 @@ def base_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def why_not_fused_4bit(layer: nn.Module) -> str | None:
     """Why the layer's next plain call keeps PEFT's forward, or None when it runs fused."""
-    from fastpeft.integrations.peft import _active_adapters, _dropout_p, _is_dora, unsupported_reason
+    from fastpeft.integrations.peft import _active_adapters, _dropout_p, plain_adapter_reasons
 
     if layer.disable_adapters:
         return "adapters disabled"
@@ -87,10 +87,9 @@ def why_not_fused_4bit(layer: nn.Module) -> str | None:
     active = _active_adapters(layer)
     if not active:
         return "no active adapter on this layer"
+    reasons = plain_adapter_reasons(layer)
     for name in active:
-        reason = "DoRA" if _is_dora(layer, name) else unsupported_reason(layer, name)
-        if reason is None and layer.lora_B[name].bias is not None:
-            reason = "lora_bias"
+        reason = reasons[name]
         if reason is not None:
             return f"adapter {name!r}: {reason}"
     if len(active) > 1 and layer.training and any(_dropout_p(layer.lora_dropout[n]) for n in active):
@@ -116,8 +115,11 @@ def fused_forward_4bit(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
     p = _dropout_p(self.lora_dropout[adapters[0]]) if self.training and len(adapters) == 1 else 0.0
     # PEFT's nn.Dropout draws its mask for x cast to the adapter's dtype: the same generator state is consumed.
     mask = draw_mask(tuple(x.shape), p, self.lora_A[adapters[0]].weight.dtype, x.device) if p > 0 else None
-    y = qlora_linear(x.to(dtype), kernel_weight(self), None, lora_a, lora_b, scaling, _bias(self, dtype),
-                     dropout_p=p, dropout_mask=mask)  # fmt: skip
+    if p == 0:  # the arguments are the layer's own, cast to dtype: nothing to check per call
+        y = qlora_forward_unchecked(x.to(dtype), kernel_weight(self), lora_a, lora_b, scaling, _bias(self, dtype))
+    else:
+        y = qlora_linear(x.to(dtype), kernel_weight(self), None, lora_a, lora_b, scaling, _bias(self, dtype),
+                         dropout_p=p, dropout_mask=mask)  # fmt: skip
     return y.to(x.dtype)
 
 

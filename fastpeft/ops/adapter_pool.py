@@ -16,14 +16,27 @@ A single linear layer is the one-slice case (:meth:`AdapterPool.build`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # One adapter's LoRA pair on one slice: (lora_a [r, in], lora_b [width, r], scaling); None: no LoRA there.
 SliceAdapter = tuple[torch.Tensor, torch.Tensor, float]
+
+
+class HostTables(NamedTuple):
+    """:class:`AdapterPool`'s index tables on the host: ``a_offsets`` [n + 1], then [S][n] lists."""
+
+    a_offsets: list[int]
+    ranks: list[list[int]]
+    v_starts: list[list[int]]
+    b_starts: list[list[int]]
+    scalings: list[list[float]]
+    out_starts: list[int]
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,18 @@ class AdapterPool:
     out_starts: torch.Tensor  # int32 [S + 1]
     slice_widths: tuple[int, ...]
     max_rank: int  # the largest total rank of an adapter (over its slices): v's width and the kernels' grids
+
+    @functools.cached_property
+    def host_tables(self) -> HostTables:
+        """The index tables as Python lists, read once (the CPU path walks them on every call)."""
+        return HostTables(
+            self.a_offsets.tolist(),
+            self.ranks.tolist(),
+            self.v_starts.tolist(),
+            self.b_starts.tolist(),
+            self.scalings.tolist(),
+            self.out_starts.tolist(),
+        )
 
     @property
     def num_adapters(self) -> int:

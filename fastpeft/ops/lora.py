@@ -79,8 +79,7 @@ def _shrink_torch(x: torch.Tensor, lora_a: torch.Tensor) -> torch.Tensor:
     return torch.mm(x.float(), lora_a.float().t())
 
 
-@without_autocast
-def _expand_linear_torch(
+def _expand_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     xa: torch.Tensor,
@@ -88,15 +87,24 @@ def _expand_linear_torch(
     scaling: float,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    base = torch.mm(x, weight.t())  # native dtype: no fp32 copy of the weight
-    out = torch.addmm(base.float(), xa, lora_b.float().t(), alpha=scaling)
+    # The LoRA term is added in place to the fp32 output, which is always a fresh tensor here: on a CPU, with
+    # the bias taken by the base GEMM in fp32, the layer is three GEMM calls and nothing else.
+    if x.dtype == torch.float32:
+        out = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+        return out.addmm_(xa, lora_b.t(), alpha=scaling)
+    out = torch.mm(x, weight.t()).float()  # native-dtype GEMM: no fp32 copy of the weight
+    out.addmm_(xa, lora_b.float().t(), alpha=scaling)
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)
 
 
+_expand_linear_torch = without_autocast(_expand_linear)
+
+
+@without_autocast
 def _lora_linear_torch(x, weight, lora_a, lora_b, scaling, bias):
-    return _expand_linear_torch(x, weight, _shrink_torch(x, lora_a), lora_b, scaling, bias)
+    return _expand_linear(x, weight, torch.mm(x.float(), lora_a.float().t()), lora_b, scaling, bias)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -400,6 +408,31 @@ def _check_tensor(name: str, t: object, *, dims: int | None = None) -> torch.Ten
     return t
 
 
+def _args_fit(x, weight, lora_a, lora_b, scaling, bias, lora_bias) -> bool:
+    """True only when every check of :func:`check_lora_linear_args` passes (False may still pass: those
+    checks then decide, and word the error)."""
+    try:
+        dtype, device = x.dtype, x.device
+        out_features, in_features = weight.shape
+        rank, a_in = lora_a.shape
+        return (
+            isinstance(x, torch.Tensor)
+            and dtype in FLOAT_DTYPES
+            and type(scaling) in (float, int)
+            and x.dim() >= 1
+            and x.shape[-1] == in_features == a_in
+            and rank >= 1
+            and lora_b.shape == (out_features, rank)
+            and weight.dtype == dtype == lora_a.dtype == lora_b.dtype
+            and weight.device == device == lora_a.device == lora_b.device
+            and all(isinstance(t, torch.Tensor) for t in (weight, lora_a, lora_b))
+            and all(t is None or (isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == device
+                                  and t.shape == (out_features,)) for t in (bias, lora_bias))
+        )  # fmt: skip
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
 def check_lora_linear_args(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -410,6 +443,8 @@ def check_lora_linear_args(
     lora_bias: Optional[torch.Tensor] = None,
 ) -> None:
     """Raise TypeError/ValueError naming the argument when the inputs of lora_linear do not fit together."""
+    if _args_fit(x, weight, lora_a, lora_b, scaling, bias, lora_bias):
+        return  # the common case, in a few attribute reads (per call, it weighs on a CPU layer)
     named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "lora_bias": lora_bias}
     named = {name: t for name, t in named.items() if t is not None or name not in ("bias", "lora_bias")}
     for name, t in named.items():
@@ -537,6 +572,10 @@ def lora_linear(
     Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b, bias, lora_bias.
     """
     check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias, lora_bias)
+    if dropout_p == 0.0 and dropout_mask is None and rank_groups is None and dropout_mode in DROPOUT_MODES:
+        if lora_bias is not None:
+            bias = scaling * lora_bias if bias is None else bias + scaling * lora_bias
+        return lora_forward_no_dropout(x, weight, lora_a, lora_b, float(scaling), bias)
     groups = _check_rank_groups(rank_groups, lora_a.shape[0])
     if groups and isinstance(dropout_p, (list, tuple)):
         if len(dropout_p) != len(groups):
@@ -568,3 +607,28 @@ def lora_linear(
     fused = _lora_linear_op if torch.compiler.is_compiling() else _LoRALinearFunction.apply
     y = fused(rows, weight, lora_a, lora_b, float(scaling), bias, mask, scales, groups, seed, p)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lora_forward_no_dropout(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`lora_linear` without dropout, for arguments already known to fit (no checks: a patched PEFT layer's
+    own tensors): the backend directly when nothing needs a gradient (no autograd node to build), else through
+    the autograd function, or the custom op while compiling. x [..., K]; returns [..., N] in x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.compiler.is_compiling():
+        y = _lora_linear_op(rows, weight, lora_a, lora_b, scaling, bias, None, [1.0], [], -1, 0.0)
+    elif torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias):
+        y = _LoRALinearFunction.apply(rows, weight, lora_a, lora_b, scaling, bias, None, [1.0], [], -1, 0.0)
+    else:
+        y = _run("lora_linear", rows, weight, lora_a, lora_b, scaling, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _any_requires_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return any(t is not None and t.requires_grad for t in tensors)

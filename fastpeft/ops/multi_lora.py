@@ -66,6 +66,46 @@ def _expand_torch(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scali
     return y.to(base.dtype)
 
 
+def _token_groups(adapter_ids: torch.Tensor, num_adapters: int) -> list[tuple[int, slice | torch.Tensor]]:
+    """(adapter, its tokens) for every adapter present: runs of consecutive tokens as slices (views of x, no
+    gather) when the batch comes in runs (one id per sample, a prefill's segments), else each adapter's token
+    indices (a decode batch with ids interleaved)."""
+    values, counts = torch.unique_consecutive(adapter_ids, return_counts=True)
+    runs, start = [], 0
+    for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+        if 0 <= value < num_adapters:
+            runs.append((value, slice(start, start + count)))
+        start += count
+    # A run costs a GEMM call per slice; an index group the same plus a gather and a scatter of its rows.
+    if len(runs) <= 2 * len({adapter for adapter, _ in runs}):
+        return runs
+    return _rows_per_adapter(adapter_ids, num_adapters)
+
+
+def _add_torch(base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor) -> torch.Tensor:
+    """shrink + expand in one pass on the torch backend (eager): per adapter present, ``x A_i^T`` once and one
+    ``addmm`` per slice into the fp32 output. ``base`` [M, out] is overwritten when it is fp32 (the caller's
+    own). On a CPU this is the layer's fastest form: no [M, max_rank] buffer, no table reads per call."""
+    tables = pool.host_tables
+    y = base if base.dtype == torch.float32 else base.float()
+    for adapter, tokens in _token_groups(adapter_ids, pool.num_adapters):
+        start, end = tables.a_offsets[adapter], tables.a_offsets[adapter + 1]
+        v = torch.mm(x[tokens].float(), pool.lora_a[start:end].float().t())
+        for s in range(len(pool.slice_widths)):
+            rank = tables.ranks[s][adapter]
+            if not rank:
+                continue
+            v0, b0 = tables.v_starts[s][adapter], tables.b_starts[s][adapter]
+            cols = slice(tables.out_starts[s], tables.out_starts[s + 1])
+            b_t = pool.lora_b[b0 : b0 + rank * pool.slice_widths[s]].view(rank, -1).float()
+            scaling = tables.scalings[s][adapter]
+            if isinstance(tokens, slice):
+                y[tokens, cols].addmm_(v[:, v0 : v0 + rank], b_t, alpha=scaling)
+            else:
+                y[:, cols].index_add_(0, tokens, v[:, v0 : v0 + rank] @ b_t, alpha=scaling)
+    return y.to(base.dtype)
+
+
 def v_width(max_rank: int) -> int:
     """v's columns on every backend: the kernels' rank block (tl.arange needs a power of two >= 16)."""
     return max(16, 1 << (max(max_rank, 1) - 1).bit_length())
@@ -236,9 +276,11 @@ def multi_lora_linear(
     Inference only (no autograd).
     """
     check_multi_lora_args(x, weight, pool, bias)
-    rows = x.reshape(-1, x.shape[-1])
-    base = torch.nn.functional.linear(rows, weight, bias)
-    return multi_lora_add(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, adapter_ids, check_ids=check_ids)
+    ids = _token_ids(x, adapter_ids)
+    if check_ids:
+        check_adapter_ids(ids, pool.num_adapters)
+    base = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    return _add(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, ids, owned=True)
 
 
 def multi_lora_add(
@@ -259,9 +301,21 @@ def multi_lora_add(
     ids = _token_ids(x, adapter_ids)
     if check_ids:
         check_adapter_ids(ids, pool.num_adapters)
+    return _add(base, x, pool, ids, owned=False)
+
+
+def _add(base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, ids: torch.Tensor, owned: bool) -> torch.Tensor:
+    """multi_lora_add for checked arguments and flat ids; ``owned``: base is the caller's temporary, which the
+    torch backend may overwrite."""
     if not pool.num_adapters:
-        return base.clone()
+        return base if owned else base.clone()
     rows, base_rows = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
+    if not torch.compiler.is_compiling():
+        decode = rows.shape[0] <= _CUDA_DECODE_MAX_M
+        preference = _DECODE_PREFERENCE if decode else _PREFILL_PREFERENCE
+        if select_backend("multi_lora_add", x.device, preference) == "torch":
+            base_rows = base_rows if owned or base.dtype != torch.float32 else base_rows.clone()
+            return _add_torch(base_rows, rows, pool, ids).reshape(base.shape)
     return multi_lora_expand(base_rows, multi_lora_shrink(rows, pool, ids), pool, ids).reshape(base.shape)
 
 

@@ -27,7 +27,7 @@ from fastpeft._autocast import without_autocast
 from fastpeft.backends import select_backend
 from fastpeft.ops.dropout import apply_mask, check_p, draw_mask, keep_scale
 from fastpeft.ops.lora import _call, _check_tensor
-from fastpeft.ops.quant_4bit import QuantState, check_quant_state, dequantize_4bit
+from fastpeft.ops.quant_4bit import QuantState, check_quant_state, dequantize_4bit, dequantize_checked
 
 # Rows at or below which the CUDA GEMV (and the Triton decode tiles with the shrink fused) run.
 DECODE_MAX_M = 16
@@ -88,12 +88,12 @@ class Weight4bit(NamedTuple):
 
 
 def _dequantized(packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, shape, w_dtype):
-    """W [N, K] in ``w_dtype`` (bitsandbytes' values), from the ops' flat arguments."""
+    """W [N, K] in ``w_dtype`` (bitsandbytes' values), from the ops' flat arguments (checked by Weight4bit)."""
     nested = None if absmax2 is None else QuantState(absmax2, None, code2, nested_blocksize, None, torch.float32)
     quant_type = "nf4"  # only the code's values matter here, and the code is given
     state = QuantState(absmax, torch.Size(shape), code, blocksize, quant_type, w_dtype,
                        None if offset is None else offset.reshape(()), nested)  # fmt: skip
-    return dequantize_4bit(packed, state)
+    return dequantize_checked(packed, state)
 
 
 @without_autocast
@@ -101,13 +101,14 @@ def _matmul_4bit_torch(x, packed, absmax, code, absmax2, code2, offset, blocksiz
                        bias, lora_a, xa, lora_b, scaling):  # fmt: skip
     shape = (n, x.shape[1])
     w = _dequantized(packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, shape, w_dtype)
-    y = torch.mm(x, w.to(x.dtype).t())
-    if lora_b is None and bias is None:
-        return y
-    out = y.float()
-    if lora_b is not None:
-        xa = torch.mm(x.float(), lora_a.float().t()) if xa is None else xa
-        out = torch.addmm(out, xa, lora_b.float().t(), alpha=scaling)
+    w = w.to(x.dtype).t()
+    if lora_b is None:
+        return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+    xa = torch.mm(x.float(), lora_a.float().t()) if xa is None else xa
+    if x.dtype == torch.float32:  # as lora's torch path: three GEMM calls, the LoRA term added in place
+        out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+        return out.addmm_(xa, lora_b.t(), alpha=scaling)
+    out = torch.mm(x, w).float().addmm_(xa, lora_b.float().t(), alpha=scaling)
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)
@@ -243,6 +244,15 @@ def _backward_op(dy, w: Weight4bit, dyb, lora_a, scaling):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _qlora_forward(x, weight: Weight4bit, bias, lora_a, lora_b, scaling, mask, mask_scale) -> torch.Tensor:
+    """The layer on 2-D rows, no autograd: the LoRA shrink of the dropped x first when there is a mask."""
+    lora = lora_b is not None
+    xa = None
+    if lora and mask is not None:
+        xa = _call("lora_shrink", apply_mask(x, mask, mask_scale), lora_a)
+    return _forward_op(x, weight, bias, lora_a if lora and xa is None else None, xa, lora_b, scaling)
+
+
 class _QLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + s D(x) A^T B^T for the 4-bit W (frozen: no gradient), D the dropout with keep-mask
     ``mask`` (identity when None). Backward: dx = dy W + s D((dy B) A), fused in matmul_4bit_t without a mask;
@@ -250,11 +260,8 @@ class _QLoRAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight: Weight4bit, bias, lora_a, lora_b, scaling, mask, mask_scale):
+        y = _qlora_forward(x, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
         lora = lora_b is not None
-        xa = None
-        if lora and mask is not None:
-            xa = _call("lora_shrink", apply_mask(x, mask, mask_scale), lora_a)
-        y = _forward_op(x, weight, bias, lora_a if lora and xa is None else None, xa, lora_b, scaling)
         ctx.save_for_backward(x if lora else None, lora_a, lora_b, mask)  # dx alone needs only W
         ctx.weight, ctx.scaling, ctx.mask_scale, ctx.lora = weight, scaling, mask_scale, lora
         return y
@@ -370,17 +377,38 @@ def qlora_linear(
     if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
         raise TypeError(f"scaling must be a Python float, got {type(scaling).__name__}")
     p = check_p(dropout_p)
-    rows = x.reshape(-1, x.shape[-1])
     mask, mask_scale = None, 1.0
     if lora_a is not None and p > 0:
         if dropout_mask is None:
             dropout_mask = draw_mask(tuple(x.shape), p, x.dtype, x.device)
         elif dropout_mask.dtype != torch.bool or dropout_mask.shape != x.shape:
             raise ValueError(f"dropout_mask must be bool {tuple(x.shape)} like x")
-        mask, mask_scale = dropout_mask.reshape(rows.shape), keep_scale(p, x.dtype, x.device)
+        mask, mask_scale = dropout_mask.reshape(-1, x.shape[-1]), keep_scale(p, x.dtype, x.device)
     elif dropout_mask is not None:
         raise ValueError("dropout_mask needs lora weights and dropout_p > 0")
-    y = _QLoRAFunction.apply(rows, weight, bias, lora_a, lora_b, float(scaling), mask, mask_scale)
+    return _apply(x, weight, bias, lora_a, lora_b, float(scaling), mask, mask_scale)
+
+
+def qlora_forward_unchecked(
+    x: torch.Tensor,
+    weight: Weight4bit,
+    lora_a: Optional[torch.Tensor],
+    lora_b: Optional[torch.Tensor],
+    scaling: float,
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`qlora_linear` without dropout for arguments already known to fit (a patched PEFT 4-bit layer's own
+    tensors, in x's dtype): no checks per call. x [..., K]; returns [..., N] in x's dtype."""
+    return _apply(x, weight, bias, lora_a, lora_b, scaling, None, 1.0)
+
+
+def _apply(x, weight: Weight4bit, bias, lora_a, lora_b, scaling: float, mask, mask_scale) -> torch.Tensor:
+    """The layer on x's rows: through autograd when something needs a gradient, else straight to the kernels."""
+    rows = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b)):
+        y = _QLoRAFunction.apply(rows, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
+    else:  # inference: no autograd node to build
+        y = _qlora_forward(rows, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
     return y.reshape(*x.shape[:-1], weight.out_features)
 
 

@@ -17,8 +17,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import sys
+import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -43,9 +45,10 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
 
 
 def code_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 16 values of ``quant_type``'s code, fp32 [16], indexed by the 4-bit value."""
+    """The 16 values of ``quant_type``'s code, fp32 [16], indexed by the 4-bit value (a new tensor: the
+    canonical one stays unchanged whatever its user does)."""
     _check_quant_type(quant_type)
-    return _code_cpu(quant_type).to(device)
+    return _code_cpu(quant_type).to(device, copy=True)
 
 
 @functools.cache
@@ -65,7 +68,7 @@ def _dynamic_code_cpu() -> torch.Tensor:
 
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """bitsandbytes' signed dynamic 8-bit code (``create_dynamic_map()``): 256 sorted fp32 values in [-1, 1]."""
-    return _dynamic_code_cpu().to(device)
+    return _dynamic_code_cpu().to(device, copy=True)
 
 
 def _check_quant_type(quant_type: object) -> None:
@@ -131,8 +134,8 @@ class QuantState:
         if not self.nested:
             return self.absmax
         nested = self.state2
-        scale = nested.absmax.repeat_interleave(nested.blocksize)[: self.absmax.numel()]
-        return nested.code[self.absmax.long()] * scale + self.offset
+        codes = torch.index_select(nested.code, 0, self.absmax.reshape(-1).int())
+        return _scale_blocks(codes, nested.absmax.reshape(-1), nested.blocksize, codes.numel()) + self.offset
 
     def to(self, device: torch.device | str) -> QuantState:
         """A copy on ``device`` (dtypes unchanged)."""
@@ -382,17 +385,84 @@ def quantize_4bit(
     return packed, state
 
 
-def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The 4-bit indices, uint8 [numel], of the bytes ``packed`` (high nibble first)."""
+def _scale_blocks(values: torch.Tensor, absmax: torch.Tensor, blocksize: int, numel: int) -> torch.Tensor:
+    """fp32 ``values[i] * absmax[i // blocksize]`` for the first ``numel`` of ``values`` (a temporary, scaled in
+    place; it holds at least ``numel`` and at most ``absmax.numel() * blocksize``). One broadcast multiply over
+    [blocks, blocksize]: no per-element copy of the scales."""
+    pad = absmax.numel() * blocksize - values.numel()
+    blocks = torch.nn.functional.pad(values, (0, pad)) if pad else values
+    return blocks.view(-1, blocksize).mul_(absmax[:, None]).view(-1)[:numel]
+
+
+class _CodeInfo(NamedTuple):
+    byte_pairs: torch.Tensor  # int64 [256]: entry b holds the fp32 pair (code[b >> 4], code[b & 15])
+    quant_type: str | None  # "nf4" / "fp4" when the code is bitsandbytes' own, else None
+
+
+# id(code) -> (a weak reference to code, its version, what it decodes): a model's layers share few codes.
+_CODE_INFO: dict[int, tuple[weakref.ref, int, _CodeInfo]] = {}
+
+
+def _code_info(code: torch.Tensor) -> _CodeInfo:
+    """The byte-pair table of a 16-value code, and which of bitsandbytes' codes it is. Built once per code
+    tensor (again if it is modified in place; every call for an inference tensor, which has no version)."""
+    cached = None if code.is_inference() else _CODE_INFO.get(id(code))
+    if cached is not None and cached[0]() is code and cached[1] == code._version:
+        return cached[2]
+    pairs = torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1)  # [256, 2] fp32
+    cpu = code.cpu()
+    known = [name for name in QUANT_TYPES if torch.equal(cpu, _code_cpu(name))]
+    info = _CodeInfo(pairs.view(torch.int64).reshape(256), known[0] if known else None)
+    if not code.is_inference():
+        for key in [key for key, (ref, _, _) in _CODE_INFO.items() if ref() is None]:
+            del _CODE_INFO[key]
+        _CODE_INFO[id(code)] = (weakref.ref(code), code._version, info)
+    return info
+
+
+def _dequantize_bnb_cpu(packed: torch.Tensor, state: QuantState) -> torch.Tensor | None:
+    """bitsandbytes' own C++ dequantization where it gives the format's values (tests check it bit for bit):
+    on a CPU, with bitsandbytes already imported (a model it quantized), for its NF4/FP4 code, when no block
+    straddles two rows (its kernel walks the blocks row by row) and rows are whole bytes. Else None. About
+    2.5x faster there than the lookup below, which is what a 4-bit layer on a CPU spends its time on."""
+    if packed.device.type != "cpu" or "bitsandbytes" not in sys.modules:
+        return None
+    in_features = state.shape[1]
+    if in_features % state.blocksize or in_features % 2:
+        return None
+    quant_type = _code_info(state.code).quant_type
+    op = getattr(getattr(torch.ops, "bitsandbytes", None), "dequantize_4bit", None)
+    if quant_type is None or op is None:
+        return None
+    absmax = state.absmax
+    if state.nested:  # its 8-bit kernel decodes the nested absmax the same way: code2[q] * absmax2, then + offset
+        nested = state.state2
+        absmax = torch.ops.bitsandbytes.dequantize_blockwise(absmax, nested.absmax, nested.code, nested.blocksize,
+                                                             torch.float32) + state.offset  # fmt: skip
     data = packed.reshape(-1).view(torch.uint8)
-    return torch.stack((data >> 4, data & 0xF), dim=1).reshape(-1)[:numel]
+    return op(data, absmax, state.blocksize, quant_type, list(state.shape), state.dtype)
 
 
 def dequantize_4bit(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The weight [N, K] that ``packed`` and ``state`` encode: ``code[q] * absmax`` in fp32, rounded to
     ``state.dtype`` (bitsandbytes' values exactly), then to ``dtype`` when given."""
     check_quant_state(packed, state)
-    values = state.code[unpack_4bit(packed, state.numel).long()]
-    scale = state.block_absmax().repeat_interleave(state.blocksize)[: state.numel]
-    weight = (values * scale).view(state.shape).to(state.dtype)
+    return dequantize_checked(packed, state, dtype)
+
+
+def dequantize_checked(packed: torch.Tensor, state: QuantState, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`dequantize_4bit` for a state already checked against ``packed`` (the ops' torch backend, per
+    call)."""
+    weight = _dequantize_bnb_cpu(packed, state)
+    if weight is None:
+        weight = dequantize_lookup(packed, state)
     return weight if dtype is None else weight.to(dtype)
+
+
+def dequantize_lookup(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
+    """fastpeft's own dequantization in PyTorch, on any device: one 8-byte lookup per byte (both nibbles'
+    code values), then one broadcast multiply by the blocks' absmax. W [N, K] in state.dtype."""
+    data = packed.reshape(-1).view(torch.uint8)
+    values = torch.index_select(_code_info(state.code).byte_pairs, 0, data.int()).view(torch.float32)
+    weight = _scale_blocks(values, state.block_absmax(), state.blocksize, state.numel)  # [2 * bytes] -> [N * K]
+    return weight.view(state.shape).to(state.dtype)
