@@ -109,14 +109,15 @@ def record_backends() -> Iterator[list[tuple[str, str]]]:
         _recorders.remove(calls)
 
 
-def select_backend(op: str, device: torch.device, preference: tuple[str, ...]) -> str:
+def select_backend(op: str, device: torch.device, preference: tuple[str, ...], *, record: bool = True) -> str:
     """Pick the backend that runs ``op`` on ``device``.
 
     ``preference`` is the op's own order for this device and shape. A forced backend (FASTPEFT_BACKEND) that
-    cannot run raises RuntimeError instead of falling back.
+    cannot run raises RuntimeError instead of falling back. ``record=False``: a question only (nothing runs on
+    the answer yet), not reported to :func:`record_backends`.
     """
     backend = _choose_backend(op, device, preference)
-    for calls in _recorders:
+    for calls in _recorders if record else ():
         calls.append((op, backend))
     return backend
 

@@ -72,6 +72,7 @@ def _bench(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``fastpeft env|demo|bench ...``: the exit status (0 ok, 1 a failed check or regression, 2 bad input)."""
     parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, the extension's state, the GPU and the usable backends")

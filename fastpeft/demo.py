@@ -44,6 +44,8 @@ class DemoError(ValueError):
 
 @dataclass
 class Scenario:
+    """One row of the demo's table."""
+
     name: str
     layers: int  # layers fastpeft runs
     max_abs_diff: float  # max |fastpeft - before| over the logits
@@ -60,6 +62,8 @@ class Scenario:
 
 @dataclass
 class DemoResult:
+    """The demo's rows and where they ran."""
+
     device: str
     dtype: torch.dtype
     scenarios: list[Scenario]

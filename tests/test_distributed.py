@@ -1,7 +1,8 @@
 """Beyond one process, on the CPU with gloo and 2 processes: a PEFT model patched by fastpeft trains under
 DistributedDataParallel and FSDP2 with the gradients of one process, and the fused LoRA layer runs on
 tensor-parallel shards (column- and row-parallel, torch.distributed.tensor) with the whole layer's numbers and
-gradients. Each test spawns its ranks; a rank's failed assertion fails the test with that rank's traceback."""
+gradients. Each test spawns its ranks; a rank's failed assertion fails the test with that rank's traceback.
+Everything runs on the CPU, on a GPU machine too (gloo is the CPU backend)."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ def _entry(rank: int, worker, port: int, *args) -> None:
 
 def _one_process_grads(ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """PEFT's own model (unpatched), the whole batch in one process: the gradients to match."""
-    model = peft_model().train()
+    model = peft_model().cpu().train()
     model(ids, labels=ids).loss.backward()
     return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
 
@@ -67,7 +68,7 @@ def _check_grads(grads: dict[str, torch.Tensor], expected: dict[str, torch.Tenso
 
 
 def _ddp_worker(rank: int, ids: torch.Tensor, expected: dict) -> None:
-    model = patch_peft_model(peft_model().train())
+    model = patch_peft_model(peft_model().cpu().train())
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     with record_backends() as calls:
         half = _half(ids, rank)
@@ -80,7 +81,7 @@ def _fsdp2_worker(rank: int, ids: torch.Tensor, expected: dict) -> None:
         from torch.distributed.fsdp import fully_shard  # torch >= 2.6
     except ImportError:
         from torch.distributed._composable.fsdp import fully_shard
-    model = patch_peft_model(peft_model().train())
+    model = patch_peft_model(peft_model().cpu().train())
     for block in model.base_model.model.model.layers:
         fully_shard(block)
     fully_shard(model)
@@ -92,12 +93,12 @@ def _fsdp2_worker(rank: int, ids: torch.Tensor, expected: dict) -> None:
 
 
 def test_ddp_gives_the_gradients_of_one_process():
-    ids = tokens(batch=4)
+    ids = tokens(batch=4).cpu()
     _spawn(_ddp_worker, ids, _one_process_grads(ids))
 
 
 def test_fsdp2_gives_the_gradients_of_one_process():
-    ids = tokens(batch=4)
+    ids = tokens(batch=4).cpu()
     _spawn(_fsdp2_worker, ids, _one_process_grads(ids))
 
 

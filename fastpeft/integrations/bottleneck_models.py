@@ -251,6 +251,7 @@ def add_bottleneck_adapters(
 
 
 def bottleneck_layers(model: nn.Module) -> list[BottleneckLayer]:
+    """Every :class:`BottleneckLayer` of ``model``, in module order."""
     return [m for m in model.modules() if isinstance(m, BottleneckLayer)]
 
 

@@ -144,6 +144,7 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features] in x's dtype (autocast's under autocast)."""
         if self.merged:
             return self.base_layer(x)
         dtype = compute_dtype(x)

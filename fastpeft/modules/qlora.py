@@ -109,6 +109,7 @@ class Linear4bit(nn.Module):
         return self.compute_dtype or compute_dtype(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features], computed in compute_dtype, returned in x's dtype."""
         dtype = self._dtype_for(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         return qlora_linear(x.to(dtype), self.kernel_weight(), None, None, None, bias=bias).to(x.dtype)
@@ -220,6 +221,7 @@ class QLoRALinear(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] -> [..., out_features]: the 4-bit product and the adapter in one op."""
         base = self.base_layer
         dtype = base._dtype_for(x)
         bias = None if base.bias is None else base.bias.to(dtype)

@@ -138,13 +138,15 @@ def _composition(x, residual, adapters: Adapters, ids, activation, ln_eps, post:
         h = xs if a.ln_weight is None else torch.nn.functional.layer_norm(
             xs, xs.shape[-1:], a.ln_weight.float(), a.ln_bias.float(), ln_eps)  # fmt: skip
         z = activation_fn(activation)(torch.nn.functional.linear(h, a.down_weight.float(), a.down_bias.float()))
-        z = z + (z.to(dtype).float() - z).detach()  # rounded like the kernels' z, with z's own gradient
+        if dtype != torch.float32:  # rounded like the kernels' z, with z's own gradient
+            z = z + (z.to(dtype).float() - z).detach()
         out = torch.nn.functional.linear(z, a.up_weight.float(), a.up_bias.float()) * _scale(a.scaling)
         y = y + out if rows is None else y.index_add(0, rows, out)
     if post.out_residual is not None:
         y = y + post.out_residual.float()
     if post.out_ln_weight is not None:
-        y = y + (y.to(dtype).float() - y).detach()
+        if dtype != torch.float32:
+            y = y + (y.to(dtype).float() - y).detach()
         y = torch.nn.functional.layer_norm(y, y.shape[-1:], post.out_ln_weight.float(), post.out_ln_bias.float(),
                                            post.out_ln_eps)  # fmt: skip
     return y
@@ -389,9 +391,27 @@ def bottleneck_adapter(
     _check_post(x, out_residual, out_ln_weight, out_ln_bias, out_ln_eps)
     per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 2 else 1
     out_res = None if out_residual is None else out_residual.reshape(rows.shape)
-    y = _BottleneckFunction.apply(ids, per_sample, activation, float(ln_eps), float(out_ln_eps), rows, res, out_res,
-                                  out_ln_weight, out_ln_bias, *adapters)  # fmt: skip
+    tensors = (rows, res, out_res, out_ln_weight, out_ln_bias, *adapters)
+    if _through_function(rows, tensors):
+        y = _BottleneckFunction.apply(ids, per_sample, activation, float(ln_eps), float(out_ln_eps), *tensors)
+    else:
+        post = Post(out_res, out_ln_weight, out_ln_bias, float(out_ln_eps))
+        y = _run(rows, res, adapters, ids, per_sample, activation, float(ln_eps), post)
     return y.reshape(x.shape)
+
+
+def _through_function(x: torch.Tensor, tensors: tuple) -> bool:
+    """Whether the call goes through the autograd function (the fused backward): while compiling, or when a
+    gradient is needed on CUDA or on another backend. Without gradients the backend runs directly (no autograd
+    node); in training off CUDA on the torch backend its composition is differentiable as it stands, and
+    autograd's C++ backward beats the function's, which recomputes the forward."""
+    if torch.compiler.is_compiling():
+        return True
+    if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
+        return False
+    if x.device.type == "cuda":
+        return True
+    return select_backend("bottleneck_adapter", x.device, _TRITON_FIRST, record=False) != "torch"
 
 
 def _check_post(x, out_residual, out_ln_weight, out_ln_bias, out_ln_eps) -> None:

@@ -10,6 +10,8 @@ it would for PEFT. The backward keeps the mask as packed bits (:func:`pack_bits`
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -37,12 +39,18 @@ def keep_scale(p: float, dtype: torch.dtype, device: torch.device) -> float:
     """The factor torch multiplies kept elements by: ``1/(1-p)``, rounded to ``dtype`` off CUDA as torch does."""
     if device.type == "cuda":
         return 1.0 / (1.0 - p)  # native_dropout scales in fp32
+    return _rounded_keep_scale(p, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded_keep_scale(p: float, dtype: torch.dtype) -> float:
     return torch.tensor(1.0, dtype=dtype).div_(1.0 - p).item()  # bernoulli noise divided in the input dtype
 
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """``x * mask * scale`` rounded once to x's dtype: what the dropout call returns."""
-    return torch.where(mask, x.float() * scale, 0.0).to(x.dtype)
+    """``x * mask * scale`` rounded once to x's dtype: what the dropout call returns (selecting is exact; the
+    scale is applied in fp32 and rounded, as torch's dropout multiplies by its noise)."""
+    return torch.where(mask, x, 0.0).mul_(scale)
 
 
 def _bit_positions(device: torch.device) -> torch.Tensor:
@@ -72,6 +80,7 @@ def draw_seed() -> int:
 
 
 def philox_keep_scale(p: float) -> float:
+    """The scale of kept elements for the in-kernel (Philox) mask: 1 / (1 - p) as a Python float."""
     return 1.0 / (1.0 - p)  # applied in fp32 by the kernels
 
 

@@ -229,8 +229,10 @@ def _columns(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _lora_linear_rows(
-    x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, rank_groups, dropout_seed, dropout_p
-):
+    x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, rank_groups, dropout_seed, dropout_p,
+    kept: Optional[list] = None,
+):  # fmt: skip
+    """The layer on 2-D rows; ``kept``, when a list, receives the dropped copies of x the shrinks read."""
     in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0])
     if in_kernel is not None:  # the mask drawn inside the kernels: no dropped copy of x, no mask in memory
         kernels, spec = in_kernel
@@ -244,7 +246,10 @@ def _lora_linear_rows(
     # Dropout reaches A's input only: the shrink reads the dropped x (each stacked adapter its own mask), the
     # base GEMM (fused with the expand over all adapters) the undropped one.
     groups = _dropout_groups(dropout_mask, dropout_scales, rank_groups, lora_a.shape[0])
-    xa = _columns([_run("lora_shrink", _dropped(x, m, s), lora_a[rows]) for rows, m, s in groups])
+    dropped = [_dropped(x, m, s) for _, m, s in groups]
+    if kept is not None:
+        kept.extend(dropped)
+    xa = _columns([_run("lora_shrink", xd, lora_a[rows]) for (rows, _, _), xd in zip(groups, dropped, strict=True)])
     return _run("lora_expand_linear", x, weight, xa, lora_b, scaling, bias)
 
 
@@ -274,11 +279,14 @@ def _(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, ra
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, kept: Optional[list] = None):
     x, weight, lora_a, lora_b, scaling, _bias, mask, dropout_scales, rank_groups, dropout_seed, dropout_p = inputs
-    # The backward's masks, 1 bit per element (one [M, K] mask per group of stacked adapters).
-    bits = None if mask is None else pack_bits(mask.reshape(-1, x.shape[1]))
-    ctx.save_for_backward(x, weight, lora_a, lora_b, bits)
+    ctx.kept_dropped = bool(kept)
+    if kept:  # the dropped copies of x the forward made, and the masks as they are (see _keeps_dropped)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, mask, *kept)
+    else:  # the masks, 1 bit per element (one [M, K] mask per group of stacked adapters)
+        bits = None if mask is None else pack_bits(mask.reshape(-1, x.shape[1]))
+        ctx.save_for_backward(x, weight, lora_a, lora_b, bits)
     ctx.scaling = scaling
     # A seed >= 0 regenerates the mask (philox).
     ctx.dropout = (list(dropout_scales), list(rank_groups), dropout_seed, dropout_p)
@@ -297,6 +305,7 @@ def lora_grads(
     dropout_seed: int = -1,
     dropout_p: float = 0.0,
     rank_groups: Sequence[int] = (),
+    dropped: Optional[Sequence[torch.Tensor]] = None,
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Gradients (dx, dweight, dlora_a, dlora_b) of ``x W^T + s D(x) A^T B^T`` for the output gradient ``dy``,
     each only where ``needs`` says so. D is the dropout with keep-``mask`` (identity when None): a diagonal, so
@@ -305,8 +314,9 @@ def lora_grads(
     With ``rank_groups`` (stacked adapters, ``mask`` [G, M, K], a scale each) every group has its own D.
 
     x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA; the dropped x is
-    rebuilt from the mask only where dA and dB need it. With ``dropout_seed >= 0`` (dropout_mode='philox') the
-    mask comes from the seed: inside the Triton kernels, or materialised by seeded_mask on other backends.
+    ``dropped`` (one per group) when the forward kept it, else rebuilt from the mask where dA and dB need it.
+    With ``dropout_seed >= 0`` (dropout_mode='philox') the mask comes from the seed: inside the Triton kernels,
+    or materialised by seeded_mask on other backends.
     """
     need_x, need_weight, need_a, need_b = needs
     in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0])
@@ -315,7 +325,10 @@ def lora_grads(
     if dropout_seed >= 0:
         mask = seeded_mask(dropout_seed, dropout_p, x.shape[0], x.shape[1], x.device)
     groups = _dropout_groups(mask, dropout_scales, rank_groups, lora_a.shape[0])
-    x_lora = [_dropped(x, m, s) for _, m, s in groups] if need_a or need_b else []
+    if dropped is not None:
+        x_lora = list(dropped)
+    else:
+        x_lora = [_dropped(x, m, s) for _, m, s in groups] if need_a or need_b else []
     dx = dweight = da = db = None
     if need_x or need_a:
         dy_b = _call("lora_shrink", dy, lora_b.t())
@@ -355,14 +368,19 @@ def _philox_grads(kernels, spec, dy, x, weight, lora_a, lora_b, scaling, needs):
 
 def _backward(ctx, dy):
     """lora_grads for the saved inputs; dbias = sum(dy). The dropout mask comes back from the bits the forward
-    saved or from its seed, never from a saved dropped copy of x."""
-    x, weight, lora_a, lora_b, bits = ctx.saved_tensors
+    saved or from its seed (a GPU: no dropped copy of x kept), or as the forward kept it with the dropped x (a
+    CPU, :func:`_keeps_dropped`)."""
+    x, weight, lora_a, lora_b, saved_mask, *dropped = ctx.saved_tensors
     scales, rank_groups, seed, p = ctx.dropout
-    mask = None if bits is None else unpack_bits(bits, x.shape[1])
-    if mask is not None and rank_groups:
-        mask = mask.view(len(rank_groups), *x.shape)
+    if getattr(ctx, "kept_dropped", False):
+        mask = saved_mask.reshape(-1, *x.shape) if rank_groups else saved_mask
+    else:
+        mask = None if saved_mask is None else unpack_bits(saved_mask, x.shape[1])
+        mask = mask.view(len(rank_groups), *x.shape) if mask is not None and rank_groups else mask
+        dropped = None
     needs = ctx.needs_input_grad
-    grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, scales, needs[:4], seed, p, rank_groups)
+    grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, scales, needs[:4], seed, p, rank_groups,
+                       dropped)  # fmt: skip
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
     return (*grads, None, dbias, None, None, None, None, None)
 
@@ -379,11 +397,19 @@ _lora_linear_op.register_autograd(_backward, setup_context=_setup_context)
 class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
-        output = _lora_linear_rows(*inputs)
-        _setup_context(ctx, inputs, output)
+        kept = [] if _keeps_dropped(inputs[0], inputs[6], inputs[9]) else None
+        output = _lora_linear_rows(*inputs, kept=kept)
+        _setup_context(ctx, inputs, output, kept)
         return output
 
     backward = staticmethod(_backward)
+
+
+def _keeps_dropped(x: torch.Tensor, mask: Optional[torch.Tensor], seed: int) -> bool:
+    """Whether the eager forward keeps the dropped x (and the mask as bools) for the backward, as PEFT's
+    autograd does: off CUDA, where memory is plentiful and rebuilding x from packed bits costs more time than
+    the layer's GEMMs. On a GPU the bits (1/16 of a bf16 x) and a rebuild in the backward."""
+    return mask is not None and seed < 0 and x.device.type != "cuda"
 
 
 def _call(op: str, x: torch.Tensor, *args) -> torch.Tensor:
@@ -604,9 +630,34 @@ def lora_linear(
         mask, seed = resolve_dropout_mask(x, p, dropout_mask), -1
         scales = [keep_scale(p, x.dtype, x.device) if mask is not None else 1.0]
     groups = groups if mask is not None else []  # without dropout the stacked adapters run as one
-    fused = _lora_linear_op if torch.compiler.is_compiling() else _LoRALinearFunction.apply
-    y = fused(rows, weight, lora_a, lora_b, float(scaling), bias, mask, scales, groups, seed, p)
+    y = _fused_rows(rows, weight, lora_a, lora_b, float(scaling), bias, mask, scales, groups, seed, p)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _fused_rows(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p) -> torch.Tensor:
+    """The op on 2-D rows by its cheapest route: the custom op while compiling; the backend directly when
+    nothing needs a gradient (no autograd node); in training off CUDA on the torch backend, differentiable
+    PyTorch ops (:func:`_lora_linear_torch_autograd`); else the autograd function (the kernels' backward)."""
+    if torch.compiler.is_compiling():
+        return _lora_linear_op(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
+    if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias)):
+        return _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
+    if seed < 0 and not groups and x.device.type != "cuda" and _backend("lora_linear", x, record=False) == "torch":
+        _backend("lora_linear", x)  # reported: the op runs on the torch backend
+        return _lora_linear_torch_autograd(x, weight, lora_a, lora_b, scaling, bias, mask, scales[0])
+    return _LoRALinearFunction.apply(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
+
+
+def _backend(op: str, x: torch.Tensor, record: bool = True) -> str:
+    return select_backend(op, x.device, preference(op, x.shape[0], 1), record=record)
+
+
+def _lora_linear_torch_autograd(x, weight, lora_a, lora_b, scaling, bias, mask, scale) -> torch.Tensor:
+    """The torch backend's formula as differentiable PyTorch ops, for training off CUDA: autograd records three
+    GEMMs (PEFT's path has five ops) and runs their backward in C++, where the autograd function's backward
+    runs Python that on a CPU costs more than a small layer's GEMMs. Autograd keeps the dropped x, as PEFT's."""
+    dropped = x if mask is None else apply_mask(x, mask, scale)
+    return _expand_linear_torch(x, weight, _shrink_torch(dropped, lora_a), lora_b, scaling, bias)
 
 
 def lora_forward_no_dropout(
@@ -618,15 +669,9 @@ def lora_forward_no_dropout(
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """:func:`lora_linear` without dropout, for arguments already known to fit (no checks: a patched PEFT layer's
-    own tensors): the backend directly when nothing needs a gradient (no autograd node to build), else through
-    the autograd function, or the custom op while compiling. x [..., K]; returns [..., N] in x's dtype."""
+    own tensors), by the same routes (:func:`_fused_rows`). x [..., K]; returns [..., N] in x's dtype."""
     rows = x.reshape(-1, x.shape[-1])
-    if torch.compiler.is_compiling():
-        y = _lora_linear_op(rows, weight, lora_a, lora_b, scaling, bias, None, [1.0], [], -1, 0.0)
-    elif torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias):
-        y = _LoRALinearFunction.apply(rows, weight, lora_a, lora_b, scaling, bias, None, [1.0], [], -1, 0.0)
-    else:
-        y = _run("lora_linear", rows, weight, lora_a, lora_b, scaling, bias)
+    y = _fused_rows(rows, weight, lora_a, lora_b, scaling, bias, None, [1.0], [], -1, 0.0)
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
