@@ -33,14 +33,15 @@ def three_adapter_model(dtype=torch.float32):
 
 @pytest.fixture
 def multi_lora_calls(monkeypatch) -> list[int]:
+    """Counts the fused multi-adapter calls of patched layers (its unchecked entry: the layer's own tensors)."""
     calls: list[int] = []
-    real = mixed.multi_lora_linear
+    real = mixed.multi_lora_forward_unchecked
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(mixed, "multi_lora_linear", spy)
+    monkeypatch.setattr(mixed, "multi_lora_forward_unchecked", spy)
     return calls
 
 

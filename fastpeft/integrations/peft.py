@@ -150,11 +150,12 @@ def _why_not_fused(layer: nn.Module, x_dtype: torch.dtype | None, autocast: bool
     return None
 
 
-def _inference_plan(layer: nn.Module, x: torch.Tensor) -> tuple | None:
-    """(adapter name, weight, lora_a, lora_b, bias) of an inference call with one plain adapter active, all in
-    x's dtype, or None (the general path decides). Kept on the layer while the modules, parameters, active
-    adapter, flags and x's dtype are unchanged: on a CPU the checks behind it cost more than a small layer's
-    GEMMs. The key reads nn.Module's registries directly (no __getattr__ per read)."""
+def inference_plan(layer: nn.Module, x: torch.Tensor, build=None) -> tuple | None:
+    """What an inference call of a PEFT LoRA layer with one plain adapter active passes to the fused op, or None
+    (the general path decides): ``build(layer, adapter, x_dtype, bias)``'s tuple (default: a plain layer's
+    (adapter, weight, lora_a, lora_b, bias), all in x's dtype). Kept on the layer while the modules, parameters,
+    active adapter, flags and x's dtype are unchanged: on a CPU the checks behind it cost more than a small
+    layer's GEMMs. The key reads nn.Module's registries directly (no __getattr__ per read)."""
     active = layer.active_adapter  # a name, or a list of names (PEFT >= 0.14 keeps a list)
     if not isinstance(active, str):
         if len(active) != 1:
@@ -174,13 +175,14 @@ def _inference_plan(layer: nn.Module, x: torch.Tensor) -> tuple | None:
            params[2].data_ptr())  # fmt: skip
     cache = layer.__dict__.get("_fastpeft_plan")
     if cache is None or cache[0] != key:
-        cache = (key, _plan(layer, active, x.dtype, autocast, bias))
+        plan = None if autocast else (build or _plan)(layer, active, x.dtype, bias)
+        cache = (key, plan)
         layer.__dict__["_fastpeft_plan"] = cache
     return cache[1]
 
 
-def _plan(layer: nn.Module, name: str, dtype: torch.dtype, autocast: bool, bias) -> tuple | None:
-    if autocast or _why_not_fused(layer, dtype, autocast) is not None or _is_dora(layer, name):
+def _plan(layer: nn.Module, name: str, dtype: torch.dtype, bias) -> tuple | None:
+    if _why_not_fused(layer, dtype, False) is not None or _is_dora(layer, name):
         return None
     lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
     weight = linear_weight(layer.base_layer)
@@ -296,7 +298,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
         if mixed_batch_unsupported_reason(self, names, x) is None:
             return mixed_batch_forward(self, x, names)
     # Under torch.compile the checks are traced once and guarded: no cache (its keys read data pointers).
-    plan = None if args or kwargs or torch.compiler.is_compiling() else _inference_plan(self, x)
+    plan = None if args or kwargs or torch.compiler.is_compiling() else inference_plan(self, x)
     if plan is not None:
         name, weight, lora_a, lora_b, bias = plan
         return lora_forward_no_dropout(x, weight, lora_a, lora_b, float(self.scaling[name]), bias)

@@ -15,6 +15,7 @@ adapters (PEFT's own errors and rules then apply).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -23,7 +24,7 @@ from torch import nn
 from fastpeft._base_layers import linear_weight
 from fastpeft.integrations.peft_qlora import base_forward, is_peft_4bit_layer
 from fastpeft.ops.adapter_pool import AdapterPool
-from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear
+from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_forward_unchecked
 
 BASE_NAME = "__base__"
 
@@ -97,13 +98,13 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str])
     pool, index = layer_pool(layer, x.dtype)
     # Kept while the names and the pool's indices are unchanged (every decode step of a generation): one
     # host-to-device copy per layer and batch of names, not per call.
-    key = (tuple(names), tuple(index.items()), x.device)
-    per_sample = _cached(
+    key = (tuple(names), tuple(index.items()), x.device, x.shape[:-1])
+    tokens_per_sample = math.prod(x.shape[1:-1])
+    ids = _cached(
         layer, "multi_lora_ids", key, lambda: torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32,
-                                                           device=x.device)
-    )  # fmt: skip
-    ids = per_sample.reshape(-1, *[1] * (x.dim() - 2)).expand(x.shape[:-1])
+                                                           device=x.device).repeat_interleave(tokens_per_sample)
+    )  # fmt: skip: one id per token, flat
     base = layer.base_layer
     if is_peft_4bit_layer(layer):  # the 4-bit product fused, then the adapters on top of it
-        return multi_lora_add(base_forward(layer, x), x, pool, ids, check_ids=False)
-    return multi_lora_linear(x, linear_weight(base), pool, ids, base.bias, check_ids=False)
+        return multi_lora_add(base_forward(layer, x), x, pool, ids.view(x.shape[:-1]), check_ids=False)
+    return multi_lora_forward_unchecked(x, linear_weight(base), pool, ids, base.bias)

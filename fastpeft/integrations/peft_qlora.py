@@ -99,7 +99,7 @@ def why_not_fused_4bit(layer: nn.Module) -> str | None:
 
 def fused_forward_4bit(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """The patched forward of a PEFT 4-bit LoRA layer (installed by :func:`fastpeft.patch_peft_model`)."""
-    from fastpeft.integrations.peft import _active_adapters, _dropout_p, _stacked
+    from fastpeft.integrations.peft import _active_adapters, _dropout_p, _stacked, inference_plan
 
     names = kwargs.get("adapter_names")
     if not args and names is not None and len(kwargs) == 1:
@@ -107,6 +107,12 @@ def fused_forward_4bit(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
 
         if mixed_batch_unsupported_reason(self, names, x) is None:
             return mixed_batch_forward(self, x, names)
+    plan = None if args or kwargs or torch.compiler.is_compiling() else inference_plan(self, x, _plan_4bit)
+    if plan is not None:  # inference with one plain adapter: the layer's own tensors, nothing to check
+        name, lora_a, lora_b, dtype = plan
+        y = qlora_forward_unchecked(x.to(dtype), kernel_weight(self), lora_a, lora_b, float(self.scaling[name]),
+                                    _bias(self, dtype))  # fmt: skip
+        return y.to(x.dtype)
     if args or kwargs or why_not_fused_4bit(self) is not None:
         return type(self).forward(self, x, *args, **kwargs)
     dtype = _compute_dtype(self, x)
@@ -121,6 +127,16 @@ def fused_forward_4bit(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> tor
         y = qlora_linear(x.to(dtype), kernel_weight(self), None, lora_a, lora_b, scaling, _bias(self, dtype),
                          dropout_p=p, dropout_mask=mask)  # fmt: skip
     return y.to(x.dtype)
+
+
+def _plan_4bit(layer: nn.Module, name: str, x_dtype: torch.dtype, bias) -> tuple | None:
+    """(adapter, lora_a, lora_b, compute dtype) for :func:`~fastpeft.integrations.peft.inference_plan`, when the
+    adapter's weights are already in the compute dtype (no cast per call), else None."""
+    if why_not_fused_4bit(layer) is not None:
+        return None
+    dtype = getattr(layer.base_layer, "compute_dtype", None) or x_dtype
+    lora_a, lora_b = layer.lora_A[name].weight, layer.lora_B[name].weight
+    return (name, lora_a, lora_b, dtype) if lora_a.dtype == dtype == lora_b.dtype else None
 
 
 def explain_4bit(layer: nn.Module) -> tuple[str, str]:

@@ -279,6 +279,14 @@ def multi_lora_linear(
     ids = _token_ids(x, adapter_ids)
     if check_ids:
         check_adapter_ids(ids, pool.num_adapters)
+    return multi_lora_forward_unchecked(x, weight, pool, ids, bias)
+
+
+def multi_lora_forward_unchecked(
+    x: torch.Tensor, weight: torch.Tensor, pool: AdapterPool, ids: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """:func:`multi_lora_linear` for arguments already known to fit (a patched PEFT layer's own) and flat int
+    ids, one per token (contiguous, within [-1, num_adapters)): no checks per call. Returns [..., out]."""
     base = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), weight, bias)
     return _add(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, ids, owned=True)
 
