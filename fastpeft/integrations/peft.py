@@ -138,11 +138,12 @@ def _why_not_fused(layer: nn.Module, x_dtype: torch.dtype | None, autocast: bool
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if not active:
         return "no active adapter on this layer"
+    reasons = _adapter_facts(layer)
     for name in active:
-        reason = unsupported_reason(layer, name)
+        reason = reasons[name][0]
         if reason is not None:
             return f"adapter {name!r}: {reason}"
-    dora = [name for name in active if _is_dora(layer, name)]
+    dora = [name for name in active if reasons[name][1]]
     if dora and len(active) > 1:
         return f"DoRA adapter {dora[0]!r} with other active adapters"  # PEFT scales their deltas too
     if x_dtype is not None and x_dtype != layer.base_layer.weight.dtype and not autocast:
@@ -195,8 +196,18 @@ def _plan(layer: nn.Module, name: str, dtype: torch.dtype, bias) -> tuple | None
 
 def plain_adapter_reasons(layer: nn.Module) -> dict[str, str | None]:
     """Per adapter of the PEFT layer: None when it runs fused as plain LoRA, else why not (DoRA, lora_bias, or
-    :func:`unsupported_reason`). Kept while the adapters' modules and the base weight are the same objects."""
-    modules = layer._modules  # nn.Module's registries: no __getattr__ per read
+    :func:`unsupported_reason`)."""
+    return {
+        name: "DoRA" if dora else reason or ("lora_bias" if lora_bias else None)
+        for name, (reason, dora, lora_bias) in _adapter_facts(layer).items()
+    }
+
+
+def _adapter_facts(layer: nn.Module) -> dict[str, tuple[str | None, bool, bool]]:
+    """Per adapter of the PEFT layer: (:func:`unsupported_reason`, DoRA, has lora_bias). Kept while the
+    adapters' modules and the base weight are the same objects (checked through nn.Module's registries, no
+    __getattr__ per read); while torch.compile traces, computed (once, then guarded)."""
+    modules = layer._modules
     lora_a, lora_b, dropout = (modules[kind]._modules for kind in ("lora_A", "lora_B", "lora_dropout"))
     base = modules["base_layer"]
     weight = base._parameters.get("weight")
@@ -205,17 +216,16 @@ def plain_adapter_reasons(layer: nn.Module) -> dict[str, str | None]:
         *((name, id(a), id(lora_b.get(name)), id(dropout.get(name)),
            id(getattr(lora_b.get(name), "_parameters", {}).get("bias"))) for name, a in lora_a.items()),
     )  # fmt: skip
-    cache = layer.__dict__.get("_fastpeft_adapter_reasons")
-    if cache is None or torch.compiler.is_compiling() or cache[0] != key:  # traced once, then guarded
-        reasons = {}
-        for name in lora_a:
-            reason = "DoRA" if _is_dora(layer, name) else unsupported_reason(layer, name)
-            reasons[name] = "lora_bias" if reason is None and layer.lora_B[name].bias is not None else reason
-        if torch.compiler.is_compiling():
-            return reasons
-        cache = (key, reasons)
-        layer.__dict__["_fastpeft_adapter_reasons"] = cache
-    return cache[1]
+    cache = layer.__dict__.get("_fastpeft_adapter_facts")
+    if cache is not None and cache[0] == key and not torch.compiler.is_compiling():
+        return cache[1]
+    facts = {
+        name: (unsupported_reason(layer, name), _is_dora(layer, name), layer.lora_B[name].bias is not None)
+        for name in lora_a
+    }
+    if not torch.compiler.is_compiling():
+        layer.__dict__["_fastpeft_adapter_facts"] = (key, facts)
+    return facts
 
 
 def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

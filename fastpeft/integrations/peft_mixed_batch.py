@@ -96,14 +96,15 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str])
     from fastpeft.integrations.peft import _cached
 
     pool, index = layer_pool(layer, x.dtype)
-    # Kept while the names and the pool's indices are unchanged (every decode step of a generation): one
-    # host-to-device copy per layer and batch of names, not per call.
+    # Kept while the names, the pool's indices and the tokens' shape are unchanged (every decode step of a
+    # generation with a KV cache): one host-to-device copy per layer and batch, not per call.
     key = (tuple(names), tuple(index.items()), x.device, x.shape[:-1])
-    tokens_per_sample = math.prod(x.shape[1:-1])
-    ids = _cached(
-        layer, "multi_lora_ids", key, lambda: torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32,
-                                                           device=x.device).repeat_interleave(tokens_per_sample)
-    )  # fmt: skip: one id per token, flat
+
+    def token_ids() -> torch.Tensor:  # one id per token, flat
+        per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=x.device)
+        return per_sample.repeat_interleave(math.prod(x.shape[1:-1]))
+
+    ids = _cached(layer, "multi_lora_ids", key, token_ids)
     base = layer.base_layer
     if is_peft_4bit_layer(layer):  # the 4-bit product fused, then the adapters on top of it
         return multi_lora_add(base_forward(layer, x), x, pool, ids.view(x.shape[:-1]), check_ids=False)
