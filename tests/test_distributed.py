@@ -6,8 +6,7 @@ Everything runs on the CPU, on a GPU machine too (gloo is the CPU backend)."""
 
 from __future__ import annotations
 
-import os
-import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,20 +27,15 @@ WORLD = 2
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(worker, *args) -> None:
-    mp.spawn(_entry, args=(worker, _free_port(), *args), nprocs=WORLD, join=True)
+    """Run ``worker(rank, *args)`` on WORLD processes joined through a file of their own (no port to race for)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_entry, args=(worker, str(Path(tmp) / "rendezvous"), *args), nprocs=WORLD, join=True)
 
 
-def _entry(rank: int, worker, port: int, *args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank: int, worker, rendezvous: str, *args) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
     try:
         worker(rank, *args)
     finally:

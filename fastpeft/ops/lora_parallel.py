@@ -55,6 +55,16 @@ def _check_placements(name: str, t: object, expected: tuple, mesh) -> Any:
     return t
 
 
+def _checked_mesh(**named: tuple[object, tuple]) -> Any:
+    """The 1-D device mesh of the first DTensor named (the weight), every named one placed as given (None: no
+    such tensor); TypeError/ValueError naming the first that is not."""
+    mesh = None
+    for name, (t, placements) in named.items():
+        if t is not None:
+            mesh = _check_placements(name, t, placements, mesh).device_mesh
+    return mesh
+
+
 def column_parallel_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -75,12 +85,8 @@ def column_parallel_lora_linear(
     """
     api = _dtensor_api()
     shard0, replicate = (api.Shard(0),), (api.Replicate(),)
-    mesh = _check_placements("weight", weight, shard0, None).device_mesh
-    _check_placements("x", x, replicate, mesh)
-    _check_placements("lora_a", lora_a, replicate, mesh)
-    _check_placements("lora_b", lora_b, shard0, mesh)
-    if bias is not None:
-        _check_placements("bias", bias, shard0, mesh)
+    mesh = _checked_mesh(weight=(weight, shard0), x=(x, replicate), lora_a=(lora_a, replicate),
+                         lora_b=(lora_b, shard0), bias=(bias, shard0))  # fmt: skip
     # The replicated inputs' gradients are each rank's share: Partial, summed when read whole.
     partial = (_partial(api),)
     x_local, a_local = x.to_local(grad_placements=partial), lora_a.to_local(grad_placements=partial)
@@ -111,12 +117,8 @@ def row_parallel_lora_linear(
     """
     api = _dtensor_api()
     shard1, replicate = (api.Shard(1),), (api.Replicate(),)
-    mesh = _check_placements("weight", weight, shard1, None).device_mesh
-    _check_placements("x", x, (api.Shard(x.dim() - 1),), mesh)
-    _check_placements("lora_a", lora_a, shard1, mesh)
-    _check_placements("lora_b", lora_b, replicate, mesh)
-    if bias is not None:
-        _check_placements("bias", bias, replicate, mesh)
+    mesh = _checked_mesh(weight=(weight, shard1), x=(x, (api.Shard(x.dim() - 1),)), lora_a=(lora_a, shard1),
+                         lora_b=(lora_b, replicate), bias=(bias, replicate))  # fmt: skip
     b_local = lora_b.to_local(grad_placements=(_partial(api),))  # its gradient: this rank's share
     local = lora_linear(x.to_local(), weight.to_local(), lora_a.to_local(), b_local, scaling)
     out_shape = (*x.shape[:-1], weight.shape[0])
