@@ -598,7 +598,8 @@ def lora_linear(
     Returns [..., out_features] in that dtype. Differentiable in x, weight, lora_a, lora_b, bias, lora_bias.
     """
     check_lora_linear_args(x, weight, lora_a, lora_b, scaling, bias, lora_bias)
-    if dropout_p == 0.0 and dropout_mask is None and rank_groups is None and dropout_mode in DROPOUT_MODES:
+    no_dropout = type(dropout_p) in (float, int) and dropout_p == 0 and dropout_mask is None
+    if no_dropout and rank_groups is None and dropout_mode in DROPOUT_MODES:
         if lora_bias is not None:
             bias = scaling * lora_bias if bias is None else bias + scaling * lora_bias
         return lora_forward_no_dropout(x, weight, lora_a, lora_b, float(scaling), bias)
