@@ -61,7 +61,9 @@ def describe(case: Case) -> str:
 def cases(quick: bool) -> list[Case]:
     if quick:  # tiny (Python overhead shows) and the demo's model size (a CPU workload: GEMMs show)
         tiny = [Case(16, 48, 96, 4, torch.float32, 2, dora, 0.1) for dora in (False, True)]
-        return [*tiny, *(Case(256, 256, 704, 8, torch.float32, 2, False, p) for p in (0.1, 0.0))]
+        kinds = ((False, 0.1), (False, 0.0), (True, 0.1))  # (DoRA, dropout)
+        demo = [Case(256, 256, 704, 8, torch.float32, 2, dora, p) for dora, p in kinds]
+        return [*tiny, *demo]
     return [Case(8 * SEQ, 2048, 5632, 16, torch.bfloat16, 4, dora, p) for dora in (False, True) for p in (0.05, 0.0)]
 
 

@@ -88,6 +88,7 @@ def test_inference_keeps_no_prescale_copy():
         dora_linear(**inputs)
     assert saved == []
     inputs["lora_a"].requires_grad_()
+    inputs["magnitude"].requires_grad_()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
         dora_linear(**inputs)
     assert (6, 12) in saved  # z, the product before the magnitude scale, for the magnitude's gradient
