@@ -122,6 +122,13 @@ def select_backend(op: str, device: torch.device, preference: tuple[str, ...], *
     return backend
 
 
+def differentiable_as_is(op: str, device: torch.device, preference: tuple[str, ...]) -> bool:
+    """Whether ``op`` runs on the torch backend off CUDA, where training differentiates that backend's PyTorch
+    ops as they stand: autograd's C++ backward beats an autograd.Function's Python one, which on a CPU costs
+    more than a small layer's GEMMs. A question only: not reported to :func:`record_backends`."""
+    return device.type != "cuda" and select_backend(op, device, preference, record=False) == "torch"
+
+
 def _choose_backend(op: str, device: torch.device, preference: tuple[str, ...]) -> str:
     forced = forced_backend()
     if forced is not None:

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from fastpeft.backends import select_backend
+from fastpeft.backends import differentiable_as_is, select_backend
 from fastpeft.ops.lora import FLOAT_DTYPES
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "leakyrelu", "sigmoid")
@@ -403,15 +403,13 @@ def bottleneck_adapter(
 def _through_function(x: torch.Tensor, tensors: tuple) -> bool:
     """Whether the call goes through the autograd function (the fused backward): while compiling, or when a
     gradient is needed on CUDA or on another backend. Without gradients the backend runs directly (no autograd
-    node); in training off CUDA on the torch backend its composition is differentiable as it stands, and
-    autograd's C++ backward beats the function's, which recomputes the forward."""
+    node); in training off CUDA on the torch backend its composition is differentiable as it stands
+    (:func:`~fastpeft.backends.differentiable_as_is`; the function's backward would recompute the forward)."""
     if torch.compiler.is_compiling():
         return True
     if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
         return False
-    if x.device.type == "cuda":
-        return True
-    return select_backend("bottleneck_adapter", x.device, _TRITON_FIRST, record=False) != "torch"
+    return not differentiable_as_is("bottleneck_adapter", x.device, _TRITON_FIRST)
 
 
 def _check_post(x, out_residual, out_ln_weight, out_ln_bias, out_ln_eps) -> None:

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from fastpeft._autocast import without_autocast
-from fastpeft.backends import select_backend
+from fastpeft.backends import differentiable_as_is, select_backend
 from fastpeft.ops.dropout import apply_mask, check_p, keep_scale
 from fastpeft.ops.lora import IMPLS, check_lora_linear_args, lora_grads, preference, resolve_dropout_mask
 
@@ -213,17 +213,11 @@ def _scaled_rows(rows, weight, lora_a, lora_b, scaling, bias, out_scale):
     keep_z = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (rows, weight, lora_a, lora_b, bias, out_scale)
     )
-    if not keep_z or _differentiable_as_is(rows, lora_a.shape[0]):
-        # Inference: no autograd node. Training off CUDA on the torch backend: _dora_rows is PyTorch ops, and
-        # autograd's C++ backward beats the function's Python one there (as lora's torch path).
+    pref = preference("lora_linear", rows.shape[0], lora_a.shape[0])
+    if not keep_z or differentiable_as_is("dora_linear", rows.device, pref):
+        # Inference: no autograd node. Training off CUDA on the torch backend: _dora_rows is PyTorch ops.
         return _dora_rows(rows, weight, lora_a, lora_b, scaling, bias, out_scale, False)[0]
     return _DoRALinearFunction.apply(rows, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z)[0]
-
-
-def _differentiable_as_is(x: torch.Tensor, rank: int) -> bool:
-    if x.device.type == "cuda":
-        return False
-    return select_backend("dora_linear", x.device, preference("lora_linear", x.shape[0], rank), record=False) == "torch"
 
 
 @without_autocast

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from fastpeft._autocast import without_autocast
-from fastpeft.backends import select_backend
+from fastpeft.backends import differentiable_as_is, select_backend
 from fastpeft.ops.dropout import (
     DROPOUT_MODES,
     apply_mask,
@@ -643,20 +643,17 @@ def _fused_rows(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, 
         return _lora_linear_op(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
     if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias)):
         return _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
-    if seed < 0 and not groups and x.device.type != "cuda" and _backend("lora_linear", x, record=False) == "torch":
-        _backend("lora_linear", x)  # reported: the op runs on the torch backend
+    pref = preference("lora_linear", x.shape[0], 1)
+    if seed < 0 and not groups and differentiable_as_is("lora_linear", x.device, pref):
+        select_backend("lora_linear", x.device, pref)  # reported: the op runs on the torch backend
         return _lora_linear_torch_autograd(x, weight, lora_a, lora_b, scaling, bias, mask, scales[0])
     return _LoRALinearFunction.apply(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
 
 
-def _backend(op: str, x: torch.Tensor, record: bool = True) -> str:
-    return select_backend(op, x.device, preference(op, x.shape[0], 1), record=record)
-
-
 def _lora_linear_torch_autograd(x, weight, lora_a, lora_b, scaling, bias, mask, scale) -> torch.Tensor:
-    """The torch backend's formula as differentiable PyTorch ops, for training off CUDA: autograd records three
-    GEMMs (PEFT's path has five ops) and runs their backward in C++, where the autograd function's backward
-    runs Python that on a CPU costs more than a small layer's GEMMs. Autograd keeps the dropped x, as PEFT's."""
+    """The torch backend's formula as differentiable PyTorch ops, for training off CUDA
+    (:func:`~fastpeft.backends.differentiable_as_is`): autograd records three GEMMs (PEFT's path has five ops)
+    and keeps the dropped x, as PEFT's."""
     dropped = x if mask is None else apply_mask(x, mask, scale)
     return _expand_linear_torch(x, weight, _shrink_torch(dropped, lora_a), lora_b, scaling, bias)
 
