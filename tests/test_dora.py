@@ -121,3 +121,24 @@ def test_bad_dora_input(changes, error, match):
     inputs.update(changes)
     with pytest.raises(error, match=match):
         dora_linear(**inputs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_dora_at_initialisation_is_the_base_output_bit_for_bit(dtype, bias, monkeypatch):
+    """PEFT's DoRA starts with B = 0 and the magnitude equal to ||W|| (computed as PEFT computes it), so its
+    output is the base layer's exactly; the torch backend composes DoRA as PEFT does and gives it bit for bit."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    torch.manual_seed(0)
+    k, n, r = 37, 29, 4
+    x = torch.randn(3, 5, k, device=DEVICE).to(dtype)
+    weight = (torch.randn(n, k, device=DEVICE) * k**-0.5).to(dtype)
+    b = torch.randn(n, device=DEVICE).to(dtype) if bias else None
+    lora_a = torch.randn(r, k, device=DEVICE).to(dtype)
+    lora_b = torch.zeros(n, r, device=DEVICE, dtype=dtype)
+    magnitude = torch.linalg.norm(weight + 1.5 * lora_b @ lora_a, dim=1).to(dtype)  # PEFT's initialisation
+    expected = torch.nn.functional.linear(x, weight, b)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            out = dora_linear(x, weight, lora_a, lora_b, magnitude.requires_grad_(grad), 1.5, b)
+        assert torch.equal(out, expected), f"grad={grad}"

@@ -218,3 +218,19 @@ def test_the_inference_plan_follows_every_change_to_the_layer(fused_calls):
     same(1e-12)
     assert len(fused_calls) == calls  # float64 is not a fused dtype: PEFT's forward ran
     assert calls >= 5  # every call before fused
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dora_at_initialisation_gives_the_base_output_bit_for_bit(dtype, fused_calls, monkeypatch):
+    """PEFT's own DoRA test (test_lora_use_dora_linear) asserts that a fresh DoRA layer returns its base layer's
+    output; the patched layer does too, bit for bit (the torch backend composes DoRA as PEFT does)."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Holder(nn.Linear(IN, OUT)).to(DEVICE, dtype), peft.LoraConfig(
+        r=4, target_modules=["layer"], use_dora=True)).eval()  # fmt: skip
+    patch_peft_model(model)
+    x = torch.randn(2, 3, IN, device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        out, base = model(x), model.base_model.model.layer.base_layer(x)
+    assert fused_calls == ["dora_linear"]
+    assert torch.equal(out, base)

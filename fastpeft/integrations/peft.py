@@ -92,18 +92,24 @@ def unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
 
 
 def adapter_unsupported_reason(layer: nn.Module, adapter_name: str) -> str | None:
-    """None when ``adapter_name`` itself (whatever the base) is something the fused ops express."""
+    """None when ``adapter_name`` itself (whatever the base) is something the fused ops express.
+
+    An allow-list, read from the layer's structure rather than from the config that built it: no LoRA variant but
+    PEFT's DoRA (any other variant class, including ones a newer PEFT adds, keeps PEFT's forward), ``lora_A`` and
+    ``lora_B`` plain ``nn.Linear`` modules (BD-LoRA's block-diagonal ones are not, and have no ``bias``), plain
+    dropout. Nothing past a failed check is read, so an unknown structure is a reason, never an error."""
     if adapter_name not in layer.lora_A:
         return f"no adapter named {adapter_name!r}"
-    dora = _is_dora(layer, adapter_name)
-    if dora and layer.lora_B[adapter_name].bias is not None:
-        return "DoRA with lora_bias"
-    if not dora and adapter_name in getattr(layer, "lora_variant", {}):
-        return f"LoRA variant {type(layer.lora_variant[adapter_name]).__name__}"
-    if type(layer.lora_A[adapter_name]) is not nn.Linear or type(layer.lora_B[adapter_name]) is not nn.Linear:
-        return "lora_A or lora_B is not an nn.Linear"
+    variant = getattr(layer, "lora_variant", {}).get(adapter_name)
+    if variant is not None and type(variant).__name__ != "DoraLinearVariant":
+        return f"LoRA variant {type(variant).__name__}"
+    lora_a, lora_b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+        return f"lora_A / lora_B are {type(lora_a).__name__} / {type(lora_b).__name__}, not nn.Linear"
     if type(layer.lora_dropout[adapter_name]) not in (nn.Dropout, nn.Identity):
         return f"dropout module {type(layer.lora_dropout[adapter_name]).__name__}"
+    if _is_dora(layer, adapter_name) and lora_b.bias is not None:
+        return "DoRA with lora_bias"
     return None
 
 
@@ -129,12 +135,29 @@ def peft_adapter(layer: nn.Module, adapter_name: str = "default") -> PeftAdapter
     )
 
 
-def _why_not_fused(layer: nn.Module, x_dtype: torch.dtype | None, autocast: bool) -> str | None:
-    """Why the layer's next plain call (no extra arguments) keeps PEFT's forward, or None when it runs fused."""
+def _base_hooked(base: nn.Module) -> bool:
+    """Whether calling ``base`` does more than its weight's product: forward hooks, or a forward of the instance's
+    own (accelerate's offloading hooks wrap it to bring the weight in first)."""
+    return bool(base._forward_hooks or base._forward_pre_hooks or "forward" in base.__dict__)
+
+
+def layer_state_reason(layer: nn.Module) -> str | None:
+    """Why no call of the PEFT layer runs fused in its current state (adapters disabled or merged, a hooked base
+    layer), or None. Checked on every call, by every patched forward: these change after patching."""
     if layer.disable_adapters:
         return "adapters disabled"
     if layer.merged:
         return "adapters merged into the base weight"
+    if _base_hooked(layer._modules["base_layer"]):
+        return "the base layer has forward hooks or a forward of its own (e.g. accelerate's offloading)"
+    return None
+
+
+def _why_not_fused(layer: nn.Module, x_dtype: torch.dtype | None, autocast: bool) -> str | None:
+    """Why the layer's next plain call (no extra arguments) keeps PEFT's forward, or None when it runs fused."""
+    state = layer_state_reason(layer)
+    if state is not None:
+        return state
     active = [name for name in layer.active_adapters if name in layer.lora_A]
     if not active:
         return "no active adapter on this layer"
@@ -172,8 +195,8 @@ def inference_plan(layer: nn.Module, x: torch.Tensor, build=None) -> tuple | Non
     if params[2] is None:
         return None
     autocast = torch.is_autocast_enabled(x.device.type)
-    key = (x.dtype, autocast, layer.disable_adapters, layer.merged, active, *map(id, (*adapter, base, *params, bias)),
-           params[2].data_ptr())  # fmt: skip
+    key = (x.dtype, autocast, layer.disable_adapters, layer.merged, _base_hooked(base), active,
+           *map(id, (*adapter, base, *params, bias)), params[2].data_ptr())  # fmt: skip
     cache = layer.__dict__.get("_fastpeft_plan")
     if cache is None or cache[0] != key:
         plan = None if autocast else (build or _plan)(layer, active, x.dtype, bias)
@@ -219,10 +242,11 @@ def _adapter_facts(layer: nn.Module) -> dict[str, tuple[str | None, bool, bool]]
     cache = layer.__dict__.get("_fastpeft_adapter_facts")
     if cache is not None and cache[0] == key and not torch.compiler.is_compiling():
         return cache[1]
-    facts = {
-        name: (unsupported_reason(layer, name), _is_dora(layer, name), layer.lora_B[name].bias is not None)
-        for name in lora_a
-    }
+    facts = {}
+    for name in lora_a:
+        reason = unsupported_reason(layer, name)
+        # lora_B's bias is read only where the structure is known (a supported adapter's lora_B is an nn.Linear).
+        facts[name] = (reason, _is_dora(layer, name), reason is None and layer.lora_B[name].bias is not None)
     if not torch.compiler.is_compiling():
         layer.__dict__["_fastpeft_adapter_facts"] = (key, facts)
     return facts

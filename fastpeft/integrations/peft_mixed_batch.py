@@ -36,14 +36,13 @@ def _used(layer: nn.Module, names: Sequence[str]) -> list[str]:
 
 def mixed_batch_unsupported_reason(layer: nn.Module, names: object, x: torch.Tensor | None) -> str | None:
     """None when a call with ``adapter_names=names`` runs fused, else why PEFT's forward runs it."""
-    from fastpeft.integrations.peft import _dropout_p, plain_adapter_reasons
+    from fastpeft.integrations.peft import _dropout_p, layer_state_reason, plain_adapter_reasons
 
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         return "adapter_names is not a list of str"
-    if layer.disable_adapters:
-        return "adapters disabled"
-    if layer.merged:
-        return "adapters merged into the base weight"
+    state = layer_state_reason(layer)
+    if state is not None:
+        return state
     if x is not None:
         if x.dim() < 2 or len(names) != x.shape[0]:
             return "adapter_names does not give one name per sample"

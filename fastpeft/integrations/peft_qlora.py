@@ -78,12 +78,11 @@ def base_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def why_not_fused_4bit(layer: nn.Module) -> str | None:
     """Why the layer's next plain call keeps PEFT's forward, or None when it runs fused."""
-    from fastpeft.integrations.peft import _active_adapters, _dropout_p, plain_adapter_reasons
+    from fastpeft.integrations.peft import _active_adapters, _dropout_p, layer_state_reason, plain_adapter_reasons
 
-    if layer.disable_adapters:
-        return "adapters disabled"
-    if layer.merged:
-        return "adapters merged into the base weight"
+    state = layer_state_reason(layer)
+    if state is not None:
+        return state
     active = _active_adapters(layer)
     if not active:
         return "no active adapter on this layer"

@@ -89,11 +89,26 @@ def _dora_rows(x, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z):
         z = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype) if keep_z else None
         xa = None if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]) else kernels.lora_shrink(x, lora_a)
         y = kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias, xa=xa, out_scale=out_scale, z=z)
+    elif backend == "torch":
+        return _dora_rows_torch(x, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z)
     else:
         z = IMPLS["lora_linear"][backend](x, weight, lora_a, lora_b, scaling, None)
         scaled = z.float() * out_scale
         y = (scaled if bias is None else scaled + bias.float()).to(x.dtype)
     return y, (z if keep_z else x.new_empty(0))
+
+
+@without_autocast
+def _dora_rows_torch(x, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z):
+    """The torch backend, composed as PEFT composes DoRA: the base layer's output ``x W^T + b`` and on top of it
+    ``(c - 1) (x W^T) + c s (x A^T) B^T`` (the bias-free product taken as that output minus b, as PEFT takes it),
+    in fp32, rounded once. At initialisation (c = 1, B = 0) the addition is exactly zero and the result is the
+    base layer's output bit for bit, as PEFT's is."""
+    base = torch.nn.functional.linear(x, weight, bias)
+    product = base.float() if bias is None else base.float() - bias.float()
+    lora = torch.mm(torch.mm(x.float(), lora_a.float().t()), lora_b.float().t())
+    y = (base.float() + ((out_scale - 1) * product + (out_scale * scaling) * lora)).to(x.dtype)
+    return y, ((product + scaling * lora).to(x.dtype) if keep_z else x.new_empty(0))
 
 
 @torch.library.custom_op("fastpeft::dora_linear", mutates_args=())
@@ -196,7 +211,8 @@ def dora_linear(
                              f"got {tuple(t.shape)} on {t.device}")  # fmt: skip
     mask = resolve_dropout_mask(x, check_p(dropout_p), dropout_mask)
     norm = weight_norm if weight_norm is not None else dora_weight_norm(weight, lora_a, lora_b, scaling, weight_norm_sq)
-    out_scale = magnitude.float() / norm
+    # PEFT rounds the norm to the weight's dtype before dividing: c = 1 exactly at initialisation (m = ||W||).
+    out_scale = magnitude.float() / norm.to(weight.dtype).float()
     rows = x.reshape(-1, x.shape[-1])
     if mask is not None:
         y = _dropped_dora_rows(rows, weight, lora_a, lora_b, float(scaling), bias, out_scale, mask, dropout_p)
