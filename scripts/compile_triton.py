@@ -1,237 +1,576 @@
-"""Compile every Triton kernel of fastpeft for a GPU architecture, on any machine (no GPU needed).
+"""Compile fastpeft's Triton kernels for a GPU exactly as the host code launches them, on a machine without one.
 
-    python scripts/compile_triton.py [--arch 90]
+    python scripts/compile_triton.py [--arch 90] [--cases coverage,targets] [--json FILE] [--jobs N] [--all-configs]
 
-Triton's CUDA backend lowers each kernel to PTX and runs ptxas for ``sm_<arch>``: a kernel that only ran under the
-CPU interpreter (CI) still meets the real compiler, its types, layouts and shared-memory budget. The cases
-cover the configurations the host code launches by itself (the fixed ones, and with ``--all`` every autotune
-candidate), for fp16, bf16 and fp32 activations, in parallel processes. Prints one line per case; exit status 1
-if a required case failed to compile or does not fit the GPU's shared memory.
-Running them is scripts/gpu_check.sh's job. Needs TRITON_INTERPRET unset (the script clears it).
+How: the host code runs on meta tensors (shapes, strides and 16-byte alignment as a GPU's allocations have them;
+nothing is computed), Triton's driver is replaced by one that targets sm_<arch> and never launches, and each
+launch is recorded with its arguments, its configuration (the pinned one that FASTPEFT_TRITON_AUTOTUNE=0
+launches) and its grid. Each launch is then compiled through Triton's own JIT path, so the integer arguments are
+specialised as they are at run time (16-divisible sizes and strides, unit strides as constants, aligned
+pointers), and read back:
+
+- registers, stack bytes (spills), shared memory (cuobjdump -res-usage on the cubin, Triton's metadata);
+- blocks per SM (registers, shared memory and warps against an SM's), CTAs and waves on 132 SMs;
+- SASS features: 16-byte global loads (LDG.128, LDGSTS.128), tensor-core MMA (HGMMA, HMMA), TMA (UTMALDG,
+  UBLKCP), local memory (LDL, STL);
+- the TTIR's 32-bit integer products with a runtime size or stride argument: offsets that could pass 2**31
+  elements. Every kernel forms such offsets in 64 bits.
+
+Cases: ``coverage`` (every kernel variant the host code launches, at small odd shapes, fp16/bf16/fp32) and
+``targets`` (benchmarks/targets.py's TARGETS shapes, bf16, through the ops' own dispatch with the Triton
+backend). Exit status 1 when a launch fails to compile, exceeds the GPU's shared memory, spills in a 16-bit
+pinned configuration, or forms a 32-bit offset product. ``--json`` writes one row per launch
+(scripts/kernel_report.py reads it). Needs TRITON_INTERPRET unset (cleared here) and Triton's CUDA backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import json
 import multiprocessing
 import os
+import re
+import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: kernels must be JIT functions
+os.environ["FASTPEFT_TRITON_AUTOTUNE"] = "0"  # the pinned configurations, which launch without timing anything
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # targets.py: the TARGETS shapes
 
-# Pointer arguments by name: the ones not named here hold the activation dtype.
-POINTER_TYPES = {
-    "xa_ptr": "*fp32", "v_ptr": "*fp32", "out_scale_ptr": "*fp32", "scalings_ptr": "*fp32", "out_ptr": "*i1",
-    "ids_ptr": "*i64", "a_offsets_ptr": "*i32", "ranks_ptr": "*i32", "v_starts_ptr": "*i32",
-    "b_starts_ptr": "*i64", "out_starts_ptr": "*i32",
-    "w_ptr@qlora": "*u8", "absmax_ptr": "*fp32", "code_ptr": "*fp32", "absmax2_ptr": "*fp32", "code2_ptr": "*fp32",
-    "offset_ptr": "*fp32", "dyb_ptr": "*fp32", "c1_ptr": "*fp32", "c0_ptr": "*fp32", "ids_ptr@bottleneck": "*i32",
-    "scale_ptr@bottleneck": "*fp32", "dwd_ptr": "*fp32", "dbd_ptr": "*fp32", "dwu_ptr": "*fp32", "dbu_ptr": "*fp32",
-    "dscale_ptr": "*fp32", "dlnw_ptr": "*fp32", "dlnb_ptr": "*fp32",
-}  # fmt: skip
-FLOAT_SCALARS = {"scaling", "dropout_p", "keep_scale", "ln_eps", "scale_value", "out_ln_eps"}
-DTYPES = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
-SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
 
-
-def signature(kernel, dtype: str, constexprs: dict) -> dict[str, str]:
-    family = kernel.fn.__module__.rsplit(".", 1)[-1]
-    qlora = family == "qlora"
-
-    def arg_type(name: str) -> str:
-        if name in constexprs:
-            return "constexpr"
-        if name.endswith("_ptr"):
-            if f"{name}@{family}" in POINTER_TYPES:
-                return POINTER_TYPES[f"{name}@{family}"]
-            if qlora and name == "absmax_ptr" and constexprs.get("NESTED"):
-                return "*u8"  # the nested state's absmax holds 8-bit codes
-            return POINTER_TYPES.get(name, dtype)
-        return "fp32" if name in FLOAT_SCALARS else "i32"
-
-    return {name: arg_type(name) for name in kernel.arg_names}
+# Per SM on sm_80/86/89/90: shared memory a block may opt in to, shared memory in all, registers, warps.
+SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+SHARED_PER_SM = {80: 164 * 1024, 86: 100 * 1024, 89: 100 * 1024, 90: 228 * 1024}
+REGISTERS_PER_SM = 65536
+WARPS_PER_SM = {80: 64, 86: 48, 89: 48, 90: 64}
+BLOCKS_PER_SM = {80: 32, 86: 16, 89: 24, 90: 32}
+REFERENCE_SMS = 132  # H100 SXM and H200
+META = torch.device("meta")
 
 
-# A case: (name, kernel, constexprs, compile options, required). A required case is a configuration the host
-# code launches by itself (fixed configurations, the multi_lora launches); the others are autotune candidates,
-# which Triton's autotuner drops when they exceed the GPU's shared memory, so they are reported, not failed.
-Case = tuple[str, object, dict, dict, bool]
+# ------------------------------------------------------------------------------------------------------------
+# Recording launches
+# ------------------------------------------------------------------------------------------------------------
 
 
-def lora_cases(precision: str, full: bool) -> Iterator[Case]:
+class OffDeviceDriver:
+    """Stands in for Triton's CUDA driver: the current target is sm_<arch>, and nothing ever launches."""
+
+    def __init__(self, arch: int) -> None:
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_active_torch_device(self):
+        return META
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor argument as Triton specialises it: its dtype and whether its address is 16-byte aligned."""
+
+    dtype: str
+    misaligned_bytes: int
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> TensorSpec:
+        return cls(str(t.dtype).removeprefix("torch."), t.data_ptr() % 16)
+
+    def tensor(self) -> torch.Tensor:
+        """A meta tensor whose data_ptr() has the same alignment (a meta tensor's is its byte offset)."""
+        dtype = getattr(torch, self.dtype)
+        size = dtype.itemsize if dtype.is_floating_point or dtype == torch.bool else torch.iinfo(dtype).bits // 8
+        return torch.empty(64, dtype=dtype, device=META)[self.misaligned_bytes // size :]
+
+
+@dataclass
+class Launch:
+    """One recorded launch: the kernel, its arguments (tensors as specs), options and grid, and its case."""
+
+    case: str
+    dtype: str
+    module: str
+    kernel: str
+    args: list
+    kwargs: dict
+    grid: tuple[int, ...]
+
+    def run_args(self) -> tuple[list, dict]:
+        def value(v):
+            return v.tensor() if isinstance(v, TensorSpec) else v
+
+        return [value(a) for a in self.args], {k: value(v) for k, v in self.kwargs.items()}
+
+    @property
+    def ctas(self) -> int:
+        count = 1
+        for g in self.grid:
+            count *= g
+        return count
+
+    def config(self) -> str:
+        """The launch's tile: BLOCK_* and friends, warps and stages."""
+        keys = sorted(k for k in self.kwargs if k.startswith(("BLOCK", "GROUP", "SPLIT", "R_PAD", "MB_PAD", "V_W")))
+        parts = [f"{k.removeprefix('BLOCK_')}={self.kwargs[k]}" for k in keys]
+        parts.append(f"w{self.kwargs.get('num_warps', 4)}s{self.kwargs.get('num_stages', 3)}")
+        return " ".join(parts)
+
+
+_recorded: list[Launch] | None = None
+_current = ("", "")
+
+
+def _record_run(self: JITFunction, *args, grid, warmup, **kwargs):
+    """JITFunction.run while recording: no compile, no launch; the arguments and grid are kept."""
+    meta = dict(zip(self.arg_names, args, strict=False)) | kwargs
+    grid = tuple(int(g) for g in (grid(meta) if callable(grid) else grid))
+
+    def spec(v):
+        return TensorSpec.of(v) if isinstance(v, torch.Tensor) else v
+
+    kwargs = {k: spec(v) for k, v in kwargs.items() if k not in ("debug", "instrumentation_mode")}
+    _recorded.append(Launch(*_current, self.module, self.fn.__name__, [spec(a) for a in args], kwargs, grid))
+
+
+@contextlib.contextmanager
+def recording(case: str, dtype: torch.dtype) -> Iterator[list[Launch]]:
+    """Record the Triton launches of the block (which runs on meta tensors), labelled ``case``."""
+    global _recorded, _current
+    previous = JITFunction.run
+    JITFunction.run = _record_run
+    _recorded, _current = [], (case, str(dtype).removeprefix("torch."))
+    try:
+        yield _recorded
+    finally:
+        JITFunction.run = previous
+        _recorded = None
+
+
+@contextlib.contextmanager
+def triton_on_meta() -> Iterator[None]:
+    """The ops run their Triton backend on meta tensors: the dispatch accepts Triton there (it would refuse: no
+    GPU), and the custom ops the ops call eagerly run their Python bodies (on meta tensors torch would run
+    their fake implementations, which launch nothing)."""
+    import importlib
+    import pkgutil
+
+    import fastpeft.backends as backends
+    import fastpeft.ops
+
+    real = backends.backend_unavailable_reason
+
+    def reason(backend, device):
+        return None if backend == "triton" and torch.device(device).type == "meta" else real(backend, device)
+
+    custom_ops = []
+    for info in pkgutil.iter_modules(fastpeft.ops.__path__):
+        module = importlib.import_module(f"fastpeft.ops.{info.name}")
+        for name, value in vars(module).items():
+            if isinstance(value, torch._library.custom_ops.CustomOpDef):
+                custom_ops.append((module, name, value))
+                setattr(module, name, value._init_fn)
+    backends.backend_unavailable_reason = reason
+    try:
+        with backends.use_backend("triton"):
+            yield
+    finally:
+        backends.backend_unavailable_reason = real
+        for module, name, value in custom_ops:
+            setattr(module, name, value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The cases: host code on meta tensors
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _t(*shape: int, dtype=torch.bfloat16, grad: bool = False) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=META, requires_grad=grad)
+
+
+def _lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from fastpeft.triton_kernels import lora
 
-    flags = dict(FUSE_SHRINK=True, DROPOUT_X=False, DROPOUT_OUT=False, HAS_BIAS=True, HAS_OUT_SCALE=False,
-                 STORE_Z=False, R_PAD=16, DOT_PRECISION=precision, LORA_PRECISION="tf32" if precision == "tf32"
-                 else precision, UPCAST=False)  # fmt: skip
-    variants = {
-        "fused": {},
-        "fused+dropout-x": dict(DROPOUT_X=True, R_PAD=lora.FUSED_MAX_R_PAD),
-        "expand r=256": dict(FUSE_SHRINK=False, R_PAD=256),
-        "expand+dropout-out": dict(FUSE_SHRINK=False, DROPOUT_OUT=True, HAS_BIAS=False, R_PAD=64),
-        "dora": dict(FUSE_SHRINK=False, HAS_OUT_SCALE=True, STORE_Z=True, R_PAD=64),
-    }
-    fixed = (lora.FIXED_DECODE_CONFIG, lora.FIXED_PREFILL_CONFIG)
-    # Every variant on the fixed and the largest tiles; the other autotune tiles with the plain fused kernel
-    # (every variant on every tile with full=True).
-    for group, configs in (("decode", lora.DECODE_CONFIGS), ("prefill", lora.PREFILL_CONFIGS)):
-        for config in [*configs, fixed[group == "prefill"]]:
-            is_fixed = config is fixed[group == "prefill"]
-            some = is_fixed or config is configs[0] or full
-            for variant, changes in variants.items() if some else [("fused", {})]:
-                constexprs = {**flags, **changes, **config.kwargs}
-                if group == "decode" and constexprs["FUSE_SHRINK"] and config.kwargs["BLOCK_N"] < constexprs["R_PAD"]:
-                    continue  # pruned at run time (prune_decode_configs)
-                name = f"lora {group} {variant} {'fixed' if is_fixed else config.kwargs}"
-                yield name, lora._lora_linear_kernel, constexprs, _options(config), is_fixed
-    for config in [*lora.SHRINK_CONFIGS, lora.FIXED_SHRINK_CONFIG]:
-        is_fixed = config is lora.FIXED_SHRINK_CONFIG
-        for dropout, r_pad in ((False, 256), (True, 64)):
-            constexprs = dict(DROPOUT=dropout, SPLIT_K=2, R_PAD=r_pad, DOT_PRECISION=precision, UPCAST=False,
-                              **config.kwargs)  # fmt: skip
-            name = f"lora shrink dropout={dropout} r={r_pad} {'fixed' if is_fixed else config.kwargs}"
-            yield name, lora._lora_shrink_kernel, constexprs, _options(config), is_fixed
-    yield "lora keep mask", lora._keep_mask_kernel, dict(BLOCK=32), {}, True
+    k, n = 200, 120
+    dropout = lora.PhiloxDropout(5, 0.1, 1 / 0.9, k, 1)
+    w, bias = _t(n, k, dtype=dtype), _t(n, dtype=dtype)
+    a16, b16 = _t(16, k, dtype=dtype), _t(n, 16, dtype=dtype)
+    a64, b64 = _t(64, k, dtype=dtype), _t(n, 64, dtype=dtype)
+    a256, b256 = _t(256, k, dtype=dtype), _t(n, 256, dtype=dtype)
+    for m, label in ((5, "decode"), (37, "decode"), (100, "prefill")):
+        x = _t(m, k, dtype=dtype)
+        xa64, xa256 = _t(m, 64, dtype=torch.float32), _t(m, 256, dtype=torch.float32)
+        if m <= lora.DECODE_MAX_M:
+            yield f"lora {label} fused m={m}", partial(lora.lora_linear, x, w, a16, b16, 2.0, bias)
+            yield (
+                f"lora {label} fused+dropout-x m={m}",
+                partial(lora.lora_linear, x, w, a16, b16, 2.0, None, dropout_x=dropout),
+            )
+        yield f"lora {label} expand r=64 m={m}", partial(lora.lora_linear, x, w, None, b64, 2.0, bias, xa=xa64)
+        yield (
+            f"lora {label} expand+dropout-out m={m}",
+            partial(lora.lora_linear, x, w, None, b64, 2.0, None, xa=xa64, dropout_out=dropout),
+        )
+        dora = dict(out_scale=_t(n, dtype=torch.float32), z=_t(m, n, dtype=dtype))
+        yield f"lora {label} dora m={m}", partial(lora.lora_linear, x, w, None, b64, 2.0, bias, xa=xa64, **dora)
+        yield f"lora {label} expand r=256 m={m}", partial(lora.lora_linear, x, w, None, b256, 2.0, None, xa=xa256)
+        yield f"lora shrink r=64 m={m}", partial(lora.lora_shrink, x, a64)
+        yield f"lora shrink+dropout r=256 m={m}", partial(lora.lora_shrink, x, a256, dropout)
+    dy, dyb = _t(37, n, dtype=dtype), _t(37, 64, dtype=torch.float32)
+    yield "lora dx (transposed W) m=37", partial(lora.lora_linear, dy, w.t(), None, a64.t(), 2.0, None, xa=dyb)
+    yield "lora keep mask", partial(lora.keep_mask, dropout, 37, k, META)
 
 
-def multi_lora_cases(precision: str, full: bool) -> Iterator[Case]:
+def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from fastpeft.triton_kernels import multi_lora as ml
 
-    for block_r in (16, 64, 256):
-        token = f"multi_lora {{}}/token R={block_r}"
-        yield token.format("shrink"), ml._shrink_token_kernel, dict(BLOCK_R=block_r, BLOCK_K=128), {}, True
-        yield token.format("expand"), ml._expand_token_kernel, dict(BLOCK_R=block_r, BLOCK_N=128), {}, True
-        tile = dict(DOT_PRECISION=precision, BLOCK_M=ml.TILE_M, BLOCK_R=block_r)
-        shrink = dict(tile, UPCAST=False, BLOCK_K=ml.TILE_K)
-        yield f"multi_lora shrink/tile R={block_r}", ml._shrink_tile_kernel, shrink, ml.TILE_OPTIONS["shrink"], True
-        expand = dict(tile, BLOCK_N=ml.TILE_N, DOT_PRECISION=precision if precision == "ieee" else "tf32")
-        yield f"multi_lora expand/tile R={block_r}", ml._expand_tile_kernel, expand, ml.TILE_OPTIONS["expand"], True
+    k, n = 200, 120
+    tables = (_t(3, 3, dtype=torch.int32), _t(3, 3, dtype=torch.int32), _t(3, 3, dtype=torch.int64))
+    tables += (_t(3, 3, dtype=torch.float32), _t(4, dtype=torch.int32))
+    for v_width in (16, 64, 256, 512, 1024):  # 512 and 1024: packed q/k/v pools of rank 128 and 256 per slice
+        a, b, a_offsets = _t(v_width * 3, k, dtype=dtype), _t(v_width * n, dtype=dtype), _t(4, dtype=torch.int32)
+        for m in (5, 100):
+            x, ids, base = _t(m, k, dtype=dtype), _t(m, dtype=torch.int32), _t(m, 3 * n, dtype=dtype)
+            form = "token" if m <= ml.DECODE_MAX_M else "tile"
+            yield f"multi_lora shrink/{form} v={v_width}", partial(ml.multi_lora_shrink, x, a, a_offsets, ids, v_width)
+            v = _t(m, v_width, dtype=torch.float32)
+            yield f"multi_lora expand/{form} v={v_width}", partial(ml.multi_lora_expand, base, v, b, ids, *tables, n)
 
 
-def qlora_cases(precision: str, full: bool) -> Iterator[Case]:
-    import triton.language as tl
+def _weight4bit(n: int, k: int, nested: bool, dtype: torch.dtype, blocksize: int = 64):
+    """A 4-bit weight [n, k] as the kernels take it, on meta tensors (its bytes and state)."""
+    from fastpeft.ops.qlora import Weight4bit
+
+    blocks = -(-n * k // blocksize)
+    absmax = _t(blocks, dtype=torch.uint8 if nested else torch.float32)
+    fp32 = dict(dtype=torch.float32)
+    state2 = (_t(-(-blocks // 256), **fp32), _t(256, **fp32), _t(1, **fp32)) if nested else (None, None, None)
+    packed, code = _t(-(-n * k // 2), dtype=torch.uint8), _t(16, **fp32)
+    return Weight4bit(packed, absmax, code, *state2, blocksize, 256, n, k, dtype)
+
+
+def _qlora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from fastpeft.triton_kernels import qlora as q
 
-    base = dict(LOG2_BLOCKSIZE=6, NESTED=True, LOG2_NESTED=8, W_DTYPE=tl.bfloat16, EVEN_K=True, R_PAD=16,
-                DOT_PRECISION=precision, UPCAST=False)  # fmt: skip
-    forward = {
-        "nested": dict(HAS_BIAS=True, LORA=0),
-        "plain absmax, fp16 weight": dict(HAS_BIAS=False, LORA=0, NESTED=False, W_DTYPE=tl.float16),
-        "odd K": dict(HAS_BIAS=False, LORA=0, EVEN_K=False),
-        "lora xa r=64": dict(HAS_BIAS=True, LORA=1, R_PAD=64),
-        "lora fused shrink": dict(HAS_BIAS=False, LORA=2),
-        "lora fused shrink, odd K": dict(HAS_BIAS=False, LORA=2, EVEN_K=False),
-    }
-    backward = {
-        "plain": dict(LORA=False),
-        "lora r=64": dict(LORA=True, R_PAD=64),
-        "odd K": dict(LORA=True, EVEN_K=False),
-    }
-    groups = (
-        ("decode", q.DECODE_CONFIGS, q.FIXED_DECODE_CONFIG),
-        ("prefill", q.PREFILL_CONFIGS, q.FIXED_PREFILL_CONFIG),
-    )
-    for group, configs, fixed in groups:
-        for config in [*configs, fixed]:
-            is_fixed = config is fixed
-            label = "fixed" if is_fixed else config.kwargs
-            for kernel, variants, kind in ((q._matmul_4bit_kernel, forward, "forward"),
-                                           (q._matmul_4bit_t_kernel, backward, "dx")):  # fmt: skip
-                for variant, changes in variants.items() if is_fixed or full else list(variants.items())[:1]:
-                    constexprs = {**base, **changes, **config.kwargs}
-                    if kernel is q._matmul_4bit_t_kernel:
-                        constexprs.pop("HAS_BIAS", None)
-                    name = f"qlora {kind} {group} {variant} {label}"
-                    yield name, kernel, constexprs, _options(config), is_fixed
+    n = 120
+    for k in (256, 203):  # even K: byte pairs; odd K: the per-element path
+        a, b = _t(16, k, dtype=dtype), _t(n, 16, dtype=dtype)
+        for m in (5, 100):
+            label = f"{'decode' if m <= q.DECODE_MAX_M else 'prefill'} m={m} K={k}"
+            x, bias, xa = _t(m, k, dtype=dtype), _t(n, dtype=dtype), _t(m, 16, dtype=torch.float32)
+            for nested in (True, False):
+                w = _weight4bit(n, k, nested, dtype)
+                forward = partial(q.matmul_4bit, x, w.packed, *w.state_args(), n, dtype)
+                yield f"qlora forward {label} {'nested' if nested else 'plain absmax'}", partial(forward, bias)
+            yield f"qlora forward {label} lora xa", partial(forward, None, None, xa, b, 2.0)
+            if m <= q.DECODE_MAX_M:
+                yield f"qlora forward {label} lora fused shrink", partial(forward, None, a, None, b, 2.0)
+            dx = partial(q.matmul_4bit_t, _t(m, n, dtype=dtype), w.packed, *w.state_args(), k, dtype)
+            yield f"qlora dx {label}", dx
+            yield f"qlora dx {label} lora", partial(dx, xa, a, 2.0)
 
 
-def bottleneck_cases(precision: str, full: bool) -> Iterator[Case]:
-    import torch
+def _bottleneck_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from fastpeft.triton_kernels import bottleneck as bn
 
-    base = dict(HAS_LN=True, HAS_IDS=True, SCALE_KIND=2, ACT=1, OUT_RES=False, OUT_LN=False, DOT_PRECISION=precision,
-                UPCAST=False, BLOCK_M=bn.BLOCK_M, BLOCK_D=bn.BLOCK_D)  # fmt: skip
-    variants = {
-        "ln ids channel gelu": {},
-        "plain relu": dict(HAS_LN=False, HAS_IDS=False, SCALE_KIND=0, ACT=0),
-        "add + layernorm after": dict(OUT_RES=True, OUT_LN=True, SCALE_KIND=1),
-    }
-    variants |= {f"activation {code}": dict(ACT=code) for code in sorted(set(bn.ACTIVATION_CODES.values()))}
-    for m_pad in (16, 64, 256):
-        for variant, changes in variants.items() if m_pad == 64 or full else list(variants.items())[:3]:
-            constexprs = {**base, **changes, "MB_PAD": m_pad}
-            yield f"bottleneck {variant} m_pad={m_pad}", bn._bottleneck_kernel, constexprs, {"num_warps": 4}, True
-    backward = dict(HAS_LN=True, HAS_IDS=True, SCALE_KIND=2, IDENTITY=True, ACT=1, DOT_PRECISION=precision,
-                    UPCAST=False, BLOCK_M=bn.BLOCK_M)  # fmt: skip
-    fp32 = precision == "ieee"  # the cases are compiled per activation dtype; fp32 is the one with "ieee" dots
-    backward_variants = {
-        "ln ids channel": {},
-        "plain learned scaling": dict(HAS_LN=False, HAS_IDS=False, SCALE_KIND=1, IDENTITY=False, ACT=0),
-        "float scaling": dict(SCALE_KIND=0, ACT=3),
-    }
-    for m_pad in (16, 64, 256):
-        for variant, changes in backward_variants.items():
-            block_d = bn.backward_block_d(m_pad, torch.float32 if fp32 else torch.bfloat16)
-            constexprs = {**backward, **changes, "MB_PAD": m_pad, "BLOCK_D": block_d}
-            name = f"bottleneck backward {variant} m_pad={m_pad}"
-            yield name, bn._bottleneck_backward_kernel, constexprs, {"num_warps": 4}, True
+    from fastpeft.ops.bottleneck import ACTIVATION_CODES, Adapters, Post
+
+    d, rows = 200, 130
+    x, dy = _t(rows, d, dtype=dtype), _t(rows, d, dtype=dtype)
+    plain = Post(None, None, None, 1e-5)
+    add_ln = Post(_t(rows, d, dtype=dtype), _t(d, dtype=dtype), _t(d, dtype=dtype), 1e-5)
+    for mb in (16, 64, 128, 256):
+        for count in (1, 3):
+
+            def per_adapter(*shape, dtype=dtype, count=count):
+                return _t(count, *shape, dtype=dtype)
+
+            scaling = per_adapter(d, dtype=torch.float32) if count > 1 else 2.0
+            adapters = Adapters(per_adapter(mb, d), per_adapter(mb), per_adapter(d, mb), per_adapter(d), scaling,
+                                per_adapter(d), per_adapter(d))  # fmt: skip
+            ids = _t(rows, dtype=torch.int32) if count > 1 else None
+            label = f"bottleneck m={mb} adapters={count}"
+            for act in sorted(set(ACTIVATION_CODES)) if mb == 64 and count == 1 else ["gelu"]:
+                yield f"{label} {act}", partial(bn.bottleneck_forward, x, None, adapters, ids, 10, act, 1e-5, plain)
+            yield (
+                f"{label} + add & LayerNorm",
+                partial(bn.bottleneck_forward, x, None, adapters, ids, 10, "relu", 1e-5, add_ln),
+            )
+            if mb <= bn.BACKWARD_MAX_MB_PAD:
+                yield (
+                    f"bottleneck backward m={mb} adapters={count}",
+                    partial(bn.bottleneck_backward, x, dy, adapters, ids, 10, "gelu", 1e-5, True),
+                )
 
 
-def _options(config) -> dict:
-    return {"num_warps": config.num_warps, "num_stages": config.num_stages}
-
-
-FAMILIES = {
-    "lora": lora_cases,
-    "multi_lora": multi_lora_cases,
-    "qlora": qlora_cases,
-    "bottleneck": bottleneck_cases,
+COVERAGE = {
+    "lora": _lora_coverage,
+    "multi_lora": _multi_lora_coverage,
+    "qlora": _qlora_coverage,
+    "bottleneck": _bottleneck_coverage,
 }
 
 
-def cases(family: str, dtype_name: str, every: bool) -> list[Case]:
-    precision = "ieee" if dtype_name == "fp32" else "tf32"
-    return [case for case in FAMILIES[family](precision, every) if every or case[4]]
+def _target_calls(bench: str, case: dict) -> Callable[[], None]:
+    """The ops' calls of one TARGETS case (bf16), through their own dispatch."""
+    import fastpeft
+    from fastpeft.ops.adapter_pool import AdapterPool
+
+    dtype = getattr(torch, case.get("dtype", "bfloat16"))
+    if bench in ("lora", "dora"):
+        m, k, n, r = case["m"], case["k"], case["n"], case["r"]
+        train = case.get("mode") == "forward+backward"
+
+        def call():
+            x, w = _t(m, k, dtype=dtype, grad=train), _t(n, k, dtype=dtype)
+            a, b = _t(r, k, dtype=dtype, grad=train), _t(n, r, dtype=dtype, grad=train)
+            if bench == "dora":
+                y = fastpeft.dora_linear(x, w, a, b, _t(n, dtype=dtype, grad=True), 2.0)
+            else:
+                y = fastpeft.lora_linear(x, w, a, b, 2.0, dropout_p=case.get("dropout", 0.0))
+            if train:
+                y.backward(_t(m, n, dtype=dtype))
+
+        return call
+    if bench == "multi_lora":
+        m, k, n, r, count = case["m"], case["k"], case["n"], case["r"], case["adapters"]
+        adapters = [(_t(r, k, dtype=dtype), _t(n, r, dtype=dtype), 2.0) for _ in range(count)]
+        return lambda: fastpeft.multi_lora_linear(
+            _t(m, k, dtype=dtype), _t(n, k, dtype=dtype), AdapterPool.build(adapters), _t(m, dtype=torch.int32),
+            check_ids=False,
+        )  # fmt: skip
+    if bench == "qlora":
+        from fastpeft.ops.qlora import qlora_linear
+
+        m, k, n, r = case["m"], case["k"], case["n"], case["r"]
+        w = _weight4bit(n, k, case["double_quant"], dtype, case["blocksize"])
+        lora = (_t(r, k, dtype=dtype), _t(n, r, dtype=dtype)) if r else (None, None)
+        return lambda: qlora_linear(_t(m, k, dtype=dtype), w, None, *lora, 2.0)
+    if bench == "bottleneck":
+        from fastpeft.triton_kernels import bottleneck as bn
+
+        from fastpeft.ops.bottleneck import Adapters, Post
+
+        m, d, mb, count = case["m"], case["d"], case["bottleneck"], case["adapters"]
+        lead = (count,)
+        adapters = Adapters(_t(*lead, mb, d, dtype=dtype), _t(*lead, mb, dtype=dtype), _t(*lead, d, mb, dtype=dtype),
+                            _t(*lead, d, dtype=dtype), 2.0, None, None)  # fmt: skip
+        ids = _t(m, dtype=torch.int32) if count > 1 else None
+        per_sample = m // (8 * count) if count > 1 else m
+        x = _t(m, d, dtype=dtype)
+        if case.get("mode") == "forward+backward":
+            return lambda: (
+                bn.bottleneck_forward(x, None, adapters, ids, per_sample, case["activation"], 1e-5,
+                                      Post(None, None, None, 1e-5)),
+                bn.bottleneck_backward(x, x, adapters, ids, per_sample, case["activation"], 1e-5, True),
+            )  # fmt: skip
+        return lambda: bn.bottleneck_forward(x, None, adapters, ids, per_sample, case["activation"], 1e-5,
+                                             Post(None, None, None, 1e-5))  # fmt: skip
+    raise ValueError(f"no launches known for bench {bench!r}")
 
 
-def compile_case(job: tuple[str, str, int, bool, int]) -> tuple[str, bool]:
-    """(the report line, failed) for case ``index`` of ``cases(family, dtype_name, every)``."""
-    family, dtype_name, index, every, arch = job
-    name, kernel, constexprs, options, required = cases(family, dtype_name, every)[index]
-    source = ASTSource(kernel, signature(kernel, DTYPES[dtype_name], constexprs), constexprs=constexprs)
+def _targets() -> Iterator[tuple[str, Callable[[], None]]]:
+    import targets
+
+    seen = set()
+    for target in targets.TARGETS:
+        for case in target.cases:
+            label = f"{target.bench} {targets._shape(case)} {case.get('mode', '')} r={case.get('r', '-')}".strip()
+            if case.get("adapters", 1) > 1:
+                label += f" {case['adapters']} adapters"
+            if case.get("dropout"):
+                label += f" dropout {case['dropout']}"
+            if label not in seen:
+                seen.add(label)
+                yield f"TARGET {label}", _target_calls(target.bench, case)
+
+
+def record(families: list[str], dtypes: list[str], kinds: list[str]) -> list[Launch]:
+    """Every launch of the chosen cases, recorded on meta tensors."""
+    launches: list[Launch] = []
+    if "coverage" in kinds:
+        for family in families:
+            for dtype_name in dtypes:
+                dtype = getattr(torch, dtype_name)
+                for case, call in COVERAGE[family](dtype):
+                    with recording(case, dtype) as got, torch.no_grad():
+                        call()
+                    launches += got
+    if "targets" in kinds:
+        with triton_on_meta():
+            for case, call in _targets():
+                with recording(case, torch.bfloat16) as got:
+                    call()
+                launches += [launch for launch in got if launch.module.rsplit(".", 1)[-1] in families]
+    return launches
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Compiling and reading the machine code
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _tool(name: str) -> str:
+    """cuobjdump from Triton's own CUDA backend (it ships one), else the toolkit's on PATH."""
+    from triton.backends.nvidia import compiler
+
+    bundled = Path(compiler.__file__).parent / "bin" / name
+    return str(bundled) if bundled.exists() else name
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """REG, STACK, SHARED (static) and LOCAL of the one kernel in ``cubin``, from cuobjdump -res-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+    return usage | sass_features(sass)
+
+
+_OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", re.M)
+
+
+def sass_features(sass: str) -> dict[str, int]:
+    """Counts of the instructions that say how a kernel moves data and multiplies: 16-byte and narrower global
+    loads, tensor-core MMA (Hopper's HGMMA, the older HMMA), TMA, and local memory (spills)."""
+    ops = collections.Counter(_OPCODE.findall(sass))
+
+    def count(test) -> int:
+        return sum(n for op, n in ops.items() if test(op))
+
+    return {
+        "ldg128": count(lambda op: op.startswith(("LDG.", "LDGSTS.")) and ".128" in op),
+        "ldg_narrow": count(lambda op: op.startswith("LDG") and ".128" not in op and not op.startswith("LDGDEPBAR")),
+        "hgmma": count(lambda op: op.startswith("HGMMA")),
+        "hmma": count(lambda op: op.startswith("HMMA")),
+        "tma": count(lambda op: op.startswith(("UTMALDG", "UTMASTG", "UBLKCP"))),
+        "local": count(lambda op: op.startswith(("LDL", "STL"))),
+    }
+
+
+_MULI = re.compile(r"^\s*%\S+ = arith\.muli (%\S+), (%\S+) : (?:i32|tensor<[0-9x]+xi32>)", re.M)
+_DERIVED = re.compile(r"^\s*(%\S+) = tt\.(?:splat|broadcast|expand_dims) (%\S+)", re.M)
+
+
+def narrow_offset_products(ttir: str, int_args: set[str]) -> list[str]:
+    """32-bit products in which one factor is (a splat of) a runtime integer argument (a size or a stride): the
+    offsets that overflow past 2**31 elements. Returns the product lines."""
+    values = {f"%{name}" for name in int_args}
+    for derived, source in _DERIVED.findall(ttir):
+        if source in values:
+            values.add(derived)
+    return [m.group(0).strip() for m in _MULI.finditer(ttir) if m.group(1) in values or m.group(2) in values]
+
+
+def occupancy(arch: int, warps: int, registers: int, shared: int) -> int:
+    """Blocks of this kernel one SM holds: the least of what its registers, shared memory and warps allow."""
+    per_warp = -(-registers * 32 // 256) * 256  # registers are allocated per warp in units of 256
+    by_registers = REGISTERS_PER_SM // (per_warp * warps) if registers else BLOCKS_PER_SM[arch]
+    by_shared = SHARED_PER_SM[arch] // (shared + 1024) if shared else BLOCKS_PER_SM[arch]  # 1 KB reserved per block
+    return max(0, min(by_registers, by_shared, WARPS_PER_SM[arch] // warps, BLOCKS_PER_SM[arch]))
+
+
+def compile_launch(job: tuple[Launch, int]) -> dict:
+    """Compile one recorded launch as Triton's JIT would, and read it back: one row of the report."""
+    launch, arch = job
+    from triton.runtime import driver
+
+    driver.set_active(OffDeviceDriver(arch))
+    module = __import__(launch.module, fromlist=["_"])
+    fn = getattr(module, launch.kernel)
+    args, kwargs = launch.run_args()
+    row = {**asdict(launch), "triton": triton.__version__, "arch": arch, "config": launch.config(), "ctas": launch.ctas}
+    del row["args"], row["kwargs"]
     try:
-        compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    except Exception as exc:  # report every failing case, not just the first
-        return f"FAIL {dtype_name} {name}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}", True
+        compiled = fn.run(*args, grid=launch.grid, warmup=True, **kwargs)
+    except Exception as exc:  # every failing launch is reported, not just the first
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        return row | {"error": f"{type(exc).__name__}: {' | '.join(lines[-3:])[:400]}"}
     shared = compiled.metadata.shared
-    fits = shared <= SHARED_BYTES.get(arch, 99 * 1024)
-    verdict = "ok  " if fits else "FAIL" if required else "over"  # over: the autotuner skips it at run time
-    return f"{verdict} {dtype_name} {name}: {shared} B shared", required and not fits
+    warps = compiled.metadata.num_warps
+    usage = resource_usage(compiled.asm["cubin"])
+    int_args = {name for name, value in zip(fn.arg_names, args, strict=False) if type(value) is int}
+    blocks = occupancy(arch, warps, usage.get("reg", 0), shared)
+    return (
+        row
+        | usage
+        | {
+            "shared": shared,
+            "warps": warps,
+            "blocks_per_sm": blocks,
+            "waves": launch.ctas / (REFERENCE_SMS * blocks) if blocks else float("inf"),
+            "narrow_products": narrow_offset_products(compiled.asm["ttir"], int_args),
+        }
+    )
+
+
+def problems(row: dict) -> list[str]:
+    """What fails a launch: no compile, shared memory over the limit, spills in 16-bit, 32-bit offsets."""
+    if "error" in row:
+        return [row["error"]]
+    found = []
+    if row["shared"] > SHARED_PER_BLOCK.get(row["arch"], 99 * 1024):
+        found.append(f"{row['shared']} B of shared memory is over the GPU's {SHARED_PER_BLOCK.get(row['arch'])}")
+    if row["dtype"] in ("float16", "bfloat16") and (row.get("stack") or row.get("local")):
+        found.append(f"spills: {row.get('stack')} B stack, {row.get('local')} local-memory instructions")
+    if row["narrow_products"]:
+        found.append(f"32-bit offset products: {row['narrow_products'][:3]}")
+    return found
+
+
+def describe(row: dict) -> str:
+    if "error" in row:
+        return f"{row['kernel']} [{row['config']}]"
+    return (f"{row['kernel']} [{row['config']}] grid={'x'.join(map(str, row['grid']))} regs={row.get('reg')} "
+            f"stack={row.get('stack')} shared={row['shared']} B blocks/SM={row['blocks_per_sm']} "
+            f"waves={row['waves']:.2f} ldg128={row['ldg128']} hgmma={row['hgmma']} hmma={row['hmma']}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", type=int, default=90, help="compute capability as an integer (default 90)")
-    parser.add_argument("--families", default=",".join(FAMILIES), help="comma list of op families")
-    parser.add_argument("--all", action="store_true", help="also every autotune candidate (about 10 CPU-minutes)")
+    parser.add_argument("--families", default=",".join(COVERAGE), help="comma list of op families")
+    parser.add_argument("--dtypes", default="float16,bfloat16,float32", help="coverage dtypes, comma list")
+    parser.add_argument("--cases", default="coverage,targets", help="coverage, targets or both (comma list)")
+    parser.add_argument("--json", default=None, help="write the rows here")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     args = parser.parse_args(argv)
-    jobs = [
-        (family, dtype_name, index, args.all, args.arch)
-        for family in args.families.split(",")
-        for dtype_name in DTYPES
-        for index in range(len(cases(family, dtype_name, args.all)))
-    ]
+    launches = record(args.families.split(","), args.dtypes.split(","), args.cases.split(","))
+    with multiprocessing.get_context("spawn").Pool(max(1, args.jobs)) as pool:
+        rows = pool.map(compile_launch, [(launch, args.arch) for launch in launches])
     failed = 0
-    with multiprocessing.get_context("spawn").Pool(os.cpu_count() or 1) as pool:
-        for line, case_failed in pool.imap(compile_case, jobs):
-            failed += case_failed
-            print(line, flush=True)
-    print(f"compile_triton sm_{args.arch}: {len(jobs)} cases, {'all compiled' if not failed else f'{failed} failed'}")
+    for row in rows:
+        found = problems(row)
+        failed += bool(found)
+        print(f"{'FAIL' if found else 'ok  '} {row['dtype']} {row['case']}: {describe(row)}", flush=True)
+        for problem in found:
+            print(f"     {problem}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    verdict = "all compiled and checked" if not failed else f"{failed} failed"
+    print(f"compile_triton sm_{args.arch} triton {triton.__version__}: {len(rows)} launches, {verdict}")
     return 1 if failed else 0
 
 

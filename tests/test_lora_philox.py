@@ -145,3 +145,44 @@ def test_bad_dropout_mode_input(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with pytest.raises(ValueError, match="runs eagerly"):
         lora_linear(**t, dropout_p=0.1, dropout_mode="philox")
+
+
+def _philox_uniform(seed: int, counters: list[int]) -> list[float]:
+    """Philox4x32-10 (Triton's constants) of each 64-bit counter as (low word, high word, 0, 0) under the
+    seed's two key words, its first output word made a uniform float32 in [0, 1) as Triton makes it."""
+    import numpy as np
+
+    mask = 0xFFFFFFFF
+    out = []
+    for counter in counters:
+        c0, c1, c2, c3 = counter & mask, counter >> 32, 0, 0
+        k0, k1 = seed & mask, (seed >> 32) & mask
+        for _ in range(10):
+            hi_b, lo_b = divmod(0xCD9E8D57 * c2, 1 << 32)
+            hi_a, lo_a = divmod(0xD2511F53 * c0, 1 << 32)
+            c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+            k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
+        signed = c0 - (1 << 32) if c0 >= 1 << 31 else c0
+        signed = -signed - 1 if signed < 0 else signed
+        out.append(float(np.float32(signed) * np.float32(4.6566127342e-10)))
+    return out
+
+
+def test_counters_are_64_bit_past_two_to_the_31():
+    """The mask of an activation with more than 2**31 (and 2**32) elements: its counters, row * K + column,
+    are formed in 64 bits and fed to Philox as two words, so the pattern never wraps around. Checked on rows far
+    out (row_start) against a Python Philox of the exact counters, and against the rows 2**32 elements back."""
+    seed, p, k = 7, 0.5, 4096
+    dropout = spec(seed, p, k)
+    for row_start in ((1 << 31) // k + 3, (1 << 32) // k + 5):
+        got = kernels.keep_mask(dropout, 2, 40, DEVICE, row_start=row_start).cpu()
+        counters = [(row_start + i) * k + j for i in range(2) for j in range(40)]
+        expected = torch.tensor([u >= p for u in _philox_uniform(seed, counters)]).view(2, 40)
+        assert torch.equal(got, expected), row_start
+    far = kernels.keep_mask(dropout, 2, 40, DEVICE, row_start=(1 << 32) // k + 5)
+    wrapped = kernels.keep_mask(dropout, 2, 40, DEVICE, row_start=5)  # the same counters modulo 2**32
+    assert not torch.equal(far, wrapped)
+    near = kernels.keep_mask(dropout, 6, 40, DEVICE)[3:]  # below 2**31: rows continue where row_start says
+    assert torch.equal(kernels.keep_mask(dropout, 3, 40, DEVICE, row_start=3), near)
+    assert torch.equal(near.cpu(), torch.tensor([u >= p for u in _philox_uniform(seed, [
+        (3 + i) * k + j for i in range(3) for j in range(40)])]).view(3, 40))  # fmt: skip

@@ -273,3 +273,24 @@ def test_decode_step_captures_in_a_cuda_graph(backend):
     ids.copy_(torch.tensor([2, 2, -1, 0, 0, 1, -1, 1], device=DEVICE))
     graph.replay()
     torch.testing.assert_close(out, multi_lora_linear(x, weight, pool, ids, bias))
+
+
+@pytest.mark.parametrize("m", [5, 40], ids=["per-token", "tiles"])
+def test_shrink_writes_every_column_of_v(backend, m):
+    """v is written whole (it starts as NaN: conftest poisons allocations): x A^T up to each token's rank, zero
+    past it and on tokens without an adapter, whatever the chunking of the rank in the kernels."""
+    from fastpeft.ops.multi_lora import multi_lora_shrink
+
+    k = 24
+    _, _, adapters = make(k, 9, RANKS, torch.float32)
+    pool = AdapterPool.build(adapters)
+    ids = ids_for("uniform", m, len(RANKS))
+    x = torch.randn(m, k, device=DEVICE)
+    v = multi_lora_shrink(x, pool, ids)
+    assert v.shape == (m, 64) and torch.isfinite(v).all()
+    for t, adapter in enumerate(ids.tolist()):
+        rank = RANKS[adapter] if adapter >= 0 else 0
+        if rank:
+            expected = x[t].double() @ adapters[adapter][0].double().t()
+            torch.testing.assert_close(v[t, :rank].double(), expected, rtol=1e-3, atol=1e-4)  # tf32 on a GPU
+        assert torch.all(v[t, rank:] == 0), (t, adapter)

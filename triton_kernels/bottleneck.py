@@ -28,8 +28,25 @@ from fastpeft.ops.bottleneck import ACTIVATION_CODES, scale_table
 
 from .lora import _INTERPRET, _dot_precision, _on_device
 
-BLOCK_M = 16 if _INTERPRET else 64
 BLOCK_D = 32 if _INTERPRET else 64
+# The backward kernel holds three [BLOCK_M, MB_PAD] fp32 tiles (z before and after the activation, dz) beside the
+# projections' chunks: beyond this padded bottleneck it spills on sm_90 at any tile, and the composition runs
+# the backward instead (fastpeft.ops.bottleneck).
+BACKWARD_MAX_MB_PAD = 128
+
+
+def tile_options(mb_pad: int, dtype: torch.dtype, backward: bool) -> dict:
+    """BLOCK_M, BLOCK_D and warps of a launch. Each program holds [BLOCK_M, MB_PAD] fp32 tiles in registers (z
+    before and after the activation, and in the backward dz too): the wider the bottleneck, the fewer rows, on
+    two warpgroups, and the narrower the feature chunk (the up- and down-projection tiles are [BLOCK_D, MB_PAD]),
+    so that no 16-bit launch spills (scripts/compile_triton.py checks it for sm_90). fp32 halves the chunk again:
+    its full-precision dots hold both operand tiles in registers."""
+    if _INTERPRET:
+        return {"BLOCK_M": 16, "BLOCK_D": BLOCK_D, "num_warps": 4}
+    wide = mb_pad > 64
+    rows = (16 if wide else 32) if backward else (32 if wide else 64)
+    block_d = BLOCK_D // (2 if wide else 1) // (2 if dtype == torch.float32 else 1)
+    return {"BLOCK_M": rows, "BLOCK_D": block_d, "num_warps": 8}
 
 
 @triton.jit
@@ -56,7 +73,7 @@ def _activation(v, ACT: tl.constexpr):
 def _tile_rows(ids_ptr, T, num_adapters, HAS_IDS: tl.constexpr, BLOCK_M: tl.constexpr):
     """This program's rows (int64 [BLOCK_M] and their mask) of one sample, the sample's adapter clamped into
     the stack, and whether it has one (ids are per row, equal within a sample; without ids, adapter 0)."""
-    sample = tl.program_id(0)
+    sample = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     adapter = 0
     if HAS_IDS:
@@ -86,8 +103,8 @@ def _pre_activation(x_ptr, w_ptr, c1_ptr, c0_ptr, rows, mask_t, a, D, MB, stride
             xf = x.to(tl.float32)
             row_sum += tl.sum(xf, axis=1)
             row_sq += tl.sum(xf * xf, axis=1)
-        w = tl.load(w_ptr + a * MB * D + offs_b[None, :] * D + cols[:, None], mask=mask_d[:, None] & mask_b[None, :],
-                    other=0.0)  # fmt: skip
+        w_ptrs = w_ptr + a * MB * D + offs_b[None, :].to(tl.int64) * D + cols[:, None]
+        w = tl.load(w_ptrs, mask=mask_d[:, None] & mask_b[None, :], other=0.0)
         acc = tl.dot(x.to(OPERAND), w.to(OPERAND), acc, input_precision=DOT_PRECISION)
     c0 = tl.load(c0_ptr + a * MB + offs_b, mask=mask_b, other=0.0).to(tl.float32)
     mean = row_sum / D
@@ -128,8 +145,8 @@ def _bottleneck_kernel(
         mask_d = cols < D
         mask = mask_t[:, None] & mask_d[None, :]
         res = tl.load(res_ptr + rows[:, None] * stride_rr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        wu = tl.load(wu_base + cols[None, :] * MB + offs_b[:, None], mask=mask_b[:, None] & mask_d[None, :],
-                     other=0.0)  # fmt: skip
+        wu_ptrs = wu_base + cols[None, :].to(tl.int64) * MB + offs_b[:, None]
+        wu = tl.load(wu_ptrs, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         out = tl.dot(z, wu.to(operand), input_precision=DOT_PRECISION)
         out += tl.load(bu_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)[None, :]
         if SCALE_KIND == 0:
@@ -187,9 +204,10 @@ class _Setup(NamedTuple):
     rows_per_program_group: int  # T: the rows of one sample (all rows without ids)
     grid: tuple[int, int]  # (samples, row tiles per sample)
     mb_pad: int
+    options: dict  # tile_options: BLOCK_M, BLOCK_D, num_warps
 
 
-def _setup(x: torch.Tensor, adapters, ids, rows_per_sample: int) -> _Setup:
+def _setup(x: torch.Tensor, adapters, ids, rows_per_sample: int, backward: bool) -> _Setup:
     w_eff, c1, c0 = _folded(adapters)
     scale = scale_table(adapters.scaling, w_eff.shape[0])
     kind = 0 if scale is None else (1 if scale.shape[1] == 1 else 2)
@@ -197,8 +215,9 @@ def _setup(x: torch.Tensor, adapters, ids, rows_per_sample: int) -> _Setup:
     # Samples of T rows: ids are per sample, so a program's rows share one adapter. Without ids, one "sample".
     t = rows_per_sample if ids is not None else x.shape[0]
     mb_pad = max(16, triton.next_power_of_2(w_eff.shape[1]))
+    options = tile_options(mb_pad, x.dtype, backward)
     return _Setup(w_eff, c1, c0, c0 if scale is None else scale, kind, value, t,
-                  (x.shape[0] // t, triton.cdiv(t, BLOCK_M)), mb_pad)  # fmt: skip
+                  (x.shape[0] // t, triton.cdiv(t, options["BLOCK_M"])), mb_pad, options)  # fmt: skip
 
 
 def bottleneck_forward(
@@ -214,7 +233,7 @@ def bottleneck_forward(
     y = torch.empty_like(x)
     if m_rows == 0:
         return y
-    setup = _setup(x, adapters, ids, rows_per_sample)
+    setup = _setup(x, adapters, ids, rows_per_sample, backward=False)
     num_adapters, mb = setup.w_eff.shape[:2]
     out_res = post.out_residual
     out_res = None if out_res is None else (out_res if out_res.stride(-1) == 1 else out_res.contiguous())
@@ -231,7 +250,7 @@ def bottleneck_forward(
             HAS_LN=adapters.ln_weight is not None, HAS_IDS=ids is not None, SCALE_KIND=setup.scale_kind,
             OUT_RES=out_res is not None, OUT_LN=out_ln,
             ACT=ACTIVATION_CODES[activation], DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
-            MB_PAD=setup.mb_pad, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D,
+            MB_PAD=setup.mb_pad, **setup.options,
         )  # fmt: skip
     return y
 
@@ -294,8 +313,8 @@ def _bottleneck_backward_kernel(
         mask_d = cols < D
         mask = mask_t[:, None] & mask_d[None, :]
         dy = tl.load(dy_ptr + rows[:, None] * stride_dyr + cols[None, :], mask=mask, other=0.0).to(tl.float32) * on
-        wu = tl.load(wu_ptr + a * D * MB + cols[:, None] * MB + offs_b[None, :], mask=mask_d[:, None] & mask_b[None, :],
-                     other=0.0)  # fmt: skip
+        wu_ptrs = wu_ptr + a * D * MB + cols[:, None].to(tl.int64) * MB + offs_b[None, :]
+        wu = tl.load(wu_ptrs, mask=mask_d[:, None] & mask_b[None, :], other=0.0)
         if SCALE_KIND == 0:
             s = tl.zeros((BLOCK_D,), dtype=tl.float32) + scale_value
         elif SCALE_KIND == 1:
@@ -305,7 +324,7 @@ def _bottleneck_backward_kernel(
         d_out = dy * s[None, :]
         dz = tl.dot(d_out.to(operand), wu.to(operand), dz, input_precision=DOT_PRECISION)
         dwu = tl.dot(tl.trans(d_out.to(operand)), zq.to(operand), input_precision=DOT_PRECISION)
-        tl.atomic_add(dwu_ptr + a * D * MB + cols[:, None] * MB + offs_b[None, :], dwu,
+        tl.atomic_add(dwu_ptr + a * D * MB + cols[:, None].to(tl.int64) * MB + offs_b[None, :], dwu,
                       mask=mask_d[:, None] & mask_b[None, :])  # fmt: skip
         tl.atomic_add(dbu_ptr + a * D + cols, tl.sum(d_out, axis=0), mask=mask_d)
         if SCALE_KIND != 0:
@@ -330,8 +349,8 @@ def _bottleneck_backward_kernel(
         mask_d = cols < D
         mask = mask_t[:, None] & mask_d[None, :]
         x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        wd = tl.load(wd_ptr + a * MB * D + offs_b[:, None] * D + cols[None, :], mask=mask_b[:, None] & mask_d[None, :],
-                     other=0.0)  # fmt: skip
+        wd_ptrs = wd_ptr + a * MB * D + offs_b[:, None].to(tl.int64) * D + cols[None, :]
+        wd = tl.load(wd_ptrs, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         dh = tl.dot(dz.to(operand), wd.to(operand), input_precision=DOT_PRECISION)
         if HAS_LN:
             g = tl.load(lnw_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
@@ -350,7 +369,7 @@ def _bottleneck_backward_kernel(
             tl.store(dx_ptr + rows[:, None] * stride_dxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
         h = tl.where(mask, h, 0.0)
         dwd = tl.dot(tl.trans(dz.to(operand)), h.to(operand), input_precision=DOT_PRECISION)
-        tl.atomic_add(dwd_ptr + a * MB * D + offs_b[:, None] * D + cols[None, :], dwd,
+        tl.atomic_add(dwd_ptr + a * MB * D + offs_b[:, None].to(tl.int64) * D + cols[None, :], dwd,
                       mask=mask_b[:, None] & mask_d[None, :])  # fmt: skip
     if HAS_LN:
         for d0 in range(0, D, BLOCK_D):
@@ -358,7 +377,7 @@ def _bottleneck_backward_kernel(
             mask_d = cols < D
             mask = mask_t[:, None] & mask_d[None, :]
             x = tl.load(x_ptr + rows[:, None] * stride_xr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            wd = tl.load(wd_ptr + a * MB * D + offs_b[:, None] * D + cols[None, :],
+            wd = tl.load(wd_ptr + a * MB * D + offs_b[:, None].to(tl.int64) * D + cols[None, :],
                          mask=mask_b[:, None] & mask_d[None, :], other=0.0)  # fmt: skip
             dh = tl.dot(dz.to(operand), wd.to(operand), input_precision=DOT_PRECISION)
             g = tl.load(lnw_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
@@ -369,11 +388,6 @@ def _bottleneck_backward_kernel(
             tl.store(dx_ptr + rows[:, None] * stride_dxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def backward_block_d(mb_pad: int, dtype: torch.dtype) -> int:
-    """The backward's feature chunk: halved for fp32 at the widest bottleneck, to fit an H100's shared memory."""
-    return BLOCK_D // 2 if mb_pad >= 256 and dtype == torch.float32 and not _INTERPRET else BLOCK_D
-
-
 def bottleneck_backward(x, dy, adapters, ids, rows_per_sample: int, activation: str, ln_eps: float, identity: bool):
     """Gradients of the fused forward without the add + LayerNorm after, for stacked parameters as in
     :func:`bottleneck_forward`: dx [M, d] (x's dtype; includes dy when the residual is x itself, ``identity``)
@@ -381,7 +395,7 @@ def bottleneck_backward(x, dy, adapters, ids, rows_per_sample: int, activation: 
     m_rows, d = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-    setup = _setup(x, adapters, ids, rows_per_sample)  # pass 1 recomputes z as the forward does
+    setup = _setup(x, adapters, ids, rows_per_sample, backward=True)  # pass 1 recomputes z as the forward does
     num_adapters, mb = setup.w_eff.shape[:2]
     grads = {name: torch.zeros(t.shape, dtype=torch.float32, device=x.device)
              for name, t in zip(adapters._fields, adapters, strict=True) if isinstance(t, torch.Tensor)}  # fmt: skip
@@ -401,6 +415,6 @@ def bottleneck_backward(x, dy, adapters, ids, rows_per_sample: int, activation: 
                 float(ln_eps), setup.scale_value,
                 HAS_LN=has_ln, HAS_IDS=ids is not None, SCALE_KIND=setup.scale_kind, IDENTITY=identity,
                 ACT=ACTIVATION_CODES[activation], DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
-                MB_PAD=setup.mb_pad, BLOCK_M=BLOCK_M, BLOCK_D=backward_block_d(setup.mb_pad, x.dtype),
+                MB_PAD=setup.mb_pad, **setup.options,
             )  # fmt: skip
     return dx, grads

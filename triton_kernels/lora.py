@@ -17,9 +17,9 @@ one mask from a seed and no dropped copy of x exists. lora_linear's ``dropout_mo
 (tests/test_lora_philox.py checks the kernels and the op).
 
 Tile sets: decode tiles (at most ``DECODE_MAX_M`` rows: forward and the backward's ``dx`` alike) and prefill
-tiles, each autotuned per (rows bucket, N, K, rank). ``FASTPEFT_TRITON_AUTOTUNE=0`` (read at import) pins one
-configuration per kernel: the GPU tests and the compute-sanitizer pass use it, so they compile one variant
-and time nothing.
+tiles, each autotuned per (rows bucket, N, K, rank), fp32 operands with tiles of their own.
+``FASTPEFT_TRITON_AUTOTUNE=0`` (read at import) launches :func:`pinned_config`'s tile, chosen by rule from the
+shape: the GPU tests, the compute-sanitizer pass and the GPU check's target rows use it, so they time nothing.
 
 Everything takes strides, so transposed or sliced operands (the backward pass feeds ``W.T``, ``B.T``) need no
 copies. Under ``TRITON_INTERPRET=1`` the kernels run on CPU tensors; the interpreter's ``tl.dot`` is wrong on
@@ -89,15 +89,58 @@ SHRINK_CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
     for bm, bk, w, s in [(16, 256, 4, 4), (64, 128, 4, 4), (128, 64, 8, 3), (128, 128, 8, 3)]
 ]
-# Without autotuning (FASTPEFT_TRITON_AUTOTUNE=0): one configuration per kernel, valid for every shape.
-FIXED_DECODE_CONFIG = _configs([(16, 32, 128, 4, 4)])[0]
-FIXED_PREFILL_CONFIG = _configs([(64, 64, 64, 4, 3)])[0]
-# Small enough for fp32 operands at R_PAD = 256 within an H100's 227 KiB of shared memory per block
-# (scripts/compile_triton.py checks this): (64 * 64 + 64 * 256) * 4 bytes * 2 stages = 160 KiB.
-FIXED_SHRINK_CONFIG = triton.Config({"BLOCK_M": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+# fp32 operands get tiles of their own: with torch's "highest" float32 matmul precision tl.dot runs in full fp32
+# on the FMA units, whose operand tiles live in registers (16-bit tiles of the sizes above would spill).
+FP32_DECODE_CONFIGS = _configs([(16, 32, 64, 4, 3), (16, 64, 32, 4, 3), (32, 32, 32, 4, 3), (64, 32, 32, 4, 2)])
+FP32_PREFILL_CONFIGS = _configs([(64, 64, 32, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3)])
+FP32_SHRINK_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for bm, bk, w, s in [(16, 64, 4, 3), (32, 32, 4, 3), (64, 32, 8, 2)]
+]
 # The interpreter gets tiny tiles: autotuning there would time nothing real.
 _INTERPRETER_CONFIG = _configs([(16, 16, 16, 1, 1)])[0]
 _INTERPRETER_SHRINK_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)
+
+
+def pinned_config(
+    kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kernel_dropout: bool = False
+) -> triton.Config:
+    """The tile launched without autotuning (``FASTPEFT_TRITON_AUTOTUNE=0``: the GPU tests, the sanitizer, the
+    GPU check's target rows), chosen by rule from the shape, never by timing. ``kind``: "decode", "prefill" or
+    "shrink"; ``n`` the output features (0 for the shrink). scripts/compile_triton.py compiles exactly these for
+    sm_90 at the TARGETS shapes and fails CI if a 16-bit one spills.
+
+    - decode: a row tile holding every row (W read once), 32 columns (128 programs at N = 4096; 64 columns and
+      224 programs at N = 14336), K in steps of 128 four stages deep (bytes in flight for a memory-bound GEMV);
+      steps of 32 beyond 16 rows when the fused shrink drops x in-kernel (Philox's state per element of the x
+      tile lives in registers);
+    - prefill: 128 x 128 tiles for large M, 64 x 64 below 1024 rows, both on two warpgroups (wgmma; on one,
+      the accumulator and the LoRA epilogue's operands pass 255 registers and spill);
+    - shrink: 64 rows, the rank on 4 warps up to 64 and on 8 beyond (the accumulator is BLOCK_M x R_PAD);
+    - fp32: smaller tiles on more warps (full-precision fp32 dots run on the FMA units, operands in registers).
+    """
+    if _INTERPRET:
+        return _INTERPRETER_SHRINK_CONFIG if kind == "shrink" else _INTERPRETER_CONFIG
+    fp32 = dtype == torch.float32
+    rows = min(64, max(16, triton.next_power_of_2(max(m, 1))))
+    if kind == "shrink":
+        wide = r_pad > 64
+        block_k = 32 if fp32 or r_pad > 128 else 64
+        return triton.Config({"BLOCK_M": 32 if fp32 else 64, "BLOCK_K": block_k}, num_warps=8 if wide else 4,
+                             num_stages=2 if wide else 3)  # fmt: skip
+    if kind == "decode":
+        block_k = 32 if fp32 or (in_kernel_dropout and rows > 16) else 128
+        warps = 8 if fp32 and rows == 64 else 4
+        return _configs([(rows, 32 if n <= 8192 else 64, block_k, warps, 3 if fp32 else 4)])[0]
+    if fp32:
+        return _configs([(64, 64, 32, 8, 2)])[0]
+    return _configs([(128, 128, 64, 8, 3) if m >= 1024 else (64, 64, 64, 8, 3)])[0]
+
+
+def rank_chunk(r_pad: int, dtype: torch.dtype) -> int:
+    """Ranks per step of the LoRA epilogue when xa comes from memory: 64, 32 for fp32 (its fp32 dot holds both
+    operand tiles in registers); the interpreter walks several steps of 16."""
+    return min(r_pad, 16 if _INTERPRET else (32 if dtype == torch.float32 else 64))
 
 
 def prune_decode_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -113,12 +156,24 @@ def prune_decode_configs(configs: list[triton.Config], named_args: dict, **kwarg
 
 
 @triton.jit
+def _kept(rows, cols, seed, p, stride_r, stride_c):
+    """The keep-mask of the logical [M, K] input at (rows, cols): Philox's uniform at the 64-bit counter
+    ``row * stride_r + col * stride_c`` (seeded by ``seed``) is at least ``p``. The counter's low and high words
+    are Philox's first two counter words, so below 2**32 it is ``tl.rand(seed, counter)`` and past it the
+    pattern never repeats (activations of 2**31 elements and more are real in long-context training)."""
+    counters = rows[:, None].to(tl.int64) * stride_r + cols[None, :].to(tl.int64) * stride_c
+    low = (counters & 0xFFFFFFFF).to(tl.uint32)
+    high = (counters >> 32).to(tl.uint32)
+    zero = low * 0
+    bits, _, _, _ = tl.philox(seed, low, high, zero, zero)
+    return tl.uint_to_uniform_float(bits) >= p
+
+
+@triton.jit
 def _dropped(values, rows, cols, seed, p, keep_scale, stride_r, stride_c):
-    """``values`` with dropout applied in-kernel: element (row, col) of the logical [M, K] input is kept when
-    Philox's uniform at counter ``row * stride_r + col * stride_c`` (seeded by ``seed``) is at least ``p``, and
-    scaled by ``keep_scale``; rounded once to the values' dtype. Every kernel regenerates the same mask."""
-    counters = (rows[:, None] * stride_r + cols[None, :] * stride_c).to(tl.int32)
-    keep = tl.rand(seed, counters) >= p
+    """``values`` with dropout applied in-kernel (the mask of :func:`_kept`), the kept elements scaled by
+    ``keep_scale`` and rounded once to the values' dtype. Every kernel regenerates the same mask."""
+    keep = _kept(rows, cols, seed, p, stride_r, stride_c)
     return tl.where(keep, values.to(tl.float32) * keep_scale, 0.0).to(values.dtype)
 
 
@@ -138,6 +193,7 @@ def _lora_linear_kernel(
     HAS_OUT_SCALE: tl.constexpr,  # y = out_scale * (x W^T + s xa B^T) + bias, per column (DoRA's magnitude)
     STORE_Z: tl.constexpr,  # also write z = x W^T + s xa B^T, before the scale (same strides as y)
     R_PAD: tl.constexpr,
+    R_CHUNK: tl.constexpr,  # ranks per step of the epilogue when xa is read from memory
     DOT_PRECISION: tl.constexpr,
     LORA_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -164,9 +220,14 @@ def _lora_linear_kernel(
     mask_n = offs_n < N
     mask_r = offs_r < R
 
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + offs_k[:, None] * stride_ak
+    # Offsets are formed in 64 bits (offsets past 2**31 elements are real), and the pointers advance by 64-bit
+    # steps; a stride of 1 is a constant to Triton, so unit-stride offsets cost nothing more.
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :].to(tl.int64) * stride_xk
+    w_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None].to(tl.int64) * stride_wk
+    a_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + offs_k[:, None].to(tl.int64) * stride_ak
+    step_x = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    step_w = BLOCK_K * tl.cast(stride_wk, tl.int64)
+    step_a = BLOCK_K * tl.cast(stride_ak, tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -184,22 +245,32 @@ def _lora_linear_kernel(
             if DROPOUT_X:
                 x = _dropped(x, offs_m, k0 + offs_k, seed, dropout_p, keep_scale, stride_dr, stride_dc)
             xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
-            a_ptrs += BLOCK_K * stride_ak
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+            a_ptrs += step_a
+        x_ptrs += step_x
+        w_ptrs += step_w
 
-    if not FUSE_SHRINK:
-        xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
-        xa = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
-    b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-    # B's bf16/fp16 values are exact in tf32, so LORA_PRECISION="tf32" only rounds xa, to 11 bits.
+    # The LoRA term s * xa @ B^T. B's bf16/fp16 values are exact in tf32, so LORA_PRECISION="tf32" only rounds
+    # xa, to 11 bits. A fused shrink left xa in registers; otherwise it is read in chunks of R_CHUNK ranks, so
+    # the xa and B tiles stay small beside the accumulator at any rank.
+    lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if DROPOUT_OUT else acc
+    if FUSE_SHRINK:
+        b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None].to(tl.int64) * stride_br
+        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+        lora = tl.dot(xa * scaling, b, lora, input_precision=LORA_PRECISION)
+    else:
+        for r0 in tl.range(0, R_PAD, R_CHUNK, num_stages=1):  # not pipelined: no extra buffers
+            offs_c = r0 + tl.arange(0, R_CHUNK)
+            mask_c = offs_c < R
+            xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_c[None, :].to(tl.int64) * stride_xar
+            xa_c = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
+            b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_c[:, None].to(tl.int64) * stride_br
+            b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            lora = tl.dot(xa_c * scaling, b, lora, input_precision=LORA_PRECISION)
     if DROPOUT_OUT:
-        lora = tl.dot(xa * scaling, b, input_precision=LORA_PRECISION)
         acc += _dropped(lora, offs_m, offs_n, seed, dropout_p, keep_scale, stride_dr, stride_dc)
     else:
-        acc = tl.dot(xa * scaling, b, acc, input_precision=LORA_PRECISION)
-    offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+        acc = lora
+    offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
     mask_y = mask_m[:, None] & mask_n[None, :]
     if STORE_Z:
         tl.store(z_ptr + offs_y, acc.to(z_ptr.dtype.element_ty), mask=mask_y)
@@ -235,8 +306,10 @@ def _lora_shrink_kernel(
 
     # Program pid_k takes the K blocks pid_k, pid_k + SPLIT_K, pid_k + 2 * SPLIT_K, ...
     k_start = pid_k * BLOCK_K
-    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k[None, :]) * stride_xk
-    a_ptrs = a_ptr + offs_r[None, :] * stride_ar + (k_start + offs_k[:, None]) * stride_ak
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k_start + offs_k[None, :]).to(tl.int64) * stride_xk
+    a_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + (k_start + offs_k[:, None]).to(tl.int64) * stride_ak
+    step_x = BLOCK_K * SPLIT_K * tl.cast(stride_xk, tl.int64)
+    step_a = BLOCK_K * SPLIT_K * tl.cast(stride_ak, tl.int64)
     acc = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for k0 in range(k_start, K, BLOCK_K * SPLIT_K):
         mask_k = offs_k < K - k0
@@ -248,10 +321,10 @@ def _lora_shrink_kernel(
             x = x.to(tl.float32)
             a = a.to(tl.float32)
         acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * SPLIT_K * stride_xk
-        a_ptrs += BLOCK_K * SPLIT_K * stride_ak
+        x_ptrs += step_x
+        a_ptrs += step_a
 
-    xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+    xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :].to(tl.int64) * stride_xar
     mask = mask_m[:, None] & mask_r[None, :]
     if SPLIT_K == 1:
         tl.store(xa_ptrs, acc, mask=mask)
@@ -268,16 +341,27 @@ if AUTOTUNE:
     _shrink_kernel = triton.autotune(SHRINK_CONFIGS, key=["M_BUCKET", "K", "R_PAD"], reset_to_zero=["xa_ptr"])(
         _lora_shrink_kernel
     )
-else:  # one configuration each: nothing to time, so nothing is autotuned
-    _decode_kernel = triton.autotune([_INTERPRETER_CONFIG if _INTERPRET else FIXED_DECODE_CONFIG], key=[])(
-        _lora_linear_kernel
-    )
-    _prefill_kernel = triton.autotune([_INTERPRETER_CONFIG if _INTERPRET else FIXED_PREFILL_CONFIG], key=[])(
-        _lora_linear_kernel
-    )
-    _shrink_kernel = triton.autotune([_INTERPRETER_SHRINK_CONFIG if _INTERPRET else FIXED_SHRINK_CONFIG], key=[])(
-        _lora_shrink_kernel
-    )
+    _FP32_TUNED = {
+        "decode": triton.autotune(
+            FP32_DECODE_CONFIGS, key=_KEY, prune_configs_by={"early_config_prune": prune_decode_configs}
+        )(_lora_linear_kernel),
+        "prefill": triton.autotune(FP32_PREFILL_CONFIGS, key=_KEY)(_lora_linear_kernel),
+        "shrink": triton.autotune(FP32_SHRINK_CONFIGS, key=["M_BUCKET", "K", "R_PAD"], reset_to_zero=["xa_ptr"])(
+            _lora_shrink_kernel
+        ),
+    }
+else:  # the pinned configurations (pinned_config): nothing is timed
+    _decode_kernel = _prefill_kernel = _lora_linear_kernel
+    _shrink_kernel = _lora_shrink_kernel
+
+
+def _launcher(kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kernel_dropout: bool = False) -> tuple:
+    """(kernel, launch options) for ``kind`` ("decode", "prefill", "shrink"): the autotuned kernel of the dtype
+    (no options: the autotuner picks the tile), or the kernel and its :func:`pinned_config`."""
+    kernel = globals()[f"_{kind}_kernel"]  # read at call time: tests put spies in its place
+    if AUTOTUNE:
+        return (_FP32_TUNED[kind] if dtype == torch.float32 else kernel), {}
+    return kernel, pinned_config(kind, m, n, r_pad, dtype, in_kernel_dropout).all_kwargs()
 
 
 def fuses_shrink(m: int, r: int) -> bool:
@@ -320,17 +404,24 @@ def _m_bucket(m: int) -> int:
 
 
 @functools.cache
-def _sm_count(device_index: int) -> int:
+def _cuda_sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The SMs of ``device``; the reference GPU's off a GPU (scripts/compile_triton.py launches on meta tensors
+    what a GPU would)."""
+    if device.type != "cuda":
+        return REFERENCE_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _shrink_split_k(m: int, k: int, device: torch.device) -> int:
     """Split K when the row tiles alone would leave most SMs idle (decode, backward of small batches)."""
-    if _INTERPRET or device.type != "cuda":
+    if _INTERPRET:
         return 1 if k <= 32 else 2  # exercise both code paths on tiny interpreter shapes
-    index = device.index if device.index is not None else torch.cuda.current_device()
     row_tiles = triton.cdiv(m, 16)
-    return max(1, min(_sm_count(index) // row_tiles, triton.cdiv(k, 1024), 16))
+    return max(1, min(sm_count(device) // row_tiles, triton.cdiv(k, 1024), 16))
 
 
 @dataclass(frozen=True)
@@ -338,7 +429,7 @@ class PhiloxDropout:
     """In-kernel dropout on a logical [M, K] tensor: element (i, j) is kept when Philox's uniform for counter
     ``i * stride_r + j * stride_c`` under ``seed`` is at least ``p``, then scaled by ``keep_scale``. Strides
     name the element's position in the layer's input x, so a kernel reading x transposed regenerates the
-    forward's mask (counters are 32-bit: beyond 2**31 elements the mask pattern repeats)."""
+    forward's mask (counters are 64-bit: the pattern never repeats within a tensor)."""
 
     seed: int
     p: float
@@ -357,21 +448,23 @@ _NO_DROPOUT = (0, 0.0, 1.0, 0, 0)
 
 
 @triton.jit
-def _keep_mask_kernel(out_ptr, M, K, seed, dropout_p, BLOCK: tl.constexpr):
+def _keep_mask_kernel(out_ptr, M, K, row_start, seed, dropout_p, stride_r, stride_c, BLOCK: tl.constexpr):
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    kept = _dropped(tl.full((BLOCK, BLOCK), 1.0, tl.float32), rows, cols, seed, dropout_p, 1.0, K, 1)
+    kept = _kept(row_start + rows.to(tl.int64), cols, seed, dropout_p, stride_r, stride_c)
     inside = (rows[:, None] < M) & (cols[None, :] < K)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], kept != 0.0, mask=inside)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * K + cols[None, :], kept, mask=inside)
 
 
-def keep_mask(dropout: PhiloxDropout, m: int, k: int, device: torch.device) -> torch.Tensor:
-    """The [m, k] bool keep-mask ``dropout`` (with strides (k, 1)) draws: what the kernels apply, materialised
-    for references and tests."""
+def keep_mask(dropout: PhiloxDropout, m: int, k: int, device: torch.device, row_start: int = 0) -> torch.Tensor:
+    """Rows ``row_start`` to ``row_start + m`` of the [*, k] bool keep-mask ``dropout`` draws: what the kernels
+    apply, materialised for references, tests and the other backends."""
     out = torch.empty((m, k), device=device, dtype=torch.bool)
     if m and k:
         with _on_device(out):
-            _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](out, m, k, dropout.seed, dropout.p, BLOCK=32)
+            _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](
+                out, m, k, row_start, dropout.seed, dropout.p, dropout.stride_r, dropout.stride_c, BLOCK=32
+            )
     return out
 
 
@@ -389,8 +482,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout: PhiloxDropout | 
     if m == 0:
         return xa
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split_k)
+    kernel, options = _launcher("shrink", m, 0, _r_pad(r), x.dtype, dropout is not None)
     with _on_device(x):
-        _shrink_kernel[grid](
+        kernel[grid](
             x, lora_a, xa,
             m, k, r,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), xa.stride(0), xa.stride(1),
@@ -401,6 +495,7 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout: PhiloxDropout | 
             R_PAD=_r_pad(r),
             DOT_PRECISION=_dot_precision(x.dtype),
             UPCAST=_INTERPRET,
+            **options,
         )  # fmt: skip
     return xa
 
@@ -445,8 +540,9 @@ def lora_linear(
         bias = bias.contiguous()  # [N]: the kernel reads it with unit stride
     if out_scale is not None:
         out_scale = out_scale.float().contiguous()
-    kernel = _decode_kernel if m <= DECODE_MAX_M else _prefill_kernel
     dropout = dropout_x or dropout_out
+    kind = "decode" if m <= DECODE_MAX_M else "prefill"
+    kernel, options = _launcher(kind, m, n, _r_pad(r), x.dtype, dropout is not None)
     if fuse:
         xa = y  # placeholder pointer, never read when FUSE_SHRINK
     else:
@@ -469,8 +565,10 @@ def lora_linear(
             HAS_OUT_SCALE=out_scale is not None,
             STORE_Z=z is not None,
             R_PAD=_r_pad(r),
+            R_CHUNK=rank_chunk(_r_pad(r), x.dtype),
             DOT_PRECISION=_dot_precision(x.dtype),
             LORA_PRECISION=_dot_precision(x.dtype) if x.dtype == torch.float32 else "tf32",
             UPCAST=_INTERPRET,
+            **options,
         )  # fmt: skip
     return y

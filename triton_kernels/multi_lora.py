@@ -41,7 +41,30 @@ DECODE_MAX_M = 8 if _INTERPRET else 64
 TILE_M = 16 if _INTERPRET else 64
 TILE_K = 16 if _INTERPRET else 64
 TILE_N = 16 if _INTERPRET else 128
-TILE_OPTIONS = {"shrink": dict(num_warps=4, num_stages=3), "expand": dict(num_warps=4, num_stages=2)}
+# The expand's accumulator [64, 128] (fp32) and its rank chunk's v and B tiles take two warpgroups without spilling.
+TILE_OPTIONS = {"shrink": dict(num_warps=4, num_stages=3), "expand": dict(num_warps=8, num_stages=2)}
+# The rank is walked in chunks of at most this many columns of v (tile kernels), so their tiles fit in registers
+# and shared memory whatever the pool's rank; the interpreter's tiny chunk exercises the chunk loops.
+TILE_RANK_CHUNK = 16 if _INTERPRET else 64
+
+
+def tile_blocks(dtype: torch.dtype, v_width: int) -> tuple[int, int]:
+    """(rank chunk, K block) of the tile kernels: fp32 operands take halves (their full-precision dots run on
+    the FMA units with both tiles in registers; scripts/compile_triton.py shows the 16-bit sizes spill there)."""
+    if dtype == torch.float32 and not _INTERPRET:
+        return min(v_width, TILE_RANK_CHUNK // 2), TILE_K // 2
+    return min(v_width, TILE_RANK_CHUNK), TILE_K
+
+
+# The per-token kernels hold a [rank chunk, K or N block] tile in registers: at most this many elements.
+TOKEN_TILE_ELEMENTS = 256 if _INTERPRET else 2048
+
+
+def token_blocks(v_width: int, extent: int) -> tuple[int, int]:
+    """(rank chunk, block along K or N) of a per-token kernel: blocks of up to 128 along the extent (K for the
+    shrink, the widest slice for the expand), the rank chunk what the register budget leaves, at least 16."""
+    block = min(128, max(16, triton.next_power_of_2(extent)))
+    return min(v_width, max(16, TOKEN_TILE_ELEMENTS // block)), block
 
 
 @triton.jit
@@ -54,7 +77,7 @@ def _adapter_of(ids, num_adapters):
 @triton.jit
 def _slice_of(adapter, valid, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr):
     """(rank, first column in v, first element in lora_b, scaling) of slice s of ``adapter``; rank 0 if invalid."""
-    at = s * num_adapters + adapter
+    at = tl.cast(s, tl.int64) * num_adapters + adapter
     rank = tl.load(ranks_ptr + at, mask=valid, other=0)
     v_start = tl.load(v_starts_ptr + at, mask=valid, other=0)
     b_start = tl.load(b_starts_ptr + at, mask=valid, other=0)
@@ -76,26 +99,31 @@ def _shrink_token_kernel(
     x_ptr, a_ptr, ids_ptr, a_offsets_ptr, v_ptr,
     K, num_adapters,
     stride_xm, stride_xk, stride_ap, stride_ak, stride_vm,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    V_WIDTH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    t = tl.program_id(0)
+    # v's row in chunks of BLOCK_R columns (the A tile [BLOCK_R, BLOCK_K] stays small in registers at any rank);
+    # chunks past the adapter's rank are written as zeros without reading anything.
+    t = tl.program_id(0).to(tl.int64)
     valid, adapter = _adapter_of(tl.load(ids_ptr + t), num_adapters)
     start = tl.load(a_offsets_ptr + adapter, mask=valid, other=0)
     rank = tl.load(a_offsets_ptr + adapter + 1, mask=valid, other=0) - start
-    rows = tl.arange(0, BLOCK_R)
-    row_mask = rows < rank
-    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        xk = tl.load(x_ptr + t * stride_xm + ks * stride_xk, mask=k_mask & valid, other=0.0).to(tl.float32)
-        a = tl.load(
-            a_ptr + (start + rows)[:, None].to(tl.int64) * stride_ap + ks[None, :] * stride_ak,
-            mask=row_mask[:, None] & k_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(a * xk[None, :], axis=1)
-    tl.store(v_ptr + t * stride_vm + rows, acc)
+    x_row = x_ptr + t * stride_xm
+    for r0 in range(0, V_WIDTH, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < rank
+        acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+        if r0 < rank:
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < K
+                xk = tl.load(x_row + ks.to(tl.int64) * stride_xk, mask=k_mask, other=0.0).to(tl.float32)
+                a = tl.load(
+                    a_ptr + (start + rows)[:, None].to(tl.int64) * stride_ap + ks[None, :].to(tl.int64) * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                acc += tl.sum(a * xk[None, :], axis=1)
+        tl.store(v_ptr + t * stride_vm + rows, acc)
 
 
 @triton.jit
@@ -104,39 +132,46 @@ def _shrink_tile_kernel(
     M, K, num_adapters,
     stride_xm, stride_xk, stride_ap, stride_ak, stride_vm,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    # Per run of one adapter, v's columns in chunks of BLOCK_R (the accumulator and the A tile stay within
+    # registers and shared memory at any rank: a packed q/k/v pool of rank 128 per slice has v 512 wide); the
+    # x tile is re-read per chunk, from L2.
     toks = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_range = toks < M
     ids = tl.load(ids_ptr + toks, mask=in_range, other=-1)
     valid, _ = _adapter_of(ids, num_adapters)
-    rows = tl.arange(0, BLOCK_R)
-    v_ptrs = v_ptr + toks[:, None].to(tl.int64) * stride_vm + rows[None, :]
-    tl.store(v_ptrs, tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=(in_range & ~valid)[:, None])
+    v_rows = v_ptr + toks[:, None].to(tl.int64) * stride_vm
+    x_rows = x_ptr + toks[:, None].to(tl.int64) * stride_xm
+    for r0 in range(0, V_WIDTH, BLOCK_R):  # tokens without an adapter: v's row is zero
+        cols = r0 + tl.arange(0, BLOCK_R)
+        tl.store(
+            v_rows + cols[None, :], tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32), mask=(in_range & ~valid)[:, None]
+        )
     pending = valid
     while tl.max(pending.to(tl.int32), axis=0) > 0:
         adapter, run = _next_run(ids, pending, BLOCK_M)
         start = tl.load(a_offsets_ptr + adapter)
         rank = tl.load(a_offsets_ptr + adapter + 1) - start
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
-            x = tl.load(
-                x_ptr + toks[:, None].to(tl.int64) * stride_xm + ks[None, :] * stride_xk,
-                mask=run[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            a = tl.load(  # A's rows of this adapter, as [BLOCK_K, BLOCK_R]
-                a_ptr + (start + rows)[None, :].to(tl.int64) * stride_ap + ks[:, None] * stride_ak,
-                mask=(rows < rank)[None, :] & k_mask[:, None],
-                other=0.0,
-            )
-            if UPCAST:
-                x = x.to(tl.float32)
-                a = a.to(tl.float32)
-            acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
-        tl.store(v_ptrs, acc, mask=run[:, None])
+        for r0 in range(0, V_WIDTH, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            if r0 < rank:
+                for k0 in range(0, K, BLOCK_K):
+                    ks = k0 + tl.arange(0, BLOCK_K)
+                    k_mask = ks < K
+                    x = tl.load(x_rows + ks[None, :].to(tl.int64) * stride_xk, mask=run[:, None] & k_mask[None, :],
+                                other=0.0)  # fmt: skip
+                    a = tl.load(  # A's rows of this adapter, as [BLOCK_K, BLOCK_R]
+                        a_ptr + (start + rows)[None, :].to(tl.int64) * stride_ap + ks[:, None].to(tl.int64) * stride_ak,
+                        mask=(rows < rank)[None, :] & k_mask[:, None],
+                        other=0.0,
+                    )
+                    if UPCAST:
+                        x = x.to(tl.float32)
+                        a = a.to(tl.float32)
+                    acc = tl.dot(x, a, acc, input_precision=DOT_PRECISION)
+            tl.store(v_rows + rows[None, :], acc, mask=run[:, None])
         pending = pending & (ids != adapter)
 
 
@@ -147,7 +182,7 @@ def _expand_token_kernel(
     stride_base_m, stride_base_n, stride_vm, stride_ym, stride_yn,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    t, s = tl.program_id(0), tl.program_id(2)
+    t, s = tl.program_id(0).to(tl.int64), tl.program_id(2)
     out_start = tl.load(out_starts_ptr + s)
     width = tl.load(out_starts_ptr + s + 1) - out_start
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -156,18 +191,20 @@ def _expand_token_kernel(
     rank, v_start, b_start, scaling = _slice_of(
         adapter, valid, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
     )
-    rows = tl.arange(0, BLOCK_R)
-    row_mask = rows < rank
-    v = tl.load(v_ptr + t * stride_vm + v_start + rows, mask=row_mask, other=0.0)
-    b = tl.load(
-        b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
-        mask=row_mask[:, None] & col_mask[None, :],
-        other=0.0,
-    ).to(tl.float32)
-    delta = tl.sum(v[:, None] * b, axis=0) * scaling
-    out_cols = out_start + cols
+    delta = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for r0 in range(0, rank, BLOCK_R):  # the rank in chunks: the B tile [BLOCK_R, BLOCK_N] stays in registers
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < rank
+        v = tl.load(v_ptr + t * stride_vm + v_start + rows, mask=row_mask, other=0.0)
+        b = tl.load(
+            b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        delta += tl.sum(v[:, None] * b, axis=0)
+    out_cols = (out_start + cols).to(tl.int64)
     base = tl.load(base_ptr + t * stride_base_m + out_cols * stride_base_n, mask=col_mask, other=0.0)
-    y = (base.to(tl.float32) + delta).to(y_ptr.dtype.element_ty)
+    y = (base.to(tl.float32) + delta * scaling).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + t * stride_ym + out_cols * stride_yn, y, mask=col_mask)
 
 
@@ -186,7 +223,7 @@ def _expand_tile_kernel(
     in_range = toks < M
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < width
-    out_cols = out_start + cols
+    out_cols = (out_start + cols).to(tl.int64)
     tile_mask = in_range[:, None] & col_mask[None, :]
     base = tl.load(
         base_ptr + toks[:, None].to(tl.int64) * stride_base_m + out_cols[None, :] * stride_base_n,
@@ -196,24 +233,24 @@ def _expand_tile_kernel(
     acc = base.to(tl.float32)
     ids = tl.load(ids_ptr + toks, mask=in_range, other=-1)
     pending, _ = _adapter_of(ids, num_adapters)
-    rows = tl.arange(0, BLOCK_R)
+    v_rows = v_ptr + toks[:, None].to(tl.int64) * stride_vm
     while tl.max(pending.to(tl.int32), axis=0) > 0:
         adapter, run = _next_run(ids, pending, BLOCK_M)
         rank, v_start, b_start, scaling = _slice_of(
             adapter, True, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
         )
-        v = tl.load(
-            v_ptr + toks[:, None].to(tl.int64) * stride_vm + v_start + rows[None, :],
-            mask=run[:, None] & (rows < rank)[None, :],
-            other=0.0,
-        )
-        b = tl.load(
-            b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
-            mask=(rows < rank)[:, None] & col_mask[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        # B's 16-bit values are exact in tf32, so a tf32 dot only rounds v, to 11 bits.
-        acc = tl.dot(v * scaling, b, acc, input_precision=DOT_PRECISION)
+        # The rank in chunks of BLOCK_R: the v and B tiles fit in shared memory at any rank (a pool of rank 128
+        # per q/k/v slice has v 512 wide; whole, its tiles would need ~384 KB).
+        for r0 in range(0, rank, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            v = tl.load(v_rows + v_start + rows[None, :], mask=run[:, None] & (rows < rank)[None, :], other=0.0)
+            b = tl.load(
+                b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
+                mask=(rows < rank)[:, None] & col_mask[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            # B's 16-bit values are exact in tf32, so a tf32 dot only rounds v, to 11 bits.
+            acc = tl.dot(v * scaling, b, acc, input_precision=DOT_PRECISION)
         pending = pending & (ids != adapter)
     tl.store(
         y_ptr + toks[:, None].to(tl.int64) * stride_ym + out_cols[None, :] * stride_yn,
@@ -238,15 +275,17 @@ def multi_lora_shrink(
     strides = (x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), v.stride(0))
     with _on_device(x):
         if m <= DECODE_MAX_M:
+            block_r, block_k = token_blocks(v_width, k)
             _shrink_token_kernel[(m,)](
                 x, lora_a, adapter_ids, a_offsets, v, k, num_adapters, *strides,
-                BLOCK_R=v_width, BLOCK_K=min(128, max(16, triton.next_power_of_2(k))),
+                V_WIDTH=v_width, BLOCK_R=block_r, BLOCK_K=block_k,
             )  # fmt: skip
         else:
+            block_r, block_k = tile_blocks(x.dtype, v_width)
             _shrink_tile_kernel[(triton.cdiv(m, TILE_M),)](
                 x, lora_a, adapter_ids, a_offsets, v, m, k, num_adapters, *strides,
-                DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
-                BLOCK_M=TILE_M, BLOCK_R=v_width, BLOCK_K=TILE_K, **TILE_OPTIONS["shrink"],
+                DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET, V_WIDTH=v_width, BLOCK_M=TILE_M,
+                BLOCK_R=block_r, BLOCK_K=block_k, **TILE_OPTIONS["shrink"],
             )  # fmt: skip
     return v
 
@@ -275,22 +314,23 @@ def multi_lora_expand(
     if m == 0 or n == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    block_n = 128 if max_width >= 128 else max(16, triton.next_power_of_2(max_width))
     tables = (ranks, v_starts, b_starts, scalings, out_starts)
     strides = (base.stride(0), base.stride(1), v.stride(0), y.stride(0), y.stride(1))
     with _on_device(base):
         if m <= DECODE_MAX_M:
+            block_r, block_n = token_blocks(v.shape[1], max_width)
             grid = (m, triton.cdiv(max_width, block_n), num_slices)
             _expand_token_kernel[grid](
                 base, v, lora_b, adapter_ids, *tables, y, num_adapters, *strides,
-                BLOCK_R=v.shape[1], BLOCK_N=block_n,
+                BLOCK_R=block_r, BLOCK_N=block_n,
             )  # fmt: skip
         else:
-            block_n = min(block_n, TILE_N)
+            block_n = min(TILE_N, max(16, triton.next_power_of_2(max_width)))
             grid = (triton.cdiv(m, TILE_M), triton.cdiv(max_width, block_n), num_slices)
             _expand_tile_kernel[grid](
                 base, v, lora_b, adapter_ids, *tables, y, m, num_adapters, *strides,
                 DOT_PRECISION=_dot_precision(base.dtype) if base.dtype == torch.float32 else "tf32",
-                BLOCK_M=TILE_M, BLOCK_R=v.shape[1], BLOCK_N=block_n, **TILE_OPTIONS["expand"],
+                BLOCK_M=TILE_M, BLOCK_R=tile_blocks(base.dtype, v.shape[1])[0], BLOCK_N=block_n,
+                **TILE_OPTIONS["expand"],
             )  # fmt: skip
     return y

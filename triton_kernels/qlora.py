@@ -14,9 +14,10 @@ When K is even, every row of W starts on a byte and a byte holds columns (2j, 2j
 [rows, BLOCK_K / 2] contiguous bytes (vectorised loads) and split the reduction into even and odd columns, two
 dots of half depth; the high and low nibble of one byte share one absmax. Odd K takes a per-element path.
 
-Decode tiles (few rows: memory-bound on W's bytes) and prefill tiles (compute-bound) are autotuned unless
-``FASTPEFT_TRITON_AUTOTUNE=0``. Under ``TRITON_INTERPRET=1`` they run on CPU tensors with tiny tiles, operands
-upcast to fp32 (the interpreter's ``tl.dot`` is wrong on bf16).
+Decode tiles (few rows: memory-bound on W's bytes) and prefill tiles (compute-bound) are autotuned (fp32 on
+tiles of its own) unless ``FASTPEFT_TRITON_AUTOTUNE=0``, which launches :func:`pinned_config`'s tile. Under
+``TRITON_INTERPRET=1`` they run on CPU tensors with tiny tiles, operands upcast to fp32 (the interpreter's
+``tl.dot`` is wrong on bf16).
 """
 
 from __future__ import annotations
@@ -40,11 +41,28 @@ def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
 # Decode: W's bytes dominate; narrow column tiles give 4096 / 32 = 128 programs, about one wave on an H100/H200.
 DECODE_CONFIGS = _configs([(16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 32, 512, 4, 2), (16, 64, 128, 4, 4)])
 PREFILL_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)])
-# 128 columns: fp32 activations with an odd K (the per-element path, no halving) fit in shared memory at 3 stages.
-FIXED_DECODE_CONFIG = _configs([(16, 32, 128, 4, 3)])[0]
-FIXED_PREFILL_CONFIG = _configs([(64, 64, 64, 4, 3)])[0]
+# fp32 activations: tiles of their own (full-precision fp32 dots run on the FMA units, operands in registers).
+FP32_DECODE_CONFIGS = _configs([(16, 32, 32, 8, 2), (16, 64, 32, 8, 2), (16, 32, 16, 4, 2)])
+FP32_PREFILL_CONFIGS = _configs([(32, 32, 32, 8, 2), (64, 32, 32, 8, 2), (32, 64, 16, 8, 2)])
 _INTERPRETER_CONFIG = _configs([(16, 16, 32, 1, 1)])[0]
 _KEY = ["M_BUCKET", "N", "K"]
+
+
+def pinned_config(decode: bool, m: int, dtype: torch.dtype, lora_shrink: bool, even_k: bool) -> triton.Config:
+    """The tile launched without autotuning (FASTPEFT_TRITON_AUTOTUNE=0), by rule: decode 16 x 32 tiles over K
+    steps of 128 (64 when the shrink rides the K loop or K is odd, 32 when both: those keep more of the step in
+    registers),
+    prefill 128 x 128 on two warpgroups for large M and 64 x 64 on two below 1024 rows; fp32 smaller tiles.
+    scripts/compile_triton.py compiles these for sm_90 and fails CI if a 16-bit one spills."""
+    if _INTERPRET:
+        return _INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return (FP32_DECODE_CONFIGS if decode else FP32_PREFILL_CONFIGS)[0]
+    if decode:
+        block_k = 32 if lora_shrink and not even_k else 64 if lora_shrink or not even_k else 128
+        return _configs([(16, 32, block_k, 4, 3)])[0]
+    return _configs([(128, 128, 64, 8, 3) if m >= 1024 else (64, 64, 64, 8, 3)])[0]
+
 
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -113,8 +131,8 @@ def _matmul_4bit_kernel(
     R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(1)
-    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(0)  # row tiles on the unbounded grid axis (axis 1 stops at 65535)
+    pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -136,15 +154,16 @@ def _matmul_4bit_kernel(
                                           offs_n[:, None], pairs[None, :], w_mask, K, LOG2_BLOCKSIZE, NESTED,
                                           LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
             x_mask = mask_m[:, None] & mask_p[None, :]
-            x_even = tl.load(x_rows + (2 * pairs[None, :]) * stride_xk, mask=x_mask, other=0.0).to(operand)
-            x_odd = tl.load(x_rows + (2 * pairs[None, :] + 1) * stride_xk, mask=x_mask, other=0.0).to(operand)
+            even = (2 * pairs[None, :]).to(tl.int64)  # W's even columns (x's, A's): the odd ones follow each
+            x_even = tl.load(x_rows + even * stride_xk, mask=x_mask, other=0.0).to(operand)
+            x_odd = tl.load(x_rows + (even + 1) * stride_xk, mask=x_mask, other=0.0).to(operand)
             acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=DOT_PRECISION)
             acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
             if LORA == 2:
-                a_rows = a_ptr + offs_r[:, None] * stride_ar
+                a_rows = a_ptr + offs_r[:, None].to(tl.int64) * stride_ar
                 a_mask = mask_r[:, None] & mask_p[None, :]
-                a_even = tl.load(a_rows + (2 * pairs[None, :]) * stride_ak, mask=a_mask, other=0.0).to(operand)
-                a_odd = tl.load(a_rows + (2 * pairs[None, :] + 1) * stride_ak, mask=a_mask, other=0.0).to(operand)
+                a_even = tl.load(a_rows + even * stride_ak, mask=a_mask, other=0.0).to(operand)
+                a_odd = tl.load(a_rows + (even + 1) * stride_ak, mask=a_mask, other=0.0).to(operand)
                 xa = tl.dot(x_even, tl.trans(a_even), xa, input_precision=DOT_PRECISION)
                 xa = tl.dot(x_odd, tl.trans(a_odd), xa, input_precision=DOT_PRECISION)
     else:
@@ -155,24 +174,26 @@ def _matmul_4bit_kernel(
             w = _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n[:, None],
                                  cols[None, :], mask_n[:, None] & mask_k[None, :], K, LOG2_BLOCKSIZE, NESTED,
                                  LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
-            x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            x = tl.load(
+                x_rows + cols[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )
             x = x.to(operand)
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
             if LORA == 2:
-                a_ptrs = a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak
+                a_ptrs = a_ptr + offs_r[:, None].to(tl.int64) * stride_ar + cols[None, :].to(tl.int64) * stride_ak
                 a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(operand)
                 xa = tl.dot(x, tl.trans(a), xa, input_precision=DOT_PRECISION)
 
     if LORA == 1:
-        xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :] * stride_xar
+        xa_ptrs = xa_ptr + offs_m[:, None].to(tl.int64) * stride_xam + offs_r[None, :].to(tl.int64) * stride_xar
         xa = tl.load(xa_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0)
     if LORA != 0:
-        b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None] * stride_br
+        b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None].to(tl.int64) * stride_br
         b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(xa * scaling, b, acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn
+    offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
     tl.store(y_ptr + offs_y, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -189,8 +210,8 @@ def _matmul_4bit_t_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # dx [M, K] = dy [M, N] @ W [N, K]: a tile of dx's columns, the loop over W's rows.
-    pid_m = tl.program_id(1)
-    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, R_PAD)
@@ -200,7 +221,7 @@ def _matmul_4bit_t_kernel(
     dy_rows = dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym
     dx_rows = dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm
     if LORA:
-        dyb_ptrs = dyb_ptr + offs_m[:, None].to(tl.int64) * stride_dybm + offs_r[None, :] * stride_dybr
+        dyb_ptrs = dyb_ptr + offs_m[:, None].to(tl.int64) * stride_dybm + offs_r[None, :].to(tl.int64) * stride_dybr
         dyb = tl.load(dyb_ptrs, mask=mask_m[:, None] & mask_r[None, :], other=0.0) * scaling
     if EVEN_K:
         HALF: tl.constexpr = BLOCK_K // 2
@@ -214,22 +235,25 @@ def _matmul_4bit_t_kernel(
             w_even, w_odd = _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                           rows[:, None], pairs[None, :], mask_n[:, None] & mask_p[None, :], K,
                                           LOG2_BLOCKSIZE, NESTED, LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
-            dy = tl.load(dy_rows + rows[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            dy = tl.load(
+                dy_rows + rows[None, :].to(tl.int64) * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0
+            )
             dy = dy.to(operand)
             acc_even = tl.dot(dy, w_even, acc_even, input_precision=DOT_PRECISION)
             acc_odd = tl.dot(dy, w_odd, acc_odd, input_precision=DOT_PRECISION)
         if LORA:
             a_mask = mask_r[:, None] & mask_p[None, :]
-            a_even = tl.load(a_ptr + offs_r[:, None] * stride_ar + (2 * pairs[None, :]) * stride_ak, mask=a_mask,
-                             other=0.0).to(tl.float32)  # fmt: skip
-            a_odd = tl.load(a_ptr + offs_r[:, None] * stride_ar + (2 * pairs[None, :] + 1) * stride_ak,
-                            mask=a_mask, other=0.0).to(tl.float32)  # fmt: skip
+            a_rows = a_ptr + offs_r[:, None].to(tl.int64) * stride_ar
+            even = (2 * pairs[None, :]).to(tl.int64)
+            a_even = tl.load(a_rows + even * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
+            a_odd = tl.load(a_rows + (even + 1) * stride_ak, mask=a_mask, other=0.0).to(tl.float32)
             acc_even = tl.dot(dyb, a_even, acc_even, input_precision="ieee")
             acc_odd = tl.dot(dyb, a_odd, acc_odd, input_precision="ieee")
         out_mask = mask_m[:, None] & mask_p[None, :]
         out_ty = dx_ptr.dtype.element_ty
-        tl.store(dx_rows + (2 * pairs[None, :]) * stride_dxk, acc_even.to(out_ty), mask=out_mask)
-        tl.store(dx_rows + (2 * pairs[None, :] + 1) * stride_dxk, acc_odd.to(out_ty), mask=out_mask)
+        even = (2 * pairs[None, :]).to(tl.int64)
+        tl.store(dx_rows + even * stride_dxk, acc_even.to(out_ty), mask=out_mask)
+        tl.store(dx_rows + (even + 1) * stride_dxk, acc_odd.to(out_ty), mask=out_mask)
     else:
         cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = cols < K
@@ -240,27 +264,38 @@ def _matmul_4bit_t_kernel(
             w = _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows[:, None],
                                  cols[None, :], mask_n[:, None] & mask_k[None, :], K, LOG2_BLOCKSIZE, NESTED,
                                  LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
-            dy = tl.load(dy_rows + rows[None, :] * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+            dy = tl.load(
+                dy_rows + rows[None, :].to(tl.int64) * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0
+            )
             acc = tl.dot(dy.to(operand), w, acc, input_precision=DOT_PRECISION)
         if LORA:
-            a_ptrs = a_ptr + offs_r[:, None] * stride_ar + cols[None, :] * stride_ak
+            a_ptrs = a_ptr + offs_r[:, None].to(tl.int64) * stride_ar + cols[None, :].to(tl.int64) * stride_ak
             a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
             acc = tl.dot(dyb, a, acc, input_precision="ieee")
-        tl.store(dx_rows + cols[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+        tl.store(dx_rows + cols[None, :].to(tl.int64) * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
                  mask=mask_m[:, None] & mask_k[None, :])  # fmt: skip
 
 
-def _tuned(kernel, configs: list[triton.Config], fixed: triton.Config):
-    """``kernel`` autotuned over ``configs``, or pinned to one configuration (no autotuning, the interpreter)."""
+if AUTOTUNE:
+    _TUNED = {
+        (kernel, decode, fp32): triton.autotune(configs, key=_KEY)(kernel)
+        for kernel in (_matmul_4bit_kernel, _matmul_4bit_t_kernel)
+        for decode, fp32, configs in (
+            (True, False, DECODE_CONFIGS),
+            (False, False, PREFILL_CONFIGS),
+            (True, True, FP32_DECODE_CONFIGS),
+            (False, True, FP32_PREFILL_CONFIGS),
+        )
+    }
+
+
+def _launcher(kernel, m: int, dtype: torch.dtype, lora_shrink: bool, even_k: bool) -> tuple:
+    """(kernel, launch options): autotuned over the tile set of the row count and dtype, or the kernel and its
+    :func:`pinned_config`."""
+    decode = m <= DECODE_MAX_M
     if AUTOTUNE:
-        return triton.autotune(configs, key=_KEY)(kernel)
-    return triton.autotune([_INTERPRETER_CONFIG if _INTERPRET else fixed], key=[])(kernel)
-
-
-_forward_decode = _tuned(_matmul_4bit_kernel, DECODE_CONFIGS, FIXED_DECODE_CONFIG)
-_forward_prefill = _tuned(_matmul_4bit_kernel, PREFILL_CONFIGS, FIXED_PREFILL_CONFIG)
-_backward_decode = _tuned(_matmul_4bit_t_kernel, DECODE_CONFIGS, FIXED_DECODE_CONFIG)
-_backward_prefill = _tuned(_matmul_4bit_t_kernel, PREFILL_CONFIGS, FIXED_PREFILL_CONFIG)
+        return _TUNED[kernel, decode, dtype == torch.float32], {}
+    return kernel, pinned_config(decode, m, dtype, lora_shrink, even_k).all_kwargs()
 
 
 def _format_args(absmax, code, absmax2, code2, offset, blocksize: int, nested_blocksize: int, w_dtype: torch.dtype):
@@ -307,9 +342,8 @@ def matmul_4bit(
     a = lora_a if lora_a is not None else x
     xa_ = xa if xa is not None else y
     b = lora_b if lora_b is not None else y
-    decode = m <= DECODE_MAX_M
-    kernel = _forward_decode if decode else _forward_prefill
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))
+    kernel, options = _launcher(_matmul_4bit_kernel, m, x.dtype, lora == 2, k % 2 == 0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
     with _on_device(x):
         kernel[grid](
             x, packed, *state, bias if bias is not None else y, a, xa_, b, y,
@@ -318,7 +352,7 @@ def matmul_4bit(
             b.stride(1), y.stride(0), y.stride(1),
             float(scaling), min(triton.next_power_of_2(m), 8192),
             EVEN_K=k % 2 == 0, HAS_BIAS=bias is not None, LORA=lora, R_PAD=_r_pad(r),
-            DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET, **constexprs,
+            DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET, **constexprs, **options,
         )  # fmt: skip
     return y
 
@@ -349,8 +383,8 @@ def matmul_4bit_t(
     r = 0 if dyb is None else dyb.shape[1]
     dyb_ = dyb if dyb is not None else dx
     a = lora_a if lora_a is not None else dx
-    kernel = _backward_decode if m <= DECODE_MAX_M else _backward_prefill
-    grid = lambda meta: (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(m, meta["BLOCK_M"]))
+    kernel, options = _launcher(_matmul_4bit_t_kernel, m, dy.dtype, False, k % 2 == 0)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
     with _on_device(dy):
         kernel[grid](
             dy, packed, *state, dyb_, a, dx,
@@ -359,6 +393,6 @@ def matmul_4bit_t(
             dx.stride(1),
             float(scaling), min(triton.next_power_of_2(m), 8192),
             EVEN_K=k % 2 == 0, LORA=dyb is not None, R_PAD=_r_pad(r), DOT_PRECISION=_dot_precision(dy.dtype),
-            UPCAST=_INTERPRET, **constexprs,
+            UPCAST=_INTERPRET, **constexprs, **options,
         )  # fmt: skip
     return dx

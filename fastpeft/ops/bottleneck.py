@@ -38,6 +38,8 @@ LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which AdapterHub's "leakyrel
 _CUDA_DECODE_MAX_M = 64
 _CUDA_TILE_MAX_M = 256
 _CUDA_TILE_SHARED_BYTES = 40 * 1024  # a bound on the tile kernel's shared memory besides its 16 rows of x
+# Mirrors triton_kernels/bottleneck.py's BACKWARD_MAX_MB_PAD (which needs triton to import).
+_BACKWARD_MAX_MB_PAD = 128
 _CUDA_FIRST = ("cuda", "triton")
 _TRITON_FIRST = ("triton", "cuda")
 
@@ -257,10 +259,13 @@ class _BottleneckFunction(torch.autograd.Function):
 
 def _fused_backward(ids, saved, constants, dy, rows_per_sample, activation, ln_eps):
     """The gradients from the Triton backward kernel (every input's, None where it has none), or None where it
-    does not apply: another backend, or an add + LayerNorm after the adapter (recomputed as PyTorch ops)."""
+    does not apply (recomputed as PyTorch ops then): another backend, an add + LayerNorm after the adapter, or a
+    bottleneck wider than the kernel holds in registers (BACKWARD_MAX_MB_PAD)."""
     named = {name: t if t is not None else constants.get(name) for name, t in zip(_INPUTS, saved, strict=True)}
     x = named["x"]
     if named["out_residual"] is not None or named["out_ln_weight"] is not None:
+        return None
+    if max(16, 1 << (named["down_weight"].shape[-2] - 1).bit_length()) > _BACKWARD_MAX_MB_PAD:
         return None
     if select_backend("bottleneck_adapter_backward", x.device, ("triton",)) != "triton":
         return None
