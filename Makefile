@@ -17,7 +17,7 @@ ADAPTERHUB_ENV := .adapterhub-env
 ADAPTERHUB_PACKAGES := "adapters==1.3.0" "transformers==4.57.1" "huggingface-hub>=0.34,<1.0" "tokenizers>=0.22,<0.23" \
 	requests charset-normalizer idna urllib3 certifi
 
-.PHONY: install test test-adapterhub lint demo bench gpu-check clean
+.PHONY: install test test-adapterhub lint demo bench gpu-check gpu-wheels kernel-report clean
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,8 +52,20 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/fastpeft bench --out bench_out
 
+# On a GPU machine: build, the GPU correctness subset, the TARGETS rows, compute-sanitizer (scripts/gpu_check.sh).
 gpu-check:
 	bash scripts/gpu_check.sh gpu_check_out
 
+# The wheels a GPU machine without a package registry lacks (bitsandbytes), into .whl/ for gpu_check.sh.
+gpu-wheels:
+	bash scripts/fetch_gpu_wheels.sh
+
+# benchmarks/kernel_report.md, with this environment's Triton and triton 3.6 (the GPU machine's) and the built
+# extension's sm_90 code; CI checks that it is current whenever csrc/ or triton_kernels/ change.
+TRITON_GPU_MACHINE ?= 3.6.0
+kernel-report: $(STAMP)
+	test -d .triton36/triton || $(PIP) install -q --no-deps --target .triton36 "triton==$(TRITON_GPU_MACHINE)"
+	$(PY) scripts/kernel_report.py --write --triton-path .triton36
+
 clean:
-	rm -rf build *.egg-info fastpeft/_C*.so bench_out gpu_check_out .triton_cache $(ADAPTERHUB_ENV)
+	rm -rf build *.egg-info fastpeft/_C*.so bench_out gpu_check_out .triton_cache .triton36 .gpu_site $(ADAPTERHUB_ENV)

@@ -159,18 +159,21 @@ def write_json(path: Path, report: dict) -> None:
     os.replace(tmp, path)
 
 
-def planned_cases(name: str, quick: bool) -> list:
-    """Target cases first (unless quick: they are GPU shapes), then the rest of the sweep, each once."""
+def planned_cases(name: str, quick: bool, targets_only: bool = False) -> list:
+    """Target cases first (unless quick: they are GPU shapes), then the rest of the sweep, each once; with
+    ``targets_only`` the target cases alone."""
     bench = BENCHES[name]
     first = [] if quick else [bench.case_from_fields(fields) for fields in targets.target_cases(name)]
+    if targets_only:
+        return first
     return first + [case for case in bench.cases(quick) if case not in first]
 
 
-def run_plan(names: list[str], quick: bool) -> list[tuple[str, object]]:
+def run_plan(names: list[str], quick: bool, targets_only: bool = False) -> list[tuple[str, object]]:
     """(bench, case) in running order: every bench's target cases before any bench's sweep, then the sweeps,
     shortest first, so a budget spent on one op's long sweep starves neither another op's targets nor its few
     other cases."""
-    plans = {name: planned_cases(name, quick) for name in names}
+    plans = {name: planned_cases(name, quick, targets_only) for name in names}
     heads = {name: 0 if quick else len(targets.target_cases(name)) for name in names}
     order = [(name, case) for name in names for case in plans[name][: heads[name]]]
     by_length = sorted(names, key=lambda name: len(plans[name]) - heads[name])
@@ -196,6 +199,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", default=None, help="where the JSON report goes (default OUT/results.json)")
     parser.add_argument("--plot", default=None, help="folder for the PNG plots (default OUT)")
     parser.add_argument("--quick", action="store_true", help="smoke pass on tiny shapes (a few minutes on a CPU)")
+    parser.add_argument("--targets", action="store_true",
+                        help="the cases of benchmarks/targets.py only (gpu_check.sh's bench stage)")  # fmt: skip
     parser.add_argument("--ops", default=",".join(BENCHES), help=f"comma list of {', '.join(BENCHES)}")
     parser.add_argument("--budget-s", type=float, default=None, help="start no new case after this many seconds")
     parser.add_argument("--compare", default=None,
@@ -234,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     report = {"machine": info, "quick": quick, "complete": False, "skipped_cases": 0, "rows": []}
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
-    plan = run_plan(names, quick)
+    if args.targets and quick:
+        return _fail("--targets measures the TARGETS shapes, which need a GPU (use --quick on a CPU)")
+    plan = run_plan(names, quick, args.targets)
     backends = {name: BENCHES[name].backends_for(device) for name in names}
     for index, (name, case) in enumerate(plan, 1):
         if deadline is not None and time.monotonic() > deadline:

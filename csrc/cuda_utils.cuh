@@ -3,15 +3,25 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+// The activation dtypes fastpeft's ops take: fp32, fp16, bf16 (no fp64 instantiations: the Python ops refuse
+// float64 before any kernel, and each one would add compile time and binary size for nothing).
+#define FASTPEFT_DISPATCH_FLOATS(TYPE, NAME, ...)                                                            \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 namespace fastpeft {
 
 constexpr int kWarpSize = 32;
+// CUDA's grid dimensions y and z stop at 65535 blocks: launches whose rows go there run in chunks of this many
+// blocks (activations of millions of tokens are real in long-context training).
+constexpr int64_t kMaxGridY = 65535;
 
 template <typename T>
 constexpr int vec_width() {

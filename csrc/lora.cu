@@ -16,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda_utils.cuh"
@@ -181,11 +182,17 @@ template <typename TP, typename TQ, typename TC, bool kAccumulate>
 void launch_small_gemm_nt(const at::Tensor& p, const at::Tensor& q, at::Tensor& c, float alpha) {
   const int64_t M = p.size(0), N = q.size(0), K = p.size(1);
   if (M == 0 || N == 0) return;
-  const dim3 grid(static_cast<unsigned>((N + kTileN - 1) / kTileN), static_cast<unsigned>((M + kTileM - 1) / kTileM));
-  small_gemm_nt_kernel<TP, TQ, TC, kAccumulate><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      p.data_ptr<TP>(), p.stride(0), p.stride(1), q.data_ptr<TQ>(), q.stride(0), q.stride(1), c.data_ptr<TC>(),
-      c.stride(0), c.stride(1), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Row tiles go on grid.y: more than kMaxGridY of them (4M rows) run as several launches.
+  constexpr int64_t kChunkRows = kMaxGridY * kTileM;
+  for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
+    const int64_t rows = std::min(kChunkRows, M - m0);
+    const dim3 grid(static_cast<unsigned>((N + kTileN - 1) / kTileN), static_cast<unsigned>((rows + kTileM - 1) / kTileM));
+    small_gemm_nt_kernel<TP, TQ, TC, kAccumulate><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        p.data_ptr<TP>() + m0 * p.stride(0), p.stride(0), p.stride(1), q.data_ptr<TQ>(), q.stride(0), q.stride(1),
+        c.data_ptr<TC>() + m0 * c.stride(0), c.stride(0), c.stride(1), static_cast<int>(rows), static_cast<int>(N),
+        static_cast<int>(K), alpha);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // 16-byte loads need rows that start on 16-byte boundaries.
@@ -216,7 +223,7 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& lora_a_in)
   auto xa = at::empty({M, R}, x_in.options().dtype(at::kFloat));
   if (M == 0 || R == 0) return xa;
   if (M > kShrinkMaxRows) {  // many rows: tiles of x reused across the r outputs, strides as given
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "lora_shrink_cuda", [&] {
+    FASTPEFT_DISPATCH_FLOATS(x_in.scalar_type(), "lora_shrink_cuda", [&] {
       launch_small_gemm_nt<scalar_t, scalar_t, float, false>(x_in, lora_a_in, xa, 1.f);
     });
     return xa;
@@ -225,7 +232,7 @@ at::Tensor lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& lora_a_in)
   const at::Tensor a = lora_a_in.contiguous();
   const dim3 grid(static_cast<unsigned>(R), static_cast<unsigned>((M + kRowsPerPass - 1) / kRowsPerPass));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_shrink_cuda", [&] {
+  FASTPEFT_DISPATCH_FLOATS(x.scalar_type(), "lora_shrink_cuda", [&] {
     const int64_t v = vec_width<scalar_t>();
     const bool vec = can_vectorize(x, v) && can_vectorize(a, v);
     auto kernel = vec ? lora_shrink_kernel<scalar_t, true> : lora_shrink_kernel<scalar_t, false>;
@@ -257,7 +264,7 @@ at::Tensor lora_expand_linear_cuda(const at::Tensor& x_in, const at::Tensor& wei
   const bool gemv = M <= kGemvMaxRows && weight.stride(1) == 1 && lora_b.stride(1) == 1;
   if (!gemv) {
     at::Tensor y = bias.has_value() ? at::addmm(*bias, x_in, weight.t()) : at::mm(x_in, weight.t());
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_in.scalar_type(), "lora_expand_linear_cuda", [&] {
+    FASTPEFT_DISPATCH_FLOATS(x_in.scalar_type(), "lora_expand_linear_cuda", [&] {
       launch_small_gemm_nt<float, scalar_t, scalar_t, true>(xa_in, lora_b, y, static_cast<float>(scaling));
     });
     return y;
@@ -270,7 +277,7 @@ at::Tensor lora_expand_linear_cuda(const at::Tensor& x_in, const at::Tensor& wei
   const dim3 grid(static_cast<unsigned>((N + kWarps - 1) / kWarps),
                   static_cast<unsigned>((M + kRowsPerPass - 1) / kRowsPerPass));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lora_expand_linear_cuda", [&] {
+  FASTPEFT_DISPATCH_FLOATS(x.scalar_type(), "lora_expand_linear_cuda", [&] {
     const int64_t v = vec_width<scalar_t>();
     const bool vec = can_vectorize(x, v) && can_vectorize(weight, v);
     auto kernel = vec ? lora_gemv_expand_kernel<scalar_t, true> : lora_gemv_expand_kernel<scalar_t, false>;

@@ -131,7 +131,7 @@ at::Tensor multi_lora_shrink_cuda(const at::Tensor& x_in, const at::Tensor& lora
   const at::Tensor a = lora_a_in.contiguous();
   const int num_adapters = static_cast<int>(a_offsets.numel() - 1);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), op, [&] {
+  FASTPEFT_DISPATCH_FLOATS(x.scalar_type(), op, [&] {
     const int64_t vec = vec_width<scalar_t>();
     const bool vector = aligned16(x) && aligned16(a) && x.stride(0) % vec == 0 && K % vec == 0;
     auto kernel = vector ? multi_lora_shrink_kernel<scalar_t, true> : multi_lora_shrink_kernel<scalar_t, false>;
@@ -174,7 +174,7 @@ at::Tensor multi_lora_expand_cuda(const at::Tensor& base_in, const at::Tensor& v
   const dim3 grid(static_cast<unsigned>(M), static_cast<unsigned>((max_width + kThreads - 1) / kThreads),
                   static_cast<unsigned>(ranks.size(0)));
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), op, [&] {
+  FASTPEFT_DISPATCH_FLOATS(base.scalar_type(), op, [&] {
     multi_lora_expand_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
         base.data_ptr<scalar_t>(), v.data_ptr<float>(), static_cast<int>(v.size(1)), lora_b.data_ptr<scalar_t>(),
         ids.data_ptr<int>(), static_cast<int>(ranks.size(1)), ranks.data_ptr<int>(), v_starts.data_ptr<int>(),

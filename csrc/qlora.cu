@@ -20,15 +20,11 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "cuda_utils.cuh"
 #include "qlora.h"
-
-// fp32, fp16 and bf16 activations (not fp64: the tensor-core tiles have no fp64 form here).
-#define FASTPEFT_DISPATCH_FLOAT16_32(TYPE, NAME, ...)                                                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace fastpeft {
 namespace {
@@ -153,11 +149,13 @@ __global__ void __launch_bounds__(kGemvThreads)
         }
       }
     } else {
+      const T* x_rows = x + m0 * x_stride_m;
       for (int64_t k = lane; k < K; k += kWarpSize) {
         const float wk = weight_at<T>(w, code, n, k);
+        const T* xk = x_rows + k * x_stride_k;
 #pragma unroll
         for (int r = 0; r < kGemvRows; ++r) {
-          if (r < rows) acc[r] = fmaf(wk, static_cast<float>(x[(m0 + r) * x_stride_m + k * x_stride_k]), acc[r]);
+          if (r < rows) acc[r] = fmaf(wk, static_cast<float>(xk[r * x_stride_m]), acc[r]);
         }
       }
     }
@@ -297,9 +295,17 @@ template <typename T, bool kTrans>
 struct TiledLaunch {
   static void run(const T* a, int64_t sm, int64_t sr, const Weight4bit& w, int M, int out_cols, int64_t reduce,
                   const T* bias, const LoRAEpilogue<T>& lora, T* out, int64_t out_stride, cudaStream_t stream) {
-    const dim3 grid((out_cols + kTileN - 1) / kTileN, (M + kTileM - 1) / kTileM);
-    gemm_4bit_kernel<T, kTrans>
-        <<<grid, kGemmThreads, 0, stream>>>(a, sm, sr, w, M, out_cols, reduce, bias, lora, out, out_stride);
+    // Row tiles go on grid.y: more than kMaxGridY of them run as several launches, each from its first row.
+    constexpr int64_t kChunkRows = kMaxGridY * kTileM;
+    for (int64_t m0 = 0; m0 < M; m0 += kChunkRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kChunkRows, M - m0));
+      LoRAEpilogue<T> chunk_lora = lora;
+      chunk_lora.left = lora.R > 0 ? lora.left + m0 * lora.left_stride : nullptr;
+      const dim3 grid((out_cols + kTileN - 1) / kTileN, (rows + kTileM - 1) / kTileM);
+      gemm_4bit_kernel<T, kTrans><<<grid, kGemmThreads, 0, stream>>>(a + m0 * sm, sm, sr, w, rows, out_cols, reduce,
+                                                                      bias, chunk_lora, out + m0 * out_stride,
+                                                                      out_stride);
+    }
   }
 };
 template <bool kTrans>
@@ -426,7 +432,7 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   auto y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTPEFT_DISPATCH_FLOAT16_32(x.scalar_type(), op, [&] {
+  FASTPEFT_DISPATCH_FLOATS(x.scalar_type(), op, [&] {
     const auto lora = make_epilogue<scalar_t>(xa, lora_b, false, scaling);
     const scalar_t* bias_ptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     if (M <= kDecodeMaxM) {
@@ -465,7 +471,7 @@ at::Tensor matmul_4bit_t_cuda(const at::Tensor& dy, const at::Tensor& packed, co
   auto dx = at::empty({M, k}, dy.options());
   if (M == 0 || k == 0) return dx;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  FASTPEFT_DISPATCH_FLOAT16_32(dy.scalar_type(), op, [&] {
+  FASTPEFT_DISPATCH_FLOATS(dy.scalar_type(), op, [&] {
     const auto lora = make_epilogue<scalar_t>(dyb, lora_a, true, scaling);
     TiledLaunch<scalar_t, true>::run(dy.data_ptr<scalar_t>(), dy.stride(0), dy.stride(1), w, static_cast<int>(M),
                                      static_cast<int>(k), N, nullptr, lora, dx.data_ptr<scalar_t>(), dx.stride(0),

@@ -112,3 +112,14 @@ def test_unknown_op_is_refused(capsys):
     assert runner.main(["--ops", "lora,nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown op nope" in err
+
+
+def test_targets_only_plans_the_target_cases_alone(capsys, tmp_path):
+    """gpu_check.sh's bench stage: the TARGETS rows and nothing else, each once, every op's in order."""
+    order = runner.run_plan(list(runner.BENCHES), quick=False, targets_only=True)
+    assert order == [(name, case) for name in runner.BENCHES for case in runner.planned_cases(name, False, True)]
+    assert len(order) == sum(len(targets.target_cases(name)) for name in runner.BENCHES)
+    if not runner.torch.cuda.is_available():  # the target shapes need a GPU: refused in one line
+        assert runner.main(["--out", str(tmp_path), "--targets"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--targets" in err

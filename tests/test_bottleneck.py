@@ -221,3 +221,52 @@ def test_prefill_tiles_across_samples(backend, dtype, d, m, post):
                            out_ln_bias=None if out_ln is None else out_ln[1])  # fmt: skip
     ref = _per_sample(x, f64(p), ids, torch.float64, residual, out_residual, out_ln)
     assert_close_to_reference(y, ref, _per_sample(x, p, ids, dtype, residual, out_residual, out_ln))
+
+
+H100_OPTIN = 227 * 1024  # the shared memory a block may opt in to on sm_90
+
+
+@pytest.mark.parametrize("d", [4096, 12288, 16384])
+@pytest.mark.parametrize("m", [64, 256])
+def test_cuda_is_preferred_only_where_a_cuda_kernel_takes_the_shape(d, m):
+    """Decode takes the CUDA rows kernel, which stages a row of d + m floats (opting in past 48 KB: d = 12288 and
+    16384 are real hidden sizes); with less shared memory than a row needs, Triton goes first."""
+    from fastpeft.ops.bottleneck import preference
+
+    assert preference(1, d, m, torch.bfloat16, H100_OPTIN)[0] == "cuda"
+    assert preference(64, d, m, torch.float32, H100_OPTIN)[0] == "cuda"
+    assert preference(1, d, m, torch.bfloat16, (d + m) * 4 - 1)[0] == "triton"
+    tile_fits = 16 * (d + 8) * 2 + 40 * 1024 <= H100_OPTIN
+    assert preference(8192, d, m, torch.bfloat16, H100_OPTIN)[0] == ("cuda" if tile_fits else "triton")
+    assert preference(8192, d, m, torch.float32, H100_OPTIN)[0] == "triton"  # the tile kernel is 16-bit only
+
+
+def test_the_preference_mirrors_the_cuda_kernels_constants():
+    from pathlib import Path
+
+    from fastpeft.ops import bottleneck
+
+    source = (Path(__file__).resolve().parents[1] / "csrc" / "bottleneck.cu").read_text()
+    assert f"constexpr int64_t kDecodeRows = {bottleneck._CUDA_DECODE_MAX_M};" in source
+    assert f"constexpr int64_t kTileMaxM = {bottleneck._CUDA_TILE_MAX_M};" in source
+
+
+def test_the_fused_backward_width_mirrors_the_kernels():
+    pytest.importorskip("triton")
+    from fastpeft.triton_kernels import bottleneck as kernels
+
+    from fastpeft.ops import bottleneck
+
+    assert bottleneck._BACKWARD_MAX_MB_PAD == kernels.BACKWARD_MAX_MB_PAD
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [12288, 16384])
+def test_decode_at_the_widest_hidden_sizes(backend, d):
+    """d + m past the rows kernel's 40 KB budget: the CUDA kernel opts in to more shared memory per row."""
+    m = 256
+    x = torch.randn(3, d, device=DEVICE, dtype=torch.bfloat16)
+    p = params(d, m, torch.bfloat16, ln=True)
+    out = bottleneck_adapter(x, **p, activation="gelu")
+    ref = bottleneck_reference(x.double(), **f64(p), activation="gelu")
+    assert_close_to_reference(out, ref, bottleneck_reference(x, **p, activation="gelu"), f"{backend} d={d}")

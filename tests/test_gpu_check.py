@@ -51,38 +51,63 @@ def test_no_gpu_is_refused_before_any_result_is_written(tmp_path):
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# Stands in for python3 on a GPU machine: torch sees a GPU, pip and fastpeft succeed, pytest hangs.
+# Stands in for python3 on a GPU machine: torch sees a GPU, pip and fastpeft succeed, pytest hangs. With FRESH=1
+# the machine starts without fastpeft._C until a build ran (pip install).
 case "$*" in
   *"-m pytest"*) sleep 60 ;;
-  *benchmarks/run.py*) mkdir -p "$OUT/bench" && echo '| target | verdict |' > "$OUT/bench/summary.md" ;;
-  *sanitize_multi_lora.py*--backends*) echo triton ;;
-  *--backends*) echo cuda triton ;;
+  *"pip install"*) touch "$OUT/built" ;;
+  *"import fastpeft, fastpeft._C"*) [ "${FRESH:-0}" = 0 ] || [ -f "$OUT/built" ] || exit 1 ;;
+  *benchmarks/run.py*) mkdir -p "$OUT/bench" && echo "| target | verdict | $*" > "$OUT/bench/summary.md" ;;
+  *sanitize.py*--backends*) echo cuda triton ;;
   *) exit 0 ;;
 esac
 """
 
 
-def test_stages_run_under_their_limits_and_record_their_state(tmp_path):
+def fake_gpu_machine(tmp_path: Path, sanitizer: str = 'echo "sanitizer $*"') -> dict:
+    """PATH and PYTHON of a stand-in GPU machine: nvidia-smi lists a GPU, python and compute-sanitizer as given."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: Stand-in (UUID: GPU-0)'\n")
     (bin_dir / "python").write_text(FAKE_PYTHON)
-    (bin_dir / "compute-sanitizer").write_text('#!/bin/sh\necho "sanitizer $*"\n')
+    (bin_dir / "compute-sanitizer").write_text(f"#!/bin/sh\n{sanitizer}\n")
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python")}
+
+
+def test_stages_run_in_order_under_their_limits_and_record_their_state(tmp_path):
     out = tmp_path / "out"
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python"), "GPU_CHECK_TEST_S": "3"}
-    stages = ("build", "test", "sanitize", "bench")
-    result = gpu_check(str(out), *stages, env=env)
+    env = fake_gpu_machine(tmp_path) | {"GPU_CHECK_TEST_S": "3"}
+    result = gpu_check(str(out), env=env)  # the default stages
     assert result.returncode == 1  # the test stage timed out
+    stages = ("build", "test", "bench", "sanitize")
     status = {stage: (out / f"{stage}.status").read_text().split()[0] for stage in stages}
-    assert status == {"build": "pass", "test": "TIMEOUT", "sanitize": "pass", "bench": "pass"}
-    for tool in ("memcheck", "racecheck"):
-        for backend in ("cuda", "triton"):
-            log = (out / f"sanitize_lora-{tool}-{backend}.log").read_text()
-            assert f"--tool {tool}" in log and f"sanitize_lora.py --backend {backend}" in log
-        assert (out / f"sanitize_multi_lora-{tool}-triton.log").exists()
-        assert not (out / f"sanitize_multi_lora-{tool}-cuda.log").exists()  # only the backends it has cases for
-    assert "| target | verdict |" in result.stdout  # the bench summary, printed before the stage table
+    assert status == {"build": "pass", "test": "TIMEOUT", "bench": "pass", "sanitize": "pass"}
+    assert not (out / "tune.status").exists()  # opt-in only
+    for backend in ("cuda", "triton"):  # memcheck, every family in one process per backend
+        log = (out / f"sanitize-memcheck-{backend}.log").read_text()
+        assert "--tool memcheck" in log and f"scripts/sanitize.py --backend {backend}" in log
+    assert "benchmarks/run.py --targets" in result.stdout  # the bench summary, printed before the stage table
     table = [line.split()[:2] for line in result.stdout.rstrip().splitlines()[-len(stages) :]]
-    assert table == [["build", "pass"], ["test", "TIMEOUT"], ["sanitize", "pass"], ["bench", "pass"]]
+    assert table == [["build", "pass"], ["test", "TIMEOUT"], ["bench", "pass"], ["sanitize", "pass"]]
+    order = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("=== ")]
+    assert order == list(stages)
+
+
+def test_a_second_call_on_a_fresh_machine_builds_first(tmp_path):
+    out = tmp_path / "out"
+    result = gpu_check(str(out), "bench", "sanitize", env=fake_gpu_machine(tmp_path) | {"FRESH": "1"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    order = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("=== ")]
+    assert order == ["build", "bench", "sanitize"]
+
+
+def test_a_machine_whose_runtime_refuses_the_sanitizer_skips_it_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    refusing = 'echo "========= Error: Device not supported"; exit 1'
+    result = gpu_check(str(out), "sanitize", env=fake_gpu_machine(tmp_path, refusing))
+    assert result.returncode == 0, result.stdout + result.stderr
+    status = (out / "sanitize.status").read_text().strip()
+    assert status.startswith("skipped (compute-sanitizer refuses this machine:") and "Device not supported" in status
+    assert not list(out.glob("sanitize-memcheck-*.log"))

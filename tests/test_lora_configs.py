@@ -105,3 +105,20 @@ def test_triton_host_refuses_tensors_on_other_devices():
         kernels.lora_linear(x, weight, None, lora_b, 1.0, None, xa=torch.empty(3, 2, device="meta"))
     with pytest.raises(ValueError, match="lora_a is on meta"):
         kernels.lora_shrink(x, torch.empty(2, 8, device="meta"))
+
+
+def test_pinned_decode_tiles_hold_every_row_and_fill_a_wave():
+    """FASTPEFT_TRITON_AUTOTUNE=0's decode tile (the GPU check's target rows use it) reads W once for every row
+    count up to 64 and launches at least 128 programs at the TARGETS shapes; fp32 gets smaller K steps."""
+    for n in FEATURES:
+        for m in DECODE_ROWS:
+            config = kernels.pinned_config("decode", m, n, 16, torch.bfloat16, interpreter=False)
+            assert programs(config, m, n) == (1, programs(config, m, n)[1]) and programs(config, m, n)[1] >= 128
+            assert config.kwargs["BLOCK_N"] >= 16  # the fused shrink's padded rank
+    fp32 = kernels.pinned_config("decode", 8, 4096, 16, torch.float32, interpreter=False)
+    assert (
+        fp32.kwargs["BLOCK_K"]
+        < kernels.pinned_config("decode", 8, 4096, 16, torch.bfloat16, interpreter=False).kwargs["BLOCK_K"]
+    )
+    prefill = kernels.pinned_config("prefill", 4096, 4096, 16, torch.bfloat16, interpreter=False)
+    assert (prefill.kwargs["BLOCK_M"], prefill.kwargs["BLOCK_N"], prefill.num_warps) == (128, 128, 8)

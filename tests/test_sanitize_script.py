@@ -31,3 +31,12 @@ def test_a_case_on_another_backend_than_forced_fails(monkeypatch, capsys):
     monkeypatch.setenv("FASTPEFT_BACKEND", "torch")
     assert not sanitize_lora.run_case((2,), 16, 8, 4, "float32", 0.0, backend="cuda", device=DEVICE.type)
     assert "ran on ['torch']" in capsys.readouterr().out
+
+
+def test_the_combined_program_runs_every_familys_cases():
+    """scripts/sanitize.py, what gpu_check.sh runs under memcheck: every family's cases, per backend."""
+    import sanitize
+
+    for backend in ("cuda", "triton"):
+        expected = [case for script in SCRIPTS for case in script.CASES.get(backend, [])]
+        assert [tuple(case[1:]) for case in sanitize.CASES[backend]] == [tuple(c) for c in expected]

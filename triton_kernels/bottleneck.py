@@ -45,7 +45,7 @@ def tile_options(mb_pad: int, dtype: torch.dtype, backward: bool) -> dict:
         return {"BLOCK_M": 16, "BLOCK_D": BLOCK_D, "num_warps": 4}
     wide = mb_pad > 64
     rows = (16 if wide else 32) if backward else (32 if wide else 64)
-    block_d = BLOCK_D // (2 if wide else 1) // (2 if dtype == torch.float32 else 1)
+    block_d = BLOCK_D // (2 if wide or not backward else 1) // (2 if dtype == torch.float32 else 1)
     return {"BLOCK_M": rows, "BLOCK_D": block_d, "num_warps": 8}
 
 

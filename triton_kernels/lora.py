@@ -103,8 +103,9 @@ _INTERPRETER_SHRINK_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_w
 
 
 def pinned_config(
-    kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kernel_dropout: bool = False
-) -> triton.Config:
+    kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kernel_dropout: bool = False, *,
+    interpreter: bool = _INTERPRET,
+) -> triton.Config:  # fmt: skip
     """The tile launched without autotuning (``FASTPEFT_TRITON_AUTOTUNE=0``: the GPU tests, the sanitizer, the
     GPU check's target rows), chosen by rule from the shape, never by timing. ``kind``: "decode", "prefill" or
     "shrink"; ``n`` the output features (0 for the shrink). scripts/compile_triton.py compiles exactly these for
@@ -119,7 +120,7 @@ def pinned_config(
     - shrink: 64 rows, the rank on 4 warps up to 64 and on 8 beyond (the accumulator is BLOCK_M x R_PAD);
     - fp32: smaller tiles on more warps (full-precision fp32 dots run on the FMA units, operands in registers).
     """
-    if _INTERPRET:
+    if interpreter:
         return _INTERPRETER_SHRINK_CONFIG if kind == "shrink" else _INTERPRETER_CONFIG
     fp32 = dtype == torch.float32
     rows = min(64, max(16, triton.next_power_of_2(max(m, 1))))

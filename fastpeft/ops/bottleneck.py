@@ -189,20 +189,29 @@ def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activat
 IMPLS = {"torch": _forward_torch, "triton": _forward_triton, "cuda": _forward_cuda}
 
 
-def _cuda_tiles_fit(x: torch.Tensor, m: int) -> bool:
-    """Whether csrc/bottleneck.cu's tile kernel takes these rows [M, d] (M beyond decode) with bottleneck m."""
-    d = x.shape[1]
-    if x.dtype not in (torch.float16, torch.bfloat16) or d % 16 or m % 16 or not 0 < m <= _CUDA_TILE_MAX_M:
-        return False
-    optin = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 0)
-    return 16 * (d + 8) * x.element_size() + _CUDA_TILE_SHARED_BYTES <= optin
+def preference(rows: int, d: int, m: int, dtype: torch.dtype, shared_optin: int) -> tuple[str, ...]:
+    """The backend order for ``rows`` rows [M, d] with bottleneck ``m`` on a CUDA device whose blocks may opt in
+    to ``shared_optin`` bytes of shared memory: CUDA first only where one of its kernels takes the shape (mirrors
+    csrc/bottleneck.cu). The tile kernel (fp16/bf16 prefill, d and m multiples of 16, m <= 256) stages 16 rows of
+    x; the rows kernel (decode) one row of d + m floats at least. Triton takes every shape."""
+    tiles = (
+        rows > _CUDA_DECODE_MAX_M
+        and dtype in (torch.float16, torch.bfloat16)
+        and d % 16 == 0
+        and m % 16 == 0
+        and 0 < m <= _CUDA_TILE_MAX_M
+        and 16 * (d + 8) * dtype.itemsize + _CUDA_TILE_SHARED_BYTES <= shared_optin
+    )
+    decode = rows <= _CUDA_DECODE_MAX_M and (d + m) * 4 <= shared_optin
+    return _CUDA_FIRST if tiles or decode else _TRITON_FIRST
 
 
 def _run(x, residual, adapters: Adapters, *args):
-    cuda_first = x.device.type == "cuda" and (
-        x.shape[0] <= _CUDA_DECODE_MAX_M or _cuda_tiles_fit(x, adapters.down_weight.shape[-2])
-    )
-    backend = select_backend("bottleneck_adapter", x.device, _CUDA_FIRST if cuda_first else _TRITON_FIRST)
+    order = _TRITON_FIRST
+    if x.device.type == "cuda":
+        optin = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 48 * 1024)
+        order = preference(x.shape[0], x.shape[1], adapters.down_weight.shape[-2], x.dtype, optin)
+    backend = select_backend("bottleneck_adapter", x.device, order)
     return IMPLS[backend](x, residual, adapters, *args)
 
 
