@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "kernel_report.md"
 INPUTS = ("csrc", "triton_kernels", "scripts/kernel_report.py", "scripts/compile_triton.py", "benchmarks/targets.py")
-FINGERPRINT = re.compile(r"^Fingerprint of the inputs: `([0-9a-f]{16})`", re.M)
+FINGERPRINT = re.compile(r"Fingerprint of the inputs: `([0-9a-f]{16})`")
 SMS = 132
 SHARED_PER_SM = 228 * 1024
 REGISTERS_PER_SM = 65536

@@ -62,8 +62,14 @@ def test_missing_extension_names_the_reinstall_command(monkeypatch):
 
 
 def test_triton_kernels_ship_inside_fastpeft():
-    """PyPI's triton-kernels owns the top-level name `triton_kernels`; fastpeft must not claim it."""
+    """PyPI's triton-kernels owns the top-level name `triton_kernels`; fastpeft must not claim it. Read from what
+    the installed distribution provides, so the test means the same wherever the checkout lies (a folder named
+    fastpeft included)."""
+    import importlib.metadata
+
     spec = importlib.util.find_spec("fastpeft.triton_kernels")
     assert spec is not None and spec.origin.endswith("__init__.py")
-    top_level = importlib.util.find_spec("triton_kernels")
-    assert top_level is None or "fastpeft" not in str(top_level.origin)
+    dist = importlib.metadata.distribution("fastpeft")
+    assert (dist.read_text("top_level.txt") or "fastpeft").split() == ["fastpeft"]
+    assert not any(str(f).startswith("triton_kernels/") for f in dist.files or [])
+    assert "fastpeft" not in importlib.metadata.packages_distributions().get("triton_kernels", [])
