@@ -12,7 +12,8 @@ and the launches the dispatcher sends to CUDA at the TARGETS shapes, their grids
 
 Nothing here is measured: registers, spills, shared memory, occupancy and waves are what the compilers and the
 launch code say; speeds come from a GPU run of ``scripts/gpu_check.sh``. The report records a fingerprint of its
-inputs (csrc/, triton_kernels/, this script, compile_triton.py, benchmarks/targets.py); ``--check`` compares it
+inputs (csrc/, triton_kernels/, this script, compile_triton.py, kernel_facts.py, benchmarks/targets.py);
+``--check`` compares it
 with the sources.
 """
 
@@ -33,11 +34,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "kernel_report.md"
-INPUTS = ("csrc", "triton_kernels", "scripts/kernel_report.py", "scripts/compile_triton.py", "benchmarks/targets.py")
+INPUTS = ("csrc", "triton_kernels", "scripts/kernel_report.py", "scripts/compile_triton.py", "scripts/kernel_facts.py",
+          "benchmarks/targets.py")  # fmt: skip
 FINGERPRINT = re.compile(r"Fingerprint of the inputs: `([0-9a-f]{16})`")
-SMS = 132
-SHARED_PER_SM = 228 * 1024
-REGISTERS_PER_SM = 65536
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from kernel_facts import REFERENCE_SMS, occupancy, sass_features  # noqa: E402
 
 
 def fingerprint() -> str:
@@ -177,9 +179,6 @@ def cuda_kernels(library: Path) -> list[dict]:
         values = dict(re.findall(r"(\w+):(\d+)", fields))
         kernels[name] = {"reg": int(values.get("REG", 0)), "stack": int(values.get("STACK", 0)),
                          "local": int(values.get("LOCAL", 0)), "shared": int(values.get("SHARED", 0))}  # fmt: skip
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from compile_triton import sass_features
-
     for name, body in re.findall(r"Function : (\S+)\n(.*?)(?=\n\s*Function : |\Z)", sass.stdout, re.S):
         if name in kernels:
             kernels[name] |= sass_features(body)
@@ -197,12 +196,6 @@ def cuda_table(kernels: list[dict]) -> list[str]:
         lines.append(f"| `{k['kernel']}` | {k['reg']} | {k['stack']} | {k['local']} | {k['shared']} "
                      f"| {k.get('ldg128', 0)} | {k.get('ldg_narrow', 0)} | {_mma(k)} |")  # fmt: skip
     return lines
-
-
-def _blocks_per_sm(regs: int, threads: int, shared: int) -> int:
-    per_warp = -(-regs * 32 // 256) * 256
-    warps = threads // 32
-    return max(0, min(REGISTERS_PER_SM // (per_warp * warps), SHARED_PER_SM // (shared + 1024), 64 // warps, 32))
 
 
 # The launches the dispatcher sends to the CUDA extension at the TARGETS shapes (bf16), their grids as csrc/'s host
@@ -239,8 +232,8 @@ def cuda_targets_table(kernels: list[dict]) -> list[str]:
         if k is None:
             lines.append(f"| {case} | `{name}` | {threads} | {dynamic / 1024:.0f} | {ctas} | ? | ? | ? |")
             continue
-        blocks = _blocks_per_sm(k["reg"], threads, k["shared"] + dynamic)
-        waves = ctas / (SMS * blocks) if blocks else float("inf")
+        blocks = occupancy(90, threads // 32, k["reg"], k["shared"] + dynamic)
+        waves = ctas / (REFERENCE_SMS * blocks) if blocks else float("inf")
         lines.append(f"| {case} | `{name}` | {threads} | {dynamic / 1024:.0f} | {ctas} | {k['reg']} | {blocks} "
                      f"| {waves:.2f} |")  # fmt: skip
     return lines
@@ -267,14 +260,14 @@ def render(triton_runs: list[tuple[str, list[dict]]], kernels: list[dict]) -> st
         "",
         f"Written by `scripts/kernel_report.py` on {date} with Triton {versions} and {nvcc_version()}, on a machine "
         "without a GPU. Fingerprint of the inputs: "
-        f"`{fingerprint()}` (csrc/, triton_kernels/, the two scripts, benchmarks/targets.py). CI fails when the "
+        f"`{fingerprint()}` (csrc/, triton_kernels/, the three scripts, benchmarks/targets.py). CI fails when the "
         "sources change and this file does not (`make kernel-report` writes it).",
         "",
         "**Nothing here is measured.** Registers, spills, shared memory and machine instructions come from the "
         "compilers; blocks per SM from those against an SM's 64K registers, 228 KB of shared memory and 64 warps; "
-        f"waves are CTAs / ({SMS} SMs x blocks per SM). Speeds come only from a GPU run of `scripts/gpu_check.sh` "
-        "(benchmarks/results/). Triton launches use the pinned tiles (`FASTPEFT_TRITON_AUTOTUNE=0`, which the GPU "
-        "check's target rows use); autotuning may pick others.",
+        f"waves are CTAs / ({REFERENCE_SMS} SMs x blocks per SM). Speeds come only from a GPU run of "
+        "`scripts/gpu_check.sh` (benchmarks/results/). Triton launches use the pinned tiles "
+        "(`FASTPEFT_TRITON_AUTOTUNE=0`, which the GPU check's target rows use); autotuning may pick others.",
         "",
     ]
     for version, rows in triton_runs:

@@ -17,6 +17,17 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import kernel_report  # noqa: E402
 
 
+def test_reading_the_report_leaves_the_environment_alone():
+    """The tests import the report's readers: they must not unset TRITON_INTERPRET (compile_triton.py, a program of
+    its own, does), or every later Triton test of the session would find the Triton backend gone."""
+    import importlib
+    import os
+
+    before = dict(os.environ)
+    importlib.reload(kernel_report)
+    assert dict(os.environ) == before and "compile_triton" not in sys.modules
+
+
 def test_the_committed_report_is_current():
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "kernel_report.py"), "--check"],
                           capture_output=True, text=True)  # fmt: skip
@@ -61,7 +72,7 @@ def test_the_built_extension_does_not_spill_in_16_bit():
 
 
 def test_sass_features_count_what_matters():
-    from compile_triton import sass_features
+    from kernel_facts import sass_features
 
     sass = """
         /*0090*/                   LDGSTS.E.BYPASS.128 [R5+0x1000], desc[UR4][R2.64], P1 ;
@@ -77,7 +88,7 @@ def test_sass_features_count_what_matters():
 
 
 def test_narrow_offset_products_are_the_32_bit_products_with_a_size_or_stride_argument():
-    from compile_triton import narrow_offset_products
+    from kernel_facts import narrow_offset_products
 
     ttir = """
     %tiles = arith.muli %num_pid_n_6, %c8_i32 : i32 loc(#loc94)
@@ -93,7 +104,7 @@ def test_narrow_offset_products_are_the_32_bit_products_with_a_size_or_stride_ar
 
 
 def test_occupancy_follows_registers_shared_memory_and_warps():
-    from compile_triton import occupancy
+    from kernel_facts import occupancy
 
     assert occupancy(90, 4, 74, 49152) == 4  # shared memory: 228 KB / (48 + 1) KB
     assert occupancy(90, 8, 255, 0) == 1  # registers: 255 x 256 threads
