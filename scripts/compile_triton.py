@@ -51,6 +51,7 @@ import triton  # noqa: E402
 from kernel_facts import (  # noqa: E402
     REFERENCE_SMS,
     SHARED_PER_BLOCK,
+    cuobjdump,
     narrow_offset_products,
     occupancy,
     sass_features,
@@ -430,21 +431,14 @@ def record(families: list[str], dtypes: list[str], kinds: list[str]) -> list[Lau
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _tool(name: str) -> str:
-    """cuobjdump from Triton's own CUDA backend (it ships one), else the toolkit's on PATH."""
-    from triton.backends.nvidia import compiler
-
-    bundled = Path(compiler.__file__).parent / "bin" / name
-    return str(bundled) if bundled.exists() else name
-
-
 def resource_usage(cubin: bytes) -> dict[str, int]:
     """REG, STACK, SHARED (static) and LOCAL of the one kernel in ``cubin``, from cuobjdump -res-usage."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+        tool = cuobjdump() or "cuobjdump"
+        text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True).stdout
     usage = {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
     return usage | sass_features(sass)
 

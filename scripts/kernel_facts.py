@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import collections
 import re
+import shutil
+from pathlib import Path
 
 # Per SM on sm_80/86/89/90: shared memory a block may opt in to, shared memory in all, registers, warps.
 SHARED_PER_BLOCK = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -55,3 +57,13 @@ def occupancy(arch: int, warps: int, registers: int, shared: int) -> int:
     by_registers = REGISTERS_PER_SM // (per_warp * warps) if registers else BLOCKS_PER_SM[arch]
     by_shared = SHARED_PER_SM[arch] // (shared + 1024) if shared else BLOCKS_PER_SM[arch]  # 1 KB reserved per block
     return max(0, min(by_registers, by_shared, WARPS_PER_SM[arch] // warps, BLOCKS_PER_SM[arch]))
+
+
+def cuobjdump() -> str | None:
+    """cuobjdump from Triton's own CUDA backend (its wheel ships one), else the toolkit's on PATH, else None."""
+    try:
+        from triton.backends.nvidia import compiler
+    except ImportError:
+        return shutil.which("cuobjdump")
+    bundled = Path(compiler.__file__).parent / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else shutil.which("cuobjdump")

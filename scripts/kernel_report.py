@@ -39,7 +39,7 @@ INPUTS = ("csrc", "triton_kernels", "scripts/kernel_report.py", "scripts/compile
 FINGERPRINT = re.compile(r"Fingerprint of the inputs: `([0-9a-f]{16})`")
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from kernel_facts import REFERENCE_SMS, occupancy, sass_features  # noqa: E402
+from kernel_facts import REFERENCE_SMS, cuobjdump, occupancy, sass_features  # noqa: E402
 
 
 def fingerprint() -> str:
@@ -140,18 +140,6 @@ def extension_path() -> Path | None:
     return found[0] if found else None
 
 
-def _cuobjdump() -> str | None:
-    try:
-        from triton.backends.nvidia import compiler
-
-        bundled = Path(compiler.__file__).parent / "bin" / "cuobjdump"
-        if bundled.exists():
-            return str(bundled)
-    except ImportError:
-        pass
-    return shutil.which("cuobjdump")
-
-
 def _demangle(names: list[str]) -> list[str]:
     if not names or shutil.which("c++filt") is None:
         return names
@@ -169,7 +157,7 @@ def _short(signature: str) -> str:
 
 def cuda_kernels(library: Path) -> list[dict]:
     """Every sm_90 kernel of the extension: registers, stack, local and static shared bytes, SASS features."""
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         return []
     usage = subprocess.run([tool, "-res-usage", "-arch", "sm_90", str(library)], capture_output=True, text=True)

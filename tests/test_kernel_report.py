@@ -58,7 +58,7 @@ def test_the_fingerprint_follows_every_kernel_source(tmp_path, monkeypatch):
 
 def test_the_built_extension_does_not_spill_in_16_bit():
     library = kernel_report.extension_path()
-    if library is None or kernel_report._cuobjdump() is None:
+    if library is None or kernel_report.cuobjdump() is None:
         pytest.skip("fastpeft._C is not built here, or no cuobjdump")
     kernels = kernel_report.cuda_kernels(library)
     if not kernels:
