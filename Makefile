@@ -34,9 +34,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# One benchmark smoke pass: tests/test_bench_runner.py runs every bench's quick cases.
 test: lint
 	$(PY) -m pytest -q tests
-	$(PY) -m pytest -q benchmarks --benchmark-disable
 	$(MAKE) test-adapterhub
 
 $(ADAPTERHUB_ENV)/.installed: Makefile
@@ -44,7 +44,7 @@ $(ADAPTERHUB_ENV)/.installed: Makefile
 	touch $@
 
 test-adapterhub: $(STAMP) $(ADAPTERHUB_ENV)/.installed
-	PYTHONPATH=$(ADAPTERHUB_ENV) $(PY) -m pytest -q tests/test_integration_adapterhub.py
+	PYTHONPATH=$(ADAPTERHUB_ENV) $(PY) -m pytest -q tests/test_integration_adapterhub.py tests/test_integration_adapterhub_configs.py
 
 demo: $(STAMP)
 	$(VENV)/bin/fastpeft demo

@@ -61,6 +61,8 @@ def _why_no_cuda_build() -> str | None:
     """None when the extension can be built, else the reason it is skipped."""
     if os.environ.get("FASTPEFT_SKIP_CUDA_BUILD", "0") == "1":
         return "FASTPEFT_SKIP_CUDA_BUILD=1"
+    if not any((ROOT / "csrc").glob("*.cu")):
+        return f"no CUDA sources under {ROOT / 'csrc'}"
     _set_cuda_home_from_nvcc()
     try:
         import torch
@@ -110,9 +112,17 @@ setup(
         "fastpeft.ops",
         "fastpeft.modules",
         "fastpeft.integrations",
+        "fastpeft.integrations.peft",
         "fastpeft.triton_kernels",
+        "fastpeft.benchmarks",
     ],
-    # triton_kernels/ is shipped inside fastpeft: the top-level name belongs to PyPI's triton-kernels.
-    package_dir={"fastpeft": "fastpeft", "fastpeft.triton_kernels": "triton_kernels"},
+    # triton_kernels/ is shipped inside fastpeft: the top-level name belongs to PyPI's triton-kernels. So is
+    # benchmarks/, so that `fastpeft bench` runs from an installed wheel (with its committed baselines).
+    package_dir={
+        "fastpeft": "fastpeft",
+        "fastpeft.triton_kernels": "triton_kernels",
+        "fastpeft.benchmarks": "benchmarks",
+    },
+    package_data={"fastpeft.benchmarks": ["results/*/*.json", "results/*.md"]},
     **_extension_kwargs(),
 )

@@ -1,7 +1,11 @@
 """fastpeft: fused CUDA and Triton kernels for parameter-efficient fine-tuning layers."""
 
 from fastpeft.backends import available_backends
-from fastpeft.integrations.adapterhub import patch_adapterhub_model
+from fastpeft.integrations.adapterhub import (
+    explain_adapterhub_patch,
+    patch_adapterhub_model,
+    unpatch_adapterhub_model,
+)
 from fastpeft.integrations.bottleneck_checkpoint import load_bottleneck_adapter, save_bottleneck_adapter
 from fastpeft.integrations.bottleneck_models import (
     BottleneckConfig,
@@ -9,8 +13,13 @@ from fastpeft.integrations.bottleneck_models import (
     bottleneck_batch,
     set_active_bottleneck,
 )
-from fastpeft.integrations.peft import explain_patch, patch_peft_model, unpatch_peft_model
-from fastpeft.integrations.peft_checkpoint import load_peft_adapter
+from fastpeft.integrations.peft import (
+    explain_patch,
+    from_peft_layer,
+    load_peft_adapter,
+    patch_peft_model,
+    unpatch_peft_model,
+)
 from fastpeft.integrations.quantize import quantize_model
 from fastpeft.modules.bottleneck import BottleneckAdapter
 from fastpeft.modules.lora import LoRALinear
@@ -44,7 +53,9 @@ __all__ = [
     "bottleneck_batch",
     "dequantize_4bit",
     "dora_linear",
+    "explain_adapterhub_patch",
     "explain_patch",
+    "from_peft_layer",
     "load_bottleneck_adapter",
     "load_peft_adapter",
     "lora_linear",
@@ -57,6 +68,7 @@ __all__ = [
     "quantize_model",
     "save_bottleneck_adapter",
     "set_active_bottleneck",
+    "unpatch_adapterhub_model",
     "unpatch_peft_model",
     "warmup",
 ]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastpeft._extras import MissingExtra, require_extra
+
 
 def package_version(dist: str) -> str:
     """The installed version of distribution ``dist``, or "not installed"."""
@@ -62,13 +64,17 @@ def env_report() -> str:
     return "\n".join(lines)
 
 
+def bench_runner() -> Path:
+    """benchmarks/run.py: the one a wheel installs as ``fastpeft/benchmarks/`` (setup.py), else a source
+    checkout's (an editable install)."""
+    installed = Path(__file__).resolve().parent / "benchmarks" / "run.py"
+    return installed if installed.exists() else Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
+
+
 def _bench(argv: list[str]) -> int:
     """Run benchmarks/run.py with ``argv`` (its options are fastpeft bench's: ``fastpeft bench --help``)."""
-    runner = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
-    if not runner.exists():
-        print("fastpeft bench: runs from a source checkout (benchmarks/ is not installed)", file=sys.stderr)
-        return 2
-    return subprocess.call([sys.executable, str(runner), *argv])
+    require_extra("bench", "fastpeft bench")
+    return subprocess.call([sys.executable, str(bench_runner()), *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,15 +86,23 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     demo.add_argument("--model", default=None, help="a local transformers checkpoint (default: a small random Llama)")
     demo.add_argument("--steps", type=int, default=5, help="timed forward passes per variant")
-    sub.add_parser("bench", add_help=False, help="run the benchmarks (source checkout; fastpeft bench --help)")
+    sub.add_parser("bench", add_help=False, help="run the benchmarks (options: fastpeft bench --help)")
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # every option belongs to benchmarks/run.py
-        return _bench(argv[1:])
-    args = parser.parse_args(argv)
+    try:
+        if argv[:1] == ["bench"]:  # every option belongs to benchmarks/run.py
+            return _bench(argv[1:])
+        return _run(parser.parse_args(argv))
+    except MissingExtra as exc:
+        print(f"fastpeft: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "env":
         print(env_report())
         return 0
     if args.command == "demo":
+        require_extra("demo", "fastpeft demo")
         from fastpeft.demo import DemoError, run_demo
 
         try:

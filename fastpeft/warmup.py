@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastpeft.integrations.peft import is_patched
-from fastpeft.integrations.peft_qlora import is_peft_4bit_layer
+from fastpeft.integrations.peft.base_4bit import is_peft_4bit_layer
 from fastpeft.modules.lora import LoRALinear
 from fastpeft.modules.qlora import Linear4bit, QLoRALinear
 

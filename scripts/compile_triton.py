@@ -312,15 +312,18 @@ def _bottleneck_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
             ids = _t(rows, dtype=torch.int32) if count > 1 else None
             label = f"bottleneck m={mb} adapters={count}"
             for act in sorted(set(ACTIVATION_CODES)) if mb == 64 and count == 1 else ["gelu"]:
-                yield f"{label} {act}", partial(bn.bottleneck_forward, x, None, adapters, ids, 10, act, 1e-5, plain)
+                yield (
+                    f"{label} {act}",
+                    partial(bn.bottleneck_forward, x, None, adapters, ids, 10, ACTIVATION_CODES[act], 1e-5, plain),
+                )
             yield (
                 f"{label} + add & LayerNorm",
-                partial(bn.bottleneck_forward, x, None, adapters, ids, 10, "relu", 1e-5, add_ln),
+                partial(bn.bottleneck_forward, x, None, adapters, ids, 10, ACTIVATION_CODES["relu"], 1e-5, add_ln),
             )
             if mb <= bn.BACKWARD_MAX_MB_PAD:
                 yield (
                     f"bottleneck backward m={mb} adapters={count}",
-                    partial(bn.bottleneck_backward, x, dy, adapters, ids, 10, "gelu", 1e-5, True),
+                    partial(bn.bottleneck_backward, x, dy, adapters, ids, 10, ACTIVATION_CODES["gelu"], 1e-5, True),
                 )
 
 
@@ -370,7 +373,7 @@ def _target_calls(bench: str, case: dict) -> Callable[[], None]:
     if bench == "bottleneck":
         from fastpeft.triton_kernels import bottleneck as bn
 
-        from fastpeft.ops.bottleneck import Adapters, Post
+        from fastpeft.ops.bottleneck import ACTIVATION_CODES, Adapters, Post
 
         m, d, mb, count = case["m"], case["d"], case["bottleneck"], case["adapters"]
         lead = (count,)
@@ -378,15 +381,15 @@ def _target_calls(bench: str, case: dict) -> Callable[[], None]:
                             _t(*lead, d, dtype=dtype), 2.0, None, None)  # fmt: skip
         ids = _t(m, dtype=torch.int32) if count > 1 else None
         per_sample = m // (8 * count) if count > 1 else m
-        x = _t(m, d, dtype=dtype)
+        x, act = _t(m, d, dtype=dtype), ACTIVATION_CODES[case["activation"]]
         if case.get("mode") == "forward+backward":
             return lambda: (
-                bn.bottleneck_forward(x, None, adapters, ids, per_sample, case["activation"], 1e-5,
-                                      Post(None, None, None, 1e-5)),
-                bn.bottleneck_backward(x, x, adapters, ids, per_sample, case["activation"], 1e-5, True),
-            )  # fmt: skip
-        return lambda: bn.bottleneck_forward(x, None, adapters, ids, per_sample, case["activation"], 1e-5,
-                                             Post(None, None, None, 1e-5))  # fmt: skip
+                bn.bottleneck_forward(x, None, adapters, ids, per_sample, act, 1e-5, Post(None, None, None, 1e-5)),
+                bn.bottleneck_backward(x, x, adapters, ids, per_sample, act, 1e-5, True),
+            )
+        return lambda: bn.bottleneck_forward(
+            x, None, adapters, ids, per_sample, act, 1e-5, Post(None, None, None, 1e-5)
+        )
     raise ValueError(f"no launches known for bench {bench!r}")
 
 

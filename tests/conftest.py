@@ -51,7 +51,7 @@ def poisoned_outputs():
 def fused_calls(monkeypatch) -> list[str]:
     """Records the calls patched PEFT layers make to the fused ops (``lora_linear``, its unchecked inference
     entry ``lora_forward_no_dropout``, or ``dora_linear``)."""
-    import fastpeft.integrations.peft as integration
+    import fastpeft.integrations.peft.lora as integration
 
     calls: list[str] = []
 

@@ -22,7 +22,7 @@ from peft_models import (  # noqa: E402
     twin,
 )
 
-from fastpeft import LoRALinear, patch_peft_model, unpatch_peft_model  # noqa: E402
+from fastpeft import from_peft_layer, patch_peft_model, unpatch_peft_model  # noqa: E402
 from fastpeft.integrations.peft import patched_layer_count  # noqa: E402
 
 
@@ -97,15 +97,15 @@ def test_merged_adapter_runs_base_layer():
 def test_lora_linear_from_peft_layer(backend):
     model = peft_model(use_rslora=True, r=4, lora_alpha=6)
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    fused = LoRALinear.from_peft(layer, "default").eval()
+    fused = from_peft_layer(layer, "default").eval()
     assert fused.scaling == pytest.approx(6 / 2) and fused.r == 4
     x = torch.randn(3, 40, device=DEVICE)
     with torch.no_grad():
         assert rel_error(fused(x), layer(x)) < 1e-5
     with pytest.raises(ValueError, match="no adapter named"):
-        LoRALinear.from_peft(layer, "missing")
+        from_peft_layer(layer, "missing")
     with pytest.raises(TypeError, match=r"PEFT lora\.Linear"):
-        LoRALinear.from_peft(nn.Linear(4, 4))
+        from_peft_layer(nn.Linear(4, 4))
 
 
 # ---------------------------------------------------------------------------------------------------------

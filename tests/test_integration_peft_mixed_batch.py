@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from peft_models import TARGETS, logits, peft_model, randomize_lora_b, tokens, twin  # noqa: E402
 
-import fastpeft.integrations.peft_mixed_batch as mixed  # noqa: E402
+import fastpeft.integrations.peft.mixed_batch as mixed  # noqa: E402
 from fastpeft import explain_patch, patch_peft_model  # noqa: E402
 
 NAMES = ["second", "__base__", "default", "third"]

@@ -16,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 from peft_models import TARGETS, randomize_lora_b, tokens, trainable_grads  # noqa: E402
 
 import fastpeft  # noqa: E402
-from fastpeft.integrations import peft_qlora  # noqa: E402
 from fastpeft.integrations.peft import explain_patch, patched_layer_count  # noqa: E402
-from fastpeft.integrations.peft_qlora import is_peft_4bit_layer  # noqa: E402
+from fastpeft.integrations.peft import qlora as peft_qlora  # noqa: E402
+from fastpeft.integrations.peft.base_4bit import is_peft_4bit_layer  # noqa: E402
 
 VOCAB = 97
 
@@ -143,7 +143,7 @@ def test_unsupported_calls_keep_peft_forward(tmp_path):
 def test_qlora_linear_from_peft_layer(tmp_path):
     model = qlora_model(tmp_path).eval()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    module = fastpeft.QLoRALinear.from_peft(layer)
+    module = fastpeft.from_peft_layer(layer)
     x = torch.randn(2, 5, 64, device=DEVICE)
     with torch.no_grad():
         assert rel_error(module(x), layer(x)) < 1e-5

@@ -24,8 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastpeft.ops.bottleneck import ACTIVATION_CODES, scale_table
-
 from .lora import _INTERPRET, _dot_precision, _on_device
 
 BLOCK_D = 32 if _INTERPRET else 64
@@ -209,7 +207,10 @@ class _Setup(NamedTuple):
 
 def _setup(x: torch.Tensor, adapters, ids, rows_per_sample: int, backward: bool) -> _Setup:
     w_eff, c1, c0 = _folded(adapters)
-    scale = scale_table(adapters.scaling, w_eff.shape[0])
+    # A tensor scaling as the kernels read it, fp32 [A, 1] or [A, d]; None for a float.
+    scale = (
+        adapters.scaling.reshape(w_eff.shape[0], -1).float().contiguous() if torch.is_tensor(adapters.scaling) else None
+    )
     kind = 0 if scale is None else (1 if scale.shape[1] == 1 else 2)
     value = float(adapters.scaling) if scale is None else 1.0
     # Samples of T rows: ids are per sample, so a program's rows share one adapter. Without ids, one "sample".
@@ -221,12 +222,13 @@ def _setup(x: torch.Tensor, adapters, ids, rows_per_sample: int, backward: bool)
 
 
 def bottleneck_forward(
-    x, residual, adapters, ids, rows_per_sample: int, activation: str, ln_eps: float, post
+    x, residual, adapters, ids, rows_per_sample: int, activation_code: int, ln_eps: float, post
 ) -> torch.Tensor:
     """Rows x [M, d] (unit inner stride or a copy is made), residual like x or None, the parameters stacked
     ([A, ...], fastpeft.ops.bottleneck.Adapters), ids int32 [M] constant over each run of ``rows_per_sample``
-    rows (one sample), or None (adapter 0 everywhere); ``post`` (fastpeft.ops.bottleneck.Post): the add +
-    LayerNorm after, if any. Returns y [M, d] in x's dtype."""
+    rows (one sample), or None (adapter 0 everywhere); ``activation_code`` as in
+    fastpeft.ops.bottleneck.ACTIVATION_CODES (the host passes it: kernels never import the ops); ``post``
+    (fastpeft.ops.bottleneck.Post): the add + LayerNorm after, if any. Returns y [M, d] in x's dtype."""
     m_rows, d = x.shape
     x = x if x.stride(-1) == 1 else x.contiguous()
     res = x if residual is None else (residual if residual.stride(-1) == 1 else residual.contiguous())
@@ -249,7 +251,7 @@ def bottleneck_forward(
             float(ln_eps), setup.scale_value, float(post.out_ln_eps),
             HAS_LN=adapters.ln_weight is not None, HAS_IDS=ids is not None, SCALE_KIND=setup.scale_kind,
             OUT_RES=out_res is not None, OUT_LN=out_ln,
-            ACT=ACTIVATION_CODES[activation], DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
+            ACT=activation_code, DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
             MB_PAD=setup.mb_pad, **setup.options,
         )  # fmt: skip
     return y
@@ -388,7 +390,9 @@ def _bottleneck_backward_kernel(
             tl.store(dx_ptr + rows[:, None] * stride_dxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-def bottleneck_backward(x, dy, adapters, ids, rows_per_sample: int, activation: str, ln_eps: float, identity: bool):
+def bottleneck_backward(
+    x, dy, adapters, ids, rows_per_sample: int, activation_code: int, ln_eps: float, identity: bool
+):
     """Gradients of the fused forward without the add + LayerNorm after, for stacked parameters as in
     :func:`bottleneck_forward`: dx [M, d] (x's dtype; includes dy when the residual is x itself, ``identity``)
     and fp32 gradients of every adapter tensor, stacked like the parameters. Returns (dx, grads dict)."""
@@ -414,7 +418,7 @@ def bottleneck_backward(x, dy, adapters, ids, rows_per_sample: int, activation: 
                 x.stride(0), dy.stride(0), dx.stride(0),
                 float(ln_eps), setup.scale_value,
                 HAS_LN=has_ln, HAS_IDS=ids is not None, SCALE_KIND=setup.scale_kind, IDENTITY=identity,
-                ACT=ACTIVATION_CODES[activation], DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
+                ACT=activation_code, DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
                 MB_PAD=setup.mb_pad, **setup.options,
             )  # fmt: skip
     return dx, grads

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from fastpeft.modules.bottleneck import BottleneckAdapter, _out_args
+from fastpeft.modules.bottleneck import BottleneckAdapter, out_args
 from fastpeft.ops.bottleneck import bottleneck_adapter
 
 
@@ -131,7 +131,7 @@ class BottleneckLayer(nn.Module):
             stack(lambda m: m.adapter_up.bias), activation=first.activation, scaling=scaling, residual=residual,
             ln_weight=stack(lambda m: m.adapter_norm_before.weight) if norm else None,
             ln_bias=stack(lambda m: m.adapter_norm_before.bias) if norm else None, adapter_ids=ids,
-            **_out_args(out_residual, out_norm),
+            **out_args(out_residual, out_norm),
         )  # fmt: skip
 
 

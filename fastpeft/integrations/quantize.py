@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from fastpeft.modules.qlora import Linear4bit
-from fastpeft.ops.quant_4bit import _check_blocksize, _check_quant_type
+from fastpeft.ops.quant_4bit import check_blocksize, check_quant_type
 
 DEFAULT_SKIP = ("lm_head",)  # transformers keeps the output head in 16 bits (llm_int8_skip_modules)
 
@@ -33,8 +33,8 @@ def quantize_model(
 
     Layers already 4-bit, and linear subclasses (which may compute something else), are left alone.
     """
-    _check_quant_type(quant_type)
-    _check_blocksize("blocksize", blocksize)
+    check_quant_type(quant_type)
+    check_blocksize("blocksize", blocksize)
     if isinstance(skip_modules, str):
         raise TypeError("skip_modules must be a sequence of module names, not one str")
     skip = set(skip_modules)

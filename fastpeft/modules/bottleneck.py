@@ -116,7 +116,7 @@ class BottleneckAdapter(nn.Module):
         """x [..., d] -> ``out_norm(residual + adapter(x) + out_residual)`` (residual defaults to x; out_residual
         and out_norm, a model's own LayerNorm after the adapter, are optional and fused into the same op)."""
         return bottleneck_adapter(x, *self.weights(), activation=self.activation, residual=residual,
-                                  **_out_args(out_residual, out_norm), **self.norm_args())  # fmt: skip
+                                  **out_args(out_residual, out_norm), **self.norm_args())  # fmt: skip
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(down_weight [m, d], down_bias [m], up_weight [d, m], up_bias [d])."""
@@ -130,7 +130,7 @@ class BottleneckAdapter(nn.Module):
         return {"scaling": self.scaling, "ln_weight": norm.weight, "ln_bias": norm.bias, "ln_eps": norm.eps}
 
 
-def _out_args(out_residual: torch.Tensor | None, out_norm: nn.LayerNorm | None) -> dict:
+def out_args(out_residual: torch.Tensor | None, out_norm: nn.LayerNorm | None) -> dict:
     args = {"out_residual": out_residual}
     if out_norm is not None:
         args |= {"out_ln_weight": out_norm.weight, "out_ln_bias": out_norm.bias, "out_ln_eps": out_norm.eps}

@@ -9,8 +9,9 @@ from torch import nn
 
 from fastpeft._autocast import compute_dtype
 from fastpeft._base_layers import check_fan_in_fan_out, is_linear_like, linear_weight
+from fastpeft.ops.common import FLOAT_DTYPES
 from fastpeft.ops.dropout import DROPOUT_MODES, check_p
-from fastpeft.ops.lora import FLOAT_DTYPES, lora_linear
+from fastpeft.ops.lora import lora_linear
 
 
 class LoRALinear(nn.Module):
@@ -86,26 +87,32 @@ class LoRALinear(nn.Module):
             nn.init.zeros_(self.lora_B_bias)
 
     @classmethod
-    def from_peft(cls, layer: nn.Module, adapter_name: str = "default") -> LoRALinear:
-        """A LoRALinear holding a copy of one adapter of a PEFT ``lora.Linear`` layer built on ``nn.Linear`` or
-        ``Conv1D``.
-
-        Keeps PEFT's scaling, dropout, lora_bias and adapter dtype; the base layer is shared, not copied. Raises
-        ValueError for what this module does not express (DoRA, other base layers).
-        """
-        from fastpeft.integrations.peft import peft_adapter
-
-        adapter = peft_adapter(layer, adapter_name)
-        module = cls(
-            layer.base_layer, r=adapter.r, lora_dropout=adapter.dropout, lora_bias=adapter.lora_bias is not None
-        )
-        module.scaling = adapter.scaling
-        module.lora_alpha = adapter.scaling * adapter.r
+    def from_adapter(
+        cls,
+        base_layer: nn.Module,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        *,
+        lora_dropout: float = 0.0,
+        lora_bias: torch.Tensor | None = None,
+    ) -> LoRALinear:
+        """A LoRALinear on ``base_layer`` (shared, not copied) holding copies of a trained adapter: ``lora_a``
+        [r, in_features], ``lora_b`` [out_features, r], ``lora_bias`` [out_features] or None, in their dtype.
+        ``fastpeft.from_peft_layer`` builds one from a PEFT layer."""
+        r = lora_a.shape[0]
+        if lora_a.dim() != 2 or lora_b.shape != (lora_b.shape[0], r):
+            raise ValueError(
+                f"lora_a [r, in] and lora_b [out, r] disagree: {tuple(lora_a.shape)}, {tuple(lora_b.shape)}"
+            )
+        module = cls(base_layer, r=r, lora_dropout=lora_dropout, lora_bias=lora_bias is not None)
+        module.scaling = scaling
+        module.lora_alpha = scaling * r
         with torch.no_grad():
-            module.lora_A = nn.Parameter(adapter.lora_a.detach().clone())
-            module.lora_B = nn.Parameter(adapter.lora_b.detach().clone())
-            if adapter.lora_bias is not None:
-                module.lora_B_bias = nn.Parameter(adapter.lora_bias.detach().clone())
+            module.lora_A = nn.Parameter(lora_a.detach().clone())
+            module.lora_B = nn.Parameter(lora_b.detach().clone())
+            if lora_bias is not None:
+                module.lora_B_bias = nn.Parameter(lora_bias.detach().clone())
         return module
 
     def _delta_weight(self) -> torch.Tensor:

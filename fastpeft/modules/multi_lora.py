@@ -12,7 +12,7 @@ from torch import nn
 from fastpeft._base_layers import is_linear_like, linear_weight
 from fastpeft.modules.qlora import Linear4bit
 from fastpeft.ops.adapter_pool import AdapterPool
-from fastpeft.ops.lora import FLOAT_DTYPES
+from fastpeft.ops.common import FLOAT_DTYPES
 from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear
 
 # One slice's pair as given to add_adapter: (lora_a [r, in], lora_b [width, r]); None where an adapter has none.

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from fastpeft._autocast import compute_dtype
+from fastpeft.ops.common import FLOAT_DTYPES
 from fastpeft.ops.dropout import check_p
-from fastpeft.ops.lora import FLOAT_DTYPES
 from fastpeft.ops.qlora import Weight4bit, qlora_linear
 from fastpeft.ops.quant_4bit import QuantState, check_quant_state, dequantize_4bit, quantize_4bit, restore_bnb_layout
 
@@ -205,19 +205,29 @@ class QLoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
 
     @classmethod
-    def from_peft(cls, layer: nn.Module, adapter_name: str = "default") -> QLoRALinear:
-        """A QLoRALinear holding a copy of one adapter of a PEFT LoRA layer on a bitsandbytes ``Linear4bit``
-        (PEFT's ``lora.bnb.Linear4bit``); the 4-bit bytes are shared."""
-        from fastpeft.integrations.peft_qlora import peft_4bit_adapter
-
-        adapter = peft_4bit_adapter(layer, adapter_name)
-        module = cls(Linear4bit.from_bnb(layer.base_layer), r=adapter.r, lora_dropout=adapter.dropout,
-                     adapter_dtype=adapter.lora_a.dtype)  # fmt: skip
-        module.scaling = adapter.scaling
-        module.lora_alpha = adapter.scaling * adapter.r
+    def from_adapter(
+        cls,
+        base_layer: Linear4bit,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scaling: float,
+        *,
+        lora_dropout: float = 0.0,
+    ) -> QLoRALinear:
+        """A QLoRALinear on ``base_layer`` (its 4-bit bytes shared) holding copies of a trained adapter: ``lora_a``
+        [r, in_features], ``lora_b`` [out_features, r], in their dtype. ``fastpeft.from_peft_layer`` builds one
+        from a PEFT 4-bit layer."""
+        r = lora_a.shape[0]
+        if lora_a.dim() != 2 or lora_b.shape != (lora_b.shape[0], r):
+            raise ValueError(
+                f"lora_a [r, in] and lora_b [out, r] disagree: {tuple(lora_a.shape)}, {tuple(lora_b.shape)}"
+            )
+        module = cls(base_layer, r=r, lora_dropout=lora_dropout, adapter_dtype=lora_a.dtype)
+        module.scaling = scaling
+        module.lora_alpha = scaling * r
         with torch.no_grad():
-            module.lora_A.copy_(adapter.lora_a)
-            module.lora_B.copy_(adapter.lora_b)
+            module.lora_A.copy_(lora_a)
+            module.lora_B.copy_(lora_b)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from fastpeft.backends import differentiable_as_is, select_backend
-from fastpeft.ops.lora import FLOAT_DTYPES
+from fastpeft.ops.common import FLOAT_DTYPES
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "leakyrelu", "sigmoid")
 # The kernels' activation codes (csrc/bottleneck.cu and triton_kernels/bottleneck.py switch on them).
@@ -165,7 +165,7 @@ def _forward_torch(x, residual, adapters: Adapters, ids, rows_per_sample, activa
 def _forward_triton(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps, post: Post):
     from fastpeft.triton_kernels.bottleneck import bottleneck_forward
 
-    return bottleneck_forward(x, residual, adapters, ids, rows_per_sample, activation, ln_eps, post)
+    return bottleneck_forward(x, residual, adapters, ids, rows_per_sample, ACTIVATION_CODES[activation], ln_eps, post)
 
 
 def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps, post: Post):
@@ -282,7 +282,9 @@ def _fused_backward(ids, saved, constants, dy, rows_per_sample, activation, ln_e
 
     adapters = Adapters(*(named[f] for f in Adapters._fields))
     identity = named["residual"] is None
-    dx, grads = bottleneck_backward(x, dy, adapters, ids, rows_per_sample, activation, ln_eps, identity)
+    dx, grads = bottleneck_backward(
+        x, dy, adapters, ids, rows_per_sample, ACTIVATION_CODES[activation], ln_eps, identity
+    )
     grads |= {"x": dx, "residual": None if identity else dy}
     return [None if t is None or grads.get(name) is None else grads[name].to(t.dtype).reshape(t.shape)
             for name, t in zip(_INPUTS, saved, strict=True)]  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 
 from fastpeft._autocast import without_autocast
 from fastpeft.backends import differentiable_as_is, select_backend
+from fastpeft.ops.common import FLOAT_DTYPES, check_tensor
 from fastpeft.ops.dropout import (
     DROPOUT_MODES,
     apply_mask,
@@ -33,7 +34,6 @@ from fastpeft.ops.dropout import (
     unpack_bits,
 )
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # The CUDA extension's GEMV path (csrc/lora.cu) handles at most this many rows without re-reading W.
 _CUDA_DECODE_MAX_M = 8
 # Ranks up to this run the Triton decode kernel with the shrink fused: one launch (mirrors
@@ -331,9 +331,9 @@ def lora_grads(
         x_lora = [_dropped(x, m, s) for _, m, s in groups] if need_a or need_b else []
     dx = dweight = da = db = None
     if need_x or need_a:
-        dy_b = _call("lora_shrink", dy, lora_b.t())
+        dy_b = call_lora_op("lora_shrink", dy, lora_b.t())
         if need_x and mask is None:
-            dx = _call("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
+            dx = call_lora_op("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
         elif need_x:
             lora_dx = [_dropped((dy_b[:, rows] * scaling).to(dy.dtype) @ lora_a[rows], m, s) for rows, m, s in groups]
             dx = torch.addmm(sum(lora_dx[1:], lora_dx[0]), dy, weight)
@@ -341,7 +341,9 @@ def lora_grads(
             dy_b_scaled = (dy_b * scaling).to(x.dtype)
             da = torch.cat([dy_b_scaled[:, rows].t() @ xd for (rows, _, _), xd in zip(groups, x_lora, strict=True)])
     if need_b:
-        xa = _columns([_call("lora_shrink", xd, lora_a[rows]) for (rows, _, _), xd in zip(groups, x_lora, strict=True)])
+        xa = _columns(
+            [call_lora_op("lora_shrink", xd, lora_a[rows]) for (rows, _, _), xd in zip(groups, x_lora, strict=True)]
+        )
         db = dy.t() @ (xa * scaling).to(x.dtype)
     if need_weight:
         dweight = dy.t() @ x
@@ -412,7 +414,7 @@ def _keeps_dropped(x: torch.Tensor, mask: Optional[torch.Tensor], seed: int) -> 
     return mask is not None and seed < 0 and x.device.type != "cuda"
 
 
-def _call(op: str, x: torch.Tensor, *args) -> torch.Tensor:
+def call_lora_op(op: str, x: torch.Tensor, *args) -> torch.Tensor:
     """A backward-pass op: through the custom op while compiling, straight to its backend otherwise."""
     if torch.compiler.is_compiling():
         return getattr(torch.ops.fastpeft, op)(x, *args)
@@ -422,16 +424,6 @@ def _call(op: str, x: torch.Tensor, *args) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------------
-
-
-def _check_tensor(name: str, t: object, *, dims: int | None = None) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
-    if dims is not None and t.dim() != dims:
-        raise ValueError(f"{name} must be {dims}-D, got shape {tuple(t.shape)}")
-    return t
 
 
 def _args_fit(x, weight, lora_a, lora_b, scaling, bias, lora_bias) -> bool:
@@ -474,7 +466,7 @@ def check_lora_linear_args(
     named = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": bias, "lora_bias": lora_bias}
     named = {name: t for name, t in named.items() if t is not None or name not in ("bias", "lora_bias")}
     for name, t in named.items():
-        _check_tensor(name, t, dims=None if name == "x" else (1 if name.endswith("bias") else 2))
+        check_tensor(name, t, dims=None if name == "x" else (1 if name.endswith("bias") else 2))
     if x.dim() < 1:
         raise ValueError("x must have at least 1 dimension [..., in_features], got a 0-D tensor")
     dtypes = {name: t.dtype for name, t in named.items()}

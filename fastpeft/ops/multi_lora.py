@@ -24,7 +24,8 @@ import torch
 
 from fastpeft.backends import select_backend
 from fastpeft.ops.adapter_pool import AdapterPool
-from fastpeft.ops.lora import _check_tensor, check_lora_linear_args
+from fastpeft.ops.common import check_tensor
+from fastpeft.ops.lora import check_lora_linear_args
 
 ID_DTYPES = (torch.int32, torch.int64)
 # Prefill (many rows) runs the Triton tile kernels; the CUDA kernels are per-token (decode).
@@ -331,7 +332,7 @@ def check_multi_lora_args(x: torch.Tensor, weight: torch.Tensor, pool: AdapterPo
     """TypeError/ValueError naming the argument unless x, weight, bias and the pool fit together."""
     if not isinstance(pool, AdapterPool):
         raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
-    _check_tensor("weight", weight, dims=2)
+    check_tensor("weight", weight, dims=2)
     # weight's own first row and column stand in for a rank-1 A and B: the lora checks then cover x and bias.
     check_lora_linear_args(x, weight, weight[:1], weight[:, :1], 1.0, bias)
     if pool.dtype != x.dtype or pool.device != x.device:

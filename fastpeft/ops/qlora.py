@@ -25,8 +25,9 @@ import torch
 
 from fastpeft._autocast import without_autocast
 from fastpeft.backends import select_backend
+from fastpeft.ops.common import check_tensor
 from fastpeft.ops.dropout import apply_mask, check_p, draw_mask, keep_scale
-from fastpeft.ops.lora import _call, _check_tensor
+from fastpeft.ops.lora import call_lora_op
 from fastpeft.ops.quant_4bit import QuantState, check_quant_state, dequantize_4bit, dequantize_checked
 
 # Rows at or below which the CUDA GEMV (and the Triton decode tiles with the shrink fused) run.
@@ -249,7 +250,7 @@ def _qlora_forward(x, weight: Weight4bit, bias, lora_a, lora_b, scaling, mask, m
     lora = lora_b is not None
     xa = None
     if lora and mask is not None:
-        xa = _call("lora_shrink", apply_mask(x, mask, mask_scale), lora_a)
+        xa = call_lora_op("lora_shrink", apply_mask(x, mask, mask_scale), lora_a)
     return _forward_op(x, weight, bias, lora_a if lora and xa is None else None, xa, lora_b, scaling)
 
 
@@ -273,7 +274,7 @@ class _QLoRAFunction(torch.autograd.Function):
         weight, scaling = ctx.weight, ctx.scaling
         dx = da = db = dbias = None
         dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-        dyb = _call("lora_shrink", dy, lora_b.t()) if ctx.lora and (need_x or need_a) else None
+        dyb = call_lora_op("lora_shrink", dy, lora_b.t()) if ctx.lora and (need_x or need_a) else None
         if need_x:
             fused_lora = dyb is not None and mask is None
             dx = _backward_op(dy, weight, dyb if fused_lora else None, lora_a if fused_lora else None, scaling)
@@ -284,7 +285,7 @@ class _QLoRAFunction(torch.autograd.Function):
             if need_a:
                 da = (dyb * scaling).to(x.dtype).t() @ xd
             if need_b:
-                db = dy.t() @ (_call("lora_shrink", xd, lora_a) * scaling).to(x.dtype)
+                db = dy.t() @ (call_lora_op("lora_shrink", xd, lora_a) * scaling).to(x.dtype)
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
         return dx, None, dbias, da, db, None, None, None
@@ -296,13 +297,13 @@ class _QLoRAFunction(torch.autograd.Function):
 
 
 def _check_x(x: torch.Tensor, weight: Weight4bit, bias: Optional[torch.Tensor]) -> None:
-    _check_tensor("x", x)
+    check_tensor("x", x)
     if x.dim() < 1 or x.shape[-1] != weight.in_features:
         raise ValueError(f"x must be [..., in_features={weight.in_features}], got {tuple(x.shape)}")
     if x.device != weight.packed.device:
         raise ValueError(f"x is on {x.device}, the 4-bit weight on {weight.packed.device}")
     if bias is not None:
-        _check_tensor("bias", bias, dims=1)
+        check_tensor("bias", bias, dims=1)
         if tuple(bias.shape) != (weight.out_features,) or bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(f"bias must be [{weight.out_features}] in x's dtype {x.dtype} on {x.device}, got "
                              f"{bias.dtype} {tuple(bias.shape)} on {bias.device}")  # fmt: skip
@@ -366,7 +367,7 @@ def qlora_linear(
             ("lora_a", lora_a, (None, weight.in_features)),
             ("lora_b", lora_b, (weight.out_features, None)),
         ):
-            _check_tensor(name, t, dims=2)
+            check_tensor(name, t, dims=2)
             if t.dtype != x.dtype or t.device != x.device:
                 raise ValueError(f"{name} must be {x.dtype} on {x.device} like x, got {t.dtype} on {t.device}")
             if any(want is not None and got != want for got, want in zip(t.shape, shape, strict=True)):

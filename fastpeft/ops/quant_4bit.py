@@ -47,7 +47,7 @@ def _code_cpu(quant_type: str) -> torch.Tensor:
 def code_4bit(quant_type: str, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 16 values of ``quant_type``'s code, fp32 [16], indexed by the 4-bit value (a new tensor: the
     canonical one stays unchanged whatever its user does)."""
-    _check_quant_type(quant_type)
+    check_quant_type(quant_type)
     return _code_cpu(quant_type).to(device, copy=True)
 
 
@@ -71,12 +71,12 @@ def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     return _dynamic_code_cpu().to(device, copy=True)
 
 
-def _check_quant_type(quant_type: object) -> None:
+def check_quant_type(quant_type: object) -> None:
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
-def _check_blocksize(name: str, blocksize: object) -> None:
+def check_blocksize(name: str, blocksize: object) -> None:
     if isinstance(blocksize, bool) or blocksize not in BLOCKSIZES:
         raise ValueError(f"{name} must be one of {BLOCKSIZES}, got {blocksize!r}")
 
@@ -264,8 +264,8 @@ def check_quant_state(packed: torch.Tensor, state: QuantState) -> None:
                         f"got {type(state).__name__}")  # fmt: skip
     if not isinstance(packed, torch.Tensor):
         raise TypeError(f"packed must be the 4-bit weight's byte tensor, got {getattr(packed, 'dtype', packed)}")
-    _check_quant_type(state.quant_type)
-    _check_blocksize("state.blocksize", state.blocksize)
+    check_quant_type(state.quant_type)
+    check_blocksize("state.blocksize", state.blocksize)
     if state.shape is None or len(state.shape) != 2 or min(state.shape) < 1:
         raise ValueError(f"state.shape must be a 2-D weight shape [out_features, in_features], got {state.shape}")
     if state.dtype not in WEIGHT_DTYPES:
@@ -283,7 +283,7 @@ def check_quant_state(packed: torch.Tensor, state: QuantState) -> None:
     tensors = {"packed": packed, "state.absmax": state.absmax, "state.code": state.code}
     if state.nested:
         nested = state.state2
-        _check_blocksize("state.state2.blocksize", nested.blocksize)
+        check_blocksize("state.state2.blocksize", nested.blocksize)
         blocks2 = -(-state.num_blocks // nested.blocksize)
         if nested.absmax.dtype != torch.float32 or nested.absmax.numel() != blocks2:
             raise ValueError(f"state.state2.absmax must be fp32 [{blocks2}], got {nested.absmax.dtype} "
@@ -365,8 +365,8 @@ def quantize_4bit(
         raise ValueError(
             f"weight must be a non-empty 2-D [out_features, in_features] tensor, got {tuple(weight.shape)}"
         )
-    _check_quant_type(quant_type)
-    _check_blocksize("blocksize", blocksize)
+    check_quant_type(quant_type)
+    check_blocksize("blocksize", blocksize)
     flat = weight.reshape(-1).float()
     absmax = _blockwise_absmax(flat, blocksize)
     code = code_4bit(quant_type, weight.device)

@@ -22,7 +22,9 @@ import torch
 from torch import nn
 
 from fastpeft._base_layers import linear_weight
-from fastpeft.integrations.peft_qlora import base_forward, is_peft_4bit_layer
+from fastpeft.integrations.peft.base_4bit import base_forward, is_peft_4bit_layer
+from fastpeft.integrations.peft.cache import cached, version_key
+from fastpeft.integrations.peft.layers import dropout_p, layer_state_reason, plain_adapter_reasons
 from fastpeft.ops.adapter_pool import AdapterPool
 from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_forward_unchecked
 
@@ -34,10 +36,13 @@ def _used(layer: nn.Module, names: Sequence[str]) -> list[str]:
     return [name for name in dict.fromkeys(names) if name != BASE_NAME and name in layer.lora_A]
 
 
+def is_mixed_batch_call(args: tuple, kwargs: dict) -> bool:
+    """Whether a patched layer's call is ``layer(x, adapter_names=...)`` and nothing else."""
+    return not args and len(kwargs) == 1 and kwargs.get("adapter_names") is not None
+
+
 def mixed_batch_unsupported_reason(layer: nn.Module, names: object, x: torch.Tensor | None) -> str | None:
     """None when a call with ``adapter_names=names`` runs fused, else why PEFT's forward runs it."""
-    from fastpeft.integrations.peft import _dropout_p, layer_state_reason, plain_adapter_reasons
-
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         return "adapter_names is not a list of str"
     state = layer_state_reason(layer)
@@ -53,7 +58,7 @@ def mixed_batch_unsupported_reason(layer: nn.Module, names: object, x: torch.Ten
     reasons = plain_adapter_reasons(layer)
     for name in used:
         reason = reasons[name]
-        if reason is None and layer.training and _dropout_p(layer.lora_dropout[name]) > 0:
+        if reason is None and layer.training and dropout_p(layer.lora_dropout[name]) > 0:
             reason = "dropout in training"
         if reason is not None:
             return f"adapter {name!r}: {reason}"
@@ -66,16 +71,12 @@ def mixed_batch_unsupported_reason(layer: nn.Module, names: object, x: torch.Ten
 
 
 def _pool_key(layer: nn.Module, names: list[str], dtype: torch.dtype) -> tuple:
-    from fastpeft.integrations.peft import _version_key
-
     weights = [t for name in names for t in (layer.lora_A[name].weight, layer.lora_B[name].weight)]
-    return (tuple(names), tuple(float(layer.scaling[n]) for n in names), dtype, *_version_key(*weights))
+    return (tuple(names), tuple(float(layer.scaling[n]) for n in names), dtype, *version_key(*weights))
 
 
 def layer_pool(layer: nn.Module, dtype: torch.dtype) -> tuple[AdapterPool, dict[str, int]]:
     """The layer's plain LoRA adapters (no DoRA, variant or lora_bias) pooled in ``dtype``, and their indices."""
-    from fastpeft.integrations.peft import _cached, plain_adapter_reasons
-
     names = [name for name, reason in plain_adapter_reasons(layer).items() if reason is None]
 
     def build() -> tuple[AdapterPool, dict[str, int]]:
@@ -87,13 +88,11 @@ def layer_pool(layer: nn.Module, dtype: torch.dtype) -> tuple[AdapterPool, dict[
                                  dtype=dtype, device=layer.base_layer.weight.device)  # fmt: skip
         return pool, {name: i for i, name in enumerate(names)}
 
-    return _cached(layer, "multi_lora_pool", _pool_key(layer, names, dtype), build)
+    return cached(layer, "multi_lora_pool", _pool_key(layer, names, dtype), build)
 
 
 def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     """PEFT's ``_mixed_batch_forward`` for a supported call (:func:`mixed_batch_unsupported_reason` is None)."""
-    from fastpeft.integrations.peft import _cached
-
     pool, index = layer_pool(layer, x.dtype)
     # Kept while the names, the pool's indices and the tokens' shape are unchanged (every decode step of a
     # generation with a KV cache): one host-to-device copy per layer and batch, not per call.
@@ -103,7 +102,7 @@ def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str])
         per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=x.device)
         return per_sample.repeat_interleave(math.prod(x.shape[1:-1]))
 
-    ids = _cached(layer, "multi_lora_ids", key, token_ids)
+    ids = cached(layer, "multi_lora_ids", key, token_ids)
     base = layer.base_layer
     if is_peft_4bit_layer(layer):  # the 4-bit product fused, then the adapters on top of it
         return multi_lora_add(base_forward(layer, x), x, pool, ids.view(x.shape[:-1]), check_ids=False)

@@ -1,0 +1,87 @@
+"""What `pip install` gets: the sdist carries every source the CUDA build needs, the wheel ships the Triton
+kernels and the benchmarks inside fastpeft (no top-level names of its own but fastpeft), and the sdist installs
+into a fresh target folder where `fastpeft bench` finds its runner. The CUDA build itself is skipped here
+(FASTPEFT_SKIP_CUDA_BUILD=1): `make install` proves on CI that csrc/ builds. A command that needs an optional
+library says in one line which extra to install."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORED = shutil.ignore_patterns(".*", "build", "dist", "*.egg-info", "__pycache__", "*.so", "bench_out",
+                                 "gpu_check_out")  # fmt: skip
+
+
+def build(tmp_path: Path, *args: str) -> Path:
+    """``setup.py`` run on a copy of the source tree (no build files left in the checkout); returns the output."""
+    source = tmp_path / "src"
+    if not source.exists():
+        shutil.copytree(ROOT, source, ignore=IGNORED)
+    out = tmp_path / "out"
+    env = {**os.environ, "FASTPEFT_SKIP_CUDA_BUILD": "1"}
+    subprocess.run([sys.executable, "setup.py", "-q", *args, "-d", str(out)], cwd=source, env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    return out
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("packaging")
+    sdist = next(build(tmp, "sdist").glob("*.tar.gz"))
+    wheel = next(build(tmp, "bdist_wheel").glob("*.whl"))
+    return sdist, wheel
+
+
+def test_the_sdist_carries_every_kernel_source(artifacts):
+    sdist, _ = artifacts
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    for folder in ("csrc", "triton_kernels"):
+        sources = [p for p in (ROOT / folder).iterdir() if p.suffix in (".cu", ".cuh", ".h", ".cpp", ".py")]
+        expected = {str(p.relative_to(ROOT)) for p in sources}
+        assert expected and expected <= names, expected - names
+    assert {"setup.py", "pyproject.toml", "MANIFEST.in", "benchmarks/run.py"} <= names
+
+
+def test_the_wheel_ships_everything_inside_fastpeft(artifacts):
+    _, wheel = artifacts
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+    top = {name.split("/", 1)[0] for name in names if not name.split("/", 1)[0].endswith(".dist-info")}
+    assert top == {"fastpeft"}  # no top-level triton_kernels (PyPI's triton-kernels owns that name)
+    for kernel in (ROOT / "triton_kernels").glob("*.py"):
+        assert f"fastpeft/triton_kernels/{kernel.name}" in names
+    assert "fastpeft/benchmarks/run.py" in names and "fastpeft/integrations/peft/patch.py" in names
+
+
+def test_the_sdist_installs_and_finds_its_bench_runner(artifacts, tmp_path):
+    sdist, _ = artifacts
+    target = tmp_path / "site"
+    env = {**os.environ, "FASTPEFT_SKIP_CUDA_BUILD": "1"}
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target",
+                    str(target), str(sdist)], env=env, check=True, capture_output=True)  # fmt: skip
+    code = "import fastpeft.cli as c; print(c.bench_runner()); import fastpeft; print(fastpeft.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(target)},
+                         check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
+    assert all(Path(p).is_relative_to(target) for p in out) and Path(out[0]).exists()
+
+
+@pytest.mark.parametrize(("command", "extra"), [("demo", "demo"), ("bench", "bench")])
+def test_a_missing_extra_is_named_in_one_line(command, extra):
+    # transformers made unimportable, as in a plain `pip install fastpeft`.
+    code = (
+        f"import sys; sys.modules['transformers'] = None; from fastpeft.cli import main; sys.exit(main([{command!r}]))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()  # one line, no traceback
+    assert line.startswith(f"fastpeft: fastpeft {command} needs transformers") and line.endswith(f"[{extra}]'")
