@@ -10,9 +10,11 @@ Cases of mode ``qlora`` (a 4-bit base with a rank-r adapter):
     matmul_4bit     fastpeft.matmul_4bit alone (fused:auto): the floor the adapter is measured against
     peft            PEFT's LoRA layer on a bitsandbytes Linear4bit (needs bitsandbytes)
     fused:<name>    fastpeft.qlora_linear forced to one backend, and fused:auto
+Cases of mode ``qlora_train``: the same layer's forward and backward (dx, dA, dB from one dy), PEFT's and fused.
 
-Rows carry ``ratio_vs_bf16`` / ``speedup_vs_bf16`` / ``speedup_vs_bnb`` (matmul) or ``ratio_vs_matmul_4bit`` /
-``speedup_vs_peft`` (qlora), and ``weight_gbps``: the 4-bit weight's bytes (packed plus absmax) per second.
+Rows carry ``ratio_vs_bf16`` / ``speedup_vs_bf16`` / ``speedup_vs_bnb`` (matmul), ``ratio_vs_matmul_4bit`` /
+``speedup_vs_peft`` (qlora) or ``speedup_vs_peft`` (qlora_train), and ``weight_gbps``: the 4-bit weight's bytes
+(packed plus absmax) per second.
 Every fused variant is checked against the dequantize-then-matmul reference first; failures become rows with
 ``error``.
 """
@@ -45,7 +47,7 @@ class Case:
     n: int  # out_features
     r: int  # 0 in matmul mode
     dtype: torch.dtype
-    mode: str = "matmul"  # "matmul" or "qlora"
+    mode: str = "matmul"  # "matmul", "qlora" or "qlora_train"
     quant_type: str = "nf4"
     double_quant: bool = True
     blocksize: int = 64
@@ -57,7 +59,7 @@ def case_from_fields(fields: dict) -> Case:
 
 def describe(case: Case) -> str:
     dq = "+DQ" if case.double_quant else ""
-    lora = f" r={case.r}" if case.mode == "qlora" else ""
+    lora = f" r={case.r}" if case.mode != "matmul" else ""
     return f"{case.mode} {case.quant_type}{dq} M={case.m} {case.k}->{case.n}{lora} {str(case.dtype)[6:]}"
 
 
@@ -66,14 +68,16 @@ FEATURES = ((4096, 4096), (4096, 14336), (14336, 4096))
 
 def cases(quick: bool) -> list[Case]:
     if quick:
-        return [Case(1, 64, 64, 0, torch.float32), Case(24, 64, 64, 0, torch.float32),
-                Case(1, 64, 64, 8, torch.float32, "qlora")]  # fmt: skip
+        fp32 = torch.float32
+        return [Case(1, 64, 64, 0, fp32), Case(24, 64, 64, 0, fp32), Case(1, 64, 64, 8, fp32, "qlora"),
+                Case(24, 64, 64, 8, fp32, "qlora_train")]  # fmt: skip
     bf16 = torch.bfloat16
     matmul = [Case(m, k, n, 0, bf16) for m in (1, 4, 16, 64, 256, 4096) for k, n in FEATURES]
     matmul += [Case(1, 4096, 14336, 0, bf16, blocksize=b) for b in (128, 256)]
     matmul += [Case(1, 4096, 14336, 0, bf16, quant_type="fp4", double_quant=False)]
     qlora = [Case(m, k, n, 16, bf16, "qlora") for m in (1, 16, 4096) for k, n in FEATURES[:2]]
-    return matmul + qlora
+    train = [Case(4096, k, n, 16, bf16, "qlora_train") for k, n in FEATURES[:2]]
+    return matmul + qlora + train
 
 
 def _peft_layer(case: Case, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> torch.nn.Module:
@@ -99,10 +103,28 @@ def operands(case: Case, device: torch.device) -> dict:
     packed, state = quantize_4bit(weight, case.quant_type, case.blocksize, case.double_quant)
     ops = dict(x=torch.randn(case.m, case.k, device=device, generator=g).to(case.dtype), weight=weight,
                packed=packed, state=state, w4=Weight4bit.from_state(packed, state))  # fmt: skip
-    if case.mode == "qlora":
+    if case.mode != "matmul":
         ops["lora_a"] = (torch.randn(case.r, case.k, device=device, generator=g) * case.k**-0.5).to(case.dtype)
         ops["lora_b"] = (torch.randn(case.n, case.r, device=device, generator=g) * case.r**-0.5).to(case.dtype)
+    if case.mode == "qlora_train":
+        ops["dy"] = torch.randn(case.m, case.n, device=device, generator=g).to(case.dtype)
     return ops
+
+
+def _train_step(ops: dict, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]) -> tuple:
+    """Forward and backward of one layer: gradients of x, A and B (fresh leaves; the weights' values are ops')."""
+    x = ops["x"].detach().requires_grad_()
+    a, b = ops["lora_a"].detach().requires_grad_(), ops["lora_b"].detach().requires_grad_()
+    with torch.enable_grad():
+        return torch.autograd.grad(forward(x, a, b), (x, a, b), ops["dy"])
+
+
+def _peft_train_step(ops: dict) -> tuple:
+    layer = ops["peft"]
+    x = ops["x"].detach().requires_grad_()
+    with torch.enable_grad():
+        params = (layer.lora_A["default"].weight, layer.lora_B["default"].weight)
+        return torch.autograd.grad(layer(x), (x, *params), ops["dy"])
 
 
 def _bnb_matmul(ops: dict) -> torch.Tensor:
@@ -127,7 +149,7 @@ def _variants(case: Case, backends: list[str]) -> dict[str, Callable[[dict], tor
         }
         if HAS_BNB:
             fns["bnb"] = _bnb_matmul
-    else:
+    elif case.mode == "qlora":
 
         def fused(ops):
             return qlora_linear(ops["x"], ops["w4"], None, ops["lora_a"], ops["lora_b"], ALPHA / case.r)
@@ -137,6 +159,12 @@ def _variants(case: Case, backends: list[str]) -> dict[str, Callable[[dict], tor
         }
         if HAS_BNB:
             fns["peft"] = lambda ops: ops["peft"](ops["x"])
+    else:
+
+        def fused(ops):
+            return _train_step(ops, lambda x, a, b: qlora_linear(x, ops["w4"], None, a, b, ALPHA / case.r))
+
+        fns = {"peft": _peft_train_step} if HAS_BNB else {}
     fns["fused:auto"] = fused
     fns.update({f"fused:{b}": fused for b in backends})
     return fns
@@ -145,9 +173,24 @@ def _variants(case: Case, backends: list[str]) -> dict[str, Callable[[dict], tor
 def _reference(case: Case, ops: dict) -> torch.Tensor:
     w = dequantize_4bit(ops["packed"], ops["state"], torch.float64)
     y = ops["x"].double() @ w.t()
-    if case.mode == "qlora":
+    if case.mode != "matmul":
         y += ALPHA / case.r * (ops["x"].double() @ ops["lora_a"].double().t()) @ ops["lora_b"].double().t()
     return y
+
+
+def _check(case: Case, ops: dict, name: str, fn: Callable[[dict], object], expected: torch.Tensor) -> str | None:
+    """Why variant ``name`` is wrong, or None: the forward against the float64 reference (training: dx too)."""
+    bound = 1e-4 if case.dtype == torch.float32 else 2e-2
+    if case.mode == "qlora_train":
+        dx = with_backend(name, lambda: fn(ops))()[0].double()
+        w = dequantize_4bit(ops["packed"], ops["state"], torch.float64)
+        a, b = ops["lora_a"].double(), ops["lora_b"].double()
+        want = ops["dy"].double() @ (w + ALPHA / case.r * b @ a)
+        err = ((dx - want).norm() / want.norm()).item()
+        return None if err <= bound else f"wrong dx: rel. error {err:.2e} against the dequantized reference"
+    got = with_backend(name, lambda: fn(ops))().double()
+    err = ((got - expected).norm() / expected.norm()).item()
+    return None if err <= bound else f"wrong result: rel. error {err:.2e} against the dequantized reference"
 
 
 def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:
@@ -160,14 +203,12 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
             ops = operands(case, device)
             expected = _reference(case, ops)
             for name, fn in variants.items():
-                if name.startswith("fused"):
-                    got = with_backend(name, lambda fn=fn: fn(ops))().double()
-                    err = ((got - expected).norm() / expected.norm()).item()
-                    if not err <= (1e-4 if case.dtype == torch.float32 else 2e-2):
-                        errors[name] = f"wrong result: rel. error {err:.2e} against the dequantized reference"
+                problem = _check(case, ops, name, fn, expected) if name.startswith("fused") else None
+                if problem:
+                    errors[name] = problem
     except Exception as exc:  # out of memory: every variant reports it
         ops, errors = {}, {name: describe_error(exc) for name in variants}
-    if case.mode == "qlora" and ops and HAS_BNB:
+    if case.mode != "matmul" and ops and HAS_BNB:
         try:
             ops["peft"] = _peft_layer(case, ops["weight"], ops["lora_a"], ops["lora_b"])
         except Exception as exc:  # bitsandbytes or peft missing
@@ -184,8 +225,10 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
 
     if case.mode == "matmul":
         ratios, speedups = {"bf16": "bf16"}, {"bf16": "bf16", "bnb": "bnb"}
-    else:
+    elif case.mode == "qlora":
         ratios, speedups = {"matmul_4bit": "matmul_4bit"}, {"peft": "peft"}
+    else:
+        ratios, speedups = {}, {"peft": "peft"}
     rows = case_rows(case_fields(case), OP, variants, times, errors, ratios=ratios, speedups=speedups,
                      extra=bandwidth)  # fmt: skip
     ops.clear()

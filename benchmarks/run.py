@@ -1,4 +1,4 @@
-"""Run the benchmarks: the cases of ../shared/TARGETS.md first (benchmarks/targets.py), then the sweep.
+"""Run the benchmarks: the cases of the speed targets first (benchmarks/targets.py), then the sweep.
 
 ``results.json`` (rows and the machine they ran on) is rewritten after every case, with ``"complete": false``
 until the run ends, so a run cut short still returns what it measured; a case that fails is a row with

@@ -33,6 +33,10 @@ TORCH_LIBRARY(fastpeft, m) {
       "Tensor? offset, int blocksize, int nested_blocksize, int k, ScalarType w_dtype, Tensor? dyb, "
       "Tensor? lora_a, float scaling) -> Tensor");
   m.def(
+      "dequantize_4bit_cuda(Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
+      "Tensor? offset, int blocksize, int nested_blocksize, int n, int k, ScalarType w_dtype, Tensor(a!) out) "
+      "-> ()");
+  m.def(
       "bottleneck_forward_cuda(Tensor x, Tensor? residual, Tensor down_weight, Tensor down_bias, Tensor up_weight_t, "
       "Tensor up_bias, Tensor? scale, float scale_value, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, "
       "Tensor? ids, int activation, Tensor? out_residual, Tensor? out_ln_weight, Tensor? out_ln_bias, "
@@ -47,6 +51,7 @@ TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {
   m.impl("multi_lora_expand_cuda", &fastpeft::multi_lora_expand_cuda);
   m.impl("matmul_4bit_cuda", &fastpeft::matmul_4bit_cuda);
   m.impl("matmul_4bit_t_cuda", &fastpeft::matmul_4bit_t_cuda);
+  m.impl("dequantize_4bit_cuda", &fastpeft::dequantize_4bit_cuda);
   m.impl("bottleneck_forward_cuda", &fastpeft::bottleneck_forward_cuda);
 }
 

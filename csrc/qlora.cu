@@ -2,12 +2,17 @@
 // chip. Every weight is code[q] * absmax in fp32 (the nested absmax decoded in place), rounded to the weight's
 // dtype (bitsandbytes' dequantized value) and then to x's dtype, as bitsandbytes' matmul_4bit computes it.
 //
-//   gemv_4bit_kernel   decode (M <= 16): a warp per output feature, 16-byte loads of packed weights (32 per
-//                      lane per step), the code table in shared memory, fp32 accumulation, bias and the LoRA
-//                      expand (xa . B[n]) in the epilogue
+//   gemv_4bit_vector_kernel  decode (M <= 16, K % 32 == 0): every row of x in one pass (W read once), x staged
+//                      in shared memory per 1024 columns and read back as 16-byte vectors, a warp per two output
+//                      features, 16-byte loads of packed weights (32 per lane), a byte's two code values in one
+//                      8-byte read of a byte-pair table, fp32 accumulation, bias and the LoRA expand in the epilogue
+//   gemv_4bit_kernel   decode for any K: a warp per output feature, a weight per lane per step
 //   gemm_4bit_kernel   16-bit prefill and the backward's dx: 64x64 output tiles, the weight tile dequantized
 //                      into shared memory and fed to the tensor cores (WMMA 16x16x16, fp32 accumulators)
 //   simple_4bit_kernel fp32 activations beyond decode: a thread per output, the weight decoded per element
+//   dequantize_4bit_kernel  prefill's dequantize-once tier: W written once in x's dtype (a bandwidth pass:
+//                      a 128-bit load of 16 packed bytes per thread, 32 weights out as 128-bit stores), after
+//                      which the prefill GEMM runs on the dense weight (fastpeft/ops/qlora.py)
 //
 // The Triton kernels (triton_kernels/qlora.py) cover the same ops; fastpeft/ops/qlora.py picks per shape.
 
@@ -22,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
 #include "qlora.h"
@@ -78,6 +84,49 @@ __device__ __forceinline__ float decode_weight(const Weight4bit& w, const float*
   return static_cast<float>(static_cast<T>(round_weight(__fmul_rn(code[q], scale), w.w_kind)));
 }
 
+// The kind (Weight4bit::w_kind) of x's dtype T: a weight rounded to it needs no second rounding.
+template <typename T>
+constexpr int kind_of() {
+  return std::is_same_v<T, at::Half> ? 1 : (std::is_same_v<T, at::BFloat16> ? 2 : 0);
+}
+
+// The two weights of one byte (code values hi, lo), scaled and rounded to the weight's dtype, as the 16-bit
+// bits of T (low half: the high nibble's weight, at the lower address). kOneRounding: the weight's dtype is T
+// (bitsandbytes' usual case), so one packed conversion (F2FP, two results per instruction; a scalar F2F costs
+// as much as eight FMAs per result) rounds both; otherwise each is rounded to the weight's dtype, then to T.
+template <typename T, bool kOneRounding>
+__device__ __forceinline__ uint32_t pair_bits_16(float hi, float lo, float scale, int w_kind) {
+  hi = __fmul_rn(hi, scale);
+  lo = __fmul_rn(lo, scale);
+  if constexpr (kOneRounding && std::is_same_v<T, at::BFloat16>) {
+    const __nv_bfloat162 r = __floats2bfloat162_rn(hi, lo);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else if constexpr (kOneRounding) {
+    const __half2 r = __floats2half2_rn(hi, lo);
+    return *reinterpret_cast<const uint32_t*>(&r);
+  } else {
+    const T a = static_cast<T>(round_weight(hi, w_kind)), b = static_cast<T>(round_weight(lo, w_kind));
+    return static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&a)) |
+           (static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(&b)) << 16);
+  }
+}
+
+// The same pair widened back to fp32 for the products (T = float: rounded to the weight's dtype only).
+template <typename T, bool kOneRounding>
+__device__ __forceinline__ float2 decode_pair(float2 codes, float scale, int w_kind) {
+  if constexpr (std::is_same_v<T, float>) {
+    return make_float2(round_weight(__fmul_rn(codes.x, scale), w_kind),
+                       round_weight(__fmul_rn(codes.y, scale), w_kind));
+  } else {
+    const uint32_t bits = pair_bits_16<T, kOneRounding>(codes.x, codes.y, scale, w_kind);
+    if constexpr (std::is_same_v<T, at::BFloat16>) {  // bf16 -> fp32 is a shift
+      return make_float2(__uint_as_float(bits << 16), __uint_as_float(bits & 0xFFFF0000u));
+    } else {
+      return __half22float2(*reinterpret_cast<const __half2*>(&bits));
+    }
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ float weight_at(const Weight4bit& w, const float* code, int64_t row, int64_t col) {
   const int64_t e = row * w.K + col;
@@ -102,14 +151,150 @@ __device__ __forceinline__ float lora_term(const LoRAEpilogue<T>& lora, int64_t 
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Decode: a warp per output feature
+// Decode: GEMVs, a warp per output feature or a few
 // ---------------------------------------------------------------------------------------------------------
 
 constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / kWarpSize;
-constexpr int kGemvRows = 8;  // rows of x per pass over a row of W
+constexpr int kGemvRows = 8;     // the scalar path: rows of x per pass over a row of W
+constexpr int kGemvSlab = 1024;  // the vector path: x's columns staged in shared memory per step (32 per lane)
 
-template <typename T, bool kVector>
+// The GEMV epilogue of one output (row m, feature n), the whole warp taking part: the lanes' partial sums reduced,
+// the LoRA expand scaling * xa[m] . B[n] and the bias added; lane 0 stores.
+template <typename T>
+__device__ __forceinline__ void gemv_store(float partial, const LoRAEpilogue<T>& lora, const T* bias, T* y,
+                                           int64_t y_stride, int64_t m, int64_t n, int lane) {
+  const float base = warp_sum(partial);
+  float delta = 0.f;
+  if (lora.R > 0) {
+    for (int j = lane; j < lora.R; j += kWarpSize) {
+      delta = fmaf(lora.left[m * lora.left_stride + j],
+                   static_cast<float>(lora.right[n * lora.right_stride_j + j * lora.right_stride_r]), delta);
+    }
+    delta = lora.scaling * warp_sum(delta);
+  }
+  if (lane == 0) {
+    float out = base + delta;
+    if (bias != nullptr) out += static_cast<float>(bias[n]);
+    y[m * y_stride + n] = static_cast<T>(out);
+  }
+}
+
+// The vector path holds every row of x in one pass (kMaxRows: 4, or 16 for decode's largest M) and computes
+// kFeatures output features per warp, which share each read of x from shared memory: 4 for a few rows (x's
+// shared-memory reads then cost a quarter of a byte-pair lookup per weight), 2 for 16 rows (the accumulators
+// fill the registers).
+template <int kMaxRows>
+constexpr int gemv_features() {
+  return kMaxRows <= 4 ? 4 : 2;
+}
+
+// The vector GEMV's shared memory: x [M, kGemvSlab] of x's dtype, then the byte -> (code[hi], code[lo]) table.
+template <typename T>
+size_t gemv_shared_bytes(int M) {
+  return static_cast<size_t>(M) * kGemvSlab * sizeof(T) + 256 * sizeof(float2);
+}
+
+// Decode, K % 32 == 0 and 16-byte aligned bytes: a warp per kFeatures output features, every row of x in one
+// pass, so W's bytes are read once whatever M. Per step of kGemvSlab columns the block stages x's slab in shared
+// memory (once for all its warps' features); each lane then takes one 16-byte chunk (32 weights of one absmax
+// block) of each of its warp's features, decodes a byte's two weights with one 8-byte read of the byte-pair
+// table, and reads x back as 16-byte vectors. fp32 accumulation; bias and the LoRA expand in the epilogue.
+template <typename T, bool kOneRounding, int kMaxRows>
+__global__ void __launch_bounds__(kGemvThreads, 2)  // two blocks per SM: 16 warps streaming W
+    gemv_4bit_vector_kernel(const T* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k, Weight4bit w,
+                            const T* __restrict__ bias, LoRAEpilogue<T> lora, T* __restrict__ y, int64_t y_stride,
+                            int M, int N) {
+  extern __shared__ __align__(16) unsigned char gemv_smem[];
+  T* xs = reinterpret_cast<T*>(gemv_smem);
+  float2* pairs = reinterpret_cast<float2*>(gemv_smem + static_cast<size_t>(M) * kGemvSlab * sizeof(T));
+  pairs[threadIdx.x] = make_float2(w.code[threadIdx.x >> 4], w.code[threadIdx.x & 15]);  // 256 threads, 256 bytes
+  constexpr int kFeatures = gemv_features<kMaxRows>();
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * kFeatures;
+  const int64_t K = w.K;
+  constexpr int kPerVector = 16 / sizeof(T);
+  float acc[kFeatures][kMaxRows] = {};
+  // The next slab's 16-byte chunks and block scales are loaded before this slab is used: W's latency (and the
+  // nested absmax's two dependent loads) overlaps the staging of x and the arithmetic.
+  uint4 next_raw[kFeatures];
+  float next_scale[kFeatures];
+  const auto fetch = [&](int64_t k0) {
+#pragma unroll
+    for (int f = 0; f < kFeatures; ++f) {
+      const int64_t n = n0 + f, k = k0 + lane * 32;
+      if (n < N && k < K) {
+        next_raw[f] = __ldg(reinterpret_cast<const uint4*>(w.packed + (n * K + k) / 2));
+        next_scale[f] = block_scale(w, (n * K + k) >> w.log2_blocksize);
+      }
+    }
+  };
+  fetch(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kGemvSlab) {
+    const int width = static_cast<int>(K - k0 < kGemvSlab ? K - k0 : kGemvSlab);
+    uint4 raw[kFeatures];
+    float scale[kFeatures];
+#pragma unroll
+    for (int f = 0; f < kFeatures; ++f) {
+      raw[f] = next_raw[f];
+      scale[f] = next_scale[f];
+    }
+    if (k0 + kGemvSlab < K) fetch(k0 + kGemvSlab);
+    __syncthreads();  // the previous slab's readers are done (and, the first time, the table is written)
+    for (int i = threadIdx.x; i < M * width; i += kGemvThreads) {
+      const int r = i / width, c = i % width;
+      xs[r * kGemvSlab + c] = x[r * x_stride_m + (k0 + c) * x_stride_k];
+    }
+    __syncthreads();
+    const int chunk = lane;  // kGemvSlab / 32 chunks: one per lane
+    if (chunk * 32 < width) {
+#pragma unroll
+      for (int f = 0; f < kFeatures; ++f) {
+        if (n0 + f >= N) break;
+        const uint32_t words[4] = {raw[f].x, raw[f].y, raw[f].z, raw[f].w};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {  // 16 weights at a time: half the registers for decoded weights
+          float wv[16];
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            const int byte = half * 8 + j;
+            const float2 codes = pairs[(words[byte / 4] >> (8 * (byte % 4))) & 0xFF];
+            const float2 pair = decode_pair<T, kOneRounding>(codes, scale[f], w.w_kind);
+            wv[2 * j] = pair.x;
+            wv[2 * j + 1] = pair.y;
+          }
+#pragma unroll
+          for (int r = 0; r < kMaxRows; ++r) {
+            if (r >= M) break;
+            const uint4* xv = reinterpret_cast<const uint4*>(xs + r * kGemvSlab + chunk * 32 + half * 16);
+            float sum = 0.f;
+#pragma unroll
+            for (int v = 0; v < 16 / kPerVector; ++v) {
+              const uint4 packed_x = xv[v];
+              const T* xe = reinterpret_cast<const T*>(&packed_x);
+#pragma unroll
+              for (int e = 0; e < kPerVector; ++e) sum = fmaf(wv[v * kPerVector + e], static_cast<float>(xe[e]), sum);
+            }
+            acc[f][r] += sum;
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < kFeatures; ++f) {
+    const int64_t n = n0 + f;
+    if (n >= N) break;  // uniform across the warp
+#pragma unroll
+    for (int r = 0; r < kMaxRows; ++r) {
+      if (r >= M) break;
+      gemv_store(acc[f][r], lora, bias, y, y_stride, r, n, lane);
+    }
+  }
+}
+
+// Decode, any K or alignment: a warp per output feature, a weight per lane per step, rows of x in passes.
+template <typename T>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_4bit_kernel(const T* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k, Weight4bit w,
                      const T* __restrict__ bias, LoRAEpilogue<T> lora, T* __restrict__ y, int64_t y_stride, int M,
@@ -123,61 +308,18 @@ __global__ void __launch_bounds__(kGemvThreads)
   for (int m0 = 0; m0 < M; m0 += kGemvRows) {
     const int rows = min(kGemvRows, M - m0);
     float acc[kGemvRows] = {};
-    if constexpr (kVector) {
-      // K % 32 == 0: a lane's 16 bytes are 32 weights of one absmax block (blocksize >= 32).
-      const uint4* row_bytes = reinterpret_cast<const uint4*>(w.packed + n * (K / 2));
-      for (int64_t chunk = lane; chunk < K / 32; chunk += kWarpSize) {
-        const uint4 raw = __ldg(row_bytes + chunk);
-        const uint8_t* bytes = reinterpret_cast<const uint8_t*>(&raw);
-        const int64_t k0 = chunk * 32;
-        const float scale = block_scale(w, (n * K + k0) >> w.log2_blocksize);
-        float wv[32];
+    const T* x_rows = x + m0 * x_stride_m;
+    for (int64_t k = lane; k < K; k += kWarpSize) {
+      const float wk = weight_at<T>(w, code, n, k);
+      const T* xk = x_rows + k * x_stride_k;
 #pragma unroll
-        for (int j = 0; j < 16; ++j) {
-          wv[2 * j] = decode_weight<T>(w, code, bytes[j] >> 4, scale);
-          wv[2 * j + 1] = decode_weight<T>(w, code, bytes[j] & 0xF, scale);
-        }
-#pragma unroll
-        for (int r = 0; r < kGemvRows; ++r) {
-          if (r < rows) {
-            const T* xr = x + (m0 + r) * x_stride_m + k0 * x_stride_k;
-            float s = 0.f;
-#pragma unroll
-            for (int j = 0; j < 32; ++j) s = fmaf(wv[j], static_cast<float>(xr[j * x_stride_k]), s);
-            acc[r] += s;
-          }
-        }
-      }
-    } else {
-      const T* x_rows = x + m0 * x_stride_m;
-      for (int64_t k = lane; k < K; k += kWarpSize) {
-        const float wk = weight_at<T>(w, code, n, k);
-        const T* xk = x_rows + k * x_stride_k;
-#pragma unroll
-        for (int r = 0; r < kGemvRows; ++r) {
-          if (r < rows) acc[r] = fmaf(wk, static_cast<float>(xk[r * x_stride_m]), acc[r]);
-        }
+      for (int r = 0; r < kGemvRows; ++r) {
+        if (r < rows) acc[r] = fmaf(wk, static_cast<float>(xk[r * x_stride_m]), acc[r]);
       }
     }
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r) {
-      if (r < rows) {  // uniform across the warp: every lane takes part in the sums
-        const int64_t m = m0 + r;
-        const float base = warp_sum(acc[r]);
-        float delta = 0.f;
-        if (lora.R > 0) {
-          for (int j = lane; j < lora.R; j += kWarpSize) {
-            delta = fmaf(lora.left[m * lora.left_stride + j],
-                         static_cast<float>(lora.right[n * lora.right_stride_j + j * lora.right_stride_r]), delta);
-          }
-          delta = lora.scaling * warp_sum(delta);
-        }
-        if (lane == 0) {
-          float out = base + delta;
-          if (bias != nullptr) out += static_cast<float>(bias[n]);
-          y[m * y_stride + n] = static_cast<T>(out);
-        }
-      }
+      if (r < rows) gemv_store(acc[r], lora, bias, y, y_stride, m0 + r, n, lane);  // uniform across the warp
     }
   }
 }
@@ -337,6 +479,77 @@ void check_on(const char* op, const char* name, const at::Tensor& t, at::ScalarT
               t.device());
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Dequantize once: W [N, K] in x's dtype, for the prefill tier
+// ---------------------------------------------------------------------------------------------------------
+
+constexpr int kDequantThreads = 256;
+
+// The bits of one weight as T stores it (round to w_kind, then to T: bitsandbytes' value in x's dtype).
+template <typename T>
+__device__ __forceinline__ uint32_t weight_bits(const Weight4bit& w, const float* code, int q, float scale);
+template <>
+__device__ __forceinline__ uint32_t weight_bits<float>(const Weight4bit& w, const float* code, int q, float scale) {
+  return __float_as_uint(round_weight(__fmul_rn(code[q], scale), w.w_kind));
+}
+template <>
+__device__ __forceinline__ uint32_t weight_bits<at::Half>(const Weight4bit& w, const float* code, int q,
+                                                          float scale) {
+  return __half_as_ushort(__float2half_rn(round_weight(__fmul_rn(code[q], scale), w.w_kind)));
+}
+template <>
+__device__ __forceinline__ uint32_t weight_bits<at::BFloat16>(const Weight4bit& w, const float* code, int q,
+                                                              float scale) {
+  return __bfloat16_as_ushort(__float2bfloat16_rn(round_weight(__fmul_rn(code[q], scale), w.w_kind)));
+}
+
+// Chunks of 16 packed bytes (32 weights: one absmax block, blocksize >= 32) by a grid-stride loop, the weights
+// packed into 32-bit words in registers and stored 16 bytes at a time into row n * out_stride of out (a view of
+// a wider buffer: the LoRA factor beside W); the elements past the last whole chunk (or all of them when the
+// bytes or the rows are not 16-byte aligned) one per thread.
+template <typename T, bool kOneRounding>
+__global__ void __launch_bounds__(kDequantThreads)
+    dequantize_4bit_kernel(Weight4bit w, T* __restrict__ out, int64_t out_stride, int64_t numel, int64_t chunks) {
+  __shared__ float code[16];
+  load_code(w, code);
+  constexpr int kWords = 32 * sizeof(T) / 4;  // 32-bit words holding one chunk's 32 weights
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  for (int64_t c = first; c < chunks; c += stride) {
+    const uint4 bytes = __ldg(reinterpret_cast<const uint4*>(w.packed) + c);
+    const float scale = block_scale(w, (c * 32) >> w.log2_blocksize);
+    const uint32_t in[4] = {bytes.x, bytes.y, bytes.z, bytes.w};
+    uint32_t words[kWords];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {  // byte i holds weights 2i (high nibble) and 2i + 1 (low nibble)
+      const uint32_t byte = (in[i / 4] >> (8 * (i % 4))) & 0xFF;
+      if constexpr (sizeof(T) == 4) {
+        words[2 * i] = weight_bits<T>(w, code, byte >> 4, scale);
+        words[2 * i + 1] = weight_bits<T>(w, code, byte & 0xF, scale);
+      } else {  // little endian: the lower address (weight 2i) in the low half
+        words[i] = pair_bits_16<T, kOneRounding>(code[byte >> 4], code[byte & 0xF], scale, w.w_kind);
+      }
+    }
+    const int64_t e = c * 32;  // K % 32 == 0 on this path: a chunk never straddles two rows
+    uint4* dst = reinterpret_cast<uint4*>(out + (e / w.K) * out_stride + e % w.K);
+#pragma unroll
+    for (int v = 0; v < kWords / 4; ++v) {
+      dst[v] = make_uint4(words[4 * v], words[4 * v + 1], words[4 * v + 2], words[4 * v + 3]);
+    }
+  }
+  for (int64_t e = chunks * 32 + first; e < numel; e += stride) {
+    const uint8_t byte = w.packed[e >> 1];
+    const int q = (e & 1) ? (byte & 0xF) : (byte >> 4);
+    const uint32_t bits = weight_bits<T>(w, code, q, block_scale(w, e >> w.log2_blocksize));
+    const int64_t at = (e / w.K) * out_stride + e % w.K;
+    if constexpr (sizeof(T) == 4) {
+      reinterpret_cast<uint32_t*>(out)[at] = bits;
+    } else {
+      reinterpret_cast<uint16_t*>(out)[at] = static_cast<uint16_t>(bits);
+    }
+  }
+}
+
 Weight4bit make_weight(const char* op, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                        const at::Tensor& code, const std::optional<at::Tensor>& absmax2,
                        const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
@@ -435,13 +648,27 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   FASTPEFT_DISPATCH_FLOATS(x.scalar_type(), op, [&] {
     const auto lora = make_epilogue<scalar_t>(xa, lora_b, false, scaling);
     const scalar_t* bias_ptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    if (M <= kDecodeMaxM) {
-      const bool vector = K % 32 == 0 && aligned16(packed);
-      auto kernel = vector ? gemv_4bit_kernel<scalar_t, true> : gemv_4bit_kernel<scalar_t, false>;
+    if (M <= kDecodeMaxM && K % 32 == 0 && aligned16(packed)) {
+      const size_t shared = gemv_shared_bytes<scalar_t>(static_cast<int>(M));
+      const bool one_rounding = w.w_kind == kind_of<scalar_t>();
+      auto kernel = M <= 4 ? (one_rounding ? gemv_4bit_vector_kernel<scalar_t, true, 4>
+                                           : gemv_4bit_vector_kernel<scalar_t, false, 4>)
+                           : (one_rounding ? gemv_4bit_vector_kernel<scalar_t, true, kDecodeMaxM>
+                                           : gemv_4bit_vector_kernel<scalar_t, false, kDecodeMaxM>);
+      if (shared > 48 * 1024) {  // fp32 x past 11 rows: opt in to more than the default 48 KB
+        C10_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+      }
+      const int per_block = kGemvWarps * (M <= 4 ? gemv_features<4>() : gemv_features<kDecodeMaxM>());
+      const unsigned blocks = static_cast<unsigned>((n + per_block - 1) / per_block);
+      kernel<<<blocks, kGemvThreads, shared, stream>>>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w, bias_ptr,
+                                                       lora, y.data_ptr<scalar_t>(), y.stride(0),
+                                                       static_cast<int>(M), static_cast<int>(n));
+    } else if (M <= kDecodeMaxM) {
       const unsigned blocks = static_cast<unsigned>((n + kGemvWarps - 1) / kGemvWarps);
-      kernel<<<blocks, kGemvThreads, 0, stream>>>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w, bias_ptr,
-                                                  lora, y.data_ptr<scalar_t>(), y.stride(0), static_cast<int>(M),
-                                                  static_cast<int>(n));
+      gemv_4bit_kernel<scalar_t><<<blocks, kGemvThreads, 0, stream>>>(
+          x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w, bias_ptr, lora, y.data_ptr<scalar_t>(), y.stride(0),
+          static_cast<int>(M), static_cast<int>(n));
     } else {
       TiledLaunch<scalar_t, false>::run(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w, static_cast<int>(M),
                                         static_cast<int>(n), K, bias_ptr, lora, y.data_ptr<scalar_t>(), y.stride(0),
@@ -479,6 +706,42 @@ at::Tensor matmul_4bit_t_cuda(const at::Tensor& dy, const at::Tensor& packed, co
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;
+}
+
+void dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                          const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                          const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
+                          int64_t n, int64_t k, at::ScalarType w_dtype, const at::Tensor& out) {
+  constexpr const char* op = "dequantize_4bit_cuda";
+  TORCH_CHECK(packed.is_cuda(), op, ": packed must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(packed.device());
+  const Weight4bit w = make_weight(op, packed, packed, absmax, code, absmax2, code2, offset, blocksize,
+                                   nested_blocksize, n, k, w_dtype);
+  TORCH_CHECK(out.device() == packed.device() && out.dim() == 2 && out.size(0) == n && out.size(1) == k &&
+                  (k <= 1 || out.stride(1) == 1) && out.stride(0) >= k,
+              op, ": out must be [", n, ", ", k, "] on ", packed.device(), " with unit column stride, got ",
+              out.sizes(), " strides ", out.strides());
+  const int64_t numel = n * k;
+  if (numel == 0) return;
+  const int64_t row_bytes = out.stride(0) * static_cast<int64_t>(out.element_size());
+  const bool vector = aligned16(packed) && aligned16(out) && k % 32 == 0 && row_bytes % 16 == 0;
+  const int64_t chunks = vector ? numel / 32 : 0;
+  const int64_t work = std::max<int64_t>(chunks, numel - chunks * 32);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, packed.get_device()));
+  const int64_t wanted = (work + kDequantThreads - 1) / kDequantThreads;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  FASTPEFT_DISPATCH_FLOATS(out.scalar_type(), op, [&] {
+    auto kernel = w.w_kind == kind_of<scalar_t>() ? dequantize_4bit_kernel<scalar_t, true>
+                                                  : dequantize_4bit_kernel<scalar_t, false>;
+    // One wave of resident blocks looping over the chunks: no tail wave, enough loads in flight to stream.
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kDequantThreads, 0));
+    const int64_t resident = static_cast<int64_t>(std::max(per_sm, 1)) * sms;
+    const unsigned blocks = static_cast<unsigned>(std::max<int64_t>(1, std::min(wanted, resident)));
+    kernel<<<blocks, kDequantThreads, 0, stream>>>(w, out.data_ptr<scalar_t>(), out.stride(0), numel, chunks);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace fastpeft

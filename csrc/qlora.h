@@ -27,4 +27,11 @@ at::Tensor matmul_4bit_t_cuda(const at::Tensor& dy, const at::Tensor& packed, co
                               const std::optional<at::Tensor>& dyb, const std::optional<at::Tensor>& lora_a,
                               double scaling);
 
+// out [n, k] (unit column stride, any row stride >= k: a view of a wider buffer) = W in out's dtype: every weight
+// rounded to w_dtype (bitsandbytes' value), then to out's dtype. One pass.
+void dequantize_4bit_cuda(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                          const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& code2,
+                          const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t nested_blocksize,
+                          int64_t n, int64_t k, at::ScalarType w_dtype, const at::Tensor& out);
+
 }  // namespace fastpeft

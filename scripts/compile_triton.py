@@ -283,6 +283,9 @@ def _qlora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None
                 w = _weight4bit(n, k, nested, dtype)
                 forward = partial(q.matmul_4bit, x, w.packed, *w.state_args(), n, dtype)
                 yield f"qlora forward {label} {'nested' if nested else 'plain absmax'}", partial(forward, bias)
+                if m == 5:  # the dequantize-once tier's pass, once per K and absmax kind
+                    dense = partial(q.dequantize_4bit, w.packed, *w.state_args(), n, k, dtype, _t(n, k, dtype=dtype))
+                    yield f"qlora dequantize K={k} {'nested' if nested else 'plain absmax'}", dense
             yield f"qlora forward {label} lora xa", partial(forward, None, None, xa, b, 2.0)
             if m <= q.DECODE_MAX_M:
                 yield f"qlora forward {label} lora fused shrink", partial(forward, None, a, None, b, 2.0)
@@ -399,7 +402,7 @@ def _targets() -> Iterator[tuple[str, Callable[[], None]]]:
     seen = set()
     for target in targets.TARGETS:
         for case in target.cases:
-            label = f"{target.bench} {targets._shape(case)} {case.get('mode', '')} r={case.get('r', '-')}".strip()
+            label = f"{target.bench} {targets.case_label(case)} {case.get('mode', '')} r={case.get('r', '-')}".strip()
             if case.get("adapters", 1) > 1:
                 label += f" {case['adapters']} adapters"
             if case.get("dropout"):

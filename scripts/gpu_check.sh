@@ -112,8 +112,12 @@ stage_test() {
 }
 
 stage_bench() {  # --compare auto: against benchmarks/results/<gpu>/results.json when one is committed
+  local status=0
   FASTPEFT_TRITON_AUTOTUNE=0 "$PY" benchmarks/run.py --targets --out "$OUT/bench" \
-    --budget-s $((STAGE_LIMIT_S - 30)) --compare auto
+    --budget-s $((STAGE_LIMIT_S - 30)) --compare auto || status=$?
+  # measured beside the cost model's prediction, for every target row the run answered
+  "$PY" benchmarks/roofline.py --compare "$OUT/bench/results.json" | tee "$OUT/bench/predicted.md" || true
+  return $status
 }
 
 stage_tune() {  # opt-in: the same rows autotuned, and the configurations the autotuner picks

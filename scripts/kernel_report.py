@@ -11,10 +11,10 @@ another (``make kernel-report`` installs triton 3.6, the GPU machine's, into .tr
 and the launches the dispatcher sends to CUDA at the TARGETS shapes, their grids mirrored from csrc/'s host code.
 
 Nothing here is measured: registers, spills, shared memory, occupancy and waves are what the compilers and the
-launch code say; speeds come from a GPU run of ``scripts/gpu_check.sh``. The report records a fingerprint of its
-inputs (csrc/, triton_kernels/, this script, compile_triton.py, kernel_facts.py, benchmarks/targets.py);
-``--check`` compares it
-with the sources.
+launch code say; speeds come from a GPU run of ``scripts/gpu_check.sh``, and the cost model's predictions
+(benchmarks/roofline.py) stand beside each target until then. The report records a fingerprint of its inputs
+(csrc/, triton_kernels/, this script, compile_triton.py, kernel_facts.py, benchmarks/targets.py and roofline.py,
+the 4-bit dispatch in fastpeft/ops/qlora.py); ``--check`` compares it with the sources.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "kernel_report.md"
 INPUTS = ("csrc", "triton_kernels", "scripts/kernel_report.py", "scripts/compile_triton.py", "scripts/kernel_facts.py",
-          "benchmarks/targets.py")  # fmt: skip
+          "benchmarks/targets.py", "benchmarks/roofline.py", "fastpeft/ops/qlora.py")  # fmt: skip
 FINGERPRINT = re.compile(r"Fingerprint of the inputs: `([0-9a-f]{16})`")
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from kernel_facts import REFERENCE_SMS, cuobjdump, occupancy, sass_features  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from roofline import prediction_table  # noqa: E402
 
 
 def fingerprint() -> str:
@@ -187,7 +190,8 @@ def cuda_table(kernels: list[dict]) -> list[str]:
 
 
 # The launches the dispatcher sends to the CUDA extension at the TARGETS shapes (bf16), their grids as csrc/'s host
-# code computes them: (case, kernel name prefix, block threads, dynamic shared bytes, CTAs).
+# code computes them: (case, kernel name prefix, block threads, dynamic shared bytes, CTAs or 0 for one resident
+# wave).
 def _tile_layout_bytes(d: int, m: int) -> int:
     """csrc/bottleneck.cu's tile_layout(d, m).total, in bytes."""
     m_tiles = m // 16
@@ -197,11 +201,18 @@ def _tile_layout_bytes(d: int, m: int) -> int:
     return 16 * ldx * 2 + max(h_parts, acc) + 16 * ldz * 2 + 2 * 16 * 4
 
 
+def _gemv_shared_bytes(m: int) -> int:
+    """csrc/qlora.cu's gemv_shared_bytes<bf16>(m): x's slab of 1024 columns and the byte-pair table."""
+    return m * 1024 * 2 + 256 * 8
+
+
 CUDA_TARGET_LAUNCHES = [
     ("multi_lora decode, 64 tokens, 4096->4096, r=16", "multi_lora_shrink_kernel<bf16, true>", 256, 0, 64),
     ("multi_lora decode, 64 tokens, 4096->4096, r=16", "multi_lora_expand_kernel<bf16>", 256, 0, 64 * 16),
-    ("matmul_4bit M=1 4096->14336 (GEMV)", "gemv_4bit_kernel<bf16, true>", 256, 0, 14336 // 8),
-    ("matmul_4bit M=16 4096->14336 (GEMV)", "gemv_4bit_kernel<bf16, true>", 256, 0, 14336 // 8),
+    ("matmul_4bit M=1 4096->14336 (GEMV)", "gemv_4bit_vector_kernel<bf16>", 256, _gemv_shared_bytes(1), 14336 // 16),
+    ("matmul_4bit M=16 4096->14336 (GEMV, forced)", "gemv_4bit_vector_kernel<bf16>", 256, _gemv_shared_bytes(16),
+     14336 // 16),
+    ("matmul_4bit M=4096 4096->14336 (dequantize once)", "dequantize_4bit_kernel<bf16>", 256, 0, 0),
     ("bottleneck forward M=8192 d=4096 m=64 (tile)", "bottleneck_tile_kernel<bf16, false>", 256,
      _tile_layout_bytes(4096, 64), 8192 // 16),
     ("bottleneck forward M=8192 d=1024 m=64 (tile)", "bottleneck_tile_kernel<bf16, false>", 256,
@@ -221,6 +232,7 @@ def cuda_targets_table(kernels: list[dict]) -> list[str]:
             lines.append(f"| {case} | `{name}` | {threads} | {dynamic / 1024:.0f} | {ctas} | ? | ? | ? |")
             continue
         blocks = occupancy(90, threads // 32, k["reg"], k["shared"] + dynamic)
+        ctas = ctas or REFERENCE_SMS * blocks  # 0: a grid of one resident wave (sized by the occupancy API)
         waves = ctas / (REFERENCE_SMS * blocks) if blocks else float("inf")
         lines.append(f"| {case} | `{name}` | {threads} | {dynamic / 1024:.0f} | {ctas} | {k['reg']} | {blocks} "
                      f"| {waves:.2f} |")  # fmt: skip
@@ -248,14 +260,26 @@ def render(triton_runs: list[tuple[str, list[dict]]], kernels: list[dict]) -> st
         "",
         f"Written by `scripts/kernel_report.py` on {date} with Triton {versions} and {nvcc_version()}, on a machine "
         "without a GPU. Fingerprint of the inputs: "
-        f"`{fingerprint()}` (csrc/, triton_kernels/, the three scripts, benchmarks/targets.py). CI fails when the "
-        "sources change and this file does not (`make kernel-report` writes it).",
+        f"`{fingerprint()}` (csrc/, triton_kernels/, the three scripts, benchmarks/targets.py and roofline.py, "
+        "fastpeft/ops/qlora.py). CI fails when the sources change and this file does not (`make kernel-report` "
+        "writes it).",
         "",
         "**Nothing here is measured.** Registers, spills, shared memory and machine instructions come from the "
         "compilers; blocks per SM from those against an SM's 64K registers, 228 KB of shared memory and 64 warps; "
         f"waves are CTAs / ({REFERENCE_SMS} SMs x blocks per SM). Speeds come only from a GPU run of "
         "`scripts/gpu_check.sh` (benchmarks/results/). Triton launches use the pinned tiles "
         "(`FASTPEFT_TRITON_AUTOTUNE=0`, which the GPU check's target rows use); autotuning may pick others.",
+        "",
+    ]
+    out += [
+        "## Predicted: the cost model at every target row",
+        "",
+        "`benchmarks/roofline.py`: each kernel pass's bytes at 4.3 TB/s, tensor-core FLOPs at 790 TFLOP/s, CUDA-core "
+        "work and shared-memory traffic at 128 per SM per clock, waves on 132 SMs, 1 µs per launch; its efficiencies "
+        "are named assumptions. A prediction, not a measurement: the GPU bench prints measured beside it "
+        "(`python benchmarks/roofline.py --compare results.json`). Rows of ops the model does not cover yet say so.",
+        "",
+        *prediction_table(),
         "",
     ]
     for version, rows in triton_runs:

@@ -2,9 +2,10 @@
 
     compute-sanitizer --tool memcheck python3 scripts/sanitize_qlora.py --backend cuda
 
-Decode (the GEMV, Triton's fused shrink) and prefill (tensor-core tiles), odd K and N (the per-element paths),
-element counts that end mid-byte and mid-block, NF4 and FP4, with and without double quantization, LoRA and
-the backward's dx through the 4-bit weight. Environment and checks as in scripts/_sanitize.py.
+Decode (the GEMV, Triton's fused shrink), prefill (tensor-core tiles) and dequantize-once (M >= 512), odd K
+and N (the per-element paths), element counts that end mid-byte and mid-block, NF4 and FP4, with and without
+double quantization, LoRA and the backward's dx through the 4-bit weight. Environment and checks as in
+scripts/_sanitize.py.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ _CASES = [
     (5, 33, 17, 0, "nf4", 64, True, "float16"),  # odd K: rows start mid-byte, the element count ends mid-byte
     (70, 160, 72, 8, "nf4", 128, True, "bfloat16"),  # prefill tiles, blocks straddling rows
     (40, 64, 130, 0, "fp4", 64, True, "float32"),  # prefill, fp32 (the CUDA thread-per-output kernel)
+    (600, 96, 40, 8, "nf4", 64, True, "bfloat16"),  # dequantize once: 128-bit chunks only, then the LoRA GEMM
+    (520, 33, 17, 0, "fp4", 32, False, "float32"),  # dequantize once: 17 whole chunks and a 17-element tail
 ]
 CASES = {"triton": _CASES, "cuda": _CASES}
 

@@ -1,6 +1,7 @@
 """The house rules of the code, read from the sources: kernels never import the ops, modules never import the
-integrations, no private name crosses a file boundary, no function imports fastpeft lazily inside the PEFT
-integration (its layers import bottom-up), and fastpeft.modules exports every module class."""
+integrations, no private name crosses a file boundary (in fastpeft/ and triton_kernels/ alike), no function
+imports fastpeft lazily inside the PEFT integration (its layers import bottom-up), and fastpeft.modules exports
+every module class."""
 
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ def test_modules_never_import_the_integrations():
 
 def test_no_private_name_crosses_a_file_boundary():
     bad = []
-    for path, node, _ in imports("fastpeft"):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fastpeft"):
+    for path, node, _ in imports("fastpeft") + imports("triton_kernels"):
+        if isinstance(node, ast.ImportFrom) and ((node.module or "").startswith("fastpeft") or node.level):
             names = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
             names = [name for name in names if name not in PRIVATE_MODULES]
             bad += [f"{path.relative_to(ROOT)}:{node.lineno} {name}" for name in names]
@@ -73,3 +74,32 @@ def test_fastpeft_modules_exports_every_module_class():
         defined |= {name for name, cls in classes if issubclass(cls, nn.Module) and cls.__module__ == module.__name__}
     defined = {name for name in defined if not name.startswith("_")}
     assert defined and defined <= set(fastpeft.modules.__all__)
+
+
+SOURCES = ("README.md", "Makefile", "setup.py", "pyproject.toml", ".ci", ".github", "benchmarks", "csrc", "fastpeft",
+           "scripts", "tests", "triton_kernels")  # fmt: skip
+
+
+def test_nothing_points_outside_the_repository():
+    """The developers' notes live beside the repository; what users need is copied into its own docs."""
+    outside = "../" + "shared"  # spelled in two parts so that this test does not find itself
+    bad = []
+    for entry in SOURCES:
+        path = ROOT / entry
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            readable = file.is_file() and file.suffix not in (".so", ".png", ".pyc") and "__pycache__" not in file.parts
+            if readable and outside in file.read_text(errors="replace"):
+                bad.append(str(file.relative_to(ROOT)))
+    assert not bad
+
+
+def test_the_readme_lists_every_speed_target():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import targets
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Speed targets") : readme.index("\n## ", readme.index("## Speed targets") + 1)]
+    missing = [target.name for target in targets.TARGETS if f"| {target.name} |" not in section]
+    assert not missing

@@ -11,11 +11,12 @@ from conftest import DEVICE
 pytest.importorskip("triton")
 
 from fastpeft.triton_kernels import lora as kernels
+from fastpeft.triton_kernels.common import INTERPRET
 
 from fastpeft.ops.dropout import apply_mask
 
 pytestmark = pytest.mark.skipif(
-    DEVICE.type == "cpu" and not kernels._INTERPRET, reason="Triton needs a GPU or TRITON_INTERPRET=1"
+    DEVICE.type == "cpu" and not INTERPRET, reason="Triton needs a GPU or TRITON_INTERPRET=1"
 )
 
 

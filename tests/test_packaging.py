@@ -1,8 +1,9 @@
 """What `pip install` gets: the sdist carries every source the CUDA build needs, the wheel ships the Triton
 kernels and the benchmarks inside fastpeft (no top-level names of its own but fastpeft), and the sdist installs
-into a fresh target folder where `fastpeft bench` finds its runner. The CUDA build itself is skipped here
-(FASTPEFT_SKIP_CUDA_BUILD=1): `make install` proves on CI that csrc/ builds. A command that needs an optional
-library says in one line which extra to install."""
+into a fresh target folder where `fastpeft bench` finds its runner. The CUDA build is skipped in those
+(FASTPEFT_SKIP_CUDA_BUILD=1); with FASTPEFT_TEST_SDIST_CUDA=1 (.ci/run sets it where nvcc and a CUDA build of
+torch are present) the sdist is also installed with its CUDA build, for sm_90 only, and its extension loads. A
+command that needs an optional library says in one line which extra to install."""
 
 from __future__ import annotations
 
@@ -73,6 +74,26 @@ def test_the_sdist_installs_and_finds_its_bench_runner(artifacts, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(target)},
                          check=True, capture_output=True, text=True).stdout.split()  # fmt: skip
     assert all(Path(p).is_relative_to(target) for p in out) and Path(out[0]).exists()
+
+
+@pytest.mark.skipif(os.environ.get("FASTPEFT_TEST_SDIST_CUDA") != "1",
+                    reason="the sdist's CUDA build takes minutes: FASTPEFT_TEST_SDIST_CUDA=1 runs it")  # fmt: skip
+def test_the_sdist_builds_the_extension(artifacts, tmp_path):
+    sdist, _ = artifacts
+    target = tmp_path / "site"
+    env = {key: value for key, value in os.environ.items() if key != "FASTPEFT_SKIP_CUDA_BUILD"}
+    env["FASTPEFT_CUDA_ARCHS"] = "9.0"  # one architecture: the build is what is tested, not the arch list
+    command = [sys.executable, "-m", "pip", "install", "-v", "--no-deps", "--no-build-isolation", "--target",
+               str(target), str(sdist)]  # fmt: skip
+    install = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert install.returncode == 0, install.stdout[-4000:] + install.stderr[-4000:]
+    assert "building fastpeft._C" in install.stdout + install.stderr
+    code = (
+        "import torch, fastpeft._extension as e; print(e.extension_error()); import fastpeft; print(fastpeft.__file__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**env, "PYTHONPATH": str(target)},
+                         check=True, capture_output=True, text=True).stdout.split("\n")  # fmt: skip
+    assert out[0] == "None" and Path(out[1]).is_relative_to(target), out
 
 
 @pytest.mark.parametrize(("command", "extra"), [("demo", "demo"), ("bench", "bench")])

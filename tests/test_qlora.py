@@ -1,5 +1,6 @@
 """The qlora ops (matmul_4bit, qlora_linear) on every backend against the float64 reference: forward, gradients,
-dropout, odd shapes, both 4-bit types, with and without double quantization; bad input; bitsandbytes."""
+dropout, odd shapes, both 4-bit types, with and without double quantization; every tier forced (the on-chip
+tiles and dequantize-once, whose kernels write bitsandbytes' values bit for bit); bad input; bitsandbytes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import pytest
 import torch
 from conftest import DEVICE, HAS_GPU, assert_close_to_reference
 
-from fastpeft.backends import record_backends
+import fastpeft.ops.qlora as qlora_ops
+from fastpeft.backends import available_backends, record_backends
 from fastpeft.ops.qlora import Weight4bit, matmul_4bit, qlora_linear, qlora_linear_reference
-from fastpeft.ops.quant_4bit import QuantState, quantize_4bit
+from fastpeft.ops.quant_4bit import QuantState, dequantize_4bit, quantize_4bit
 
 # (M, K, N): decode, odd K (the per-element path), prefill tiles (the interpreter's decode limit is 16 rows),
 # no rows, a K that is not a multiple of the block.
@@ -18,6 +20,7 @@ FORMATS = [("nf4", 32, False), ("nf4", 64, True), ("fp4", 128, True), ("fp4", 64
 if HAS_GPU:  # every Triton specialisation compiles once per GPU run: the subset that covers each code path
     SHAPES, FORMATS = SHAPES[:4], [FORMATS[1], FORMATS[3]]
 DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if HAS_GPU else [])
+KERNEL_BACKENDS = [b for b in available_backends(DEVICE) if b != "torch"]  # the torch backend is the reference
 
 
 def make(m, k, n, dtype, fmt, r=4, seed=0):
@@ -36,10 +39,19 @@ def f64(*tensors):
     return [None if t is None else t.double() for t in tensors]
 
 
+@pytest.fixture(params=["tiles", "dequantize_once"])
+def tier(request, monkeypatch) -> str:
+    """Every tier of the triton and cuda backends, forced for every row count: the on-chip tiles (decode and
+    prefill by rows, as shipped) or dequantize-once (W written dense, then the LoRA layer's GEMM)."""
+    if request.param == "dequantize_once":
+        monkeypatch.setattr(qlora_ops, "DEQUANTIZE_ONCE_MIN_M", 1)
+    return request.param
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m, k, n", SHAPES)
-def test_forward_matches_reference(backend, dtype, fmt, m, k, n):
+def test_forward_matches_reference(backend, tier, dtype, fmt, m, k, n):
     x, packed, state, a, b, bias = make(m, k, n, dtype, fmt)
     for lora in (False, True):
         args = (a, b, 0.7) if lora else (None, None, 1.0)
@@ -52,7 +64,7 @@ def test_forward_matches_reference(backend, dtype, fmt, m, k, n):
                               qlora_linear_reference(x, packed, state), "matmul_4bit")  # fmt: skip
 
 
-def test_3d_and_non_contiguous_x(backend):
+def test_3d_and_non_contiguous_x(backend, tier):
     _, packed, state, a, b, bias = make(1, 48, 20, torch.float32, FORMATS[1])
     x = torch.randn(2, 48, 7, device=DEVICE).transpose(1, 2)  # [2, 7, 48], K not the unit stride
     y = qlora_linear(x, packed, state, a, b, 0.5, bias)
@@ -63,7 +75,7 @@ def test_3d_and_non_contiguous_x(backend):
 
 @pytest.mark.parametrize("fmt", FORMATS[:2])
 @pytest.mark.parametrize("m, k, n", [(2, 64, 24), (19, 33, 17)])
-def test_gradients_match_reference(backend, fmt, m, k, n):
+def test_gradients_match_reference(backend, tier, fmt, m, k, n):
     dtype = torch.float32
     x, packed, state, a, b, bias = make(m, k, n, dtype, fmt)
     dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
@@ -79,7 +91,7 @@ def test_gradients_match_reference(backend, fmt, m, k, n):
         assert_close_to_reference(leaf.grad, ref.grad, base.grad, f"d{name}")
 
 
-def test_gradient_of_x_through_the_4bit_weight_alone(backend):
+def test_gradient_of_x_through_the_4bit_weight_alone(backend, tier):
     x, packed, state, *_ = make(6, 64, 30, torch.float32, FORMATS[1])
     x.requires_grad_()
     matmul_4bit(x, packed, state).sum().backward()
@@ -88,7 +100,7 @@ def test_gradient_of_x_through_the_4bit_weight_alone(backend):
     assert_close_to_reference(x.grad, xr.grad, xr.grad.float())
 
 
-def test_dropout_uses_the_mask_in_both_passes(backend):
+def test_dropout_uses_the_mask_in_both_passes(backend, tier):
     x, packed, state, a, b, bias = make(5, 64, 24, torch.float32, FORMATS[0])
     mask = torch.rand(x.shape, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.3
     leaves = [t.clone().requires_grad_() for t in (x, a, b)]
@@ -124,11 +136,50 @@ def test_weight4bit_skips_the_state_and_round_trips():
     assert back.quant_type == state.quant_type and back.nested and back.blocksize == state.blocksize
 
 
-def test_decode_and_prefill_pick_their_backends():
-    x, packed, state, a, b, _ = make(2, 64, 16, torch.float32, FORMATS[0])
+@pytest.mark.parametrize(("m", "lora", "on_gpu"), [(1, False, "cuda"), (2, False, "cuda"), (3, False, "triton"),
+                                                 (1, True, "triton"), (40, False, "triton")])  # fmt: skip
+def test_each_tier_picks_its_backend(m, lora, on_gpu, monkeypatch):
+    monkeypatch.setattr(qlora_ops, "GEMV_MAX_M", 2)  # the rule, whatever the GPU run sets the crossover to
+    x, packed, state, a, b, _ = make(m, 64, 16, torch.float32, FORMATS[0])
     with record_backends() as calls:
-        qlora_linear(x, packed, state, a, b)
-    assert calls == [("matmul_4bit", "cuda" if HAS_GPU else "torch")]
+        qlora_linear(x, packed, state, *((a, b) if lora else (None, None)))
+    assert calls == [("matmul_4bit", on_gpu if HAS_GPU else "torch")]
+    assert qlora_ops.preference("matmul_4bit", m, lora)[0] == on_gpu
+    assert qlora_ops.preference("matmul_4bit_t", m, lora)[0] == "triton"
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", [*FORMATS, ("fp4", 4096, True)])
+@pytest.mark.parametrize("n, k", [(7, 33), (3, 1), (21, 77), (16, 64)])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_dequantize_kernels_write_bitsandbytes_values_exactly(backend, fmt, w_dtype, out_dtype, n, k):
+    quant_type, blocksize, double_quant = fmt
+    g = torch.Generator().manual_seed(n * 1000 + k)
+    weight = (torch.randn(n, k, generator=g) * 3).to(w_dtype)
+    packed, state = quantize_4bit(weight, quant_type, blocksize, double_quant)
+    packed, state = packed.to(DEVICE), state.to(DEVICE)
+    wider = torch.full((n, k + 9), float("nan"), device=DEVICE, dtype=out_dtype)  # rows 16-byte misaligned
+    for out in (torch.full((n, k), float("nan"), device=DEVICE, dtype=out_dtype), wider[:, 3 : 3 + k]):
+        qlora_ops.DEQUANTIZE[backend](Weight4bit.from_state(packed, state), out)
+        assert torch.equal(out, dequantize_4bit(packed, state).to(out_dtype))
+    assert wider[:, :3].isnan().all() and wider[:, 3 + k :].isnan().all()  # nothing written outside the view
+
+
+@pytest.mark.parametrize("m, tier_taken", [(15, "tiles"), (16, "tiles"), (17, "tiles"), (255, "tiles"),
+                                           (256, "tiles"), (257, "tiles"), (511, "tiles"), (512, "dequantize_once"),
+                                           (513, "dequantize_once")])  # fmt: skip
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_the_tier_follows_the_row_count(backend, m, tier_taken, monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    dense_calls = []
+    real = qlora_ops.DEQUANTIZE[backend]
+    monkeypatch.setitem(qlora_ops.DEQUANTIZE, backend, lambda *a: dense_calls.append(1) or real(*a))
+    x, packed, state, a, b, bias = make(m, 32, 8, torch.float32, FORMATS[1], r=2)
+    y = qlora_linear(x, packed, state, a, b, 0.5, bias)
+    assert len(dense_calls) == (tier_taken == "dequantize_once")
+    ref = qlora_linear_reference(x.double(), packed, state, a.double(), b.double(), 0.5, bias.double())
+    assert_close_to_reference(y, ref, qlora_linear_reference(x, packed, state, a, b, 0.5, bias))
 
 
 @pytest.mark.parametrize(
@@ -176,7 +227,7 @@ def test_weights_quantized_by_bitsandbytes_multiply_as_bitsandbytes():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 7, 16, 300])
+@pytest.mark.parametrize("m", [1, 7, 16, 300, 600])  # decode, tiles, dequantize once
 def test_large_shapes_on_gpu(backend, dtype, m):
     x, packed, state, a, b, bias = make(m, 4096, 1000, dtype, ("nf4", 64, True), r=16)
     y = qlora_linear(x, packed, state, a, b, 0.5, bias)

@@ -24,9 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _INTERPRET, _dot_precision, _on_device
+from .common import INTERPRET, dot_precision, on_device
 
-BLOCK_D = 32 if _INTERPRET else 64
+BLOCK_D = 32 if INTERPRET else 64
 # The backward kernel holds three [BLOCK_M, MB_PAD] fp32 tiles (z before and after the activation, dz) beside the
 # projections' chunks: beyond this padded bottleneck it spills on sm_90 at any tile, and the composition runs
 # the backward instead (fastpeft.ops.bottleneck).
@@ -39,7 +39,7 @@ def tile_options(mb_pad: int, dtype: torch.dtype, backward: bool) -> dict:
     two warpgroups, and the narrower the feature chunk (the up- and down-projection tiles are [BLOCK_D, MB_PAD]),
     so that no 16-bit launch spills (scripts/compile_triton.py checks it for sm_90). fp32 halves the chunk again:
     its full-precision dots hold both operand tiles in registers."""
-    if _INTERPRET:
+    if INTERPRET:
         return {"BLOCK_M": 16, "BLOCK_D": BLOCK_D, "num_warps": 4}
     wide = mb_pad > 64
     rows = (16 if wide else 32) if backward else (32 if wide else 64)
@@ -240,7 +240,7 @@ def bottleneck_forward(
     out_res = post.out_residual
     out_res = None if out_res is None else (out_res if out_res.stride(-1) == 1 else out_res.contiguous())
     out_ln = post.out_ln_weight is not None
-    with _on_device(x):
+    with on_device(x):
         _bottleneck_kernel[setup.grid](
             x, res, setup.w_eff, setup.c1, setup.c0, adapters.up_weight.contiguous(), adapters.up_bias.contiguous(),
             setup.scale, ids if ids is not None else setup.c0, y,
@@ -251,7 +251,7 @@ def bottleneck_forward(
             float(ln_eps), setup.scale_value, float(post.out_ln_eps),
             HAS_LN=adapters.ln_weight is not None, HAS_IDS=ids is not None, SCALE_KIND=setup.scale_kind,
             OUT_RES=out_res is not None, OUT_LN=out_ln,
-            ACT=activation_code, DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
+            ACT=activation_code, DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
             MB_PAD=setup.mb_pad, **setup.options,
         )  # fmt: skip
     return y
@@ -407,7 +407,7 @@ def bottleneck_backward(
     has_ln = adapters.ln_weight is not None
     if m_rows:
         c0 = setup.c0
-        with _on_device(x):
+        with on_device(x):
             _bottleneck_backward_kernel[setup.grid](
                 x, dy, setup.w_eff, adapters.down_weight.contiguous(), setup.c1, c0, adapters.up_weight.contiguous(),
                 adapters.up_bias.contiguous(), setup.scale, adapters.ln_weight.contiguous() if has_ln else c0,
@@ -418,7 +418,7 @@ def bottleneck_backward(
                 x.stride(0), dy.stride(0), dx.stride(0),
                 float(ln_eps), setup.scale_value,
                 HAS_LN=has_ln, HAS_IDS=ids is not None, SCALE_KIND=setup.scale_kind, IDENTITY=identity,
-                ACT=activation_code, DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET,
+                ACT=activation_code, DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
                 MB_PAD=setup.mb_pad, **setup.options,
             )  # fmt: skip
     return dx, grads

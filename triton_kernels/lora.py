@@ -28,24 +28,19 @@ bf16 operands, so tiles are upcast to fp32 there (``UPCAST``).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-AUTOTUNE = os.environ.get("FASTPEFT_TRITON_AUTOTUNE", "1") != "0" and not _INTERPRET
+from .common import AUTOTUNE, INTERPRET, REFERENCE_SMS, dot_precision, on_device, r_pad
 
 # Rows at or below which the decode tiles run (forward, and the backward's dx for small batches).
 DECODE_MAX_M = 64
 # The fused one-launch form re-reads A per output tile; above this padded rank the shrink runs once instead.
 FUSED_MAX_R_PAD = 32
-# SMs of the reference GPUs (H100, H200): decode tiles are chosen so that one wave has about this many programs.
-REFERENCE_SMS = 132
 
 
 def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -104,7 +99,7 @@ _INTERPRETER_SHRINK_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_w
 
 def pinned_config(
     kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kernel_dropout: bool = False, *,
-    interpreter: bool = _INTERPRET,
+    interpreter: bool = INTERPRET,
 ) -> triton.Config:  # fmt: skip
     """The tile launched without autotuning (``FASTPEFT_TRITON_AUTOTUNE=0``: the GPU tests, the sanitizer, the
     GPU check's target rows), chosen by rule from the shape, never by timing. ``kind``: "decode", "prefill" or
@@ -141,7 +136,7 @@ def pinned_config(
 def rank_chunk(r_pad: int, dtype: torch.dtype) -> int:
     """Ranks per step of the LoRA epilogue when xa comes from memory: 64, 32 for fp32 (its fp32 dot holds both
     operand tiles in registers); the interpreter walks several steps of 16."""
-    return min(r_pad, 16 if _INTERPRET else (32 if dtype == torch.float32 else 64))
+    return min(r_pad, 16 if INTERPRET else (32 if dtype == torch.float32 else 64))
 
 
 def prune_decode_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -367,7 +362,7 @@ def _launcher(kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kern
 
 def fuses_shrink(m: int, r: int) -> bool:
     """Whether lora_linear of m rows at rank r runs as one launch (shrink fused into the decode kernel)."""
-    return m <= DECODE_MAX_M and _r_pad(r) <= FUSED_MAX_R_PAD
+    return m <= DECODE_MAX_M and r_pad(r) <= FUSED_MAX_R_PAD
 
 
 def launch_plan(m: int, r: int) -> tuple[str, ...]:
@@ -377,27 +372,10 @@ def launch_plan(m: int, r: int) -> tuple[str, ...]:
     return ("shrink", "decode" if m <= DECODE_MAX_M else "prefill")
 
 
-def _on_device(t: torch.Tensor):
-    """Triton launches on the current CUDA device, not the tensor's: make the tensor's device current."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _check_devices(x: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device}, x on {x.device}: all tensors must share one device")
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 operands follow torch's matmul precision setting; 16-bit operands are exact in any mode."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
-def _r_pad(r: int) -> int:
-    # tl.dot needs every dimension >= 16 and a power of two.
-    return max(16, triton.next_power_of_2(r))
 
 
 def _m_bucket(m: int) -> int:
@@ -419,7 +397,7 @@ def sm_count(device: torch.device) -> int:
 
 def _shrink_split_k(m: int, k: int, device: torch.device) -> int:
     """Split K when the row tiles alone would leave most SMs idle (decode, backward of small batches)."""
-    if _INTERPRET:
+    if INTERPRET:
         return 1 if k <= 32 else 2  # exercise both code paths on tiny interpreter shapes
     row_tiles = triton.cdiv(m, 16)
     return max(1, min(sm_count(device) // row_tiles, triton.cdiv(k, 1024), 16))
@@ -462,7 +440,7 @@ def keep_mask(dropout: PhiloxDropout, m: int, k: int, device: torch.device, row_
     apply, materialised for references, tests and the other backends."""
     out = torch.empty((m, k), device=device, dtype=torch.bool)
     if m and k:
-        with _on_device(out):
+        with on_device(out):
             _keep_mask_kernel[(triton.cdiv(m, 32), triton.cdiv(k, 32))](
                 out, m, k, row_start, dropout.seed, dropout.p, dropout.stride_r, dropout.stride_c, BLOCK=32
             )
@@ -483,8 +461,8 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout: PhiloxDropout | 
     if m == 0:
         return xa
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), split_k)
-    kernel, options = _launcher("shrink", m, 0, _r_pad(r), x.dtype, dropout is not None)
-    with _on_device(x):
+    kernel, options = _launcher("shrink", m, 0, r_pad(r), x.dtype, dropout is not None)
+    with on_device(x):
         kernel[grid](
             x, lora_a, xa,
             m, k, r,
@@ -493,9 +471,9 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, dropout: PhiloxDropout | 
             _m_bucket(m),
             DROPOUT=dropout is not None,
             SPLIT_K=split_k,
-            R_PAD=_r_pad(r),
-            DOT_PRECISION=_dot_precision(x.dtype),
-            UPCAST=_INTERPRET,
+            R_PAD=r_pad(r),
+            DOT_PRECISION=dot_precision(x.dtype),
+            UPCAST=INTERPRET,
             **options,
         )  # fmt: skip
     return xa
@@ -543,13 +521,13 @@ def lora_linear(
         out_scale = out_scale.float().contiguous()
     dropout = dropout_x or dropout_out
     kind = "decode" if m <= DECODE_MAX_M else "prefill"
-    kernel, options = _launcher(kind, m, n, _r_pad(r), x.dtype, dropout is not None)
+    kernel, options = _launcher(kind, m, n, r_pad(r), x.dtype, dropout is not None)
     if fuse:
         xa = y  # placeholder pointer, never read when FUSE_SHRINK
     else:
         lora_a = xa  # placeholder pointer, never read without FUSE_SHRINK
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    with _on_device(x):
+    with on_device(x):
         kernel[grid](
             x, weight, lora_a, xa, lora_b, y if bias is None else bias, y,
             y if out_scale is None else out_scale, y if z is None else z,
@@ -565,11 +543,11 @@ def lora_linear(
             HAS_BIAS=bias is not None,
             HAS_OUT_SCALE=out_scale is not None,
             STORE_Z=z is not None,
-            R_PAD=_r_pad(r),
-            R_CHUNK=rank_chunk(_r_pad(r), x.dtype),
-            DOT_PRECISION=_dot_precision(x.dtype),
-            LORA_PRECISION=_dot_precision(x.dtype) if x.dtype == torch.float32 else "tf32",
-            UPCAST=_INTERPRET,
+            R_PAD=r_pad(r),
+            R_CHUNK=rank_chunk(r_pad(r), x.dtype),
+            DOT_PRECISION=dot_precision(x.dtype),
+            LORA_PRECISION=dot_precision(x.dtype) if x.dtype == torch.float32 else "tf32",
+            UPCAST=INTERPRET,
             **options,
         )  # fmt: skip
     return y

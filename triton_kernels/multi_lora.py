@@ -30,34 +30,34 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _dot_precision, _on_device
+from .common import dot_precision, on_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Rows at or below which the per-token kernels run; above, the per-tile (tl.dot) kernels. The interpreter takes
 # the tile kernels from 9 rows, so that the tests' tiny shapes exercise both forms.
-DECODE_MAX_M = 8 if _INTERPRET else 64
+DECODE_MAX_M = 8 if INTERPRET else 64
 # The tile kernels' blocks and launch options (the interpreter gets tiny ones); scripts/compile_triton.py
 # compiles exactly these for sm_90.
-TILE_M = 16 if _INTERPRET else 64
-TILE_K = 16 if _INTERPRET else 64
-TILE_N = 16 if _INTERPRET else 128
+TILE_M = 16 if INTERPRET else 64
+TILE_K = 16 if INTERPRET else 64
+TILE_N = 16 if INTERPRET else 128
 # The expand's accumulator [64, 128] (fp32) and its rank chunk's v and B tiles take two warpgroups without spilling.
 TILE_OPTIONS = {"shrink": dict(num_warps=4, num_stages=3), "expand": dict(num_warps=8, num_stages=2)}
 # The rank is walked in chunks of at most this many columns of v (tile kernels), so their tiles fit in registers
 # and shared memory whatever the pool's rank; the interpreter's tiny chunk exercises the chunk loops.
-TILE_RANK_CHUNK = 16 if _INTERPRET else 64
+TILE_RANK_CHUNK = 16 if INTERPRET else 64
 
 
 def tile_blocks(dtype: torch.dtype, v_width: int) -> tuple[int, int]:
     """(rank chunk, K block) of the tile kernels: fp32 operands take halves (their full-precision dots run on
     the FMA units with both tiles in registers; scripts/compile_triton.py shows the 16-bit sizes spill there)."""
-    if dtype == torch.float32 and not _INTERPRET:
+    if dtype == torch.float32 and not INTERPRET:
         return min(v_width, TILE_RANK_CHUNK // 2), TILE_K // 2
     return min(v_width, TILE_RANK_CHUNK), TILE_K
 
 
 # The per-token kernels hold a [rank chunk, K or N block] tile in registers: at most this many elements.
-TOKEN_TILE_ELEMENTS = 256 if _INTERPRET else 2048
+TOKEN_TILE_ELEMENTS = 256 if INTERPRET else 2048
 
 
 def token_blocks(v_width: int, extent: int) -> tuple[int, int]:
@@ -273,7 +273,7 @@ def multi_lora_shrink(
         return v
     num_adapters = a_offsets.numel() - 1
     strides = (x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), v.stride(0))
-    with _on_device(x):
+    with on_device(x):
         if m <= DECODE_MAX_M:
             block_r, block_k = token_blocks(v_width, k)
             _shrink_token_kernel[(m,)](
@@ -284,7 +284,7 @@ def multi_lora_shrink(
             block_r, block_k = tile_blocks(x.dtype, v_width)
             _shrink_tile_kernel[(triton.cdiv(m, TILE_M),)](
                 x, lora_a, adapter_ids, a_offsets, v, m, k, num_adapters, *strides,
-                DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET, V_WIDTH=v_width, BLOCK_M=TILE_M,
+                DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, V_WIDTH=v_width, BLOCK_M=TILE_M,
                 BLOCK_R=block_r, BLOCK_K=block_k, **TILE_OPTIONS["shrink"],
             )  # fmt: skip
     return v
@@ -316,7 +316,7 @@ def multi_lora_expand(
     num_slices, num_adapters = ranks.shape
     tables = (ranks, v_starts, b_starts, scalings, out_starts)
     strides = (base.stride(0), base.stride(1), v.stride(0), y.stride(0), y.stride(1))
-    with _on_device(base):
+    with on_device(base):
         if m <= DECODE_MAX_M:
             block_r, block_n = token_blocks(v.shape[1], max_width)
             grid = (m, triton.cdiv(max_width, block_n), num_slices)
@@ -329,7 +329,7 @@ def multi_lora_expand(
             grid = (triton.cdiv(m, TILE_M), triton.cdiv(max_width, block_n), num_slices)
             _expand_tile_kernel[grid](
                 base, v, lora_b, adapter_ids, *tables, y, m, num_adapters, *strides,
-                DOT_PRECISION=_dot_precision(base.dtype) if base.dtype == torch.float32 else "tf32",
+                DOT_PRECISION=dot_precision(base.dtype) if base.dtype == torch.float32 else "tf32",
                 BLOCK_M=TILE_M, BLOCK_R=tile_blocks(base.dtype, v.shape[1])[0], BLOCK_N=block_n,
                 **TILE_OPTIONS["expand"],
             )  # fmt: skip

@@ -9,6 +9,8 @@ writing the dequantized W, optionally with a LoRA adapter in the same kernel.
   accumulates the shrink ``xa = x @ A.T`` in the same K loop (decode: one launch, x read once).
 - ``_matmul_4bit_t_kernel``: ``dx = dy @ dequant(W)`` (the backward pass), optionally ``+ scaling * dyb @ A``
   for a precomputed fp32 ``dyb = dy @ B``: tiles of W are dequantized on chip as in the forward kernel.
+- ``_dequantize_4bit_kernel``: W written dense in x's dtype into a view of a wider buffer, one pass over the
+  packed bytes (the host's dequantize-once tier for many rows, after which cuBLAS runs on it).
 
 When K is even, every row of W starts on a byte and a byte holds columns (2j, 2j+1): the kernels load
 [rows, BLOCK_K / 2] contiguous bytes (vectorised loads) and split the reduction into even and odd columns, two
@@ -17,7 +19,7 @@ dots of half depth; the high and low nibble of one byte share one absmax. Odd K 
 Decode tiles (few rows: memory-bound on W's bytes) and prefill tiles (compute-bound) are autotuned (fp32 on
 tiles of its own) unless ``FASTPEFT_TRITON_AUTOTUNE=0``, which launches :func:`pinned_config`'s tile. Under
 ``TRITON_INTERPRET=1`` they run on CPU tensors with tiny tiles, operands upcast to fp32 (the interpreter's
-``tl.dot`` is wrong on bf16).
+``tl.dot`` is wrong on bf16), and fp32 -> bf16 rounds on the bits (the interpreter truncates).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lora import _INTERPRET, AUTOTUNE, _dot_precision, _on_device, _r_pad
+from .common import AUTOTUNE, INTERPRET, REFERENCE_SMS, dot_precision, on_device, r_pad
 
 DECODE_MAX_M = 16
 
@@ -38,9 +40,11 @@ def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
     ]
 
 
-# Decode: W's bytes dominate; narrow column tiles give 4096 / 32 = 128 programs, about one wave on an H100/H200.
-DECODE_CONFIGS = _configs([(16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 32, 512, 4, 2), (16, 64, 128, 4, 4)])
-PREFILL_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)])
+# Decode: W's bytes dominate, streamed by the programs in flight: narrow column tiles (block_n).
+DECODE_CONFIGS = _configs([(16, 16, 256, 4, 3), (16, 32, 256, 4, 3), (16, 64, 256, 4, 3), (16, 32, 512, 4, 2),
+                           (16, 64, 128, 4, 4)])  # fmt: skip
+PREFILL_CONFIGS = _configs([(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3),
+                            (64, 32, 64, 4, 3), (32, 16, 64, 4, 3)])  # fmt: skip
 # fp32 activations: tiles of their own (full-precision fp32 dots run on the FMA units, operands in registers).
 FP32_DECODE_CONFIGS = _configs([(16, 32, 32, 8, 2), (16, 64, 32, 8, 2), (16, 32, 16, 4, 2)])
 FP32_PREFILL_CONFIGS = _configs([(32, 32, 32, 8, 2), (64, 32, 32, 8, 2), (32, 64, 16, 8, 2)])
@@ -48,20 +52,37 @@ _INTERPRETER_CONFIG = _configs([(16, 16, 32, 1, 1)])[0]
 _KEY = ["M_BUCKET", "N", "K"]
 
 
-def pinned_config(decode: bool, m: int, dtype: torch.dtype, lora_shrink: bool, even_k: bool) -> triton.Config:
-    """The tile launched without autotuning (FASTPEFT_TRITON_AUTOTUNE=0), by rule: decode 16 x 32 tiles over K
-    steps of 128 (64 when the shrink rides the K loop or K is odd, 32 when both: those keep more of the step in
-    registers),
-    prefill 128 x 128 on two warpgroups for large M and 64 x 64 on two below 1024 rows; fp32 smaller tiles.
-    scripts/compile_triton.py compiles these for sm_90 and fails CI if a 16-bit one spills."""
-    if _INTERPRET:
+def block_n(row_tiles: int, n: int) -> int:
+    """BLOCK_N of the forward's tiles for N output features and ``row_tiles`` tiles of rows: the widest of 64, 32
+    and 16 that still gives two programs per SM of the reference GPU (W's bytes are streamed by the programs in
+    flight: at N = 4096, 16-wide decode tiles give 256 programs where 32-wide ones would leave half of the SMs'
+    slots empty), 16 when none does."""
+    for width in (64, 32):
+        if row_tiles * triton.cdiv(n, width) >= 2 * REFERENCE_SMS:
+            return width
+    return 16
+
+
+def pinned_config(decode: bool, m: int, dtype: torch.dtype, lora_shrink: bool, even_k: bool,
+                  out_features: int | None = None) -> triton.Config:  # fmt: skip
+    """The tile launched without autotuning (FASTPEFT_TRITON_AUTOTUNE=0), by rule. Decode: 16 rows over K steps
+    of 128 (64 when the shrink rides the K loop or K is odd, 32 when both: those keep more of the step in
+    registers). Prefill: min(64, M) rows (16 at least), W decoded once per row tile, two warpgroups on 64 x 64
+    tiles and one on smaller ones. BLOCK_N by
+    :func:`block_n` for the forward (``out_features`` given); the backward's dx tiles keep 32 (their BLOCK_N is
+    the reduction step). fp32: smaller tiles of their own. scripts/compile_triton.py compiles these for sm_90 and
+    fails CI if a 16-bit one spills."""
+    if INTERPRET:
         return _INTERPRETER_CONFIG
     if dtype == torch.float32:
         return (FP32_DECODE_CONFIGS if decode else FP32_PREFILL_CONFIGS)[0]
+    block_m = 16 if decode else min(64, max(16, triton.next_power_of_2(m)))
+    width = 32 if out_features is None else block_n(triton.cdiv(m, block_m), out_features)
     if decode:
         block_k = 32 if lora_shrink and not even_k else 64 if lora_shrink or not even_k else 128
-        return _configs([(16, 32, block_k, 4, 3)])[0]
-    return _configs([(128, 128, 64, 8, 3) if m >= 1024 else (64, 64, 64, 8, 3)])[0]
+        return _configs([(16, width, block_k, 4, 3)])[0]
+    width = width if out_features is not None else 64
+    return _configs([(block_m, width, 64, 8 if block_m * width >= 64 * 64 else 4, 3)])[0]
 
 
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -81,21 +102,38 @@ def _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask,
     return scale
 
 
+# The interpreter truncates fp32 -> bf16 where a GPU rounds to nearest even: there the rounding is done on the bits.
+_ROUND_BF16_ON_BITS = tl.constexpr(INTERPRET)
+
+
+@triton.jit
+def _rounded(value, DTYPE: tl.constexpr):
+    """fp32 ``value`` in DTYPE, rounded to nearest even (finite values)."""
+    if _ROUND_BF16_ON_BITS and DTYPE == tl.bfloat16:  # noqa: SIM300 (DTYPE is the constexpr argument)
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return value.to(DTYPE)
+
+
 @triton.jit
 def _decode(code_ptr, nibble, scale, mask, W_DTYPE: tl.constexpr, OPERAND: tl.constexpr):
     """Weights from 4-bit indices: ``code[q] * absmax`` in fp32, rounded to the weight's dtype (bitsandbytes'
     values), then to the dot's operand dtype."""
     value = tl.load(code_ptr + nibble.to(tl.int32), mask=mask, other=0.0) * scale
-    return value.to(W_DTYPE).to(OPERAND)
+    if W_DTYPE == OPERAND:
+        return _rounded(value, W_DTYPE)
+    return _rounded(_rounded(value, W_DTYPE).to(tl.float32), OPERAND)
 
 
 @triton.jit
-def _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, pairs, mask, K,
+def _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows, pairs, mask, K, K_BYTES,
                   LOG2_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOG2_NESTED: tl.constexpr,
                   W_DTYPE: tl.constexpr, OPERAND: tl.constexpr):  # fmt: skip
-    """(W[rows, 2 * pairs], W[rows, 2 * pairs + 1]) for even K: one byte per pair, contiguous along pairs."""
-    half_k = K // 2
-    packed = tl.load(w_ptr + rows.to(tl.int64) * half_k + pairs, mask=mask, other=0)
+    """(W[rows, 2 * pairs], W[rows, 2 * pairs + 1]) for even K: one byte per pair, contiguous along pairs.
+    K_BYTES = K / 2 comes from the host as an argument of its own, so that Triton's divisibility specialisation
+    sees rows that start on 16 bytes (K a multiple of 32) and loads them 16 bytes at a time."""
+    packed = tl.load(w_ptr + rows.to(tl.int64) * K_BYTES + pairs, mask=mask, other=0)
     block = ((rows.to(tl.int64) * K + 2 * pairs) >> LOG2_BLOCKSIZE).to(tl.int32)
     scale = _block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, block, mask, NESTED, LOG2_NESTED)
     high = _decode(code_ptr, packed >> 4, scale, mask, W_DTYPE, OPERAND)
@@ -120,7 +158,7 @@ def _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
 def _matmul_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
     a_ptr, xa_ptr, b_ptr, y_ptr,
-    M, N, K, R,
+    M, N, K, K_BYTES, R,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar, stride_bn, stride_br,
     stride_ym, stride_yn,
     scaling,
@@ -148,11 +186,11 @@ def _matmul_4bit_kernel(
         offs_p = tl.arange(0, HALF)
         for k0 in range(0, K, BLOCK_K):
             pairs = k0 // 2 + offs_p
-            mask_p = pairs < K // 2
+            mask_p = pairs < K_BYTES
             w_mask = mask_n[:, None] & mask_p[None, :]
             w_even, w_odd = _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                          offs_n[:, None], pairs[None, :], w_mask, K, LOG2_BLOCKSIZE, NESTED,
-                                          LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
+                                          offs_n[:, None], pairs[None, :], w_mask, K, K_BYTES, LOG2_BLOCKSIZE,
+                                          NESTED, LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
             x_mask = mask_m[:, None] & mask_p[None, :]
             even = (2 * pairs[None, :]).to(tl.int64)  # W's even columns (x's, A's): the odd ones follow each
             x_even = tl.load(x_rows + even * stride_xk, mask=x_mask, other=0.0).to(operand)
@@ -200,7 +238,7 @@ def _matmul_4bit_kernel(
 @triton.jit
 def _matmul_4bit_t_kernel(
     dy_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, dyb_ptr, a_ptr, dx_ptr,
-    M, N, K, R,
+    M, N, K, K_BYTES, R,
     stride_dym, stride_dyn, stride_dybm, stride_dybr, stride_ar, stride_ak, stride_dxm, stride_dxk,
     scaling,
     M_BUCKET,  # autotune key only
@@ -226,7 +264,7 @@ def _matmul_4bit_t_kernel(
     if EVEN_K:
         HALF: tl.constexpr = BLOCK_K // 2
         pairs = pid_k * HALF + tl.arange(0, HALF)
-        mask_p = pairs < K // 2
+        mask_p = pairs < K_BYTES
         acc_even = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
         acc_odd = tl.zeros((BLOCK_M, HALF), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_N):
@@ -234,7 +272,8 @@ def _matmul_4bit_t_kernel(
             mask_n = rows < N
             w_even, w_odd = _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
                                           rows[:, None], pairs[None, :], mask_n[:, None] & mask_p[None, :], K,
-                                          LOG2_BLOCKSIZE, NESTED, LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
+                                          K_BYTES, LOG2_BLOCKSIZE, NESTED, LOG2_NESTED, W_DTYPE,
+                                          operand)  # fmt: skip
             dy = tl.load(
                 dy_rows + rows[None, :].to(tl.int64) * stride_dyn, mask=mask_m[:, None] & mask_n[None, :], other=0.0
             )
@@ -289,13 +328,40 @@ if AUTOTUNE:
     }
 
 
-def _launcher(kernel, m: int, dtype: torch.dtype, lora_shrink: bool, even_k: bool) -> tuple:
+@triton.jit
+def _dequantize_4bit_kernel(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, out_ptr, K, K_BYTES,
+                            stride_out,
+                            LOG2_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, LOG2_NESTED: tl.constexpr,
+                            W_DTYPE: tl.constexpr, OUT_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
+                            BLOCK_COLS: tl.constexpr):  # fmt: skip
+    """Row ``program_id(0)`` of W, columns [BLOCK_COLS * program_id(1), ...), written to out's row (a bandwidth
+    pass: half a byte read per element written). Even K: one byte per column pair, both nibbles of one block
+    (blocksizes are even), the pair stored interleaved as contiguous columns; odd K: per element."""
+    row = tl.program_id(0).to(tl.int64)
+    out_row = out_ptr + row * stride_out
+    if EVEN_K:
+        pairs = tl.program_id(1) * (BLOCK_COLS // 2) + tl.arange(0, BLOCK_COLS // 2)
+        in_row = pairs < K_BYTES
+        high, low = _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, row, pairs,
+                                  in_row, K, K_BYTES, LOG2_BLOCKSIZE, NESTED, LOG2_NESTED, W_DTYPE,
+                                  OUT_DTYPE)  # fmt: skip
+        cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        tl.store(out_row + cols, tl.interleave(high, low), mask=cols < K)  # contiguous: 16-byte stores
+    else:
+        cols = tl.program_id(1) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+        in_row = cols < K
+        weights = _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, row, cols,
+                                   in_row, K, LOG2_BLOCKSIZE, NESTED, LOG2_NESTED, W_DTYPE, OUT_DTYPE)  # fmt: skip
+        tl.store(out_row + cols, weights, mask=in_row)
+
+
+def _launcher(kernel, m: int, dtype: torch.dtype, lora_shrink: bool, even_k: bool, out_features: int | None) -> tuple:
     """(kernel, launch options): autotuned over the tile set of the row count and dtype, or the kernel and its
     :func:`pinned_config`."""
     decode = m <= DECODE_MAX_M
     if AUTOTUNE:
         return _TUNED[kernel, decode, dtype == torch.float32], {}
-    return kernel, pinned_config(decode, m, dtype, lora_shrink, even_k).all_kwargs()
+    return kernel, pinned_config(decode, m, dtype, lora_shrink, even_k, out_features).all_kwargs()
 
 
 def _format_args(absmax, code, absmax2, code2, offset, blocksize: int, nested_blocksize: int, w_dtype: torch.dtype):
@@ -342,17 +408,17 @@ def matmul_4bit(
     a = lora_a if lora_a is not None else x
     xa_ = xa if xa is not None else y
     b = lora_b if lora_b is not None else y
-    kernel, options = _launcher(_matmul_4bit_kernel, m, x.dtype, lora == 2, k % 2 == 0)
+    kernel, options = _launcher(_matmul_4bit_kernel, m, x.dtype, lora == 2, k % 2 == 0, n)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-    with _on_device(x):
+    with on_device(x):
         kernel[grid](
             x, packed, *state, bias if bias is not None else y, a, xa_, b, y,
-            m, n, k, r,
+            m, n, k, k // 2, r,
             x.stride(0), x.stride(1), a.stride(0), a.stride(1), xa_.stride(0), xa_.stride(1), b.stride(0),
             b.stride(1), y.stride(0), y.stride(1),
             float(scaling), min(triton.next_power_of_2(m), 8192),
-            EVEN_K=k % 2 == 0, HAS_BIAS=bias is not None, LORA=lora, R_PAD=_r_pad(r),
-            DOT_PRECISION=_dot_precision(x.dtype), UPCAST=_INTERPRET, **constexprs, **options,
+            EVEN_K=k % 2 == 0, HAS_BIAS=bias is not None, LORA=lora, R_PAD=r_pad(r),
+            DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, **constexprs, **options,
         )  # fmt: skip
     return y
 
@@ -383,16 +449,50 @@ def matmul_4bit_t(
     r = 0 if dyb is None else dyb.shape[1]
     dyb_ = dyb if dyb is not None else dx
     a = lora_a if lora_a is not None else dx
-    kernel, options = _launcher(_matmul_4bit_t_kernel, m, dy.dtype, False, k % 2 == 0)
+    kernel, options = _launcher(_matmul_4bit_t_kernel, m, dy.dtype, False, k % 2 == 0, None)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
-    with _on_device(dy):
+    with on_device(dy):
         kernel[grid](
             dy, packed, *state, dyb_, a, dx,
-            m, n, k, r,
+            m, n, k, k // 2, r,
             dy.stride(0), dy.stride(1), dyb_.stride(0), dyb_.stride(1), a.stride(0), a.stride(1), dx.stride(0),
             dx.stride(1),
             float(scaling), min(triton.next_power_of_2(m), 8192),
-            EVEN_K=k % 2 == 0, LORA=dyb is not None, R_PAD=_r_pad(r), DOT_PRECISION=_dot_precision(dy.dtype),
-            UPCAST=_INTERPRET, **constexprs, **options,
+            EVEN_K=k % 2 == 0, LORA=dyb is not None, R_PAD=r_pad(r), DOT_PRECISION=dot_precision(dy.dtype),
+            UPCAST=INTERPRET, **constexprs, **options,
         )  # fmt: skip
     return dx
+
+
+# Columns per program of the dequantize pass: 4096 (8 KB of bf16 written; 14336 programs for a 4096 x 14336 weight,
+# many waves on 132 SMs); the interpreter gets small programs.
+DEQUANTIZE_BLOCK_COLS = 32 if INTERPRET else 4096
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    nested_blocksize: int,
+    n: int,
+    k: int,
+    w_dtype: torch.dtype,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """Write W [n, k] into ``out`` ([n, k], unit column stride, any row stride: a view of a wider buffer) in out's
+    dtype: ``code[q] * absmax`` in fp32, rounded to ``w_dtype`` (bitsandbytes' values), then to out's dtype. One
+    pass: n * k / 2 bytes read, n * k elements written (the prefill tier's transient weight). Returns out."""
+    if n * k == 0:
+        return out
+    state, constexprs = _format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
+    grid = (n, triton.cdiv(k, DEQUANTIZE_BLOCK_COLS))
+    with on_device(packed):
+        _dequantize_4bit_kernel[grid](
+            packed, *state, out, k, k // 2, out.stride(0), OUT_DTYPE=_TORCH_TO_TL[out.dtype], EVEN_K=k % 2 == 0,
+            BLOCK_COLS=DEQUANTIZE_BLOCK_COLS, num_warps=4, **constexprs,
+        )  # fmt: skip
+    return out

@@ -19,6 +19,7 @@ patch does:
 
 from __future__ import annotations
 
+import functools
 import types
 import weakref
 
@@ -34,6 +35,7 @@ _PROBE = torch.linspace(-12.0, 12.0, 481, dtype=torch.float64)
 _PROBE_ATOL = 1e-9
 
 
+@functools.cache  # called on every adapter call (call_reason); a failed import is not cached
 def _adapterhub() -> types.SimpleNamespace:
     try:
         from adapters.composition import AdapterCompositionBlock, Fuse

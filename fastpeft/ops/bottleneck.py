@@ -25,8 +25,9 @@ from typing import NamedTuple
 
 import torch
 
-from fastpeft.backends import differentiable_as_is, select_backend
+from fastpeft.backends import select_backend
 from fastpeft.ops.common import FLOAT_DTYPES
+from fastpeft.ops.route import Route, choose_route
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "leakyrelu", "sigmoid")
 # The kernels' activation codes (csrc/bottleneck.cu and triton_kernels/bottleneck.py switch on them).
@@ -408,24 +409,14 @@ def bottleneck_adapter(
     per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 2 else 1
     out_res = None if out_residual is None else out_residual.reshape(rows.shape)
     tensors = (rows, res, out_res, out_ln_weight, out_ln_bias, *adapters)
-    if _through_function(rows, tensors):
+    route = choose_route("bottleneck_adapter", rows.device, _TRITON_FIRST, tensors)
+    # No custom op of its own yet: a compiled call traces the Function as it does in training.
+    if route in (Route.CUSTOM_OP, Route.FUNCTION):
         y = _BottleneckFunction.apply(ids, per_sample, activation, float(ln_eps), float(out_ln_eps), *tensors)
     else:
         post = Post(out_res, out_ln_weight, out_ln_bias, float(out_ln_eps))
         y = _run(rows, res, adapters, ids, per_sample, activation, float(ln_eps), post)
     return y.reshape(x.shape)
-
-
-def _through_function(x: torch.Tensor, tensors: tuple) -> bool:
-    """Whether the call goes through the autograd function (the fused backward): while compiling, or when a
-    gradient is needed on CUDA or on another backend. Without gradients the backend runs directly (no autograd
-    node); in training off CUDA on the torch backend its composition is differentiable as it stands
-    (:func:`~fastpeft.backends.differentiable_as_is`; the function's backward would recompute the forward)."""
-    if torch.compiler.is_compiling():
-        return True
-    if not (torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)):
-        return False
-    return not differentiable_as_is("bottleneck_adapter", x.device, _TRITON_FIRST)
 
 
 def _check_post(x, out_residual, out_ln_weight, out_ln_bias, out_ln_eps) -> None:

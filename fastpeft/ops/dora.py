@@ -25,9 +25,10 @@ from typing import Optional
 import torch
 
 from fastpeft._autocast import without_autocast
-from fastpeft.backends import differentiable_as_is, select_backend
+from fastpeft.backends import select_backend
 from fastpeft.ops.dropout import apply_mask, check_p, keep_scale
 from fastpeft.ops.lora import IMPLS, check_lora_linear_args, lora_grads, preference, resolve_dropout_mask
+from fastpeft.ops.route import Route, choose_route
 
 
 def weight_row_norm_sq(weight: torch.Tensor) -> torch.Tensor:
@@ -223,17 +224,16 @@ def dora_linear(
 
 
 def _scaled_rows(rows, weight, lora_a, lora_b, scaling, bias, out_scale):
-    """``out_scale * (rows W^T + s rows A^T B^T) + bias`` through the custom op (compiling) or the Function."""
-    if torch.compiler.is_compiling():
-        return _dora_linear_op(rows, weight, lora_a, lora_b, scaling, bias, out_scale)[0]
-    keep_z = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (rows, weight, lora_a, lora_b, bias, out_scale)
-    )
+    """``out_scale * (rows W^T + s rows A^T B^T) + bias`` by its route (:mod:`fastpeft.ops.route`): the
+    backend and the torch backend's autograd form are both :func:`_dora_rows` (PyTorch ops on the torch path)."""
     pref = preference("lora_linear", rows.shape[0], lora_a.shape[0])
-    if not keep_z or differentiable_as_is("dora_linear", rows.device, pref):
-        # Inference: no autograd node. Training off CUDA on the torch backend: _dora_rows is PyTorch ops.
+    tensors = (rows, weight, lora_a, lora_b, bias, out_scale)
+    route = choose_route("dora_linear", rows.device, pref, tensors)
+    if route is Route.CUSTOM_OP:
+        return _dora_linear_op(rows, weight, lora_a, lora_b, scaling, bias, out_scale)[0]
+    if route in (Route.BACKEND, Route.TORCH_AUTOGRAD):
         return _dora_rows(rows, weight, lora_a, lora_b, scaling, bias, out_scale, False)[0]
-    return _DoRALinearFunction.apply(rows, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z)[0]
+    return _DoRALinearFunction.apply(rows, weight, lora_a, lora_b, scaling, bias, out_scale, True)[0]
 
 
 @without_autocast

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from fastpeft._autocast import without_autocast
-from fastpeft.backends import differentiable_as_is, select_backend
+from fastpeft.backends import select_backend
 from fastpeft.ops.common import FLOAT_DTYPES, check_tensor
 from fastpeft.ops.dropout import (
     DROPOUT_MODES,
@@ -33,6 +33,7 @@ from fastpeft.ops.dropout import (
     seeded_mask,
     unpack_bits,
 )
+from fastpeft.ops.route import Route, choose_route
 
 # The CUDA extension's GEMV path (csrc/lora.cu) handles at most this many rows without re-reading W.
 _CUDA_DECODE_MAX_M = 8
@@ -628,15 +629,16 @@ def lora_linear(
 
 
 def _fused_rows(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p) -> torch.Tensor:
-    """The op on 2-D rows by its cheapest route: the custom op while compiling; the backend directly when
-    nothing needs a gradient (no autograd node); in training off CUDA on the torch backend, differentiable
-    PyTorch ops (:func:`_lora_linear_torch_autograd`); else the autograd function (the kernels' backward)."""
-    if torch.compiler.is_compiling():
-        return _lora_linear_op(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
-    if not (torch.is_grad_enabled() and _any_requires_grad(x, weight, lora_a, lora_b, bias)):
-        return _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
+    """The op on 2-D rows by its route (:mod:`fastpeft.ops.route`); the torch backend's autograd form
+    (:func:`_lora_linear_torch_autograd`) has one mask and no in-kernel dropout."""
     pref = preference("lora_linear", x.shape[0], 1)
-    if seed < 0 and not groups and differentiable_as_is("lora_linear", x.device, pref):
+    tensors = (x, weight, lora_a, lora_b, bias)
+    route = choose_route("lora_linear", x.device, pref, tensors, torch_autograd=seed < 0 and not groups)
+    if route is Route.CUSTOM_OP:
+        return _lora_linear_op(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
+    if route is Route.BACKEND:
+        return _lora_linear_rows(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
+    if route is Route.TORCH_AUTOGRAD:
         select_backend("lora_linear", x.device, pref)  # reported: the op runs on the torch backend
         return _lora_linear_torch_autograd(x, weight, lora_a, lora_b, scaling, bias, mask, scales[0])
     return _LoRALinearFunction.apply(x, weight, lora_a, lora_b, scaling, bias, mask, scales, groups, seed, p)
@@ -663,7 +665,3 @@ def lora_forward_no_dropout(
     rows = x.reshape(-1, x.shape[-1])
     y = _fused_rows(rows, weight, lora_a, lora_b, scaling, bias, None, [1.0], [], -1, 0.0)
     return y.reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _any_requires_grad(*tensors: Optional[torch.Tensor]) -> bool:
-    return any(t is not None and t.requires_grad for t in tensors)

@@ -26,6 +26,7 @@ from fastpeft.backends import select_backend
 from fastpeft.ops.adapter_pool import AdapterPool
 from fastpeft.ops.common import check_tensor
 from fastpeft.ops.lora import check_lora_linear_args
+from fastpeft.ops.route import Route, choose_route
 
 ID_DTYPES = (torch.int32, torch.int64)
 # Prefill (many rows) runs the Triton tile kernels; the CUDA kernels are per-token (decode).
@@ -319,12 +320,12 @@ def _add(base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, ids: torch.Tens
     if not pool.num_adapters:
         return base if owned else base.clone()
     rows, base_rows = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
-    if not torch.compiler.is_compiling():
-        decode = rows.shape[0] <= _CUDA_DECODE_MAX_M
-        preference = _DECODE_PREFERENCE if decode else _PREFILL_PREFERENCE
-        if select_backend("multi_lora_add", x.device, preference) == "torch":
-            base_rows = base_rows if owned or base.dtype != torch.float32 else base_rows.clone()
-            return _add_torch(base_rows, rows, pool, ids).reshape(base.shape)
+    preference = _DECODE_PREFERENCE if rows.shape[0] <= _CUDA_DECODE_MAX_M else _PREFILL_PREFERENCE
+    # Inference only: no tensors given, so the route is the custom ops (compiling) or the backend.
+    backend = choose_route("multi_lora_add", x.device, preference, ()) is Route.BACKEND
+    if backend and select_backend("multi_lora_add", x.device, preference) == "torch":
+        base_rows = base_rows if owned or base.dtype != torch.float32 else base_rows.clone()
+        return _add_torch(base_rows, rows, pool, ids).reshape(base.shape)
     return multi_lora_expand(base_rows, multi_lora_shrink(rows, pool, ids), pool, ids).reshape(base.shape)
 
 

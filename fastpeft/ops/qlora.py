@@ -1,4 +1,5 @@
-"""The ``qlora`` op family: products with a 4-bit (NF4/FP4) weight, dequantized on chip, never in memory.
+"""The ``qlora`` op family: products with a 4-bit (NF4/FP4) weight, dequantized on chip below 512 rows of x and
+once per call (a transient dense W) above, by the tiers below.
 
     matmul_4bit:  y = x @ dequant(W).T + bias
     qlora_linear: y = x @ dequant(W).T + bias + scaling * (dropout(x) @ A.T) @ B.T
@@ -11,9 +12,10 @@ W is bitsandbytes' layout (:mod:`fastpeft.ops.quant_4bit`); its dequantized valu
   LoRA optional (``lora_a``: the shrink of x is computed too, fused into the kernel for decode on Triton;
   ``xa``: a precomputed fp32 shrink, as after dropout);
 - ``fastpeft::matmul_4bit_t(dy, packed, <state>, k, w_dtype, dyb, lora_a, scaling)``: ``dy @ dequant(W)``
-  (+ ``scaling * dyb @ A``), the backward's ``dx`` with no dequantized copy of W.
+  (+ ``scaling * dyb @ A``), the backward's ``dx`` (W dequantized on chip, or once per call from 512 rows).
 
-``cuda`` (csrc/qlora.cu: a GEMV with 16-byte loads for decode, a tensor-core GEMM for 16-bit prefill),
+``cuda`` (csrc/qlora.cu: a GEMV with 16-byte loads for decode, a tensor-core GEMM for 16-bit prefill, the
+dequantize pass),
 ``triton`` (triton_kernels/qlora.py) and ``torch`` (dequantize, then cuBLAS/CPU GEMM: the CPU path and the
 reference's shape). Autograd (:class:`_QLoRAFunction`) gives x, A, B and bias their gradients.
 """
@@ -27,13 +29,39 @@ from fastpeft._autocast import without_autocast
 from fastpeft.backends import select_backend
 from fastpeft.ops.common import check_tensor
 from fastpeft.ops.dropout import apply_mask, check_p, draw_mask, keep_scale
+from fastpeft.ops.lora import IMPLS as LORA_IMPLS
 from fastpeft.ops.lora import call_lora_op
 from fastpeft.ops.quant_4bit import QuantState, check_quant_state, dequantize_4bit, dequantize_checked
+from fastpeft.ops.route import Route, choose_route
 
-# Rows at or below which the CUDA GEMV (and the Triton decode tiles with the shrink fused) run.
+# The tiers, by rows M of x (the torch backend dequantizes at every M; benchmarks/roofline.py models each tier):
+#   M <= GEMV_MAX_M, no adapter shrink to fuse   the CUDA GEMV: W's bytes read once, the products on the CUDA cores.
+#   M <= DECODE_MAX_M otherwise                  Triton's decode tiles: W read once, the products on the tensor cores
+#                                                (only the decoding on the CUDA cores), the LoRA shrink x A^T in the
+#                                                same K loop: one launch per QLoRA layer call.
+#   DECODE_MAX_M < M < DEQUANTIZE_ONCE_MIN_M     tiles that dequantize W on chip per row tile (tensor cores): W's
+#                                                4-bit bytes read ceil(M / BLOCK_M) times, never written dense.
+#   M >= DEQUANTIZE_ONCE_MIN_M                   dequantize once: one pass writes W in x's dtype (N*K/2 bytes read,
+#                                                2*N*K written) beside B, then one cuBLAS GEMM over K + r.
+# Why 0 (the GEMV only where Triton cannot run, or forced): both decode kernels are bound by W's bytes at one row
+# (~7.8 us for 4096 x 14336 on an H200), the model puts Triton's tiles ~10% ahead there (the GEMV's 448 blocks
+# fill 1.7 waves of two per SM, and it reads x back from shared memory), and every further row costs the GEMV one
+# FMA per weight (~1.8 us) that the tensor cores take for free; the first GPU run's fused:cuda and fused:triton
+# rows decide. Why 512: the dense pass costs about 2.5 bytes per weight (~38 us for 4096 x 14336), fixed in M,
+# while decoding on chip costs the decode once per row tile beside the tile's 2*BLOCK_M tensor-core FLOPs; the
+# GEMM (2*M*N*K at 790 TFLOP/s) passes 3 x 38 us near M = 512. Predicted, not measured: the first GPU run
+# measures both crossovers (benchmarks/bench_qlora.py) and these constants follow it.
+GEMV_MAX_M = 0
 DECODE_MAX_M = 16
-_DECODE_PREFERENCE = ("cuda", "triton")
-_PREFILL_PREFERENCE = ("triton", "cuda")
+DEQUANTIZE_ONCE_MIN_M = 512
+
+
+def preference(op: str, m: int, fuses_shrink: bool) -> tuple[str, ...]:
+    """The backend order for ``op`` (matmul_4bit or matmul_4bit_t) on ``m`` rows on a CUDA device, by the tiers
+    above; ``fuses_shrink``: the call carries lora_a for its kernel to compute x A^T in the same launch."""
+    if op == "matmul_4bit" and m <= GEMV_MAX_M and not fuses_shrink:
+        return ("cuda", "triton")
+    return ("triton", "cuda")
 
 
 class Weight4bit(NamedTuple):
@@ -70,96 +98,154 @@ class Weight4bit(NamedTuple):
         )
 
     def state_args(self) -> tuple:
-        """The state as the custom ops take it (everything between ``packed`` and the shape)."""
+        """The state as the custom ops' schema takes it (everything between ``packed`` and the shape): a schema
+        holds tensors and scalars only, so the object travels flat across the op boundary and nowhere else."""
         return (self.absmax, self.code, self.absmax2, self.code2, self.offset, self.blocksize, self.nested_blocksize)
 
+    @classmethod
+    def from_op_args(cls, packed, state_args: tuple, out_features: int, in_features: int, dtype) -> "Weight4bit":
+        """The inverse of :meth:`state_args`, inside a custom op (its arguments were checked when the object was
+        built)."""
+        return cls(packed, *state_args, out_features, in_features, dtype)
+
     def state(self) -> QuantState:
+        """bitsandbytes' QuantState for this weight (its quant_type read from the code: one host sync)."""
+        quant_type = "fp4" if float(self.code[1]) > 0 else "nf4"  # FP4's code[1] is +0.0052, NF4's -0.696
+        return self._quant_state(quant_type)
+
+    def dequantized(self) -> torch.Tensor:
+        """W [out_features, in_features] in ``dtype``, bitsandbytes' values (no host sync)."""
+        return dequantize_checked(self.packed, self._quant_state("nf4"))  # only the code's values matter here
+
+    def _quant_state(self, quant_type: str) -> QuantState:
         nested = None
         if self.absmax2 is not None:
             nested = QuantState(self.absmax2, None, self.code2, self.nested_blocksize, None, torch.float32)
-        quant_type = "fp4" if float(self.code[1]) > 0 else "nf4"  # FP4's code[1] is +0.0052, NF4's -0.696
         shape = torch.Size((self.out_features, self.in_features))
         offset = None if self.offset is None else self.offset.reshape(())
         return QuantState(self.absmax, shape, self.code, self.blocksize, quant_type, self.dtype, offset, nested)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The torch backend
+# The backends: each takes the weight as one Weight4bit
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _dequantized(packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, shape, w_dtype):
-    """W [N, K] in ``w_dtype`` (bitsandbytes' values), from the ops' flat arguments (checked by Weight4bit)."""
-    nested = None if absmax2 is None else QuantState(absmax2, None, code2, nested_blocksize, None, torch.float32)
-    quant_type = "nf4"  # only the code's values matter here, and the code is given
-    state = QuantState(absmax, torch.Size(shape), code, blocksize, quant_type, w_dtype,
-                       None if offset is None else offset.reshape(()), nested)  # fmt: skip
-    return dequantize_checked(packed, state)
-
-
 @without_autocast
-def _matmul_4bit_torch(x, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, n, w_dtype,
-                       bias, lora_a, xa, lora_b, scaling):  # fmt: skip
-    shape = (n, x.shape[1])
-    w = _dequantized(packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, shape, w_dtype)
-    w = w.to(x.dtype).t()
+def _matmul_4bit_torch(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
+    wt = w.dequantized().to(x.dtype).t()
     if lora_b is None:
-        return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+        return torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
     xa = torch.mm(x.float(), lora_a.float().t()) if xa is None else xa
     if x.dtype == torch.float32:  # as lora's torch path: three GEMM calls, the LoRA term added in place
-        out = torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+        out = torch.mm(x, wt) if bias is None else torch.addmm(bias, x, wt)
         return out.addmm_(xa, lora_b.t(), alpha=scaling)
-    out = torch.mm(x, w).float().addmm_(xa, lora_b.float().t(), alpha=scaling)
+    out = torch.mm(x, wt).float().addmm_(xa, lora_b.float().t(), alpha=scaling)
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype)
 
 
 @without_autocast
-def _matmul_4bit_t_torch(dy, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, k, w_dtype,
-                         dyb, lora_a, scaling):  # fmt: skip
-    shape = (dy.shape[1], k)
-    w = _dequantized(packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, shape, w_dtype)
-    dx = torch.mm(dy, w.to(dy.dtype))
+def _matmul_4bit_t_torch(dy, w: Weight4bit, dyb, lora_a, scaling):
+    dx = torch.mm(dy, w.dequantized().to(dy.dtype))
     if dyb is None:
         return dx
     return torch.addmm(dx.float(), dyb, lora_a.float(), alpha=scaling).to(dy.dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The triton and cuda backends (imported on first use: triton and fastpeft._C are optional)
-# ----------------------------------------------------------------------------------------------------------
+# The triton and cuda backends are imported on first use: triton and fastpeft._C are optional.
 
 
-def _matmul_4bit_triton(x, packed, *rest):
+def _dequantize_triton(w: Weight4bit, out: torch.Tensor) -> torch.Tensor:
+    from fastpeft.triton_kernels.qlora import dequantize_4bit
+
+    return dequantize_4bit(w.packed, *w.state_args(), w.out_features, w.in_features, w.dtype, out)
+
+
+def _dequantize_cuda(w: Weight4bit, out: torch.Tensor) -> torch.Tensor:
+    torch.ops.fastpeft.dequantize_4bit_cuda(w.packed, *w.state_args(), w.out_features, w.in_features, w.dtype, out)
+    return out
+
+
+# backend -> write W [N, K] into a given view ([N, K], unit column stride, any row stride) in the view's dtype
+DEQUANTIZE = {"triton": _dequantize_triton, "cuda": _dequantize_cuda}
+
+
+def _dequantized_forward(backend: str, x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
+    """The dequantize-once tier's forward: one cuBLAS GEMM, the adapter folded into its K loop as r more columns:
+    ``[x | s x A^T] @ [W | B]^T`` (W written by the dequantize pass straight into the wider buffer, a transient
+    freed when the call returns; B copied beside it). The LoRA term costs r/K of the GEMM and a copy of x, and
+    rounds ``s x A^T`` to x's dtype before B, as PEFT's own layer does."""
+    n, k = w.out_features, w.in_features
+    r = 0 if lora_b is None else lora_b.shape[1]
+    dense = torch.empty((n, k + r), device=x.device, dtype=x.dtype)
+    DEQUANTIZE[backend](w, dense[:, :k])
+    if r:
+        if xa is None:
+            xa = LORA_IMPLS["lora_shrink"][backend](x, lora_a)
+        dense[:, k:] = lora_b
+        joined = torch.empty((x.shape[0], k + r), device=x.device, dtype=x.dtype)
+        joined[:, :k] = x
+        joined[:, k:] = xa * scaling
+        x = joined
+    return torch.mm(x, dense.t()) if bias is None else torch.addmm(bias, x, dense.t())
+
+
+def _dequantized_backward(backend: str, dy, w: Weight4bit, dyb, lora_a, scaling):
+    """The dequantize-once tier's ``dx = dy W (+ s dyb A)``: ``[dy | s dyb] @ [W ; A]`` in one cuBLAS GEMM, W
+    dequantized again into the taller buffer (the forward's copy is gone: keeping it would hold 2*N*K bytes per
+    layer between the passes, the memory QLoRA saves)."""
+    n, k = w.out_features, w.in_features
+    r = 0 if dyb is None else dyb.shape[1]
+    dense = torch.empty((n + r, k), device=dy.device, dtype=dy.dtype)
+    DEQUANTIZE[backend](w, dense[:n])
+    if not r:
+        return torch.mm(dy, dense)
+    dense[n:] = lora_a
+    joined = torch.empty((dy.shape[0], n + r), device=dy.device, dtype=dy.dtype)
+    joined[:, :n] = dy
+    joined[:, n:] = dyb * scaling
+    return torch.mm(joined, dense)
+
+
+def _matmul_4bit_triton(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
     from fastpeft.triton_kernels import qlora
     from fastpeft.triton_kernels.lora import lora_shrink
 
-    *state_and_shape, bias, lora_a, xa, lora_b, scaling = rest
+    if x.shape[0] >= DEQUANTIZE_ONCE_MIN_M:
+        return _dequantized_forward("triton", x, w, bias, lora_a, xa, lora_b, scaling)
     if lora_a is not None and x.shape[0] > qlora.DECODE_MAX_M:  # prefill: the shrink once, not per tile
         xa, lora_a = lora_shrink(x, lora_a), None
-    return qlora.matmul_4bit(x, packed, *state_and_shape, bias, lora_a, xa, lora_b, scaling)
+    return qlora.matmul_4bit(x, w.packed, *w.state_args(), w.out_features, w.dtype, bias, lora_a, xa, lora_b,
+                             scaling)  # fmt: skip
 
 
-def _matmul_4bit_t_triton(dy, packed, *rest):
+def _matmul_4bit_t_triton(dy, w: Weight4bit, dyb, lora_a, scaling):
     from fastpeft.triton_kernels.qlora import matmul_4bit_t
 
-    return matmul_4bit_t(dy, packed, *rest)
+    if dy.shape[0] >= DEQUANTIZE_ONCE_MIN_M:
+        return _dequantized_backward("triton", dy, w, dyb, lora_a, scaling)
+    return matmul_4bit_t(dy, w.packed, *w.state_args(), w.in_features, w.dtype, dyb, lora_a, scaling)
 
 
-def _matmul_4bit_cuda(x, packed, *rest):
-    *state_and_shape, bias, lora_a, xa, lora_b, scaling = rest
+def _matmul_4bit_cuda(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
+    if x.shape[0] >= DEQUANTIZE_ONCE_MIN_M:
+        return _dequantized_forward("cuda", x, w, bias, lora_a, xa, lora_b, scaling)
     if lora_a is not None:
         xa = torch.ops.fastpeft.lora_shrink_cuda(x, lora_a)
     bias = None if bias is None else bias.contiguous()  # the kernels index bias and xa's rows densely
     xa = None if xa is None else xa.contiguous()
-    return torch.ops.fastpeft.matmul_4bit_cuda(x, packed, *state_and_shape, bias, xa, lora_b, scaling)
+    return torch.ops.fastpeft.matmul_4bit_cuda(x, w.packed, *w.state_args(), w.out_features, w.dtype, bias, xa,
+                                               lora_b, scaling)  # fmt: skip
 
 
-def _matmul_4bit_t_cuda(dy, packed, *rest):
-    *state_and_shape, dyb, lora_a, scaling = rest
+def _matmul_4bit_t_cuda(dy, w: Weight4bit, dyb, lora_a, scaling):
+    if dy.shape[0] >= DEQUANTIZE_ONCE_MIN_M:
+        return _dequantized_backward("cuda", dy, w, dyb, lora_a, scaling)
     dyb = None if dyb is None else dyb.contiguous()
-    return torch.ops.fastpeft.matmul_4bit_t_cuda(dy, packed, *state_and_shape, dyb, lora_a, scaling)
+    return torch.ops.fastpeft.matmul_4bit_t_cuda(dy, w.packed, *w.state_args(), w.in_features, w.dtype, dyb,
+                                                 lora_a, scaling)  # fmt: skip
 
 
 IMPLS = {
@@ -168,10 +254,10 @@ IMPLS = {
 }
 
 
-def _run(op: str, x: torch.Tensor, *args) -> torch.Tensor:
-    decode = x.shape[0] <= DECODE_MAX_M and op == "matmul_4bit"
-    backend = select_backend(op, x.device, _DECODE_PREFERENCE if decode else _PREFILL_PREFERENCE)
-    return IMPLS[op][backend](x, *args)
+def _run(op: str, x: torch.Tensor, w: Weight4bit, *args) -> torch.Tensor:
+    fuses_shrink = op == "matmul_4bit" and args[1] is not None  # matmul_4bit's args: bias, lora_a, ...
+    backend = select_backend(op, x.device, preference(op, x.shape[0], fuses_shrink))
+    return IMPLS[op][backend](x, w, *args)
 
 
 @torch.library.custom_op("fastpeft::matmul_4bit", mutates_args=())
@@ -193,8 +279,9 @@ def _matmul_4bit_op(
     lora_b: Optional[torch.Tensor],
     scaling: float,
 ) -> torch.Tensor:
-    return _run("matmul_4bit", x, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, n,
-                w_dtype, bias, lora_a, xa, lora_b, scaling)  # fmt: skip
+    state = (absmax, code, absmax2, code2, offset, blocksize, nested_blocksize)
+    w = Weight4bit.from_op_args(packed, state, n, x.shape[1], w_dtype)
+    return _run("matmul_4bit", x, w, bias, lora_a, xa, lora_b, scaling)
 
 
 @_matmul_4bit_op.register_fake
@@ -220,8 +307,9 @@ def _matmul_4bit_t_op(
     lora_a: Optional[torch.Tensor],
     scaling: float,
 ) -> torch.Tensor:
-    return _run("matmul_4bit_t", dy, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, k,
-                w_dtype, dyb, lora_a, scaling)  # fmt: skip
+    state = (absmax, code, absmax2, code2, offset, blocksize, nested_blocksize)
+    w = Weight4bit.from_op_args(packed, state, dy.shape[1], k, w_dtype)
+    return _run("matmul_4bit_t", dy, w, dyb, lora_a, scaling)
 
 
 @_matmul_4bit_t_op.register_fake
@@ -231,13 +319,16 @@ def _(dy, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocks
 
 
 def _forward_op(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
-    args = (x, w.packed, *w.state_args(), w.out_features, w.dtype, bias, lora_a, xa, lora_b, scaling)
-    return _matmul_4bit_op(*args) if torch.compiler.is_compiling() else _run("matmul_4bit", *args)
+    if torch.compiler.is_compiling():
+        return _matmul_4bit_op(x, w.packed, *w.state_args(), w.out_features, w.dtype, bias, lora_a, xa, lora_b,
+                               scaling)  # fmt: skip
+    return _run("matmul_4bit", x, w, bias, lora_a, xa, lora_b, scaling)
 
 
 def _backward_op(dy, w: Weight4bit, dyb, lora_a, scaling):
-    args = (dy, w.packed, *w.state_args(), w.in_features, w.dtype, dyb, lora_a, scaling)
-    return _matmul_4bit_t_op(*args) if torch.compiler.is_compiling() else _run("matmul_4bit_t", *args)
+    if torch.compiler.is_compiling():
+        return _matmul_4bit_t_op(dy, w.packed, *w.state_args(), w.in_features, w.dtype, dyb, lora_a, scaling)
+    return _run("matmul_4bit_t", dy, w, dyb, lora_a, scaling)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,12 +495,16 @@ def qlora_forward_unchecked(
 
 
 def _apply(x, weight: Weight4bit, bias, lora_a, lora_b, scaling: float, mask, mask_scale) -> torch.Tensor:
-    """The layer on x's rows: through autograd when something needs a gradient, else straight to the kernels."""
+    """The layer on x's rows by its route (:mod:`fastpeft.ops.route`). The Function's forward and backward call
+    the custom ops while compiling, so compiled calls take it too; the torch backend has no autograd form of its
+    own (its weight is dequantized per call, which autograd would keep alive for the backward)."""
     rows = x.reshape(-1, x.shape[-1])
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, bias, lora_a, lora_b)):
-        y = _QLoRAFunction.apply(rows, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
-    else:  # inference: no autograd node to build
+    pref = preference("matmul_4bit", rows.shape[0], lora_a is not None)
+    route = choose_route("matmul_4bit", x.device, pref, (x, bias, lora_a, lora_b), torch_autograd=False)
+    if route is Route.BACKEND:
         y = _qlora_forward(rows, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
+    else:
+        y = _QLoRAFunction.apply(rows, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
     return y.reshape(*x.shape[:-1], weight.out_features)
 
 

@@ -5,7 +5,7 @@ each element is stored as the 4-bit index of the nearest value of a 16-entry cod
 nearest code value): ``w = code[q] * absmax[i // blocksize]``. Element 2i is the high nibble and 2i+1 the low
 nibble of byte i; the bytes are stored as ``[ceil(N*K/2), 1]`` uint8. With double quantization the absmax
 vector itself is quantized: ``absmax - mean`` in blocks of 256 against bitsandbytes' signed dynamic 8-bit code.
-``../shared/reference/nf4.md`` has the facts; tests/test_quant_4bit.py checks every byte against bitsandbytes.
+tests/test_quant_4bit.py checks every byte against bitsandbytes (the README's QLoRA section: where it differs).
 
 :class:`QuantState` carries bitsandbytes' fields (and converts to and from ``bitsandbytes.functional.QuantState``
 and transformers' checkpoint keys); :func:`quantize_4bit` and :func:`dequantize_4bit` are the format's two
