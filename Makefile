@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PY) -c "import numpy" 2>/dev/null || $(PIP) install -q numpy  # torch warns at build time without it
+	@echo "fastpeft: installing fastpeft; where nvcc and a CUDA build of torch are present this compiles the CUDA"
+	@echo "fastpeft: extension fastpeft._C for 4 GPU architectures: about 5-10 minutes on 2 cores (MAX_JOBS=$(MAX_JOBS);"
+	@echo "fastpeft: FASTPEFT_CUDA_ARCHS=9.0 builds one, FASTPEFT_SKIP_CUDA_BUILD=1 none). Quiet until it ends."
 	# --no-build-isolation: the extension must be built against the torch installed above.
 	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	$(PY) -m fastpeft.cli env
@@ -34,10 +38,15 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-# One benchmark smoke pass: tests/test_bench_runner.py runs every bench's quick cases.
-test: lint
-	$(PY) -m pytest -q tests
-	$(MAKE) test-adapterhub
+# Every part runs, whatever failed before it; then one line names the parts that failed (exit 1) or says all
+# passed. One benchmark smoke pass: tests/test_bench_runner.py runs every bench's quick cases.
+test: $(STAMP)
+	@failed=""; \
+	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \
+	$(PY) -m pytest -q tests || failed="$$failed pytest"; \
+	$(MAKE) --no-print-directory test-adapterhub || failed="$$failed test-adapterhub"; \
+	if [ -n "$$failed" ]; then echo "make test: FAILED:$$failed"; exit 1; fi; \
+	echo "make test: every part passed (lint, pytest, test-adapterhub)"
 
 $(ADAPTERHUB_ENV)/.installed: Makefile
 	$(PIP) install -q --no-deps --upgrade --target $(ADAPTERHUB_ENV) $(ADAPTERHUB_PACKAGES)

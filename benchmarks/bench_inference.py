@@ -3,7 +3,7 @@ the same model patched by fastpeft, on the device present (a CPU included: this 
 
 Scenarios (the demo's, ``fastpeft demo``), on a Llama built from a config (random weights, nothing downloaded):
     lora         PEFT, three LoRA adapters of ranks 8/16/32, one active
-    mixed        the same, one adapter per sample (PEFT's ``adapter_names``: a, b, c and the base model)
+    mixed        the same, one adapter per sample (PEFT's ``adapter_names``: the three and the base model)
     qlora        the base in 4 bits by transformers + bitsandbytes (NF4 + double quantization), PEFT LoRA on top
     bottleneck   AdapterHub's seq_bn adapters in every block
 
@@ -28,10 +28,11 @@ from common import case_fields, case_rows, describe_error, time_variants
 from common import case_from_fields as common_case_from_fields
 
 from fastpeft.backends import use_backend
+from fastpeft.demo import ADAPTERS
 
 OP = "inference"
 SCENARIOS = ("lora", "mixed", "qlora", "bottleneck")
-MIXED_NAMES = ("a", "b", "c", "__base__")
+MIXED_NAMES = (*ADAPTERS, "__base__")
 
 __all__ = ["OP", "backends_for", "case_fields", "case_from_fields", "cases", "describe", "run_case"]
 

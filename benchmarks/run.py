@@ -9,7 +9,7 @@ run (benchmarks/compare.py), also written to ``compare.md``.
     fastpeft bench                                    # = python benchmarks/run.py: targets + sweep on a GPU
     fastpeft bench --quick --ops lora,bottleneck      # smoke pass of two ops, anywhere
     fastpeft bench --budget-s 300                     # start no case after 300 s
-    fastpeft bench --json new.json --plot plots/ --compare benchmarks/results/h100/results.json
+    fastpeft bench --quick --json old.json; fastpeft bench --quick --plot plots/ --compare old.json
     fastpeft bench --compare auto                     # against this GPU's committed results, if any
 
 Exit status: 0, 1 when a row failed or regressed, 2 for bad input (an unknown op, a baseline that is corrupt

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import logging
 import platform
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 from fastpeft._extras import MissingExtra, require_extra
@@ -97,13 +99,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _quiet_transformers() -> None:
+    """The command's own output only: transformers' progress bars and notices, like bitsandbytes' note about an
+    optional CPU kernel package (its logger is set before anything imports it), are not the demo's business;
+    errors still show."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    # PEFT reads an attribute transformers 5 deprecates, once per model it wraps.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "env":
         print(env_report())
         return 0
     if args.command == "demo":
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # before peft imports it: see _quiet_transformers
         require_extra("demo", "fastpeft demo")
         from fastpeft.demo import DemoError, run_demo
+
+        _quiet_transformers()
 
         try:
             return 0 if run_demo(device=args.device, steps=args.steps, model=args.model).passed else 1

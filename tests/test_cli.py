@@ -23,16 +23,19 @@ def test_console_script_is_installed():
     assert "lora_linear" in result.stdout
 
 
-def test_demo_runs_every_scenario_and_passes(capsys):
+def test_demo_runs_every_scenario_and_passes(capsys, recwarn):
     pytest.importorskip("peft")
     from fastpeft.demo import run_demo
 
     result = run_demo(steps=1, batch=4, seq=16)
+    assert not [w for w in recwarn if "should not be contained in the prefix" in str(w.message)]  # adapter names
     layers = {s.name.split(" (")[0]: s.layers for s in result.scenarios if not s.skipped}
     assert layers == {"LoRA": 14, "mixed batch": 14, "QLoRA": 14, "bottleneck": 2}
     assert result.passed, result
     table = capsys.readouterr().out
     assert "| LoRA (PEFT, 1 of 3 adapters)" in table and "PASS" in table
+    assert all(len(s.round_speedups) == 3 for s in result.scenarios if not s.skipped)  # the spread is reported
+    assert "rounds: the range of the rounds' own speed-ups" in table
 
 
 def test_demo_on_a_local_checkpoint(tmp_path, capsys):
@@ -57,3 +60,12 @@ def test_demo_refuses_a_model_path_that_is_not_a_checkpoint(tmp_path, capsys, se
     assert main(["demo", "--model", str(tmp_path / "model")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_the_demo_command_prints_only_its_own_output():
+    pytest.importorskip("peft")
+    result = subprocess.run([sys.executable, "-m", "fastpeft.cli", "demo", "--steps", "1"], capture_output=True,
+                            text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr == ""  # no progress bars, third-party notices or warnings
+    assert result.stdout.startswith("fastpeft demo:")

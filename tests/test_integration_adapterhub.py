@@ -70,3 +70,17 @@ def test_adapters_saved_by_adapterhub_load_with_its_numbers(tmp_path, family, co
     assert load_bottleneck_adapter(plain, tmp_path) == "hub"
     assert rel_error(run(plain), reference) < 1e-5
     assert rel_error(run(plain), run(base_model(family))) > 1e-3  # the adapters do change the output
+
+
+def test_what_adapterhub_has_not_prepared_is_refused_by_name():
+    from fastpeft.integrations.adapterhub import explain_adapterhub_patch
+
+    for model in (base_model("bert"), torch.nn.Linear(4, 4)):
+        for function in (patch_adapterhub_model, explain_adapterhub_patch):
+            with pytest.raises(
+                TypeError, match=f"{function.__name__} expects an AdapterHub model.*{type(model).__name__}"
+            ):
+                function(model)
+    prepared = base_model("bert")
+    adapters.init(prepared)  # prepared, no adapter yet: nothing to patch, and no error
+    assert patch_adapterhub_model(prepared) == 0

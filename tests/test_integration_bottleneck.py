@@ -90,6 +90,40 @@ def test_one_adapter_per_sample(family):
         assert rel_error(mixed[i], run(model)[i]) < 1e-5, name
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_adapters_of_different_shapes_share_a_batch(family, monkeypatch):
+    # One placement, three configurations: one launch per configuration, each on its own samples.
+    model = base_model(family)
+    add_bottleneck_adapters(model, "double_seq_bn", "a")
+    add_bottleneck_adapters(model, BottleneckConfig.preset("double_seq_bn", reduction_factor=6), "b")
+    add_bottleneck_adapters(model, BottleneckConfig.preset("double_seq_bn", non_linearity="relu", ln_before=True), "c")
+    randomize_adapters(model)
+    names = ["b", None, "a", "c", "b"]
+    import fastpeft.integrations.bottleneck_models as placements
+
+    launches = []
+    real = placements.bottleneck_adapter
+    monkeypatch.setattr(placements, "bottleneck_adapter", lambda *a, **k: launches.append(1) or real(*a, **k))
+    with bottleneck_batch(model, names):
+        mixed = run(model, batch=len(names))
+    assert len(launches) == 3 * len(placements.bottleneck_layers(model))
+    monkeypatch.undo()
+    for i, name in enumerate(names):
+        set_active_bottleneck(model, name)
+        assert rel_error(mixed[i], run(model, batch=len(names))[i]) < 1e-5, name
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_adapters_placed_differently_are_refused_before_anything_is_attached(family):
+    model = add_bottleneck_adapters(base_model(family), "seq_bn", "a")
+    randomize_adapters(model)
+    before = run(model)
+    with pytest.raises(ValueError, match=r"adapter .b. is placed as .*original_ln_before.*do not mix"):
+        add_bottleneck_adapters(model, "double_seq_bn", "b")
+    assert not any(".adapters.b." in name for name, _ in model.named_parameters())
+    assert torch.equal(run(model), before)
+
+
 def test_save_and_load(tmp_path):
     config = BottleneckConfig.preset("seq_bn", reduction_factor=6, scaling="channel", ln_before=True)
     model = add_bottleneck_adapters(base_model("bert"), config, "task")

@@ -179,3 +179,22 @@ def test_in_place_ops_on_patched_output(backend, fused_calls):
         out = layer(torch.randn(4, 40, device=DEVICE))
         out += 1
     assert len(fused_calls) == 3
+
+
+@pytest.mark.parametrize("not_peft", [lambda: tiny_llama(), lambda: nn.Linear(4, 4), lambda: "model"])
+def test_what_is_not_a_peft_model_is_refused_by_name(not_peft):
+    from fastpeft import explain_patch
+
+    model = not_peft()
+    for function in (patch_peft_model, explain_patch):
+        with pytest.raises(TypeError, match=f"{function.__name__} expects a PEFT model.*{type(model).__name__}"):
+            function(model)
+
+
+def test_a_model_with_injected_adapters_is_a_peft_model():
+    model = peft.inject_adapter_in_model(peft.LoraConfig(r=4, target_modules=list(TARGETS)), tiny_llama())
+    randomize_lora_b(model)
+    expected = logits(model.eval())
+    patch_peft_model(model)
+    assert patched_layer_count(model) == 2 * len(TARGETS)
+    assert rel_error(logits(model), expected) < 1e-5

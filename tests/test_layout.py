@@ -103,3 +103,15 @@ def test_the_readme_lists_every_speed_target():
     section = readme[readme.index("## Speed targets") : readme.index("\n## ", readme.index("## Speed targets") + 1)]
     missing = [target.name for target in targets.TARGETS if f"| {target.name} |" not in section]
     assert not missing
+
+
+def test_every_path_the_readme_names_exists():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    roots = ("benchmarks/", "scripts/", "tests/", "csrc/", "fastpeft/", "triton_kernels/", ".ci/", ".github/")
+    installed_only = {"fastpeft/benchmarks/"}  # where the wheel puts benchmarks/
+    named = set(re.findall(r"[\w./<>*-]+", readme))  # patterns such as benchmarks/bench_<op>.py stay whole
+    paths = {p.rstrip(".,:;") for p in named if p.startswith(roots)} - installed_only
+    missing = sorted(p for p in paths if "<" not in p and "*" not in p and not (ROOT / p).exists())
+    assert not missing

@@ -127,6 +127,14 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, residual_input: torch.Tenso
     return output, None, None
 
 
+def _require_adapterhub_model(model: object, function: str) -> None:
+    """TypeError naming what ``function`` got unless ``model`` was prepared by AdapterHub (``adapters.init`` or an
+    ``AutoAdapterModel``: it carries ``adapters_config``)."""
+    if not isinstance(model, nn.Module) or getattr(model, "adapters_config", None) is None:
+        raise TypeError(f"{function} expects an AdapterHub model (adapters.init(model) or an AutoAdapterModel), got "
+                        f"a {type(model).__name__} that AdapterHub has not prepared")  # fmt: skip
+
+
 def _adapter_layers(model: nn.Module, hub: types.SimpleNamespace) -> list[tuple[str, nn.Module, nn.Module | None]]:
     """(name, adapter module, the layer holding it) for every bottleneck adapter module of ``model``."""
     owner = {}
@@ -149,8 +157,10 @@ def patch_adapterhub_model(model: nn.Module) -> int:
     """Make every bottleneck adapter module of an AdapterHub model (``adapters.init(model)`` or an
     ``AutoAdapterModel``) whose structure the fused op expresses run it; returns how many run fastpeft's forward.
     Idempotent: call it again after adding adapters to cover them. Fusion layers, compositions and gating-score
-    outputs may change after patching (:func:`call_reason` decides per call)."""
+    outputs may change after patching (:func:`call_reason` decides per call). TypeError when ``model`` is not an
+    AdapterHub model (patching it would do nothing)."""
     hub = _adapterhub()
+    _require_adapterhub_model(model, "patch_adapterhub_model")
     for _, module, layer in _adapter_layers(model, hub):
         if unsupported_reason(module) is None:
             module._fastpeft_activation = activation_name(module.non_linearity.f)
@@ -171,8 +181,10 @@ def unpatch_adapterhub_model(model: nn.Module) -> nn.Module:
 
 def explain_adapterhub_patch(model: nn.Module) -> PatchReport:
     """Per bottleneck adapter module of an AdapterHub model: the path a plain call (no gating scores requested)
-    runs now, in the model's current mode and active setup, and why."""
+    runs now, in the model's current mode and active setup, and why. TypeError when ``model`` is not an
+    AdapterHub model."""
     hub = _adapterhub()
+    _require_adapterhub_model(model, "explain_adapterhub_patch")
     report = PatchReport()
     for name, module, _ in _adapter_layers(model, hub):
         if not _is_patched(module):

@@ -104,14 +104,27 @@ class BottleneckLayer(nn.Module):
         return self.adapters[self.active](x, residual, out_residual, out_norm)
 
     def _per_sample(self, x, residual, out_residual, out_norm) -> torch.Tensor:
+        """One launch per group of the batch's adapters that share activation, bottleneck size and ln_before
+        (usually one group): each group adds its adapters on its samples to what the previous groups left, and
+        the last applies the add and LayerNorm after the adapter to every sample."""
         names = [n for n in self.adapters if any(b == n for b in self.batch_names)]
         if not names:
             return _without_adapter(residual, out_residual, out_norm)
+        groups: dict[tuple, list[str]] = {}
+        for n in names:
+            m = self.adapters[n]
+            groups.setdefault((m.activation, m.adapter_norm_before is None, m.bottleneck_size), []).append(n)
+        y = residual
+        for i, group in enumerate(groups.values()):
+            last = i == len(groups) - 1
+            post = (out_residual, out_norm) if last else (None, None)
+            y = self._group(x, y, group, *post)
+        return y
+
+    def _group(self, x, residual, names: list[str], out_residual, out_norm) -> torch.Tensor:
+        """The fused op for the samples whose adapter is in ``names`` (one configuration); others get residual."""
         modules = [self.adapters[n] for n in names]
         first = modules[0]
-        shape = (first.activation, first.adapter_norm_before is None, first.bottleneck_size)
-        if any((m.activation, m.adapter_norm_before is None, m.bottleneck_size) != shape for m in modules):
-            raise ValueError("adapters in one batch must share activation, bottleneck size and ln_before")
         index = {n: i for i, n in enumerate(names)}
         ids = torch.tensor([index.get(n, -1) for n in self.batch_names], dtype=torch.int32, device=x.device)
 
@@ -187,6 +200,24 @@ def _placements(model: nn.Module) -> Iterator[tuple[str, nn.Module, str]]:
             yield "llama", module, "layer"
 
 
+def _placement(config: BottleneckConfig) -> tuple[bool, bool]:
+    """What decides where an adapter reads and adds (the placement hooks and forwards are built once per model)."""
+    return config.is_parallel, config.original_ln_before
+
+
+def _check_placement(model: nn.Module, config: BottleneckConfig, name: str) -> None:
+    """ValueError before anything is attached when ``config`` places adapters differently from the adapters
+    already in ``model``: its placements run one configuration's wiring for all their adapters."""
+    for _, module, _ in _placements(model):
+        placed = module.__dict__.get("_fastpeft_bottleneck_config")
+        if placed is not None and _placement(placed) != _placement(config):
+            keys = ("is_parallel", "original_ln_before")
+            raise ValueError(f"adapter {name!r} is placed as {dict(zip(keys, _placement(config), strict=True))}, the "
+                             f"adapters already in the model as {dict(zip(keys, _placement(placed), strict=True))}: "
+                             "fastpeft wires one placement per model (e.g. seq_bn and double_seq_bn do not mix); "
+                             "adapters of different sizes, activations or scalings under one placement do")  # fmt: skip
+
+
 def _new_adapter(config: BottleneckConfig, hidden_size: int, like: torch.Tensor) -> BottleneckAdapter:
     return BottleneckAdapter(hidden_size, reduction_factor=config.reduction_factor, activation=config.non_linearity,
                              scaling=config.scaling, ln_before=config.ln_before, init_weights=config.init_weights,
@@ -195,6 +226,7 @@ def _new_adapter(config: BottleneckConfig, hidden_size: int, like: torch.Tensor)
 
 def _attach_llama(layer: nn.Module, config: BottleneckConfig, name: str) -> list[BottleneckLayer]:
     store = layer.__dict__.setdefault("_fastpeft_residuals", {})
+    layer.__dict__.setdefault("_fastpeft_bottleneck_config", config)  # the hooks keep the first one's placement
     attached = []
     hidden = layer.self_attn.o_proj.out_features
     like = layer.self_attn.o_proj.weight
@@ -222,7 +254,7 @@ def _attach_bert(module: nn.Module, config: BottleneckConfig, name: str, where: 
     if not hasattr(module, "adapters_layer"):
         module.adapters_layer = BottleneckLayer()
         module.forward = types.MethodType(_bert_output_forward, module)
-    module._fastpeft_bottleneck_config = config
+    module.__dict__.setdefault("_fastpeft_bottleneck_config", config)  # equal placement: _check_placement
     module.adapters_layer.adapters[name] = _new_adapter(config, module.dense.out_features, module.dense.weight)
     return [module.adapters_layer]
 
@@ -234,11 +266,13 @@ def add_bottleneck_adapters(
     place; returns it), at AdapterHub's placements for ``config`` (a :class:`BottleneckConfig` or a preset name:
     ``"seq_bn"``, ``"double_seq_bn"``, ``"par_bn"``). New adapters start near the identity (AdapterHub's
     initialisations) and are trainable; ``activate`` makes ``name`` the active adapter. Several adapters may be
-    added (one config per placement kind per model: AdapterHub's single-config use)."""
+    added, of any sizes, activations and scalings, as long as they share one placement (``is_parallel``,
+    ``original_ln_before``): ValueError otherwise, before anything is attached."""
     if isinstance(config, str):
         config = BottleneckConfig.preset(config)
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, got {name!r}")
+    _check_placement(model, config, name)
     layers: list[BottleneckLayer] = []
     for kind, module, where in list(_placements(model)):
         layers += _attach_llama(module, config, name) if kind == "llama" else _attach_bert(module, config, name, where)

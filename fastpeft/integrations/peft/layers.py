@@ -25,6 +25,20 @@ def peft_lora_linear_class() -> type:
     return Linear
 
 
+def require_peft_model(model: object, function: str) -> None:
+    """TypeError naming what ``function`` got unless ``model`` is a PEFT model: a ``peft.PeftModel``, or any module
+    holding PEFT tuner layers (``peft.inject_adapter_in_model``). Patching anything else would do nothing."""
+    peft_lora_linear_class()  # the ImportError naming the extra, when peft is missing
+    from peft import PeftModel
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{function} expects a PEFT model (a torch.nn.Module), got {type(model).__name__}")
+    if not isinstance(model, PeftModel) and not any(isinstance(m, BaseTunerLayer) for m in model.modules()):
+        raise TypeError(f"{function} expects a PEFT model (peft.get_peft_model, PeftModel.from_pretrained or "
+                        f"inject_adapter_in_model), got a {type(model).__name__} without any PEFT layer")  # fmt: skip
+
+
 @dataclass
 class PeftAdapter:
     """One adapter of a PEFT LoRA layer, as the fused op sees it."""

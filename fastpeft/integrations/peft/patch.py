@@ -18,6 +18,7 @@ from fastpeft.integrations.peft.layers import (
     dropout_p,
     is_dora,
     peft_lora_linear_class,
+    require_peft_model,
     why_not_fused,
 )
 from fastpeft.integrations.peft.lora import fused_forward
@@ -47,7 +48,9 @@ def patch_peft_model(model: nn.Module, *, dropout_mode: str = "torch") -> nn.Mod
     and calls the fused ops do not express (DoRA beside other adapters or in a mixed batch, merged or disabled
     adapters), keep PEFT's own forward.
     Idempotent: call it again after adding LoRA layers to cover them. :func:`explain_patch` shows what runs where.
+    TypeError when ``model`` is not a PEFT model (it would do nothing).
     """
+    require_peft_model(model, "patch_peft_model")
     if dropout_mode not in DROPOUT_MODES:
         raise ValueError(f"dropout_mode must be one of {DROPOUT_MODES}, got {dropout_mode!r}")
     lora_linear_class = peft_lora_linear_class()
@@ -104,7 +107,8 @@ def _explain(layer: nn.Module, adapter_names: list[str] | None) -> tuple[str, st
 def explain_patch(model: nn.Module, adapter_names: list[str] | None = None) -> PatchReport:
     """Per PEFT LoRA layer of ``model``: the path a plain call runs now (train/eval mode, active adapters, merged
     or disabled state as they are) and why; with ``adapter_names``, the path of that mixed batch (shapes and
-    input dtype are not known here and not checked)."""
+    input dtype are not known here and not checked). TypeError when ``model`` is not a PEFT model."""
+    require_peft_model(model, "explain_patch")
     from peft.tuners.lora.layer import LoraLayer
 
     report = PatchReport()
