@@ -1,6 +1,6 @@
 """The cost model: what a target case should take on the reference GPU before any GPU has run it.
 
-An op is a list of kernel passes (:class:`Pass`). A pass costs the largest of four times, plus one launch:
+An op is a list of kernel passes (:class:`Pass`). A pass costs the largest of these times, plus one launch:
 
 - its bytes (HBM, read plus written) at the copy ceiling, times :data:`STREAM_EFFICIENCY`;
 - its tensor-core FLOPs at the bf16 GEMM ceiling, divided by the pass's MMA efficiency (1 for cuBLAS, whose
@@ -143,7 +143,7 @@ def matmul_4bit(m: int, n: int, k: int, r: int = 0, blocksize: int = 64, nested:
         return _dequantized(m, n, k, r, w4)
     lookups = DECODE_SHARED_BYTES * n * k
     if qlora_ops.preference("matmul_4bit", m, r > 0)[0] == "cuda":
-        # The GEMV: one FMA per weight per row; x read back from shared memory once per GEMV_FEATURES features.
+        # The GEMV: one FMA per weight per row; x read back from shared memory once per warp's features.
         features = 4 if m <= 4 else 2
         main = Pass("CUDA GEMV", w4 + io, lane_ops=decode_ops + m * n * k, shared_bytes=lookups + 2.0 * m * n * k
                     / features, ctas=math.ceil(n / (8 * features)), ctas_per_sm=2)  # fmt: skip
@@ -205,11 +205,6 @@ def peft_bnb_lora(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: b
     return [*bnb_matmul_4bit(m, n, k, blocksize, nested), *lora]
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Target rows
-# ------------------------------------------------------------------------------------------------------------
-
-
 def qlora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
     """fastpeft's QLoRA layer, forward and backward: the forward, dy B, dx through the dequantize-once tier (or
     the dx tiles), x A^T again, dA = s (dy B)^T x and dB = s dy^T (x A^T)."""
@@ -235,6 +230,11 @@ def peft_bnb_lora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nes
              for name, a, b in (("d(xA) = dy B", n, r), ("dB", n, r), ("dA", r, k), ("dx_lora", r, k))]  # fmt: skip
     return [*peft_bnb_lora(m, n, k, r, blocksize, nested), *elementwise, *gemms, *bnb_matmul_4bit(2, k, n, blocksize,
             nested)[:-1], *bf16_linear(m, k, n)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Target rows
+# ------------------------------------------------------------------------------------------------------------
 
 
 def _qlora_metric(metric: str, case: dict) -> float | None:
