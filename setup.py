@@ -13,6 +13,7 @@ Knobs (environment variables):
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -76,8 +77,18 @@ def _why_no_cuda_build() -> str | None:
     return None
 
 
+BUILD_INFO = ROOT / "fastpeft" / "_build_info.json"
+
+
+def _record(reason: str | None) -> None:
+    """What this build decided about the extension, installed beside the package: ``fastpeft env`` and the error
+    of a missing extension name the reason and the command that fixes it (fastpeft/_extension.py)."""
+    BUILD_INFO.write_text(json.dumps({"cuda_build": "skipped" if reason else "built", "reason": reason}) + "\n")
+
+
 def _extension_kwargs() -> dict:
     reason = _why_no_cuda_build()
+    _record(reason)
     if reason is not None:
         _say(f"skipping the CUDA extension fastpeft._C: {reason}. Triton and PyTorch backends only.")
         return {}
@@ -123,6 +134,6 @@ setup(
         "fastpeft.triton_kernels": "triton_kernels",
         "fastpeft.benchmarks": "benchmarks",
     },
-    package_data={"fastpeft.benchmarks": ["results/*/*.json", "results/*.md"]},
+    package_data={"fastpeft": ["_build_info.json"], "fastpeft.benchmarks": ["results/*/*.json", "results/*.md"]},
     **_extension_kwargs(),
 )

@@ -141,15 +141,29 @@ def _ratios(row: dict) -> str:
     return ", ".join(f"{key} {row[key]:.3f}" for key in ratio_fields(row)) or "no ratio"
 
 
+def is_noise(row: dict) -> bool:
+    """Whether the row's timer spread (interquartile, relative) is as large as the differences its ratios claim:
+    then they say nothing (tiny shapes on a CPU, where Python overhead and machine load decide)."""
+    spread = (row.get("ms_spread") or 0.0) / row["ms"] if row.get("ms") else 0.0
+    differences = [abs(row[key] - 1.0) for key in ratio_fields(row) if row.get(key)]
+    return bool(differences) and spread >= min(differences)
+
+
 def summary(rows: list[dict]) -> str:
-    """The fused auto path per case: time and its comparisons with the baselines of the same case."""
+    """The fused auto path per case: time and its comparisons with the baselines of the same case, marked as
+    noise where the spread is as large as the differences."""
     lines = []
     for row in rows:
         if row["variant"] == "fused:auto" and row.get("ms") is not None:
             fields = " ".join(f"{k}={v}" for k, v in _panel(row) if v not in (None, False, 0, 0.0))
             case = f"{row['op']} M={row['m']} {fields}"
-            lines.append(f"{case:<90} {row['ms']:>9.4f} ms  {_ratios(row)}")
+            noise = f"  (noise: spread {row['ms_spread'] / row['ms']:.0%})" if is_noise(row) else ""
+            lines.append(f"{case:<90} {row['ms']:>9.4f} ms  {_ratios(row)}{noise}")
     return "\n".join(lines)
+
+
+CPU_NOTE = ("CPU smoke pass: tiny shapes whose times are mostly Python overhead, so these ratios say nothing about "
+            "the kernels; the speed targets are GPU ratios (`fastpeft bench` on a GPU).")  # fmt: skip
 
 
 def write_json(path: Path, report: dict) -> None:
@@ -270,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {json_path} ({len(report['rows'])} rows, {report['machine']['device']})")
     print()
     print(table)
+    if device.type == "cpu":
+        print(f"\n{CPU_NOTE}")
     failures = sum(bool(r.get("error")) for r in report["rows"])
     regressions = 0
     if baseline is not None:

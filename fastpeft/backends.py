@@ -19,7 +19,7 @@ from collections.abc import Iterator
 
 import torch
 
-from fastpeft._extension import REINSTALL_HINT, extension_error
+from fastpeft._extension import extension_error
 
 BACKENDS = ("cuda", "triton", "torch")
 ENV_VAR = "FASTPEFT_BACKEND"
@@ -57,7 +57,7 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
         error = extension_error()
-        return None if error is None else f"{error}. {REINSTALL_HINT}"
+        return error
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 

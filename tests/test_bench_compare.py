@@ -113,3 +113,10 @@ def test_cli_bench_passes_its_arguments_through(capfd):
     assert cli.main(["bench", "--ops", "nope"]) == 2
     err = capfd.readouterr().err
     assert err.strip() == "fastpeft bench: unknown op nope (expected some of " + ", ".join(runner.BENCHES) + ")"
+
+
+def test_rows_whose_spread_covers_their_difference_are_marked_as_noise():
+    steady = {**row("fused:auto", 1.0, spread=0.01), "ratio_vs_base": 1.3}
+    noisy = {**row("fused:auto", 1.0, spread=0.5), "ratio_vs_base": 1.3}
+    assert not runner.is_noise(steady) and runner.is_noise(noisy)
+    assert "noise" not in runner.summary([steady]) and "(noise: spread 50%)" in runner.summary([noisy])

@@ -101,8 +101,10 @@ def test_every_bench_smoke_pass_runs_without_a_failure_row(tmp_path):
     assert all(row["ms"] > 0 for row in rows)
 
 
-def test_budget_stops_starting_cases(tmp_path):
+def test_budget_stops_starting_cases(tmp_path, capsys):
     assert runner.main(["--out", str(tmp_path), "--quick", "--budget-s", "0"]) == 0
+    if not runner.torch.cuda.is_available():  # a CPU run says what its ratios are worth
+        assert runner.CPU_NOTE in capsys.readouterr().out
     final = json.loads((tmp_path / "results.json").read_text())
     every_case = sum(len(bench.cases(True)) for bench in runner.BENCHES.values())
     assert final["complete"] is True and final["rows"] == [] and final["skipped_cases"] == every_case

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -59,6 +60,37 @@ def test_missing_extension_names_the_reinstall_command(monkeypatch):
     finally:
         monkeypatch.undo()
         _extension._load.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("reason", "fix"),
+    [
+        ("FASTPEFT_SKIP_CUDA_BUILD=1", "unset FASTPEFT_SKIP_CUDA_BUILD"),
+        ("torch is not importable at build time (install torch first, then ...)", "isolated build environment"),
+        ("torch 2.13.0+cpu is a CPU-only build", "install a CUDA build of torch"),
+        ("no CUDA toolkit found (nvcc not on PATH and CUDA_HOME unset)", "install the CUDA toolkit"),
+    ],
+)
+def test_a_missing_extension_names_the_builds_reason_and_the_fix(monkeypatch, tmp_path, reason, fix):
+    """setup.py records why it skipped the build (fastpeft/_build_info.json); the error and `fastpeft env` say it."""
+    record = tmp_path / "_build_info.json"
+    record.write_text(json.dumps({"cuda_build": "skipped", "reason": reason}))
+    monkeypatch.setattr(_extension, "BUILD_INFO", record)
+    message = _extension.missing_reason()
+    assert f"setup.py skipped it because {reason}" in message and fix in message
+    assert "pip install --no-build-isolation --force-reinstall" in message
+    record.write_text(json.dumps({"cuda_build": "built", "reason": None}))
+    assert "though the build that installed fastpeft made it" in _extension.missing_reason()
+    record.unlink()
+    assert "no build recorded why" in _extension.missing_reason()
+
+
+def test_this_install_recorded_its_build():
+    record = _extension.build_record()
+    assert record.get("cuda_build") in ("built", "skipped")
+    assert (record["cuda_build"] == "built") == (record["reason"] is None)
+    if record["cuda_build"] == "built":  # where the build ran, the extension loads
+        assert _extension.extension_available(), _extension.extension_error()
 
 
 def test_triton_kernels_ship_inside_fastpeft():

@@ -7,6 +7,7 @@ command that needs an optional library says in one line which extra to install."
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,9 @@ def test_the_wheel_ships_everything_inside_fastpeft(artifacts):
     for kernel in (ROOT / "triton_kernels").glob("*.py"):
         assert f"fastpeft/triton_kernels/{kernel.name}" in names
     assert "fastpeft/benchmarks/run.py" in names and "fastpeft/integrations/peft/patch.py" in names
+    with zipfile.ZipFile(wheel) as zf:  # the build's record of why it skipped the extension, for `fastpeft env`
+        record = json.loads(zf.read("fastpeft/_build_info.json"))
+    assert record == {"cuda_build": "skipped", "reason": "FASTPEFT_SKIP_CUDA_BUILD=1"}
 
 
 def test_the_sdist_installs_and_finds_its_bench_runner(artifacts, tmp_path):
