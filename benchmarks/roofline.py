@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
-from fastpeft.triton_kernels.qlora import block_n
+from fastpeft.triton_kernels.qlora import block_m, block_n
 
 from fastpeft.ops import qlora as qlora_ops
 
@@ -109,8 +109,7 @@ def bf16_linear(m: int, n: int, k: int) -> list[Pass]:
 
 def tiles(m: int, n: int) -> tuple[int, int]:
     """(row tiles, CTAs) of the Triton 4-bit forward's pinned tiles (triton_kernels/qlora.py's pinned_config)."""
-    block_m = 16 if m <= qlora_ops.DECODE_MAX_M else min(64, max(16, 1 << (m - 1).bit_length()))
-    row_tiles = math.ceil(m / block_m)
+    row_tiles = math.ceil(m / block_m(m, m <= qlora_ops.DECODE_MAX_M))
     return row_tiles, row_tiles * math.ceil(n / block_n(row_tiles, n))
 
 
@@ -121,16 +120,23 @@ def weight_4bit_bytes(n: int, k: int, blocksize: int = 64, nested: bool = True) 
     return n * k / 2 + absmax
 
 
+def skinny(name: str, m: int, k: int, r: int) -> Pass:
+    """A product with one side of rank r ([m, k] by [k, r] or its gradients' shapes): the two 16-bit operands
+    read, the fp32 [m, r] result written."""
+    return Pass(name, 2.0 * (m * k + r * k) + 4.0 * m * r, 2.0 * m * k * r)
+
+
 def lora_passes(m: int, n: int, k: int, r: int, fused_tiles: int = 0) -> tuple[list[Pass], Pass]:
     """(the separate shrink launch, if any; the expand's extra work inside the main pass): A and B from HBM once,
     x again by a separate shrink, xa written and read in fp32. ``fused_tiles``: the shrink rides the K loop of
     that many column tiles, each of which recomputes it (16 rows on the tensor cores) and re-reads A from L2."""
-    shrink_flops, expand_flops = 2.0 * m * k * r, 2.0 * m * n * r
+    expand_flops = 2.0 * m * n * r
     if fused_tiles:
         return [], Pass("LoRA in the K loop", 2.0 * (r * k + n * r), 2.0 * 16 * k * r * fused_tiles + expand_flops,
                         l2_bytes=2.0 * r * k * fused_tiles)  # fmt: skip
-    shrink = Pass("LoRA shrink", 2.0 * (m * k + r * k) + 4.0 * m * r, shrink_flops)
-    return [shrink], Pass("LoRA expand in the epilogue", 2.0 * n * r + 4.0 * m * r, expand_flops)
+    return [skinny("LoRA shrink", m, k, r)], Pass(
+        "LoRA expand in the epilogue", 2.0 * n * r + 4.0 * m * r, expand_flops
+    )
 
 
 def matmul_4bit(m: int, n: int, k: int, r: int = 0, blocksize: int = 64, nested: bool = True) -> list[Pass]:
@@ -169,8 +175,7 @@ def _dequantized(m: int, n: int, k: int, r: int, w4: float, reduce: int | None =
     if not r:
         return [dense, gemm]
     join = Pass("[x | s x A^T]", 4.0 * m * (reduce + r) + 4.0 * m * r)
-    shrink = Pass("LoRA shrink", 2.0 * (m * reduce + r * reduce) + 4.0 * m * r, 2.0 * m * reduce * r)
-    return [dense, shrink, join, gemm]
+    return [dense, skinny("LoRA shrink", m, reduce, r), join, gemm]
 
 
 def _plus(main: Pass, lora: Pass) -> Pass:
@@ -215,10 +220,7 @@ def qlora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: boo
         row_tiles = tiles(m, n)[0]
         dx = [Pass("4-bit dx tiles", w4 * row_tiles + 2.0 * (m * n + m * k), 2.0 * m * n * k,
                    DECODE_LANE_OPS * n * k * row_tiles, TRITON_4BIT_MMA_EFFICIENCY)]  # fmt: skip
-    grads = [Pass("dy B", 2.0 * (m * n + n * r) + 4.0 * m * r, 2.0 * m * n * r),
-             Pass("x A^T", 2.0 * (m * k + r * k) + 4.0 * m * r, 2.0 * m * k * r),
-             Pass("dA", 2.0 * (m * k + r * k) + 4.0 * m * r, 2.0 * m * k * r),
-             Pass("dB", 2.0 * (m * n + n * r) + 4.0 * m * r, 2.0 * m * n * r)]  # fmt: skip
+    grads = [skinny("dy B", m, n, r), skinny("x A^T", m, k, r), skinny("dA", m, k, r), skinny("dB", m, n, r)]
     return [*matmul_4bit(m, n, k, r, blocksize, nested), *grads, *dx]
 
 

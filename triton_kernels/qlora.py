@@ -63,6 +63,11 @@ def block_n(row_tiles: int, n: int) -> int:
     return 16
 
 
+def block_m(m: int, decode: bool) -> int:
+    """BLOCK_M of the pinned 16-bit tiles: decode's 16 rows hold every row; prefill min(64, M) rows, 16 at least."""
+    return 16 if decode else min(64, max(16, triton.next_power_of_2(m)))
+
+
 def pinned_config(decode: bool, m: int, dtype: torch.dtype, lora_shrink: bool, even_k: bool,
                   out_features: int | None = None) -> triton.Config:  # fmt: skip
     """The tile launched without autotuning (FASTPEFT_TRITON_AUTOTUNE=0), by rule. Decode: 16 rows over K steps
@@ -76,13 +81,13 @@ def pinned_config(decode: bool, m: int, dtype: torch.dtype, lora_shrink: bool, e
         return _INTERPRETER_CONFIG
     if dtype == torch.float32:
         return (FP32_DECODE_CONFIGS if decode else FP32_PREFILL_CONFIGS)[0]
-    block_m = 16 if decode else min(64, max(16, triton.next_power_of_2(m)))
-    width = 32 if out_features is None else block_n(triton.cdiv(m, block_m), out_features)
+    rows = block_m(m, decode)
+    width = 32 if out_features is None else block_n(triton.cdiv(m, rows), out_features)
     if decode:
         block_k = 32 if lora_shrink and not even_k else 64 if lora_shrink or not even_k else 128
-        return _configs([(16, width, block_k, 4, 3)])[0]
+        return _configs([(rows, width, block_k, 4, 3)])[0]
     width = width if out_features is not None else 64
-    return _configs([(block_m, width, 64, 8 if block_m * width >= 64 * 64 else 4, 3)])[0]
+    return _configs([(rows, width, 64, 8 if rows * width >= 64 * 64 else 4, 3)])[0]
 
 
 _TORCH_TO_TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

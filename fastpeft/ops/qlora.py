@@ -102,6 +102,14 @@ class Weight4bit(NamedTuple):
         holds tensors and scalars only, so the object travels flat across the op boundary and nowhere else."""
         return (self.absmax, self.code, self.absmax2, self.code2, self.offset, self.blocksize, self.nested_blocksize)
 
+    def forward_args(self) -> tuple:
+        """The weight as matmul_4bit's schema (and its kernels) take it: bytes, state, out_features, dtype."""
+        return (self.packed, *self.state_args(), self.out_features, self.dtype)
+
+    def backward_args(self) -> tuple:
+        """The weight as matmul_4bit_t's schema (and its kernels) take it: bytes, state, in_features, dtype."""
+        return (self.packed, *self.state_args(), self.in_features, self.dtype)
+
     @classmethod
     def from_op_args(cls, packed, state_args: tuple, out_features: int, in_features: int, dtype) -> "Weight4bit":
         """The inverse of :meth:`state_args`, inside a custom op (its arguments were checked when the object was
@@ -217,8 +225,7 @@ def _matmul_4bit_triton(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
         return _dequantized_forward("triton", x, w, bias, lora_a, xa, lora_b, scaling)
     if lora_a is not None and x.shape[0] > qlora.DECODE_MAX_M:  # prefill: the shrink once, not per tile
         xa, lora_a = lora_shrink(x, lora_a), None
-    return qlora.matmul_4bit(x, w.packed, *w.state_args(), w.out_features, w.dtype, bias, lora_a, xa, lora_b,
-                             scaling)  # fmt: skip
+    return qlora.matmul_4bit(x, *w.forward_args(), bias, lora_a, xa, lora_b, scaling)
 
 
 def _matmul_4bit_t_triton(dy, w: Weight4bit, dyb, lora_a, scaling):
@@ -226,7 +233,7 @@ def _matmul_4bit_t_triton(dy, w: Weight4bit, dyb, lora_a, scaling):
 
     if dy.shape[0] >= DEQUANTIZE_ONCE_MIN_M:
         return _dequantized_backward("triton", dy, w, dyb, lora_a, scaling)
-    return matmul_4bit_t(dy, w.packed, *w.state_args(), w.in_features, w.dtype, dyb, lora_a, scaling)
+    return matmul_4bit_t(dy, *w.backward_args(), dyb, lora_a, scaling)
 
 
 def _matmul_4bit_cuda(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
@@ -236,16 +243,14 @@ def _matmul_4bit_cuda(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
         xa = torch.ops.fastpeft.lora_shrink_cuda(x, lora_a)
     bias = None if bias is None else bias.contiguous()  # the kernels index bias and xa's rows densely
     xa = None if xa is None else xa.contiguous()
-    return torch.ops.fastpeft.matmul_4bit_cuda(x, w.packed, *w.state_args(), w.out_features, w.dtype, bias, xa,
-                                               lora_b, scaling)  # fmt: skip
+    return torch.ops.fastpeft.matmul_4bit_cuda(x, *w.forward_args(), bias, xa, lora_b, scaling)
 
 
 def _matmul_4bit_t_cuda(dy, w: Weight4bit, dyb, lora_a, scaling):
     if dy.shape[0] >= DEQUANTIZE_ONCE_MIN_M:
         return _dequantized_backward("cuda", dy, w, dyb, lora_a, scaling)
     dyb = None if dyb is None else dyb.contiguous()
-    return torch.ops.fastpeft.matmul_4bit_t_cuda(dy, w.packed, *w.state_args(), w.in_features, w.dtype, dyb,
-                                                 lora_a, scaling)  # fmt: skip
+    return torch.ops.fastpeft.matmul_4bit_t_cuda(dy, *w.backward_args(), dyb, lora_a, scaling)
 
 
 IMPLS = {
@@ -320,14 +325,13 @@ def _(dy, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocks
 
 def _forward_op(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
     if torch.compiler.is_compiling():
-        return _matmul_4bit_op(x, w.packed, *w.state_args(), w.out_features, w.dtype, bias, lora_a, xa, lora_b,
-                               scaling)  # fmt: skip
+        return _matmul_4bit_op(x, *w.forward_args(), bias, lora_a, xa, lora_b, scaling)
     return _run("matmul_4bit", x, w, bias, lora_a, xa, lora_b, scaling)
 
 
 def _backward_op(dy, w: Weight4bit, dyb, lora_a, scaling):
     if torch.compiler.is_compiling():
-        return _matmul_4bit_t_op(dy, w.packed, *w.state_args(), w.in_features, w.dtype, dyb, lora_a, scaling)
+        return _matmul_4bit_t_op(dy, *w.backward_args(), dyb, lora_a, scaling)
     return _run("matmul_4bit_t", dy, w, dyb, lora_a, scaling)
 
 
