@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(PY) -m ruff format --check .
 
 # Every part runs, whatever failed before it; then one line names the parts that failed (exit 1) or says all
-# passed. One benchmark smoke pass: tests/test_bench_runner.py runs every bench's quick cases.
+# passed. One benchmark smoke pass: tests/test_bench_runner.py runs every bench's smoke cases.
 test: $(STAMP)
 	@failed=""; \
 	$(MAKE) --no-print-directory lint || failed="$$failed lint"; \

@@ -4,8 +4,12 @@ The extension is built when a CUDA build of torch is importable in the build env
 ``pip install --no-build-isolation``) and ``nvcc`` is found. Otherwise the install still succeeds, with the
 Triton and PyTorch backends only, and the reason is printed.
 
+Either way csrc/ ships inside the package (fastpeft/_csrc/), so that an install which skipped the build (a plain
+``pip install``: pip's isolated build environment has no torch) builds the extension on first use on a GPU, or
+with ``fastpeft build`` (fastpeft/_jit_build.py). Both builds take their flags from fastpeft/_build_flags.py.
+
 Knobs (environment variables):
-    FASTPEFT_SKIP_CUDA_BUILD=1   never build the extension
+    FASTPEFT_SKIP_CUDA_BUILD=1   never build the extension here
     FASTPEFT_CUDA_ARCHS          semicolon list of compute capabilities, "+PTX" on the last one embeds PTX
                                  (default "8.0;8.6;8.9;9.0+PTX")
     MAX_JOBS                     parallel nvcc jobs (read by torch's ninja build)
@@ -13,6 +17,7 @@ Knobs (environment variables):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -20,42 +25,24 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_ARCHS = "8.0;8.6;8.9;9.0+PTX"
+
+
+def _load_build_flags():
+    """fastpeft/_build_flags.py, by path: importing fastpeft would import torch, which the build may not have."""
+    spec = importlib.util.spec_from_file_location("_fastpeft_build_flags", ROOT / "fastpeft" / "_build_flags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+FLAGS = _load_build_flags()
 
 
 def _say(message: str) -> None:
     print(f"fastpeft setup: {message}", file=sys.stderr)
-
-
-def _gencode_flags(archs: str) -> list[str]:
-    """Turn "8.0;9.0+PTX" into nvcc -gencode flags (machine code for each, PTX for those marked +PTX)."""
-    flags = []
-    for item in filter(None, (a.strip() for a in archs.replace(",", ";").split(";"))):
-        with_ptx = item.endswith("+PTX")
-        cc = item.removesuffix("+PTX").replace(".", "")
-        if not cc.removesuffix("a").isdigit():
-            raise ValueError(f"FASTPEFT_CUDA_ARCHS: cannot read {item!r} (expected e.g. '8.0', '9.0a' or '9.0+PTX')")
-        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
-        if with_ptx:
-            flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
-    return flags
-
-
-def _set_cuda_home_from_nvcc() -> None:
-    """Point CUDA_HOME at a toolkit that has both nvcc and libcudart, unless the user set it.
-
-    torch guesses CUDA_HOME as the parent of nvcc's folder, which is wrong for a linked or wrapper nvcc
-    (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc) and then fails to link libcudart.
-    """
-    nvcc = shutil.which("nvcc")
-    if nvcc is None or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    for home in (Path(nvcc).resolve().parent.parent, Path("/usr/local/cuda")):
-        if (home / "bin" / "nvcc").exists() and any((home / lib / "libcudart.so").exists() for lib in ("lib64", "lib")):
-            os.environ["CUDA_HOME"] = str(home)
-            return
 
 
 def _why_no_cuda_build() -> str | None:
@@ -64,7 +51,7 @@ def _why_no_cuda_build() -> str | None:
         return "FASTPEFT_SKIP_CUDA_BUILD=1"
     if not any((ROOT / "csrc").glob("*.cu")):
         return f"no CUDA sources under {ROOT / 'csrc'}"
-    _set_cuda_home_from_nvcc()
+    FLAGS.set_cuda_home_from_nvcc()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME
@@ -94,27 +81,37 @@ def _extension_kwargs() -> dict:
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    archs = os.environ.get("FASTPEFT_CUDA_ARCHS", DEFAULT_ARCHS)
+    archs = os.environ.get("FASTPEFT_CUDA_ARCHS", FLAGS.DEFAULT_ARCHS)
     # torch's own arch logic would add flags too; clear it so FASTPEFT_CUDA_ARCHS is the only knob.
     os.environ["TORCH_CUDA_ARCH_LIST"] = ""
     _say(f"building fastpeft._C for CUDA archs {archs} (MAX_JOBS={os.environ.get('MAX_JOBS', 'auto')})")
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir() if p.suffix in (".cu", ".cpp"))
-    nvcc_flags = [
-        "-O3",
-        "-lineinfo",
-        "--expt-relaxed-constexpr",
-        "-U__CUDA_NO_HALF_OPERATORS__",
-        "-U__CUDA_NO_HALF_CONVERSIONS__",
-        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        *_gencode_flags(archs),
-    ]
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir() if p.suffix in FLAGS.SOURCE_SUFFIXES)
+    nvcc_flags = [*FLAGS.NVCC_FLAGS, *FLAGS.gencode_flags(archs)]
     ext = CUDAExtension(
-        name="fastpeft._C",
-        sources=sources,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+        name="fastpeft._C", sources=sources, extra_compile_args={"cxx": FLAGS.CXX_FLAGS, "nvcc": nvcc_flags}
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
+
+
+class BuildPyWithKernelSources(build_py):
+    """The Python packages, plus csrc/ as fastpeft/_csrc/: what the first-use build compiles where this build
+    skipped the extension. An editable install reads the checkout's csrc/ instead."""
+
+    def run(self) -> None:
+        super().run()
+        if getattr(self, "editable_mode", False):
+            return
+        target = Path(self.build_lib) / "fastpeft" / "_csrc"
+        self.mkpath(str(target))
+        for source in sorted((ROOT / "csrc").iterdir()):
+            if source.suffix in FLAGS.SHIPPED_SUFFIXES:
+                self.copy_file(str(source), str(target / source.name))
+
+
+def _setup_kwargs() -> dict:
+    kwargs = _extension_kwargs()
+    kwargs["cmdclass"] = {"build_py": BuildPyWithKernelSources, **kwargs.get("cmdclass", {})}
+    return kwargs
 
 
 setup(
@@ -135,5 +132,5 @@ setup(
         "fastpeft.benchmarks": "benchmarks",
     },
     package_data={"fastpeft": ["_build_info.json"], "fastpeft.benchmarks": ["results/*/*.json", "results/*.md"]},
-    **_extension_kwargs(),
+    **_setup_kwargs(),
 )

@@ -51,11 +51,14 @@ def describe(case: Case) -> str:
     return f"{case.mode} M={case.m} d={case.d} m={case.bottleneck}{more} {str(case.dtype)[6:]}"
 
 
-def cases(quick: bool) -> list[Case]:
-    if quick:
-        f32 = torch.float32
+def cases(size: str) -> list[Case]:
+    f32 = torch.float32
+    if size == "smoke":
         return [Case(24, 48, 8, 1, f32), Case(24, 48, 8, 1, f32, "forward+backward", ln_before=True),
                 Case(32, 48, 8, 4, f32)]  # fmt: skip
+    if size == "quick":
+        return [Case(2048, 768, 64, 1, f32), Case(2048, 768, 64, 1, f32, "forward+backward", ln_before=True),
+                Case(2048, 768, 64, 4, f32)]  # fmt: skip
     bf16 = torch.bfloat16
     forward = [Case(m, 4096, 64, 1, bf16) for m in (1, 64, 1024, 8192, 65536)]
     forward += [Case(8192, d, 64, 1, bf16) for d in (768, 1024)] + [Case(8192, 4096, b, 1, bf16) for b in (16, 48, 256)]

@@ -58,10 +58,11 @@ def case_from_fields(fields: dict) -> Case:
     return common_case_from_fields(Case, fields)
 
 
-def cases(quick: bool) -> list[Case]:
-    if quick:
-        return [*(Case(16, 96, 80, 8, torch.float32, mode) for mode in MODES),
-                Case(16, 96, 80, 8, torch.float32, "forward+backward", dropout=0.1)]  # fmt: skip
+def cases(size: str) -> list[Case]:
+    if size in ("smoke", "quick"):
+        m, k, n, r = (16, 96, 80, 8) if size == "smoke" else (256, 1024, 1024, 16)
+        return [*(Case(m, k, n, r, torch.float32, mode) for mode in MODES),
+                Case(m, k, n, r, torch.float32, "forward+backward", dropout=0.1)]  # fmt: skip
     sweep = [
         Case(m, 4096, n, 16, torch.bfloat16, mode)
         for mode, n, m in itertools.product(MODES, (4096, 14336), (1, 64, 4096))

@@ -60,9 +60,9 @@ def describe(case: Case) -> str:
             f"{case.m // case.batch} tokens {dtype}")  # fmt: skip
 
 
-def cases(quick: bool) -> list[Case]:
-    """quick: the demo's model (hidden 256), CPU-sized; full: a 2-layer Llama of hidden 2048 in bf16."""
-    if quick:
+def cases(size: str) -> list[Case]:
+    """smoke and quick: the demo's model (hidden 256), CPU-sized; full: a 2-layer Llama of hidden 2048 in bf16."""
+    if size in ("smoke", "quick"):
         shapes = [(256, 704, torch.float32, 2, 4, 64, "prefill"), (256, 704, torch.float32, 2, 4, 1, "decode")]
     else:
         shapes = [(2048, 5632, torch.bfloat16, 2, 8, 512, "prefill"), (2048, 5632, torch.bfloat16, 2, 64, 1, "decode")]

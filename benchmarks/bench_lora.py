@@ -8,7 +8,7 @@ Variants, all timed in the same run on the same operands:
 
 Modes: ``forward``, and ``forward+backward`` as in LoRA training (x, A and B need gradients, W is frozen).
 On a GPU: CUDA-event timing (triton.testing.do_bench, median) after warm-up, operand sets rotated so that
-their total exceeds the L2 cache. On a CPU: a quick smoke pass on tiny shapes with wall-clock timing.
+their total exceeds the L2 cache. On a CPU: wall-clock timing of CPU-sized shapes (quick) or tiny ones (smoke).
 Before timing, each fused variant's output is checked against the layer computed in fp32 on the same
 operands; a variant that raises or strays is recorded as a failure row (``error``), not the end of the run.
 Also collected by pytest-benchmark: ``pytest benchmarks/``.
@@ -79,10 +79,11 @@ def case_from_fields(fields: dict) -> Case:
     return common_case_from_fields(Case, fields)
 
 
-def cases(quick: bool) -> list[Case]:
-    if quick:
-        tiny = [Case(m, 96, 80, 8, torch.float32, mode) for m in (1, 16) for mode in MODES]
-        return [*tiny, Case(16, 96, 80, 8, torch.float32, "forward+backward", dropout=0.1)]
+def cases(size: str) -> list[Case]:
+    if size in ("smoke", "quick"):
+        (k, n, r), rows = ((96, 80, 8), (1, 16)) if size == "smoke" else ((1024, 1024, 16), (16, 256))
+        shapes = [Case(m, k, n, r, torch.float32, mode) for m in rows for mode in MODES]
+        return [*shapes, Case(rows[-1], k, n, r, torch.float32, "forward+backward", dropout=0.1)]
     sweep = [
         Case(m, k, n, r, dtype, mode)
         for mode, dtype, (k, n), r, m in itertools.product(MODES, FULL_DTYPES, FULL_FEATURES, FULL_RANKS, FULL_M)
@@ -200,10 +201,10 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
                      speedups={"unfused": "unfused"}, extra=throughput)  # fmt: skip
 
 
-def run(quick: bool, device: torch.device | None = None) -> list[dict]:
-    """Every case of the sweep (``quick``: the CPU smoke pass), one row per (case, variant)."""
+def run(size: str, device: torch.device | None = None) -> list[dict]:
+    """Every case of the sweep of ``size`` (smoke, quick or full), one row per (case, variant)."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return [row for case in cases(quick) for row in run_case(case, device, backends_for(device))]
+    return [row for case in cases(size) for row in run_case(case, device, backends_for(device))]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -215,9 +216,7 @@ def run(quick: bool, device: torch.device | None = None) -> list[dict]:
 @pytest.mark.parametrize("variant", ["base", "unfused", "fused:auto"])
 def test_lora_linear(benchmark, variant, mode):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    case = (
-        cases(quick=device.type == "cpu")[0] if device.type == "cpu" else Case(16, 4096, 4096, 16, torch.bfloat16, mode)
-    )
+    case = cases("smoke")[0] if device.type == "cpu" else Case(16, 4096, 4096, 16, torch.bfloat16, mode)
     case = Case(case.m, case.k, case.n, case.r, case.dtype, mode)
     sets = operand_sets(case, device)
     step = make_step(variant, _forward_fns([])[variant], sets, mode)

@@ -56,9 +56,11 @@ def describe(case: Case) -> str:
     return f"{shape} M={case.m} {case.k}->{case.n} r={case.r} adapters={case.adapters} {dtype}"
 
 
-def cases(quick: bool) -> list[Case]:
-    if quick:
+def cases(size: str) -> list[Case]:
+    if size == "smoke":
         return [Case(8, 64, 48, 8, 4, 0, torch.float32), Case(40, 64, 48, 8, 4, 4, torch.float32)]
+    if size == "quick":
+        return [Case(64, 1024, 1024, 16, 8, 0, torch.float32), Case(512, 1024, 1024, 16, 8, 4, torch.float32)]
     bf16 = torch.bfloat16
     decode = [Case(m, 4096, 4096, 16, min(m, 32), 0, bf16) for m in (1, 16, 64, 256)]
     decode += [Case(m, 4096, 4096, 16, a, 0, bf16) for m, a in itertools.product((64, 256), (1, 8, 128)) if a <= m]

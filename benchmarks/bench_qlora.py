@@ -66,11 +66,12 @@ def describe(case: Case) -> str:
 FEATURES = ((4096, 4096), (4096, 14336), (14336, 4096))
 
 
-def cases(quick: bool) -> list[Case]:
-    if quick:
+def cases(size: str) -> list[Case]:
+    if size in ("smoke", "quick"):
         fp32 = torch.float32
-        return [Case(1, 64, 64, 0, fp32), Case(24, 64, 64, 0, fp32), Case(1, 64, 64, 8, fp32, "qlora"),
-                Case(24, 64, 64, 8, fp32, "qlora_train")]  # fmt: skip
+        (m, k, r) = (24, 64, 8) if size == "smoke" else (256, 1024, 16)
+        return [Case(1, k, k, 0, fp32), Case(m, k, k, 0, fp32), Case(1, k, k, r, fp32, "qlora"),
+                Case(m, k, k, r, fp32, "qlora_train")]  # fmt: skip
     bf16 = torch.bfloat16
     matmul = [Case(m, k, n, 0, bf16) for m in (1, 4, 16, 64, 256, 4096) for k, n in FEATURES]
     matmul += [Case(1, 4096, 14336, 0, bf16, blocksize=b) for b in (128, 256)]

@@ -58,12 +58,12 @@ def describe(case: Case) -> str:
     return f"{MODE}: Llama {case.layers}x{case.k} ({case.n}), {case.m} tokens, {kind} r={case.r} {dtype}{dropout}"
 
 
-def cases(quick: bool) -> list[Case]:
-    if quick:  # tiny (Python overhead shows) and the demo's model size (a CPU workload: GEMMs show)
-        tiny = [Case(16, 48, 96, 4, torch.float32, 2, dora, 0.1) for dora in (False, True)]
+def cases(size: str) -> list[Case]:
+    if size == "smoke":  # tiny: Python overhead shows
+        return [Case(16, 48, 96, 4, torch.float32, 2, dora, 0.1) for dora in (False, True)]
+    if size == "quick":  # the demo's model size: a CPU workload, GEMMs show
         kinds = ((False, 0.1), (False, 0.0), (True, 0.1))  # (DoRA, dropout)
-        demo = [Case(256, 256, 704, 8, torch.float32, 2, dora, p) for dora, p in kinds]
-        return [*tiny, *demo]
+        return [Case(256, 256, 704, 8, torch.float32, 2, dora, p) for dora, p in kinds]
     return [Case(8 * SEQ, 2048, 5632, 16, torch.bfloat16, 4, dora, p) for dora in (False, True) for p in (0.05, 0.0)]
 
 

@@ -7,7 +7,8 @@ value, met or not) and the same table printed last; with ``--compare``, the regr
 run (benchmarks/compare.py), also written to ``compare.md``.
 
     fastpeft bench                                    # = python benchmarks/run.py: targets + sweep on a GPU
-    fastpeft bench --quick --ops lora,bottleneck      # smoke pass of two ops, anywhere
+    fastpeft bench --quick --ops lora,bottleneck      # CPU-sized shapes of two ops: a minute or two anywhere
+    fastpeft bench --smoke                            # tiny shapes: does every case run (seconds; the tests')
     fastpeft bench --budget-s 300                     # start no case after 300 s
     fastpeft bench --quick --json old.json; fastpeft bench --quick --plot plots/ --compare old.json
     fastpeft bench --compare auto                     # against this GPU's committed results, if any
@@ -30,6 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+
+from fastpeft._quiet import quiet_third_party_output
+
+if __name__ == "__main__":  # the bench's own lines only, from before the benches import peft and bitsandbytes
+    quiet_third_party_output()
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"  # committed baselines, one folder per GPU (results_folder)
@@ -162,8 +168,14 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-CPU_NOTE = ("CPU smoke pass: tiny shapes whose times are mostly Python overhead, so these ratios say nothing about "
-            "the kernels; the speed targets are GPU ratios (`fastpeft bench` on a GPU).")  # fmt: skip
+# What a CPU run's ratios are worth, by size.
+CPU_NOTES = {
+    "smoke": "CPU smoke pass: tiny shapes whose times are mostly Python overhead, so these ratios say nothing "
+    "about the kernels; the speed targets are GPU ratios (`fastpeft bench` on a GPU).",
+    "quick": "CPU run: shapes large enough that the GEMMs, not Python, take most of the time; the ratios say what "
+    "the PyTorch backend gives a CPU user (fp32), not what the kernels do on a GPU, which the speed targets are "
+    "about (`fastpeft bench` on a GPU). Rows marked noise moved more between rounds than their ratio says.",
+}
 
 
 def write_json(path: Path, report: dict) -> None:
@@ -173,22 +185,22 @@ def write_json(path: Path, report: dict) -> None:
     os.replace(tmp, path)
 
 
-def planned_cases(name: str, quick: bool, targets_only: bool = False) -> list:
-    """Target cases first (unless quick: they are GPU shapes), then the rest of the sweep, each once; with
-    ``targets_only`` the target cases alone."""
+def planned_cases(name: str, size: str, targets_only: bool = False) -> list:
+    """The cases of ``size`` (smoke, quick or full); for full, the target cases first, then the rest of the sweep,
+    each once; with ``targets_only`` the target cases alone."""
     bench = BENCHES[name]
-    first = [] if quick else [bench.case_from_fields(fields) for fields in targets.target_cases(name)]
+    first = [bench.case_from_fields(fields) for fields in targets.target_cases(name)] if size == "full" else []
     if targets_only:
         return first
-    return first + [case for case in bench.cases(quick) if case not in first]
+    return first + [case for case in bench.cases(size) if case not in first]
 
 
-def run_plan(names: list[str], quick: bool, targets_only: bool = False) -> list[tuple[str, object]]:
+def run_plan(names: list[str], size: str, targets_only: bool = False) -> list[tuple[str, object]]:
     """(bench, case) in running order: every bench's target cases before any bench's sweep, then the sweeps,
     shortest first, so a budget spent on one op's long sweep starves neither another op's targets nor its few
     other cases."""
-    plans = {name: planned_cases(name, quick, targets_only) for name in names}
-    heads = {name: 0 if quick else len(targets.target_cases(name)) for name in names}
+    plans = {name: planned_cases(name, size, targets_only) for name in names}
+    heads = {name: len(targets.target_cases(name)) if size == "full" else 0 for name in names}
     order = [(name, case) for name in names for case in plans[name][: heads[name]]]
     by_length = sorted(names, key=lambda name: len(plans[name]) - heads[name])
     return order + [(name, case) for name in by_length for case in plans[name][heads[name] :]]
@@ -212,7 +224,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench_out", help="folder for summary.md (and, by default, the rest)")
     parser.add_argument("--json", default=None, help="where the JSON report goes (default OUT/results.json)")
     parser.add_argument("--plot", default=None, help="folder for the PNG plots (default OUT)")
-    parser.add_argument("--quick", action="store_true", help="smoke pass on tiny shapes (a few minutes on a CPU)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU-sized shapes, where times are the GEMMs' (a few minutes on a CPU; the default there)",
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks that every case runs (seconds)")
     parser.add_argument("--targets", action="store_true",
                         help="the cases of benchmarks/targets.py only (gpu_check.sh's bench stage)")  # fmt: skip
     parser.add_argument("--ops", default=",".join(BENCHES), help=f"comma list of {', '.join(BENCHES)}")
@@ -244,18 +261,18 @@ def main(argv: list[str] | None = None) -> int:
             compare.check_comparable(baseline, info["device"])
         except compare.BaselineError as exc:
             return _fail(str(exc))
-    quick = args.quick or not torch.cuda.is_available()
+    size = "smoke" if args.smoke else "quick" if args.quick or not torch.cuda.is_available() else "full"
     out = Path(args.out)
     json_path = Path(args.json) if args.json else out / "results.json"
     plot_dir = Path(args.plot) if args.plot else out
     for folder in (out, json_path.parent, plot_dir):
         folder.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    report = {"machine": info, "quick": quick, "complete": False, "skipped_cases": 0, "rows": []}
+    report = {"machine": info, "size": size, "complete": False, "skipped_cases": 0, "rows": []}
     deadline = None if args.budget_s is None else time.monotonic() + args.budget_s
-    if args.targets and quick:
+    if args.targets and size != "full":
         return _fail("--targets measures the TARGETS shapes, which need a GPU (use --quick on a CPU)")
-    plan = run_plan(names, quick, args.targets)
+    plan = run_plan(names, size, args.targets)
     backends = {name: BENCHES[name].backends_for(device) for name in names}
     for index, (name, case) in enumerate(plan, 1):
         if deadline is not None and time.monotonic() > deadline:
@@ -285,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     if device.type == "cpu":
-        print(f"\n{CPU_NOTE}")
+        print(f"\n{CPU_NOTES[size]}")
     failures = sum(bool(r.get("error")) for r in report["rows"])
     regressions = 0
     if baseline is not None:

@@ -1,8 +1,11 @@
-"""Loading the compiled CUDA extension ``fastpeft._C`` (built from csrc/ by setup.py).
+"""Loading the compiled CUDA extension ``fastpeft._C`` (built from csrc/ by setup.py, or on first use).
 
-Importing it registers the ``fastpeft::*_cuda`` ops with torch. It is optional: without it the Triton and
-PyTorch backends still work. Code that needs it calls :func:`require_extension`, which fails with a message
-naming why it is missing (the build's own record, fastpeft/_build_info.json) and the command that fixes it.
+Loading it registers the ``fastpeft::*_cuda`` ops with torch. It is optional: without it the Triton and
+PyTorch backends still work. Where the install built it, it is the module fastpeft._C; where the install skipped
+it (a plain ``pip install``), the first call that needs it on a GPU builds it into a cache and loads that
+(fastpeft/_jit_build.py). Code that needs it calls :func:`require_extension`, which fails with a message naming
+why it is missing (the install's own record, fastpeft/_build_info.json, and why it was not built on first use)
+and the command that fixes it.
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import warnings
 from pathlib import Path
+
+from fastpeft import _jit_build
 
 # What fixes each reason setup.py gives for skipping the build (its _why_no_cuda_build), by the reason's start.
 FIXES = {
     "FASTPEFT_SKIP_CUDA_BUILD=1": "unset FASTPEFT_SKIP_CUDA_BUILD, then reinstall: {reinstall}",
-    "torch is not importable at build time": "pip's isolated build environment has no torch: {reinstall}",
+    "torch is not importable at build time": "pip's isolated build environment has no torch: on a GPU machine it "
+    "builds on first use (or now: `fastpeft build`), or {reinstall}",
     "no CUDA sources": "this copy of fastpeft has no csrc/: install from the sdist or a checkout: {reinstall}",
     "torch ": "install a CUDA build of torch (https://pytorch.org/get-started/locally/), then {reinstall}",
     "no CUDA toolkit": "install the CUDA toolkit (nvcc on PATH, or CUDA_HOME set), then {reinstall}",
@@ -45,15 +52,44 @@ def missing_reason() -> str:
     return f"fastpeft._C is not built: setup.py skipped it because {reason}. Fix: {fix.format(reinstall=REINSTALL)}"
 
 
-@functools.cache
-def _load() -> tuple[object | None, str | None]:
+def _import_installed() -> tuple[object | None, str | None]:
+    """fastpeft._C as the install built it: (module, None), (None, why it failed to load), or (None, None) when
+    the install did not build it."""
     try:
-        module = importlib.import_module("fastpeft._C")
+        return importlib.import_module("fastpeft._C"), None
     except ImportError as exc:
         if "No module named 'fastpeft._C'" in str(exc):
-            return None, missing_reason()
+            return None, None
         return None, f"fastpeft._C is built but failed to load: {exc}. Fix: {REINSTALL} with the torch it runs with"
-    return module, None
+
+
+def _not_built(blocker: tuple[str, str]) -> str:
+    return f"{missing_reason()} It is not built on first use either: {blocker[0]}. Fix: {blocker[1]}"
+
+
+@functools.cache
+def _load(build: bool = True) -> tuple[object | None, str | None]:
+    """(what was loaded, None) or (None, why not). ``build=False`` asks without compiling anything: where the
+    extension would be built on first use, the answer says so."""
+    module, error = _import_installed()
+    if module is not None or error is not None:
+        return module, error
+    cached = _jit_build.cached_library(_jit_build.visible_archs())
+    if cached is not None:
+        _jit_build.load_library(cached)
+        return cached, None
+    blocker = _jit_build.first_use_blocker()
+    if blocker is not None:
+        return None, _not_built(blocker)
+    if not build:
+        return None, "fastpeft._C is not built yet: the first call that needs it builds it (or now: `fastpeft build`)"
+    try:
+        library = _jit_build.build()
+    except _jit_build.BuildError as exc:
+        message = f"{missing_reason()} Building it on first use failed: {exc}"
+        warnings.warn(f"{message}. The cuda backend is unavailable.", RuntimeWarning, stacklevel=2)
+        return None, message
+    return library, None
 
 
 def extension_available() -> bool:
@@ -61,9 +97,15 @@ def extension_available() -> bool:
     return _load()[0] is not None
 
 
-def extension_error() -> str | None:
-    """Why the extension is unavailable, or None when it loaded."""
-    return _load()[1]
+def extension_error(build: bool = True) -> str | None:
+    """Why the extension is unavailable, or None when it loaded. ``build=False``: never compile (for reports)."""
+    return _load(build)[1]
+
+
+def extension_origin(build: bool = True) -> str | None:
+    """The file the extension was loaded from (the install's module, or the first-use build's library), or None."""
+    loaded = _load(build)[0]
+    return None if loaded is None else str(getattr(loaded, "__file__", loaded))
 
 
 def require_extension() -> None:

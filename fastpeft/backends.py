@@ -41,8 +41,9 @@ def _triton_import_error() -> str | None:
     return None
 
 
-def backend_unavailable_reason(backend: str, device: torch.device | str) -> str | None:
-    """None when ``backend`` can run ops on ``device``, else a sentence saying why not."""
+def backend_unavailable_reason(backend: str, device: torch.device | str, *, build: bool = True) -> str | None:
+    """None when ``backend`` can run ops on ``device``, else a sentence saying why not. ``build=False``: a report
+    only, which never starts the CUDA extension's first-use build (fastpeft/_jit_build.py)."""
     device = torch.device(device)
     if backend == "torch":
         return None
@@ -56,8 +57,7 @@ def backend_unavailable_reason(backend: str, device: torch.device | str) -> str 
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
-        error = extension_error()
-        return error
+        return extension_error(build)
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
 
 

@@ -1,17 +1,16 @@
-"""The ``fastpeft`` console script: ``fastpeft env | demo | bench``."""
+"""The ``fastpeft`` console script: ``fastpeft env | build | demo | bench``."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import logging
 import platform
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 from fastpeft._extras import MissingExtra, require_extra
+from fastpeft._quiet import quiet_third_party_output
 
 
 def package_version(dist: str) -> str:
@@ -35,7 +34,7 @@ def env_report() -> str:
     import torch
 
     from fastpeft import __version__
-    from fastpeft._extension import extension_error
+    from fastpeft._extension import extension_error, extension_origin
     from fastpeft.backends import BACKENDS, backend_unavailable_reason, forced_backend
 
     lines = [
@@ -47,7 +46,7 @@ def env_report() -> str:
         f"transformers  {package_version('transformers')}",
         f"peft          {package_version('peft')}",
         f"bitsandbytes  {package_version('bitsandbytes')}",
-        f"extension     {'fastpeft._C loaded' if extension_error() is None else extension_error()}",
+        f"extension     {extension_error(build=False) or 'fastpeft._C loaded from ' + extension_origin(build=False)}",
     ]
     devices = ["cpu"]
     if torch.cuda.is_available():
@@ -61,7 +60,7 @@ def env_report() -> str:
     for op in ("lora_linear",):
         for device in devices:
             for backend in BACKENDS:
-                reason = backend_unavailable_reason(backend, device)
+                reason = backend_unavailable_reason(backend, device, build=False)
                 lines.append(f"  {op:<12} {device:<5} {backend:<7} {'yes' if reason is None else 'no: ' + reason}")
     return "\n".join(lines)
 
@@ -75,15 +74,22 @@ def bench_runner() -> Path:
 
 def _bench(argv: list[str]) -> int:
     """Run benchmarks/run.py with ``argv`` (its options are fastpeft bench's: ``fastpeft bench --help``)."""
+    quiet_third_party_output()  # checking the extra imports peft, which imports bitsandbytes
     require_extra("bench", "fastpeft bench")
     return subprocess.call([sys.executable, str(bench_runner()), *argv])
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``fastpeft env|demo|bench ...``: the exit status (0 ok, 1 a failed check or regression, 2 bad input)."""
+    """``fastpeft env|build|demo|bench ...``: the exit status (0 ok, 1 a failed check, build or regression, 2 bad
+    input)."""
     parser = argparse.ArgumentParser(prog="fastpeft", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="print versions, the extension's state, the GPU and the usable backends")
+    build = sub.add_parser("build", help="build the CUDA extension now, where the install skipped it "
+                           "(otherwise it builds on first use on a GPU)")  # fmt: skip
+    build.add_argument("--archs", default=None, help="compute capabilities, e.g. '9.0' or '8.0;9.0+PTX' "
+                       "(default: the visible GPUs')")  # fmt: skip
+    build.add_argument("--verbose", action="store_true", help="show the compiler's commands and output")
     demo = sub.add_parser("demo", help="LoRA, a mixed batch, QLoRA and bottleneck adapters: before and after fastpeft")
     demo.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     demo.add_argument("--model", default=None, help="a local transformers checkpoint (default: a small random Llama)")
@@ -99,28 +105,31 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _quiet_transformers() -> None:
-    """The command's own output only: transformers' progress bars and notices, like bitsandbytes' note about an
-    optional CPU kernel package (its logger is set before anything imports it), are not the demo's business;
-    errors still show."""
-    from transformers.utils import logging as transformers_logging
+def _build(archs: str | None, verbose: bool) -> int:
+    """Compile csrc/ into the first-use cache (fastpeft/_jit_build.py) and print the library's path."""
+    from fastpeft import _jit_build
 
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    # PEFT reads an attribute transformers 5 deprecates, once per model it wraps.
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+    try:
+        print(_jit_build.build(archs, verbose))
+    except ValueError as exc:  # --archs it cannot read
+        print(f"fastpeft build: {exc}", file=sys.stderr)
+        return 2
+    except _jit_build.BuildError as exc:
+        print(f"fastpeft build: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "env":
         print(env_report())
         return 0
+    if args.command == "build":
+        return _build(args.archs, args.verbose)
     if args.command == "demo":
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # before peft imports it: see _quiet_transformers
+        quiet_third_party_output()  # before the demo imports peft, which imports bitsandbytes
         require_extra("demo", "fastpeft demo")
         from fastpeft.demo import DemoError, run_demo
-
-        _quiet_transformers()
 
         try:
             return 0 if run_demo(device=args.device, steps=args.steps, model=args.model).passed else 1

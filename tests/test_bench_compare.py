@@ -79,12 +79,12 @@ def test_a_bad_baseline_is_refused_in_one_line_before_running(tmp_path, capsys, 
 
 
 def test_compare_against_a_real_run(tmp_path, capsys):
-    """A real quick run compared with an earlier one: the report's shape only (a row per fused case in
+    """A real smoke run compared with an earlier one: the report's shape only (a row per fused case in
     compare.md, the count printed), never its verdicts, which a loaded machine's timings would decide."""
     first = tmp_path / "first.json"
-    assert runner.main(["--out", str(tmp_path), "--quick", "--ops", "lora", "--json", str(first)]) == 0
+    assert runner.main(["--out", str(tmp_path), "--smoke", "--ops", "lora", "--json", str(first)]) == 0
     fused = [r for r in json.loads(first.read_text())["rows"] if r["variant"].startswith("fused:") and r.get("ms")]
-    status = runner.main(["--out", str(tmp_path), "--quick", "--ops", "lora", "--compare", str(first),
+    status = runner.main(["--out", str(tmp_path), "--smoke", "--ops", "lora", "--compare", str(first),
                           "--json", str(tmp_path / "second.json")])  # fmt: skip
     assert status in (0, 1)
     table = (tmp_path / "compare.md").read_text().splitlines()
@@ -98,7 +98,7 @@ def test_the_exit_status_follows_the_comparison_of_recorded_rows(tmp_path, monke
     recorded = [row("fused:auto", 2.0), row("fused:triton", 3.0, m=1), row("base", 1.0)]
     bench = runner.BENCHES["lora"]
     monkeypatch.setattr(runner, "machine", lambda: {"device": MACHINE["device"]})
-    monkeypatch.setattr(runner, "run_plan", lambda names, quick, targets_only=False: [("lora", "case")])
+    monkeypatch.setattr(runner, "run_plan", lambda names, size, targets_only=False: [("lora", "case")])
     monkeypatch.setattr(bench, "run_case", lambda case, device, backends: [dict(r) for r in recorded])
     monkeypatch.setattr(bench, "describe", lambda case: "recorded")
     for factor, expected in [(0.5, 1), (10.0, 0)]:

@@ -4,6 +4,7 @@ budget, and the target summary (met, not met, not measured, failed, no op yet)."
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,12 +42,12 @@ def test_target_verdicts():
 
 
 def test_target_cases_come_first_and_once():
-    plan = runner.planned_cases("lora", quick=False)
+    plan = runner.planned_cases("lora", size="full")
     first = [bench_lora.case_from_fields(fields) for fields in targets.target_cases("lora")]
     assert plan[: len(first)] == first and len(plan) == len(set(plan))
-    order = runner.run_plan(list(runner.BENCHES), quick=False)
+    order = runner.run_plan(list(runner.BENCHES), size="full")
     every_target = sum(len(targets.target_cases(name)) for name in runner.BENCHES)
-    assert len(order) == sum(len(runner.planned_cases(name, quick=False)) for name in runner.BENCHES)
+    assert len(order) == sum(len(runner.planned_cases(name, size="full")) for name in runner.BENCHES)
     assert [bench for bench, _ in order[:every_target]] == [
         name for name in runner.BENCHES for _ in targets.target_cases(name)
     ]  # every op's targets before any sweep
@@ -58,7 +59,7 @@ def test_a_raising_variant_is_a_failure_row_and_the_rest_still_run(monkeypatch):
         raise RuntimeError("kernel exploded")
 
     monkeypatch.setattr(bench_lora, "lora_linear", broken)
-    rows = bench_lora.run_case(bench_lora.cases(quick=True)[0], CPU, ["torch"])
+    rows = bench_lora.run_case(bench_lora.cases("smoke")[0], CPU, ["torch"])
     by_variant = {row["variant"]: row for row in rows}
     assert "kernel exploded" in by_variant["fused:auto"]["error"] and by_variant["fused:auto"]["ms"] is None
     assert by_variant["base"]["ms"] > 0 and "error" not in by_variant["unfused"]
@@ -67,7 +68,7 @@ def test_a_raising_variant_is_a_failure_row_and_the_rest_still_run(monkeypatch):
 def test_a_wrong_result_is_a_failure_row(monkeypatch):
     real = bench_lora.lora_linear
     monkeypatch.setattr(bench_lora, "lora_linear", lambda *a, **k: real(*a, **k) * 1.01)
-    rows = bench_lora.run_case(bench_lora.cases(quick=True)[0], CPU, ["torch"])
+    rows = bench_lora.run_case(bench_lora.cases("smoke")[0], CPU, ["torch"])
     fused = [row for row in rows if row["variant"].startswith("fused")]
     assert fused and all(row["error"].startswith("wrong result") for row in fused)
     assert all(row["ms"] > 0 for row in fused)  # still timed, so the row says how fast the wrong answer was
@@ -83,7 +84,7 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
         return real(case, device, backends)
 
     monkeypatch.setattr(bench_lora, "run_case", spy)
-    assert runner.main(["--out", str(tmp_path), "--quick", "--ops", "lora"]) == 0
+    assert runner.main(["--out", str(tmp_path), "--smoke", "--ops", "lora"]) == 0
     assert (
         seen[0] == {}
         and seen[1]["complete"] is False
@@ -95,7 +96,7 @@ def test_rows_are_written_as_they_are_measured(tmp_path, monkeypatch):
 
 
 def test_every_bench_smoke_pass_runs_without_a_failure_row(tmp_path):
-    assert runner.main(["--out", str(tmp_path), "--quick"]) == 0  # non-zero when any row has an error
+    assert runner.main(["--out", str(tmp_path), "--smoke"]) == 0  # non-zero when any row has an error
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert {row["op"] for row in rows} == {bench.OP for bench in runner.BENCHES.values()}
     assert all(row["ms"] > 0 for row in rows)
@@ -104,9 +105,9 @@ def test_every_bench_smoke_pass_runs_without_a_failure_row(tmp_path):
 def test_budget_stops_starting_cases(tmp_path, capsys):
     assert runner.main(["--out", str(tmp_path), "--quick", "--budget-s", "0"]) == 0
     if not runner.torch.cuda.is_available():  # a CPU run says what its ratios are worth
-        assert runner.CPU_NOTE in capsys.readouterr().out
+        assert runner.CPU_NOTES["quick"] in capsys.readouterr().out
     final = json.loads((tmp_path / "results.json").read_text())
-    every_case = sum(len(bench.cases(True)) for bench in runner.BENCHES.values())
+    every_case = sum(len(bench.cases("quick")) for bench in runner.BENCHES.values())
     assert final["complete"] is True and final["rows"] == [] and final["skipped_cases"] == every_case
 
 
@@ -118,10 +119,32 @@ def test_unknown_op_is_refused(capsys):
 
 def test_targets_only_plans_the_target_cases_alone(capsys, tmp_path):
     """gpu_check.sh's bench stage: the TARGETS rows and nothing else, each once, every op's in order."""
-    order = runner.run_plan(list(runner.BENCHES), quick=False, targets_only=True)
-    assert order == [(name, case) for name in runner.BENCHES for case in runner.planned_cases(name, False, True)]
+    order = runner.run_plan(list(runner.BENCHES), size="full", targets_only=True)
+    assert order == [(name, case) for name in runner.BENCHES for case in runner.planned_cases(name, "full", True)]
     assert len(order) == sum(len(targets.target_cases(name)) for name in runner.BENCHES)
     if not runner.torch.cuda.is_available():  # the target shapes need a GPU: refused in one line
         assert runner.main(["--out", str(tmp_path), "--targets"]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--targets" in err
+
+
+def test_the_bench_prints_only_its_own_lines(tmp_path):
+    """transformers' progress bars, bitsandbytes' note about an optional CPU kernel package and PEFT's
+    deprecation warning are not the bench's output (`fastpeft bench` as a user runs it)."""
+    command = [sys.executable, "-m", "fastpeft.cli", "bench", "--smoke", "--ops", "qlora,inference", "--out",
+               str(tmp_path)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.stderr == ""
+    for noise in ("Loading weights", "Writing model shards", "kernels-community", "Warning"):
+        assert noise not in result.stdout
+
+
+def test_quick_shapes_are_large_enough_for_a_cpu_timer():
+    """--quick (a CPU run's default) times layers whose GEMMs take longer than Python's overhead; --smoke keeps
+    the tiny shapes that only check that every case runs."""
+    for name, bench in runner.BENCHES.items():
+        for case in bench.cases("quick") if name not in ("train", "inference") else ():  # whole models: ms a step
+            features = getattr(case, "k", None) or case.d
+            assert (features >= 256 and case.m >= 16) or (case.m == 1 and features >= 1024), (name, case)
+        assert bench.cases("smoke") and bench.cases("full")

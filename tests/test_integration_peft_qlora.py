@@ -115,6 +115,34 @@ def test_evaluation_then_training_matches_peft(tmp_path):
     assert all(rel_error(ours[name], theirs[name]) < 1e-4 for name in ours)
 
 
+def test_training_after_bitsandbytes_own_cpu_inference_warns_nothing(tmp_path):
+    """bitsandbytes' AVX-512 CPU inference (left on, as bitsandbytes sets it) repacks a layer's weight on an eval
+    forward, and a later training forward on that layer would run its gemv_4bit, which has no autograd (a
+    warning, and no gradient through the layer). The patched layers put the weight back first: training after
+    inference, PEFT's forward included (adapters disabled), warns nothing and every gradient arrives."""
+    import warnings
+
+    from bitsandbytes.functional import has_avx512bf16
+
+    model = qlora_model(tmp_path)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = has_avx512bf16()
+    fastpeft.patch_peft_model(model)
+    model.eval()
+    logits(model)
+    with model.disable_adapter():
+        logits(model)  # bitsandbytes' own forward: it repacks where the CPU has AVX-512 bf16
+    ids = tokens()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.train()
+        model(ids, labels=ids).loss.backward()
+    assert not [str(w.message) for w in caught if "autograd kernel was not registered" in str(w.message)]
+    grads = trainable_grads(model)
+    assert len(grads) == 28 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
 def test_mixed_batch_and_several_adapters(tmp_path):
     model = qlora_model(tmp_path, adapters=("default", "other", "third")).eval()
     names = ["other", "__base__", "third"]
