@@ -5,6 +5,8 @@ Variants, all timed in the same run on the same operands:
     unfused        PEFT's path: base + lora_B(lora_A(dropout(x))) * scaling (three GEMMs, a scale and an add;
                    the dropout only in the training cases that name one)
     fused:<name>   fastpeft.lora_linear forced to one backend (cuda, triton, torch), and fused:auto
+    fused:triton-tiles  past the decode rows, the Triton backend on its tiles with their K loop instead of cuBLAS
+                   and the tiles as its epilogue (triton_kernels/lora.py's CUBLAS_BASE_MIN_M): the GPU decides
 
 Modes: ``forward``, and ``forward+backward`` as in LoRA training (x, A and B need gradients, W is frozen).
 On a GPU: CUDA-event timing (triton.testing.do_bench, median) after warm-up, operand sets rotated so that
@@ -16,8 +18,9 @@ Also collected by pytest-benchmark: ``pytest benchmarks/``.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -107,7 +110,29 @@ def operand_sets(case: Case, device: torch.device) -> list[dict[str, torch.Tenso
     return sets
 
 
-def _forward_fns(backends: list[str], dropout: float = 0.0) -> dict[str, Callable[..., torch.Tensor]]:
+@contextlib.contextmanager
+def k_loop_tiles() -> Iterator[None]:
+    """The Triton backend's prefill on its tiles with the K loop, not on cuBLAS and the tiles as its epilogue."""
+    from fastpeft.triton_kernels import lora as kernels
+
+    saved, kernels.CUBLAS_BASE_MIN_M = kernels.CUBLAS_BASE_MIN_M, 2**62
+    try:
+        yield
+    finally:
+        kernels.CUBLAS_BASE_MIN_M = saved
+
+
+def on_tiles(fn: Callable) -> Callable:
+    """``fn`` (a forward, or a whole timed step with its backward) under :func:`k_loop_tiles`."""
+
+    def run(*args):
+        with k_loop_tiles():
+            return fn(*args)
+
+    return run
+
+
+def _forward_fns(backends: list[str], dropout: float = 0.0, m: int = 0) -> dict[str, Callable[..., torch.Tensor]]:
     lin = torch.nn.functional.linear
 
     def base(x, weight, lora_a, lora_b):
@@ -122,6 +147,8 @@ def _forward_fns(backends: list[str], dropout: float = 0.0) -> dict[str, Callabl
 
     fns = {"base": base, "unfused": unfused, "fused:auto": fused}
     fns.update({f"fused:{b}": fused for b in backends})
+    if "triton" in backends and m > 64:  # triton_kernels/lora.py's DECODE_MAX_M: decode rows have one form
+        fns["fused:triton-tiles"] = on_tiles(fused)
     return fns
 
 
@@ -184,13 +211,15 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     A variant that raises or gives a wrong result becomes a row with ``error`` set (and no ratios when it could
     not be timed); the other variants still run.
     """
-    variants = _forward_fns(backends, case.dropout)
+    variants = _forward_fns(backends, case.dropout, case.m)
     try:
         sets = operand_sets(case, device)
         errors = _check_outputs(case, sets[0], variants)
     except Exception as exc:  # out of memory: every variant reports it
         sets, errors = [], {name: describe_error(exc) for name in variants}
     steps = {name: make_step(name, forward, sets, case.mode) for name, forward in variants.items()} if sets else {}
+    if "fused:triton-tiles" in steps:  # its backward's dx on the same tiles as its forward
+        steps["fused:triton-tiles"] = on_tiles(steps["fused:triton-tiles"])
     times = time_variants(steps, errors, device)
     del sets, steps
 

@@ -37,8 +37,9 @@ def backends_for(device: torch.device) -> list[str]:
 
 
 def with_backend(variant: str, fn: Callable[[], object]) -> Callable[[], object]:
-    """Force the backend a fused:<name> variant names (the dispatcher reads FASTPEFT_BACKEND per call)."""
-    name = variant.partition(":")[2]
+    """Force the backend a fused:<name> variant names (the dispatcher reads FASTPEFT_BACKEND per call); a
+    variant fused:<name>-<form> runs that backend in one of its forms (the bench sets the form)."""
+    name = variant.partition(":")[2].partition("-")[0]
     if name in ("", "auto"):
         return fn
 

@@ -18,6 +18,7 @@ the ceilings (a memory-bound GEMV streams W at :data:`STREAM_EFFICIENCY`).
 
     python benchmarks/roofline.py                      # the predicted value of every modelled target row
     python benchmarks/roofline.py --compare results.json  # measured beside predicted, from a bench run
+    python benchmarks/roofline.py --designs               # the LoRA prefill and decode designs compared
 """
 
 from __future__ import annotations
@@ -33,8 +34,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
+import torch
+from fastpeft.triton_kernels import lora as lora_kernels
+from fastpeft.triton_kernels.common import r_pad
 from fastpeft.triton_kernels.qlora import block_m, block_n
 
+from fastpeft.ops import lora as lora_ops
 from fastpeft.ops import qlora as qlora_ops
 
 
@@ -61,6 +66,11 @@ STREAM_EFFICIENCY = 0.9  # a streaming kernel's share of the copy ceiling
 DECODE_LANE_OPS = 3
 DECODE_SHARED_BYTES = 4  # the GEMV's 8-byte byte-pair lookup per two weights; Triton's 4-byte code gather per weight
 TRITON_4BIT_MMA_EFFICIENCY = 0.6  # Triton tiles that decode W on chip before tl.dot, against cuBLAS's ceiling
+# The Triton LoRA tiles (wgmma, pipelined K loop; not persistent, no TMA, no warp specialisation) against cuBLAS on
+# the same GEMM: the middle of the 1.15-1.35x a kernel engineer's reading gives them at M = 4096.
+TRITON_GEMM_EFFICIENCY = 0.8
+# A persistent Hopper GEMM (TMA, warp-specialised, L2-swizzled; Triton's tutorial kernel) against cuBLAS.
+PERSISTENT_GEMM_EFFICIENCY = 0.95
 
 
 @dataclass(frozen=True)
@@ -74,13 +84,14 @@ class Pass:
     ctas_per_sm: int = 1
     shared_bytes: float = 0.0
     l2_bytes: float = 0.0
+    streams: bool = False  # the bytes are shared out evenly over the CTAs: the busiest SM sets the memory time
 
     def seconds(self, machine: Machine = H200) -> float:
         waves = 1.0
         if self.ctas:
             slots = machine.sms * self.ctas_per_sm
             waves = self.ctas / (math.ceil(self.ctas / slots) * slots)
-        memory = self.bytes / (machine.bandwidth * STREAM_EFFICIENCY)
+        memory = self.bytes / (machine.bandwidth * STREAM_EFFICIENCY * (waves if self.streams else 1.0))
         tensor = self.flops / (machine.tensor_flops * self.mma_efficiency * waves)
         alu = self.lane_ops / (machine.lane_ops * waves)
         shared = self.shared_bytes / (machine.shared_bandwidth * waves)
@@ -201,13 +212,26 @@ def bnb_matmul_4bit(m: int, n: int, k: int, blocksize: int = 64, nested: bool = 
             *bf16_linear(m, n, k)]  # fmt: skip
 
 
-def peft_bnb_lora(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
-    """PEFT's LoRA layer on a bitsandbytes Linear4bit, inference: the 4-bit product, then dropout (identity),
-    two GEMMs, a scale and an add, each its own launch over [m, r] or [m, n]."""
-    lora = [Pass("x A^T", 2.0 * (m * k + r * k + m * r), 2.0 * m * k * r),
+def peft_lora_term(m: int, n: int, k: int, r: int) -> list[Pass]:
+    """PEFT's LoRA term beside its base layer: dropout (identity at p = 0), two GEMMs, a scale and an add, each
+    its own launch over [m, r] or [m, n]."""
+    return [Pass("x A^T", 2.0 * (m * k + r * k + m * r), 2.0 * m * k * r),
             Pass("(x A^T) B^T", 2.0 * (m * r + n * r + m * n), 2.0 * m * n * r),
             Pass("* scaling", 4.0 * m * n), Pass("+ base", 6.0 * m * n)]  # fmt: skip
-    return [*bnb_matmul_4bit(m, n, k, blocksize, nested), *lora]
+
+
+def peft_lora_term_backward(m: int, n: int, k: int, r: int) -> list[Pass]:
+    """Autograd's nodes for PEFT's LoRA term: the scale, the two LoRA GEMMs' gradients (four GEMMs) and the sum
+    of the base's and the adapter's dx."""
+    elementwise = [Pass("dy * scaling", 4.0 * m * n), Pass("dx + dx_lora", 6.0 * m * k)]
+    gemms = [Pass(name, 2.0 * (m * a + a * b + m * b), 2.0 * m * a * b)
+             for name, a, b in (("d(xA) = dy B", n, r), ("dB", n, r), ("dA", r, k), ("dx_lora", r, k))]  # fmt: skip
+    return elementwise + gemms
+
+
+def peft_bnb_lora(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
+    """PEFT's LoRA layer on a bitsandbytes Linear4bit, inference: the 4-bit product, then the LoRA term."""
+    return [*bnb_matmul_4bit(m, n, k, blocksize, nested), *peft_lora_term(m, n, k, r)]
 
 
 def qlora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
@@ -225,13 +249,131 @@ def qlora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: boo
 
 
 def peft_bnb_lora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
-    """PEFT's layer on a bitsandbytes Linear4bit, forward and backward: its forward, then autograd's nodes: the
-    scale, the two LoRA GEMMs' gradients (four GEMMs), bitsandbytes' dx (dequantize, GEMM) and the sum of dx."""
-    elementwise = [Pass("dy * scaling", 4.0 * m * n), Pass("dx + dx_lora", 6.0 * m * k)]
-    gemms = [Pass(name, 2.0 * (m * a + a * b + m * b), 2.0 * m * a * b)
-             for name, a, b in (("d(xA) = dy B", n, r), ("dB", n, r), ("dA", r, k), ("dx_lora", r, k))]  # fmt: skip
-    return [*peft_bnb_lora(m, n, k, r, blocksize, nested), *elementwise, *gemms, *bnb_matmul_4bit(2, k, n, blocksize,
-            nested)[:-1], *bf16_linear(m, k, n)]  # fmt: skip
+    """PEFT's layer on a bitsandbytes Linear4bit, forward and backward: its forward, then autograd's nodes for
+    the LoRA term, and bitsandbytes' dx (dequantize, GEMM)."""
+    return [*peft_bnb_lora(m, n, k, r, blocksize, nested), *peft_lora_term_backward(m, n, k, r),
+            *bnb_matmul_4bit(2, k, n, blocksize, nested)[:-1], *bf16_linear(m, k, n)]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The LoRA op (fastpeft/ops/lora.py's dispatch on a GPU with both backends) and PEFT's layer
+# ------------------------------------------------------------------------------------------------------------
+
+
+def lora_tile_pass(name: str, m: int, n: int, k: int, r: int, shrink_in_loop: bool) -> Pass:
+    """The Triton tile kernel (triton_kernels/lora.py, its pinned tiles) for ``y = x W^T + s xa B^T`` of m rows,
+    n outputs and reduction k: x, W, B and y once from HBM, xa (fp32) from the separate shrink, or A once and the
+    shrink in the K loop of every column tile (``shrink_in_loop``: recomputed per tile, A re-read from L2). Decode
+    tiles hold every row, so each CTA re-reads those rows of x from L2, and each streams its share of W: the
+    busiest SM sets the time (a last wave of 92 of 132 SMs costs as much as a full one)."""
+    decode = m <= lora_kernels.DECODE_MAX_M
+    config = lora_kernels.pinned_config("decode" if decode else "prefill", m, n, r_pad(r), torch.bfloat16,
+                                        interpreter=False).kwargs  # fmt: skip
+    row_tiles, col_tiles = math.ceil(m / config["BLOCK_M"]), math.ceil(n / config["BLOCK_N"])
+    rows, padded_r = row_tiles * config["BLOCK_M"], r_pad(r)  # the MMA runs on whole tiles
+    hbm = 2.0 * (m * k + n * k + m * n + n * r)
+    flops = 2.0 * rows * n * (k + padded_r)
+    l2 = 2.0 * row_tiles * col_tiles * min(m, config["BLOCK_M"]) * k if decode else 0.0
+    if shrink_in_loop:
+        hbm += 2.0 * r * k
+        flops += 2.0 * rows * k * padded_r * col_tiles
+        l2 += 2.0 * row_tiles * col_tiles * r * k
+    else:
+        hbm += 4.0 * m * r
+    return Pass(name, hbm, flops, mma_efficiency=TRITON_GEMM_EFFICIENCY, ctas=row_tiles * col_tiles, l2_bytes=l2,
+                streams=decode)  # fmt: skip
+
+
+def lora_epilogue(m: int, n: int, r: int) -> Pass:
+    """The tile kernel as cuBLAS's epilogue (BASE_FROM_Y): y read and written again, xa (fp32) and B read."""
+    return Pass("tiles as cuBLAS's epilogue", 4.0 * m * n + 4.0 * m * r + 2.0 * n * r, 2.0 * m * n * r)
+
+
+def lora_product(name: str, m: int, n: int, k: int, r: int) -> list[Pass]:
+    """``x W^T + s xa B^T`` for a given xa, as triton_kernels/lora.py runs it for m rows: cuBLAS then the tiles
+    as its epilogue (base_on_cublas), else the tiles with their K loop."""
+    if lora_kernels.base_on_cublas(m, r):
+        return [*bf16_linear(m, n, k), lora_epilogue(m, n, r)]
+    return [lora_tile_pass(name, m, n, k, r, shrink_in_loop=False)]
+
+
+def lora_forward(m: int, n: int, k: int, r: int) -> list[Pass] | None:
+    """fastpeft's LoRA layer forward by its dispatch; None where it picks the CUDA GEMV (not modelled)."""
+    if lora_ops.preference("lora_linear", m, r)[0] != "triton":
+        return None
+    if lora_kernels.fuses_shrink(m, r):
+        return [lora_tile_pass("Triton decode, shrink in the K loop", m, n, k, r, shrink_in_loop=True)]
+    kind = "decode" if m <= lora_kernels.DECODE_MAX_M else "prefill"
+    return [skinny("LoRA shrink", m, k, r), *lora_product(f"Triton {kind} tiles", m, n, k, r)]
+
+
+def lora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
+    """fastpeft's LoRA layer, forward and backward without dropout (fastpeft.ops.lora.lora_grads, W frozen): the
+    forward, dy B, dx = dy W + s (dy B) A on the tile kernel (reduction n), dA = (s dy B)^T x, x A^T again and
+    dB = dy^T (s x A^T)."""
+    forward = lora_forward(m, n, k, r)
+    if forward is None:
+        return None
+    dx = lora_product("dx tiles", m, k, n, r)
+    return [*forward, skinny("dy B", m, n, r), *dx, Pass("s dy B", 6.0 * m * r), skinny("dA", m, k, r),
+            skinny("x A^T", m, k, r), Pass("s x A^T", 6.0 * m * r), skinny("dB", m, n, r)]  # fmt: skip
+
+
+def peft_lora(m: int, n: int, k: int, r: int) -> list[Pass]:
+    """PEFT's LoRA layer on an nn.Linear, inference: cuBLAS, then the LoRA term."""
+    return [*bf16_linear(m, n, k), *peft_lora_term(m, n, k, r)]
+
+
+def peft_lora_train(m: int, n: int, k: int, r: int) -> list[Pass]:
+    """PEFT's layer forward and backward: its forward, autograd's nodes for the LoRA term, cuBLAS's dx = dy W."""
+    return [*peft_lora(m, n, k, r), *peft_lora_term_backward(m, n, k, r), *bf16_linear(m, k, n)]
+
+
+def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
+    """The LoRA prefill forward four ways: the Triton tiles with their K loop; cuBLAS then the tiles as its
+    epilogue, adding the LoRA term to y (read and written again; what ships, CUBLAS_BASE_MIN_M); cuBLAS over
+    K + r on [x | s x A^T] and [W | B] (x copied beside the shrink's output; W's part of [W | B] kept between
+    calls, a second copy of W, B's columns refreshed); a persistent Hopper kernel with the adapter as one more
+    step of its K loop (as efficient as :data:`PERSISTENT_GEMM_EFFICIENCY` says)."""
+    shrink = skinny("LoRA shrink", m, k, r)
+    joined = [Pass("[x | s x A^T]", 2.0 * m * k + 2.0 * m * (k + r) + 4.0 * m * r), Pass("B into [W | B]", 4.0 * n * r),
+              Pass("cuBLAS over K + r", 2.0 * (m * (k + r) + n * (k + r) + m * n), 2.0 * m * n * (k + r))]  # fmt: skip
+    persistent = Pass("persistent, adapter in the K loop", 2.0 * (m * k + n * k + m * n + n * r) + 4.0 * m * r,
+                      2.0 * m * n * (k + r), mma_efficiency=PERSISTENT_GEMM_EFFICIENCY)  # fmt: skip
+    return {
+        "Triton tiles, K loop": [shrink, lora_tile_pass("Triton prefill tiles", m, n, k, r, shrink_in_loop=False)],
+        "cuBLAS, then the tiles as epilogue (ships)": [shrink, *bf16_linear(m, n, k), lora_epilogue(m, n, r)],
+        "cuBLAS on [x | s xA^T] and [W | B]": [shrink, *joined],
+        "persistent kernel, adapter as a K step": [shrink, persistent],
+    }
+
+
+def decode_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
+    """The one-launch decode two ways: today's tiles (a CTA per column tile, the last wave partly idle), and a
+    stream-K schedule over exactly one CTA per SM (each takes an equal share of the (tile, K step) iterations;
+    a tile split between two CTAs meets in fp32 partial sums in a workspace, summed in a fixed order by the
+    last to finish: one launch, deterministic)."""
+    today = lora_forward(m, n, k, r) or []
+    main = today[-1]
+    tile_cols = lora_kernels.pinned_config("decode", m, n, r_pad(r), torch.bfloat16, interpreter=False).kwargs
+    partials = 2 * H200.sms * 4.0 * (tile_cols["BLOCK_M"] * tile_cols["BLOCK_N"] + tile_cols["BLOCK_M"] * r_pad(r))
+    stream_k = Pass("stream-K decode, shrink in the K loop", main.bytes + 2 * partials, main.flops,
+                    mma_efficiency=main.mma_efficiency, l2_bytes=main.l2_bytes)  # fmt: skip
+    return {"Triton decode tiles (ships)": today, "stream-K over 132 CTAs": [*today[:-1], stream_k]}
+
+
+def design_table() -> list[str]:
+    """Markdown: each design's predicted time and its ratio to cuBLAS's base GEMM, at the target shapes."""
+    lines = ["| shape | design | predicted µs | vs base GEMM |", "|---|---|---:|---:|"]
+    shapes = [("prefill", m, n) for m in (4096,) for n in (4096, 14336)]
+    shapes += [("decode", m, 14336) for m in (1, 16, 64)]
+    for kind, m, n in shapes:
+        base = seconds(bf16_linear(m, n, 4096))
+        designs = (prefill_designs if kind == "prefill" else decode_designs)(m, n, 4096, 16)
+        for name, passes in designs.items():
+            time = seconds(passes)
+            lines.append(f"| {kind} M={m}, 4096->{n}, r=16 | {name} | {time * 1e6:.1f} | {time / base:.3f} |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -261,7 +403,22 @@ def _qlora_metric(metric: str, case: dict) -> float | None:
     return None
 
 
-MODELS: dict[str, Callable[[str, dict], float | None]] = {"qlora": _qlora_metric}
+def _lora_metric(metric: str, case: dict) -> float | None:
+    m, n, k, r = case["m"], case["n"], case["k"], case["r"]
+    if case.get("dropout"):
+        return None  # the dropout mask's passes are not modelled yet
+    train = case.get("mode") == "forward+backward"
+    fused = (lora_train if train else lora_forward)(m, n, k, r)
+    if fused is None:
+        return None
+    if metric == "ratio_vs_base" and not train:
+        return seconds(fused) / seconds(bf16_linear(m, n, k))
+    if metric == "speedup_vs_unfused":
+        return seconds((peft_lora_train if train else peft_lora)(m, n, k, r)) / seconds(fused)
+    return None
+
+
+MODELS: dict[str, Callable[[str, dict], float | None]] = {"qlora": _qlora_metric, "lora": _lora_metric}
 
 
 def predict(target: targets.Target, case: dict) -> float | None:
@@ -303,8 +460,11 @@ def compare(rows: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--compare", metavar="RESULTS_JSON", help="a bench run's results.json (benchmarks/run.py)")
+    parser.add_argument("--designs", action="store_true", help="the LoRA designs compared on paper")
     args = parser.parse_args(argv)
-    if args.compare:
+    if args.designs:
+        print("\n".join(design_table()))
+    elif args.compare:
         report = json.loads(Path(args.compare).read_text())
         print("\n".join(compare(report["rows"] if isinstance(report, dict) else report)))
     else:

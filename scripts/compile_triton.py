@@ -209,7 +209,26 @@ def _t(*shape: int, dtype=torch.bfloat16, grad: bool = False) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=META, requires_grad=grad)
 
 
+def _k_loop_tiles(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with lora's prefill on its tiles with the K loop, not on cuBLAS and the tiles as its epilogue."""
+    from fastpeft.triton_kernels import lora
+
+    def run() -> None:
+        saved, lora.CUBLAS_BASE_MIN_M = lora.CUBLAS_BASE_MIN_M, 2**62
+        try:
+            fn()
+        finally:
+            lora.CUBLAS_BASE_MIN_M = saved
+
+    return run
+
+
 def _lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    for name, fn in _lora_forms_coverage(dtype):
+        yield name, _k_loop_tiles(fn) if " prefill " in name else fn
+
+
+def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from fastpeft.triton_kernels import lora
 
     k, n = 200, 120
@@ -218,7 +237,7 @@ def _lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]
     a16, b16 = _t(16, k, dtype=dtype), _t(n, 16, dtype=dtype)
     a64, b64 = _t(64, k, dtype=dtype), _t(n, 64, dtype=dtype)
     a256, b256 = _t(256, k, dtype=dtype), _t(n, 256, dtype=dtype)
-    for m, label in ((5, "decode"), (37, "decode"), (100, "prefill")):
+    for m, label in ((5, "decode"), (37, "decode"), (100, "epilogue"), (100, "prefill")):
         x = _t(m, k, dtype=dtype)
         xa64, xa256 = _t(m, 64, dtype=torch.float32), _t(m, 256, dtype=torch.float32)
         if m <= lora.DECODE_MAX_M:
@@ -235,8 +254,9 @@ def _lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]
         dora = dict(out_scale=_t(n, dtype=torch.float32), z=_t(m, n, dtype=dtype))
         yield f"lora {label} dora m={m}", partial(lora.lora_linear, x, w, None, b64, 2.0, bias, xa=xa64, **dora)
         yield f"lora {label} expand r=256 m={m}", partial(lora.lora_linear, x, w, None, b256, 2.0, None, xa=xa256)
-        yield f"lora shrink r=64 m={m}", partial(lora.lora_shrink, x, a64)
-        yield f"lora shrink+dropout r=256 m={m}", partial(lora.lora_shrink, x, a256, dropout)
+        if label != "prefill":  # the shrink is the same in both forms past the decode rows
+            yield f"lora shrink r=64 m={m}", partial(lora.lora_shrink, x, a64)
+            yield f"lora shrink+dropout r=256 m={m}", partial(lora.lora_shrink, x, a256, dropout)
     dy, dyb = _t(37, n, dtype=dtype), _t(37, 64, dtype=torch.float32)
     yield "lora dx (transposed W) m=37", partial(lora.lora_linear, dy, w.t(), None, a64.t(), 2.0, None, xa=dyb)
     yield "lora keep mask", partial(lora.keep_mask, dropout, 37, k, META)

@@ -14,7 +14,7 @@ Nothing here is measured: registers, spills, shared memory, occupancy and waves 
 launch code say; speeds come from a GPU run of ``scripts/gpu_check.sh``, and the cost model's predictions
 (benchmarks/roofline.py) stand beside each target until then. The report records a fingerprint of its inputs
 (csrc/, triton_kernels/, this script, compile_triton.py, kernel_facts.py, benchmarks/targets.py and roofline.py,
-the 4-bit dispatch in fastpeft/ops/qlora.py); ``--check`` compares it with the sources.
+the 4-bit and LoRA dispatch in fastpeft/ops/qlora.py and lora.py); ``--check`` compares it with the sources.
 """
 
 from __future__ import annotations
@@ -35,14 +35,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "kernel_report.md"
 INPUTS = ("csrc", "triton_kernels", "scripts/kernel_report.py", "scripts/compile_triton.py", "scripts/kernel_facts.py",
-          "benchmarks/targets.py", "benchmarks/roofline.py", "fastpeft/ops/qlora.py")  # fmt: skip
+          "benchmarks/targets.py", "benchmarks/roofline.py", "fastpeft/ops/qlora.py",
+          "fastpeft/ops/lora.py")  # fmt: skip
 FINGERPRINT = re.compile(r"Fingerprint of the inputs: `([0-9a-f]{16})`")
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from kernel_facts import REFERENCE_SMS, cuobjdump, occupancy, sass_features  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from roofline import prediction_table  # noqa: E402
+from roofline import design_table, prediction_table  # noqa: E402
 
 
 def fingerprint() -> str:
@@ -261,8 +262,8 @@ def render(triton_runs: list[tuple[str, list[dict]]], kernels: list[dict]) -> st
         f"Written by `scripts/kernel_report.py` on {date} with Triton {versions} and {nvcc_version()}, on a machine "
         "without a GPU. Fingerprint of the inputs: "
         f"`{fingerprint()}` (csrc/, triton_kernels/, the three scripts, benchmarks/targets.py and roofline.py, "
-        "fastpeft/ops/qlora.py). CI fails when the sources change and this file does not (`make kernel-report` "
-        "writes it).",
+        "fastpeft/ops/qlora.py and lora.py). CI fails when the sources change and this file does not "
+        "(`make kernel-report` writes it).",
         "",
         "**Nothing here is measured.** Registers, spills, shared memory and machine instructions come from the "
         "compilers; blocks per SM from those against an SM's 64K registers, 228 KB of shared memory and 64 warps; "
@@ -280,6 +281,13 @@ def render(triton_runs: list[tuple[str, list[dict]]], kernels: list[dict]) -> st
         "(`python benchmarks/roofline.py --compare results.json`). Rows of ops the model does not cover yet say so.",
         "",
         *prediction_table(),
+        "",
+        "## Predicted: the LoRA designs compared on paper",
+        "",
+        "The same model for each way of building the LoRA layer's prefill and its one-launch decode "
+        "(`python benchmarks/roofline.py --designs`); `(ships)` marks what the dispatch runs.",
+        "",
+        *design_table(),
         "",
     ]
     for version, rows in triton_runs:

@@ -3,6 +3,7 @@ budget, and the target summary (met, not met, not measured, failed, no op yet)."
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -148,3 +149,18 @@ def test_quick_shapes_are_large_enough_for_a_cpu_timer():
             features = getattr(case, "k", None) or case.d
             assert (features >= 256 and case.m >= 16) or (case.m == 1 and features >= 1024), (name, case)
         assert bench.cases("smoke") and bench.cases("full")
+
+
+def test_prefill_cases_also_time_the_triton_tiles_with_their_k_loop(monkeypatch):
+    """Past the decode rows the Triton backend has two forms; the GPU run times both (fused:triton-tiles)."""
+    import common
+    from fastpeft.triton_kernels import lora as kernels
+
+    assert "fused:triton-tiles" in bench_lora._forward_fns(["triton"], m=65)
+    assert "fused:triton-tiles" not in bench_lora._forward_fns(["triton"], m=64)
+    assert "fused:triton-tiles" not in bench_lora._forward_fns(["torch"], m=4096)
+    seen = []
+    monkeypatch.setattr(common, "use_backend", lambda name: seen.append(name) or contextlib.nullcontext())
+    probe = bench_lora.on_tiles(lambda: kernels.CUBLAS_BASE_MIN_M)
+    assert common.with_backend("fused:triton-tiles", probe)() > 2**40 and seen == ["triton"]
+    assert kernels.CUBLAS_BASE_MIN_M == kernels.DECODE_MAX_M + 1  # restored

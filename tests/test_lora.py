@@ -98,7 +98,7 @@ def test_gpu_shapes_reach_every_path():
     kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
     rows = [(math.prod(lead), k, r) for lead, k, _n, r in GPU_SHAPES]
     plans = {kernels.launch_plan(m, r) for m, _k, r in rows if m > 0}
-    assert plans == {("decode+shrink",), ("shrink", "decode"), ("shrink", "prefill")}
+    assert plans == {("decode+shrink",), ("shrink", "decode"), ("shrink", "cublas", "epilogue")}
     assert any(m <= 16 and k >= 2048 and not kernels.fuses_shrink(m, r) for m, k, r in rows)  # split-K shrink
     assert {0, 1} <= {m for m, _k, _r in rows} and any(len(lead) > 1 for lead, *_ in GPU_SHAPES)
     gemv = [(m, k) for m, k, _r in rows if 0 < m <= 8]  # CUDA: GEMV with 16-byte and with scalar loads
@@ -133,6 +133,34 @@ def test_backward_matches_reference(backend, dtype, shape):
         if shape[0] == (0,) and name != "x":
             assert torch.all(inputs[name].grad == 0), name  # no rows: zero gradients, not garbage
             continue
+        assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("cublas_min_m", [65, 10**9], ids=["cublas+epilogue", "tiles"])
+def test_both_prefill_forms_match_the_reference(monkeypatch, dtype, cublas_min_m):
+    """Past the decode rows the Triton backend runs x W^T on cuBLAS and its tiles as the epilogue, or the tiles
+    with their K loop (CUBLAS_BASE_MIN_M); forward and backward (dx on the same form) on both."""
+    kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("triton cannot run here")
+    monkeypatch.setattr(kernels, "CUBLAS_BASE_MIN_M", cublas_min_m)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    lead, k, n, r = ((3, 100), 512, 1000, 16) if HAS_GPU else ((70,), 45, 31, 16)
+    inputs = make_inputs(lead, k, n, r, dtype, requires_grad=True)
+    inputs64 = {k: v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) else v
+                for k, v in inputs.items()}  # fmt: skip
+    plain = {k: v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v
+             for k, v in inputs.items()}  # fmt: skip
+    out = lora_linear(**inputs)
+    assert_close_to_reference(out, lora_linear_reference(**inputs64), lora_linear_reference(**plain))
+    grad = torch.randn(*lead, n, device=DEVICE).to(dtype)
+    out.backward(grad)
+    lora_linear_reference(**inputs64).backward(grad.double())
+    lora_linear_reference(**plain).backward(grad)
+    for name in ("x", "lora_a", "lora_b", "weight", "bias"):
         assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
 
 

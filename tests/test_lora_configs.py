@@ -47,7 +47,13 @@ def test_launch_plans():
     assert kernels.launch_plan(1, 16) == ("decode+shrink",)  # decode at M = 1: one launch
     assert kernels.launch_plan(64, 32) == ("decode+shrink",)
     assert kernels.launch_plan(1, 64) == ("shrink", "decode")  # rank 64: A read once, not once per tile
+    assert kernels.launch_plan(65, 16) == ("shrink", "cublas", "epilogue")  # x W^T on cuBLAS: see CUBLAS_BASE_MIN_M
+
+
+def test_the_tiles_run_the_k_loop_where_cublas_does_not(monkeypatch):
+    monkeypatch.setattr(kernels, "CUBLAS_BASE_MIN_M", 10**9)
     assert kernels.launch_plan(65, 16) == ("shrink", "prefill")
+    assert kernels.launch_plan(4096, 64) == ("shrink", "prefill")
 
 
 def test_backend_preference_routes_small_rank_decode_to_the_one_launch_kernel():
@@ -73,16 +79,21 @@ class _LaunchSpy:
 @pytest.fixture
 def launches(monkeypatch) -> list[str]:
     found: list[str] = []
-    for name in ("_decode_kernel", "_prefill_kernel", "_shrink_kernel"):
+    for name in ("_decode_kernel", "_prefill_kernel", "_shrink_kernel", "_epilogue_kernel"):
         monkeypatch.setattr(
             kernels, name, _LaunchSpy(name.strip("_").removesuffix("_kernel"), getattr(kernels, name), found)
         )
     return found
 
 
-@pytest.mark.parametrize(("m", "r", "expected"), [(3, 4, "decode"), (3, 40, "decode"), (70, 4, "prefill")])
-def test_forward_and_backward_launch_tiles_for_their_row_count(monkeypatch, launches, m, r, expected):
-    """Forward and the backward's dx both run decode tiles for few rows, prefill tiles for many."""
+@pytest.mark.parametrize(
+    ("m", "r", "cublas_min_m", "expected"),
+    [(3, 4, 65, "decode"), (3, 40, 65, "decode"), (70, 4, 65, "epilogue"), (70, 4, 10**9, "prefill")],
+)
+def test_forward_and_backward_launch_tiles_for_their_row_count(monkeypatch, launches, m, r, cublas_min_m, expected):
+    """Forward and the backward's dx both run decode tiles for few rows; for many, cuBLAS and the tiles as its
+    epilogue, or the prefill tiles with their K loop."""
+    monkeypatch.setattr(kernels, "CUBLAS_BASE_MIN_M", cublas_min_m)
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
     if DEVICE.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -92,7 +103,7 @@ def test_forward_and_backward_launch_tiles_for_their_row_count(monkeypatch, laun
     lora_b = torch.randn(20, r, device=DEVICE, requires_grad=True)
     y = ops.lora_linear(x, weight, lora_a, lora_b, 0.5)
     forward = list(launches)
-    assert forward == [p if p != "decode+shrink" else "decode" for p in kernels.launch_plan(m, r)]
+    assert forward == [{"decode+shrink": "decode"}.get(p, p) for p in kernels.launch_plan(m, r) if p != "cublas"]
     y.sum().backward()
     linear_launches = {name for name in launches[len(forward) :] if name != "shrink"}
     assert linear_launches == {expected}  # dx = dy W + s (dy B) A on the same tiles as the forward
@@ -120,5 +131,7 @@ def test_pinned_decode_tiles_hold_every_row_and_fill_a_wave():
         fp32.kwargs["BLOCK_K"]
         < kernels.pinned_config("decode", 8, 4096, 16, torch.bfloat16, interpreter=False).kwargs["BLOCK_K"]
     )
+    epilogue = kernels.pinned_config("epilogue", 4096, 4096, 16, torch.bfloat16, interpreter=False)
+    assert (epilogue.kwargs["BLOCK_M"], epilogue.kwargs["BLOCK_N"], epilogue.num_warps) == (64, 64, 4)
     prefill = kernels.pinned_config("prefill", 4096, 4096, 16, torch.bfloat16, interpreter=False)
     assert (prefill.kwargs["BLOCK_M"], prefill.kwargs["BLOCK_N"], prefill.num_warps) == (128, 128, 8)

@@ -81,3 +81,34 @@ def test_the_command_line_compares_a_results_file(tmp_path, capsys):
     results.write_text(json.dumps({"machine": {}, "rows": [{**case, "variant": target.variant, "ratio_vs_bf16": 1.2}]}))
     assert roofline.main(["--compare", str(results)]) == 0
     assert f"| {target.name} | {targets.case_label(case)} | 1.20 |" in capsys.readouterr().out
+
+
+def test_the_lora_model_follows_the_dispatch(monkeypatch):
+    from fastpeft.triton_kernels import lora as kernels
+
+    names = [p.name for p in roofline.lora_forward(1, 4096, 4096, 16)]
+    assert names == ["Triton decode, shrink in the K loop"]  # one launch
+    assert [p.name for p in roofline.lora_forward(4096, 4096, 4096, 16)] == [
+        "LoRA shrink", "cuBLAS GEMM", "tiles as cuBLAS's epilogue"]  # fmt: skip
+    monkeypatch.setattr(kernels, "CUBLAS_BASE_MIN_M", 10**9)
+    assert [p.name for p in roofline.lora_forward(4096, 4096, 4096, 16)] == ["LoRA shrink", "Triton prefill tiles"]
+    assert roofline.lora_forward(1, 4096, 4096, 64) is None  # the CUDA GEMV's rows are not modelled
+
+
+def test_a_decode_tail_costs_what_its_idle_sms_do():
+    """224 column tiles on 132 SMs: the busiest SM streams two tiles' share of W, so 85% of the SMs' time is used;
+    128 tiles at N = 4096 fit one wave."""
+    tail = roofline.lora_forward(1, 14336, 4096, 16)[0]
+    assert tail.ctas == 224 and tail.streams
+    full = roofline.Pass("even", tail.bytes)
+    assert tail.seconds() - H200.launch_s == pytest.approx((full.seconds() - H200.launch_s) * 264 / 224)
+    stream_k = roofline.decode_designs(1, 14336, 4096, 16)["stream-K over 132 CTAs"][-1]
+    assert stream_k.seconds() < tail.seconds() * 0.9
+
+
+def test_every_plain_lora_target_row_is_predicted():
+    rows = [(t, case, value) for t, case, value in roofline.prediction_rows() if t.bench == "lora"]
+    unmodelled = {t.name for t, case, value in rows if value is None}
+    assert unmodelled == {"lora_linear + dropout 0.05, fwd+bwd (M=4096): over PEFT"}
+    designs = roofline.design_table()
+    assert designs[0].startswith("| shape | design |") and any("(ships)" in line for line in designs)

@@ -41,6 +41,13 @@ from .common import AUTOTUNE, INTERPRET, REFERENCE_SMS, dot_precision, on_device
 DECODE_MAX_M = 64
 # The fused one-launch form re-reads A per output tile; above this padded rank the shrink runs once instead.
 FUSED_MAX_R_PAD = 32
+# From this many rows the base product x W^T runs on cuBLAS, written into y, and the tile kernel runs as its
+# epilogue only (BASE_FROM_Y): y = out_scale * (y + s xa B^T) + bias in one more pass over y. The cost model
+# (benchmarks/roofline.py --designs) puts that at 1.12-1.16x the base GEMM at M = 4096, against 1.31-1.35x for
+# the tiles with the K loop, which it assumes at 0.8 of cuBLAS's speed (they break even near 0.9); the first GPU
+# run decides (the bench's fused:triton-tiles rows run the tiles). Rounding: x W^T is rounded to x's dtype once
+# more than on the tiles, as PEFT's base layer rounds it.
+CUBLAS_BASE_MIN_M = DECODE_MAX_M + 1
 
 
 def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -102,9 +109,10 @@ def pinned_config(
     interpreter: bool = INTERPRET,
 ) -> triton.Config:  # fmt: skip
     """The tile launched without autotuning (``FASTPEFT_TRITON_AUTOTUNE=0``: the GPU tests, the sanitizer, the
-    GPU check's target rows), chosen by rule from the shape, never by timing. ``kind``: "decode", "prefill" or
-    "shrink"; ``n`` the output features (0 for the shrink). scripts/compile_triton.py compiles exactly these for
-    sm_90 at the TARGETS shapes and fails CI if a 16-bit one spills.
+    GPU check's target rows), chosen by rule from the shape, never by timing. ``kind``: "decode", "prefill",
+    "epilogue" (after cuBLAS) or "shrink"; ``n`` the output features (0 for the shrink).
+    scripts/compile_triton.py compiles exactly these for sm_90 at the TARGETS shapes and fails CI if a 16-bit one
+    spills.
 
     - decode: a row tile holding every row (W read once), 32 columns (128 programs at N = 4096; 64 columns and
       224 programs at N = 14336), K in steps of 128 four stages deep (bytes in flight for a memory-bound GEMV);
@@ -112,6 +120,9 @@ def pinned_config(
       tile lives in registers);
     - prefill: 128 x 128 tiles for large M, 64 x 64 below 1024 rows, both on two warpgroups (wgmma; on one,
       the accumulator and the LoRA epilogue's operands pass 255 registers and spill);
+    - epilogue: one pass over y in 64 x 64 tiles on one warpgroup, several CTAs per SM to keep loads of y in
+      flight (a memory-bound pass; the 128 x 128 prefill tile on 8 warps fits one CTA per SM with DoRA's scale,
+      and 64 x 128 on 4 warps spills beside the LoRA term of rank 64);
     - shrink: 64 rows, the rank on 4 warps up to 64 and on 8 beyond (the accumulator is BLOCK_M x R_PAD);
     - fp32: smaller tiles on more warps (full-precision fp32 dots run on the FMA units, operands in registers).
     """
@@ -124,6 +135,8 @@ def pinned_config(
         block_k = 32 if fp32 or r_pad > 128 else 64
         return triton.Config({"BLOCK_M": 32 if fp32 else 64, "BLOCK_K": block_k}, num_warps=8 if wide else 4,
                              num_stages=2 if wide else 3)  # fmt: skip
+    if kind == "epilogue":  # BLOCK_K is unused: there is no K loop
+        return _configs([(64, 64, 32, 4, 1)])[0]
     if kind == "decode":
         block_k = 32 if fp32 or (in_kernel_dropout and rows > 16) else 128
         warps = 8 if fp32 and rows == 64 else 4
@@ -188,6 +201,7 @@ def _lora_linear_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_OUT_SCALE: tl.constexpr,  # y = out_scale * (x W^T + s xa B^T) + bias, per column (DoRA's magnitude)
     STORE_Z: tl.constexpr,  # also write z = x W^T + s xa B^T, before the scale (same strides as y)
+    BASE_FROM_Y: tl.constexpr,  # x W^T is already in y (cuBLAS wrote it): no K loop, the epilogue only
     R_PAD: tl.constexpr,
     R_CHUNK: tl.constexpr,  # ranks per step of the epilogue when xa is read from memory
     DOT_PRECISION: tl.constexpr,
@@ -224,26 +238,32 @@ def _lora_linear_kernel(
     step_x = BLOCK_K * tl.cast(stride_xk, tl.int64)
     step_w = BLOCK_K * tl.cast(stride_wk, tl.int64)
     step_a = BLOCK_K * tl.cast(stride_ak, tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
+    mask_y = mask_m[:, None] & mask_n[None, :]
+    if BASE_FROM_Y:  # the tile reads its own output before writing it: no other program touches it
+        acc = tl.load(y_ptr + offs_y, mask=mask_y, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:
-            x = x.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
-        if FUSE_SHRINK:
-            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+    if not BASE_FROM_Y:
+        for k0 in range(0, K, BLOCK_K):
+            mask_k = offs_k < K - k0
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
             if UPCAST:
-                a = a.to(tl.float32)
-            if DROPOUT_X:
-                x = _dropped(x, offs_m, k0 + offs_k, seed, dropout_p, keep_scale, stride_dr, stride_dc)
-            xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
-            a_ptrs += step_a
-        x_ptrs += step_x
-        w_ptrs += step_w
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            if FUSE_SHRINK:
+                a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+                if UPCAST:
+                    a = a.to(tl.float32)
+                if DROPOUT_X:
+                    x = _dropped(x, offs_m, k0 + offs_k, seed, dropout_p, keep_scale, stride_dr, stride_dc)
+                xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
+                a_ptrs += step_a
+            x_ptrs += step_x
+            w_ptrs += step_w
 
     # The LoRA term s * xa @ B^T. B's bf16/fp16 values are exact in tf32, so LORA_PRECISION="tf32" only rounds
     # xa, to 11 bits. A fused shrink left xa in registers; otherwise it is read in chunks of R_CHUNK ranks, so
@@ -266,8 +286,6 @@ def _lora_linear_kernel(
         acc += _dropped(lora, offs_m, offs_n, seed, dropout_p, keep_scale, stride_dr, stride_dc)
     else:
         acc = lora
-    offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
-    mask_y = mask_m[:, None] & mask_n[None, :]
     if STORE_Z:
         tl.store(z_ptr + offs_y, acc.to(z_ptr.dtype.element_ty), mask=mask_y)
     if HAS_OUT_SCALE:
@@ -349,6 +367,8 @@ if AUTOTUNE:
 else:  # the pinned configurations (pinned_config): nothing is timed
     _decode_kernel = _prefill_kernel = _lora_linear_kernel
     _shrink_kernel = _lora_shrink_kernel
+# The epilogue after cuBLAS updates y in place: never autotuned (each timed run would add the LoRA term again).
+_epilogue_kernel = _lora_linear_kernel
 
 
 def _launcher(kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kernel_dropout: bool = False) -> tuple:
@@ -360,6 +380,11 @@ def _launcher(kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kern
     return kernel, pinned_config(kind, m, n, r_pad, dtype, in_kernel_dropout).all_kwargs()
 
 
+def base_on_cublas(m: int, r: int) -> bool:
+    """Whether lora_linear of m rows at rank r runs x W^T on cuBLAS and the tile kernel as its epilogue."""
+    return m >= CUBLAS_BASE_MIN_M and not fuses_shrink(m, r)
+
+
 def fuses_shrink(m: int, r: int) -> bool:
     """Whether lora_linear of m rows at rank r runs as one launch (shrink fused into the decode kernel)."""
     return m <= DECODE_MAX_M and r_pad(r) <= FUSED_MAX_R_PAD
@@ -369,6 +394,8 @@ def launch_plan(m: int, r: int) -> tuple[str, ...]:
     """The kernels the forward of m rows at rank r launches, in order (for tests, docs and warm-up)."""
     if fuses_shrink(m, r):
         return ("decode+shrink",)
+    if base_on_cublas(m, r):
+        return ("shrink", "cublas", "epilogue")
     return ("shrink", "decode" if m <= DECODE_MAX_M else "prefill")
 
 
@@ -499,8 +526,8 @@ def lora_linear(
     x: [M, K]; weight: [N, K]; lora_a: [R, K] (unused when ``xa`` is given); lora_b: [N, R]; bias: [N] or
     None; xa: [M, R] fp32 or None; out_scale: [N] fp32 or None (no scale); z: None, or an [M, N] contiguous
     tensor of x's dtype that receives the value before ``out_scale`` and bias. fp16/bf16/fp32, one dtype, any
-    strides. Returns y [M, N] in x's dtype. Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles;
-    the fused form needs decode rows.
+    strides. Returns y [M, N] in x's dtype. Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles,
+    from CUBLAS_BASE_MIN_M rows x W^T on cuBLAS and the tiles as its epilogue; the fused form needs decode rows.
     """
     _check_devices(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias, xa=xa, out_scale=out_scale, z=z)
     m, k = x.shape
@@ -520,8 +547,14 @@ def lora_linear(
     if out_scale is not None:
         out_scale = out_scale.float().contiguous()
     dropout = dropout_x or dropout_out
-    kind = "decode" if m <= DECODE_MAX_M else "prefill"
-    kernel, options = _launcher(kind, m, n, r_pad(r), x.dtype, dropout is not None)
+    cublas = not fuse and base_on_cublas(m, r)
+    if cublas:
+        torch.mm(x, weight.t(), out=y)  # follows torch's float32 matmul precision, as DOT_PRECISION does
+        kernel = globals()["_epilogue_kernel"]  # read at call time: tests put spies in its place
+        options = pinned_config("epilogue", m, n, r_pad(r), x.dtype).all_kwargs()
+    else:
+        kernel, options = _launcher("decode" if m <= DECODE_MAX_M else "prefill", m, n, r_pad(r), x.dtype,
+                                    dropout is not None)  # fmt: skip
     if fuse:
         xa = y  # placeholder pointer, never read when FUSE_SHRINK
     else:
@@ -543,6 +576,7 @@ def lora_linear(
             HAS_BIAS=bias is not None,
             HAS_OUT_SCALE=out_scale is not None,
             STORE_Z=z is not None,
+            BASE_FROM_Y=cublas,
             R_PAD=r_pad(r),
             R_CHUNK=rank_chunk(r_pad(r), x.dtype),
             DOT_PRECISION=dot_precision(x.dtype),
