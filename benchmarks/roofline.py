@@ -297,10 +297,23 @@ def lora_product(name: str, m: int, n: int, k: int, r: int) -> list[Pass]:
     return [lora_tile_pass(name, m, n, k, r, shrink_in_loop=False)]
 
 
+def stream_k_decode(m: int, n: int, k: int, r: int) -> Pass:
+    """The one-launch decode on the stream-K schedule (triton_kernels/lora.py's _decode_stream_k_kernel): the
+    tiles' bytes and work over exactly one CTA per SM, each streaming an equal share (no idle last wave), plus
+    the fp32 partial sums (acc and xa) of the at most two tiles each CTA shares, written and read back."""
+    tiles = lora_tile_pass("tiles", m, n, k, r, shrink_in_loop=True)
+    tile = lora_kernels.pinned_config("decode", m, n, r_pad(r), torch.bfloat16, interpreter=False).kwargs
+    partials = 2 * H200.sms * 4.0 * tile["BLOCK_M"] * (tile["BLOCK_N"] + r_pad(r))
+    return Pass("stream-K decode, shrink in the K loop", tiles.bytes + 2 * partials, tiles.flops,
+                mma_efficiency=tiles.mma_efficiency, l2_bytes=tiles.l2_bytes)  # fmt: skip
+
+
 def lora_forward(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     """fastpeft's LoRA layer forward by its dispatch; None where it picks the CUDA GEMV (not modelled)."""
     if lora_ops.preference("lora_linear", m, r)[0] != "triton":
         return None
+    if lora_kernels.uses_stream_k(m, n, k, r, torch.bfloat16, H200.sms, interpreter=False):
+        return [stream_k_decode(m, n, k, r)]
     if lora_kernels.fuses_shrink(m, r):
         return [lora_tile_pass("Triton decode, shrink in the K loop", m, n, k, r, shrink_in_loop=True)]
     kind = "decode" if m <= lora_kernels.DECODE_MAX_M else "prefill"
@@ -349,24 +362,22 @@ def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
 
 
 def decode_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
-    """The one-launch decode two ways: today's tiles (a CTA per column tile, the last wave partly idle), and a
-    stream-K schedule over exactly one CTA per SM (each takes an equal share of the (tile, K step) iterations;
-    a tile split between two CTAs meets in fp32 partial sums in a workspace, summed in a fixed order by the
-    last to finish: one launch, deterministic)."""
-    today = lora_forward(m, n, k, r) or []
-    main = today[-1]
-    tile_cols = lora_kernels.pinned_config("decode", m, n, r_pad(r), torch.bfloat16, interpreter=False).kwargs
-    partials = 2 * H200.sms * 4.0 * (tile_cols["BLOCK_M"] * tile_cols["BLOCK_N"] + tile_cols["BLOCK_M"] * r_pad(r))
-    stream_k = Pass("stream-K decode, shrink in the K loop", main.bytes + 2 * partials, main.flops,
-                    mma_efficiency=main.mma_efficiency, l2_bytes=main.l2_bytes)  # fmt: skip
-    return {"Triton decode tiles (ships)": today, "stream-K over 132 CTAs": [*today[:-1], stream_k]}
+    """The one-launch decode on its two schedules: a CTA per column tile (the last wave partly idle where the
+    tiles do not fill it), and stream-K over exactly one CTA per SM (:func:`stream_k_decode`)."""
+    ships = lora_kernels.uses_stream_k(m, n, k, r, torch.bfloat16, H200.sms, interpreter=False)
+    return {
+        f"column tiles{'' if ships else ' (ships)'}": [
+            lora_tile_pass("Triton decode, shrink in the K loop", m, n, k, r, shrink_in_loop=True)
+        ],
+        f"stream-K over 132 CTAs{' (ships)' if ships else ''}": [stream_k_decode(m, n, k, r)],
+    }
 
 
 def design_table() -> list[str]:
     """Markdown: each design's predicted time and its ratio to cuBLAS's base GEMM, at the target shapes."""
     lines = ["| shape | design | predicted µs | vs base GEMM |", "|---|---|---:|---:|"]
     shapes = [("prefill", m, n) for m in (4096,) for n in (4096, 14336)]
-    shapes += [("decode", m, 14336) for m in (1, 16, 64)]
+    shapes += [("decode", m, n) for m in (1, 16, 64) for n in (4096, 14336)]
     for kind, m, n in shapes:
         base = seconds(bf16_linear(m, n, 4096))
         designs = (prefill_designs if kind == "prefill" else decode_designs)(m, n, 4096, 16)

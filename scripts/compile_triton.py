@@ -209,23 +209,31 @@ def _t(*shape: int, dtype=torch.bfloat16, grad: bool = False) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=META, requires_grad=grad)
 
 
-def _k_loop_tiles(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` with lora's prefill on its tiles with the K loop, not on cuBLAS and the tiles as its epilogue."""
+def _lora_form(fn: Callable[[], None], setting: str, value: float) -> Callable[[], None]:
+    """``fn`` with triton_kernels/lora.py's ``setting`` (a dispatch threshold) at ``value``."""
     from fastpeft.triton_kernels import lora
 
     def run() -> None:
-        saved, lora.CUBLAS_BASE_MIN_M = lora.CUBLAS_BASE_MIN_M, 2**62
+        saved = getattr(lora, setting)
+        setattr(lora, setting, value)
         try:
             fn()
         finally:
-            lora.CUBLAS_BASE_MIN_M = saved
+            setattr(lora, setting, saved)
 
     return run
 
 
 def _lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
+    """Each form of the dispatch: prefill on the tiles with their K loop (not cuBLAS and the epilogue), and the
+    one-launch decode on its column tiles as well as on the stream-K schedule these small shapes get."""
     for name, fn in _lora_forms_coverage(dtype):
-        yield name, _k_loop_tiles(fn) if " prefill " in name else fn
+        if " prefill " in name:
+            yield name, _lora_form(fn, "CUBLAS_BASE_MIN_M", 2**62)
+        else:
+            yield name, fn
+            if " fused" in name:
+                yield name.replace(" fused", " fused tiles"), _lora_form(fn, "STREAM_K_BELOW_WAVE_FILL", 0.0)
 
 
 def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:

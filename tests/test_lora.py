@@ -99,6 +99,9 @@ def test_gpu_shapes_reach_every_path():
     rows = [(math.prod(lead), k, r) for lead, k, _n, r in GPU_SHAPES]
     plans = {kernels.launch_plan(m, r) for m, _k, r in rows if m > 0}
     assert plans == {("decode+shrink",), ("shrink", "decode"), ("shrink", "cublas", "epilogue")}
+    fused = [(math.prod(lead), n, k, r) for lead, k, n, r in GPU_SHAPES if kernels.fuses_shrink(math.prod(lead), r)]
+    schedules = {kernels.uses_stream_k(m, n, k, r, torch.bfloat16, 132, interpreter=False) for m, n, k, r in fused}
+    assert schedules == {True, False}  # the one-launch decode on column tiles and on the stream-K schedule
     assert any(m <= 16 and k >= 2048 and not kernels.fuses_shrink(m, r) for m, k, r in rows)  # split-K shrink
     assert {0, 1} <= {m for m, _k, _r in rows} and any(len(lead) > 1 for lead, *_ in GPU_SHAPES)
     gemv = [(m, k) for m, k, _r in rows if 0 < m <= 8]  # CUDA: GEMV with 16-byte and with scalar loads
@@ -162,6 +165,48 @@ def test_both_prefill_forms_match_the_reference(monkeypatch, dtype, cublas_min_m
     lora_linear_reference(**plain).backward(grad)
     for name in ("x", "lora_a", "lora_b", "weight", "bias"):
         assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fill", [0.0, 1.01], ids=["column-tiles", "stream-K"])
+@pytest.mark.parametrize("shape", [((1,), 64, 40, 8), ((5,), 100, 50, 8), ((2, 8), 33, 65, 16)], ids=str)
+def test_both_decode_schedules_match_the_reference(monkeypatch, dtype, fill, shape):
+    """The one-launch decode on its column tiles, or on the stream-K schedule (tiles cut between programs meet
+    in fp32 partial sums, the last to arrive finishes them): y, and DoRA's scale and pre-scale z, against the
+    float64 reference; the same bits on a second call (the partial sums are added in a fixed order)."""
+    kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("triton cannot run here")
+    monkeypatch.setattr(kernels, "STREAM_K_BELOW_WAVE_FILL", fill)
+    lead, k, n, r = shape
+    inputs = make_inputs(lead, k, n, r, dtype)
+    x = inputs["x"].reshape(-1, k)
+    m = x.shape[0]
+    assert kernels.uses_stream_k(m, n, k, r, dtype, kernels.sm_count(DEVICE)) == (fill > 1)
+    scale = torch.rand(n, device=DEVICE) + 0.5
+    z = torch.empty(m, n, device=DEVICE, dtype=dtype)
+    args = (x, inputs["weight"], inputs["lora_a"], inputs["lora_b"], inputs["scaling"], inputs["bias"])
+    y = kernels.lora_linear(*args, out_scale=scale, z=z)
+    plain = {**inputs, "x": x, "bias": None}
+    ref_z = lora_linear_reference(**as64(plain))
+    assert_close_to_reference(z, ref_z, lora_linear_reference(**plain), f"z {dtype}")
+    ref_y = ref_z * scale.double() + inputs["bias"].double()
+    assert_close_to_reference(y, ref_y, (z.float() * scale + inputs["bias"].float()).to(dtype), f"y {dtype}")
+    assert torch.equal(kernels.lora_linear(*args, out_scale=scale, z=z), y)
+
+
+def test_stream_k_shares_cover_every_iteration_once():
+    """Program p takes iterations [p T / P, (p + 1) T / P); a tile's segments are the programs between the
+    owners of its first and last iteration, and the workspace holds the most any tile has."""
+    kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
+    for tiles, k_iters, programs in [(224, 32, 132), (4, 7, 5), (3, 2, 5), (128, 32, 132), (7, 1, 3)]:
+        total = tiles * k_iters
+        bounds = [p * total // programs for p in range(programs + 1)]
+        owners = [next(p for p in range(programs) if bounds[p] <= i < bounds[p + 1]) for i in range(total)]
+        segments = [len(set(owners[t * k_iters : (t + 1) * k_iters])) for t in range(tiles)]
+        assert kernels.stream_k_segments(tiles, k_iters, programs) == max(segments)
 
 
 def test_backward_only_lora_params(backend):

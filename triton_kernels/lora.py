@@ -48,6 +48,11 @@ FUSED_MAX_R_PAD = 32
 # run decides (the bench's fused:triton-tiles rows run the tiles). Rounding: x W^T is rounded to x's dtype once
 # more than on the tiles, as PEFT's base layer rounds it.
 CUBLAS_BASE_MIN_M = DECODE_MAX_M + 1
+# A one-launch decode whose column tiles would fill less than this share of their waves on the GPU's SMs (224
+# tiles on 132 SMs fill 85%: the busiest SMs stream two tiles of W while 40 stream one) runs on the stream-K
+# schedule instead (_decode_stream_k_kernel): every SM streams the same share. The cost model predicts 1.03x the
+# base GEMM for it at M <= 16 and N = 14336, against 1.18x for the tiles.
+STREAM_K_BELOW_WAVE_FILL = 0.9
 
 
 def _configs(rows: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
@@ -187,6 +192,29 @@ def _dropped(values, rows, cols, seed, p, keep_scale, stride_r, stride_c):
 
 
 @triton.jit
+def _fused_lora_term(acc, xa, offs_n, mask_n, offs_r, mask_r, b_ptr, stride_bn, stride_br, scaling,
+                     LORA_PRECISION: tl.constexpr):  # fmt: skip
+    """``acc + scaling * xa @ B^T`` for the tile's columns, xa [BLOCK_M, R_PAD] from the fused shrink. B's
+    bf16/fp16 values are exact in tf32, so LORA_PRECISION="tf32" only rounds xa, to 11 bits."""
+    b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None].to(tl.int64) * stride_br
+    b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+    return tl.dot(xa * scaling, b, acc, input_precision=LORA_PRECISION)
+
+
+@triton.jit
+def _store_output(acc, offs_y, mask_y, offs_n, mask_n, y_ptr, z_ptr, out_scale_ptr, bias_ptr,
+                  HAS_BIAS: tl.constexpr, HAS_OUT_SCALE: tl.constexpr, STORE_Z: tl.constexpr):  # fmt: skip
+    """z = acc (when asked), y = out_scale * acc + bias, each rounded once to its dtype."""
+    if STORE_Z:
+        tl.store(z_ptr + offs_y, acc.to(z_ptr.dtype.element_ty), mask=mask_y)
+    if HAS_OUT_SCALE:
+        acc *= tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_y, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+
+
+@triton.jit
 def _lora_linear_kernel(
     x_ptr, w_ptr, a_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr, out_scale_ptr, z_ptr,
     M, N, K, R,
@@ -265,14 +293,12 @@ def _lora_linear_kernel(
             x_ptrs += step_x
             w_ptrs += step_w
 
-    # The LoRA term s * xa @ B^T. B's bf16/fp16 values are exact in tf32, so LORA_PRECISION="tf32" only rounds
-    # xa, to 11 bits. A fused shrink left xa in registers; otherwise it is read in chunks of R_CHUNK ranks, so
-    # the xa and B tiles stay small beside the accumulator at any rank.
+    # The LoRA term s * xa @ B^T. A fused shrink left xa in registers; otherwise it is read in chunks of R_CHUNK
+    # ranks, so the xa and B tiles stay small beside the accumulator at any rank.
     lora = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32) if DROPOUT_OUT else acc
     if FUSE_SHRINK:
-        b_ptrs = b_ptr + offs_n[None, :].to(tl.int64) * stride_bn + offs_r[:, None].to(tl.int64) * stride_br
-        b = tl.load(b_ptrs, mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-        lora = tl.dot(xa * scaling, b, lora, input_precision=LORA_PRECISION)
+        lora = _fused_lora_term(lora, xa, offs_n, mask_n, offs_r, mask_r, b_ptr, stride_bn, stride_br, scaling,
+                                LORA_PRECISION)  # fmt: skip
     else:
         for r0 in tl.range(0, R_PAD, R_CHUNK, num_stages=1):  # not pipelined: no extra buffers
             offs_c = r0 + tl.arange(0, R_CHUNK)
@@ -286,13 +312,103 @@ def _lora_linear_kernel(
         acc += _dropped(lora, offs_m, offs_n, seed, dropout_p, keep_scale, stride_dr, stride_dc)
     else:
         acc = lora
-    if STORE_Z:
-        tl.store(z_ptr + offs_y, acc.to(z_ptr.dtype.element_ty), mask=mask_y)
-    if HAS_OUT_SCALE:
-        acc *= tl.load(out_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_y, acc.to(y_ptr.dtype.element_ty), mask=mask_y)
+    _store_output(acc, offs_y, mask_y, offs_n, mask_n, y_ptr, z_ptr, out_scale_ptr, bias_ptr, HAS_BIAS,
+                  HAS_OUT_SCALE, STORE_Z)  # fmt: skip
+
+
+@triton.jit
+def _decode_stream_k_kernel(
+    x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, out_scale_ptr, z_ptr,
+    partial_ptr, xa_partial_ptr, arrivals_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
+    scaling,
+    TOTAL_ITERS, K_ITERS, MAX_SEGMENTS,
+    HAS_BIAS: tl.constexpr,
+    HAS_OUT_SCALE: tl.constexpr,
+    STORE_Z: tl.constexpr,
+    R_PAD: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    LORA_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """The one-launch decode (shrink in the K loop) on a stream-K schedule: the (column tile, K step) iterations,
+    tile after tile, are cut into one equal contiguous share per program, so every SM streams the same bytes of
+    W and no last wave idles. A tile cut between programs meets in fp32 partial sums (acc and xa) in a
+    workspace, one slot per segment; the last program to arrive (its arrival counted atomically) sums the slots
+    in segment order, so the result does not depend on who arrives last, finishes the tile and resets the count
+    for the next launch. One row tile holds every row (M <= BLOCK_M). No in-kernel dropout: Philox's state per
+    element of the x tile beside the stream-K bookkeeping passes 255 registers; those calls run on the tiles."""
+    # Iteration numbers in 64 bits: program * TOTAL_ITERS passes 2**31 for large layers on many SMs.
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
+    it = pid * TOTAL_ITERS // programs
+    end = (pid + 1) * TOTAL_ITERS // programs
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    step_x = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    step_w = BLOCK_K * tl.cast(stride_wk, tl.int64)
+    step_a = BLOCK_K * tl.cast(stride_ak, tl.int64)
+    while it < end:
+        tile = it // K_ITERS
+        k_first = it % K_ITERS
+        k_last = tl.minimum(K_ITERS, k_first + end - it)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        k0 = k_first * BLOCK_K
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + (k0 + offs_k[None, :]) * stride_xk
+        w_ptrs = w_ptr + offs_n[None, :] * stride_wn + (k0 + offs_k[:, None]) * stride_wk
+        a_ptrs = a_ptr + offs_r[None, :].to(tl.int64) * stride_ar + (k0 + offs_k[:, None]) * stride_ak
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+        for step in range(k_first, k_last):
+            mask_k = offs_k < K - step * BLOCK_K
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+                a = a.to(tl.float32)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
+            x_ptrs += step_x
+            w_ptrs += step_w
+            a_ptrs += step_a
+        finished = (k_first == 0) & (k_last == K_ITERS)
+        if not finished:
+            # The programs sharing this tile: the owners of its first and last iterations and those between.
+            first = ((tile * K_ITERS + 1) * programs - 1) // TOTAL_ITERS
+            last = ((tile + 1) * K_ITERS * programs - 1) // TOTAL_ITERS
+            slot = tile * MAX_SEGMENTS + (pid - first)
+            offs_acc = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+            offs_xa = offs_m[:, None] * R_PAD + offs_r[None, :]
+            tl.store(partial_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs_acc, acc)
+            tl.store(xa_partial_ptr + slot.to(tl.int64) * (BLOCK_M * R_PAD) + offs_xa, xa)
+            tl.debug_barrier()  # every thread's partial stored before the arrival is counted (release)
+            arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            finished = arrived == last - first
+            if finished:  # the last to arrive: every segment, in order, from L2
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
+                for segment in range(0, last - first + 1):
+                    base = (tile * MAX_SEGMENTS + segment).to(tl.int64)
+                    acc += tl.load(partial_ptr + base * (BLOCK_M * BLOCK_N) + offs_acc, cache_modifier=".cg")
+                    xa += tl.load(xa_partial_ptr + base * (BLOCK_M * R_PAD) + offs_xa, cache_modifier=".cg")
+                tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+        if finished:
+            acc = _fused_lora_term(acc, xa, offs_n, mask_n, offs_r, mask_r, b_ptr, stride_bn, stride_br, scaling,
+                                   LORA_PRECISION)  # fmt: skip
+            offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
+            _store_output(acc, offs_y, mask_m[:, None] & mask_n[None, :], offs_n, mask_n, y_ptr, z_ptr,
+                          out_scale_ptr, bias_ptr, HAS_BIAS, HAS_OUT_SCALE, STORE_Z)  # fmt: skip
+        it += k_last - k_first
 
 
 @triton.jit
@@ -369,6 +485,8 @@ else:  # the pinned configurations (pinned_config): nothing is timed
     _shrink_kernel = _lora_shrink_kernel
 # The epilogue after cuBLAS updates y in place: never autotuned (each timed run would add the LoRA term again).
 _epilogue_kernel = _lora_linear_kernel
+# Its workspace follows its tile, so stream-K runs the pinned decode tile.
+_stream_k_kernel = _decode_stream_k_kernel
 
 
 def _launcher(kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kernel_dropout: bool = False) -> tuple:
@@ -383,6 +501,23 @@ def _launcher(kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kern
 def base_on_cublas(m: int, r: int) -> bool:
     """Whether lora_linear of m rows at rank r runs x W^T on cuBLAS and the tile kernel as its epilogue."""
     return m >= CUBLAS_BASE_MIN_M and not fuses_shrink(m, r)
+
+
+def uses_stream_k(
+    m: int, n: int, k: int, r: int, dtype: torch.dtype, sms: int, in_kernel_dropout: bool = False, *,
+    interpreter: bool = INTERPRET,
+) -> bool:  # fmt: skip
+    """Whether the one-launch decode of m rows, n outputs and reduction k runs on the stream-K schedule: its
+    column tiles would fill less than STREAM_K_BELOW_WAVE_FILL of their waves on ``sms`` SMs, one row tile holds
+    every row, K has at least two steps to share out, and x is not dropped in the kernel (see
+    _decode_stream_k_kernel)."""
+    if not fuses_shrink(m, r) or in_kernel_dropout:
+        return False
+    tile = pinned_config("decode", m, n, r_pad(r), dtype, interpreter=interpreter).kwargs
+    tiles = triton.cdiv(n, tile["BLOCK_N"])
+    fill = tiles / (triton.cdiv(tiles, sms) * sms)
+    one_row_tile = m <= tile["BLOCK_M"]  # on a GPU always; the interpreter's tiles hold 16 rows
+    return one_row_tile and triton.cdiv(k, tile["BLOCK_K"]) >= 2 and fill < STREAM_K_BELOW_WAVE_FILL
 
 
 def fuses_shrink(m: int, r: int) -> bool:
@@ -420,6 +555,67 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return REFERENCE_SMS
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def stream_k_programs(total_iters: int, device: torch.device) -> int:
+    """One program per SM (the interpreter takes 5, so tiny shapes still cut tiles between programs)."""
+    return max(1, min(total_iters, 5 if INTERPRET else sm_count(device)))
+
+
+@functools.cache
+def stream_k_segments(tiles: int, k_iters: int, programs: int) -> int:
+    """The most programs that share one tile on the stream-K schedule (its workspace slots per tile)."""
+    total = tiles * k_iters
+    owner = lambda i: ((i + 1) * programs - 1) // total  # the program whose share holds iteration i
+    return max(owner((t + 1) * k_iters - 1) - owner(t * k_iters) + 1 for t in range(tiles))
+
+
+_ARRIVALS: dict[tuple, torch.Tensor] = {}
+
+
+def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
+    """Per-tile arrival counts for the stream-K decode, zero between launches (the kernel resets what it used):
+    kept per device and stream, so the launch needs no memset of its own and two streams never share them."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counts = _ARRIVALS.get((device, stream))
+    if counts is None or counts.numel() < tiles:
+        counts = _ARRIVALS[(device, stream)] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
+    return counts
+
+
+def _decode_stream_k(x, weight, lora_a, lora_b, scaling, bias, out_scale, z, y) -> torch.Tensor:
+    """lora_linear's one-launch decode on the stream-K schedule (arguments checked and prepared by it)."""
+    (m, k), (n, r) = x.shape, lora_b.shape
+    tile = pinned_config("decode", m, n, r_pad(r), x.dtype)
+    block_m, block_n, block_k = (tile.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    tiles, k_iters = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
+    programs = stream_k_programs(tiles * k_iters, x.device)
+    slots = tiles * stream_k_segments(tiles, k_iters, programs)
+    partial = torch.empty(slots * block_m * block_n, device=x.device, dtype=torch.float32)
+    xa_partial = torch.empty(slots * block_m * r_pad(r), device=x.device, dtype=torch.float32)
+    with on_device(x):
+        globals()["_stream_k_kernel"][(programs,)](  # read at call time: tests put spies in its place
+            x, weight, lora_a, lora_b, y if bias is None else bias, y, y if out_scale is None else out_scale,
+            y if z is None else z, partial, xa_partial, _arrivals(x.device, tiles),
+            m, n, k, r,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
+            lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
+            float(scaling),
+            tiles * k_iters, k_iters, slots // tiles,
+            HAS_BIAS=bias is not None,
+            HAS_OUT_SCALE=out_scale is not None,
+            STORE_Z=z is not None,
+            R_PAD=r_pad(r),
+            DOT_PRECISION=dot_precision(x.dtype),
+            LORA_PRECISION=dot_precision(x.dtype) if x.dtype == torch.float32 else "tf32",
+            UPCAST=INTERPRET,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=8 if block_m == 64 else tile.num_warps,  # 64 rows on 4 warps spill beside its bookkeeping
+            num_stages=tile.num_stages,
+        )  # fmt: skip
+    return y
 
 
 def _shrink_split_k(m: int, k: int, device: torch.device) -> int:
@@ -546,6 +742,8 @@ def lora_linear(
         bias = bias.contiguous()  # [N]: the kernel reads it with unit stride
     if out_scale is not None:
         out_scale = out_scale.float().contiguous()
+    if fuse and uses_stream_k(m, n, k, r, x.dtype, sm_count(x.device), dropout_x is not None):
+        return _decode_stream_k(x, weight, lora_a, lora_b, scaling, bias, out_scale, z, y)
     dropout = dropout_x or dropout_out
     cublas = not fuse and base_on_cublas(m, r)
     if cublas:
