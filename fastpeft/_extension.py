@@ -93,8 +93,8 @@ def _load(build: bool = True) -> tuple[object | None, str | None]:
 
 
 def extension_available() -> bool:
-    """True when fastpeft._C imported and its ops are registered with torch."""
-    return _load()[0] is not None
+    """True when the extension loaded (as the install built it, or built on first use): its ops are registered."""
+    return _load(True)[0] is not None  # the key extension_error() and extension_origin() cache it under
 
 
 def extension_error(build: bool = True) -> str | None:

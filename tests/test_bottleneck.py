@@ -270,3 +270,68 @@ def test_decode_at_the_widest_hidden_sizes(backend, d):
     out = bottleneck_adapter(x, **p, activation="gelu")
     ref = bottleneck_reference(x.double(), **f64(p), activation="gelu")
     assert_close_to_reference(out, ref, bottleneck_reference(x, **p, activation="gelu"), f"{backend} d={d}")
+
+
+def _op_args(x, p, ids=None, residual=None):
+    """fastpeft::bottleneck_adapter's arguments for a single adapter stacked as one (as bottleneck_adapter does)."""
+    stack = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    scaling = stack["scaling"] if isinstance(stack["scaling"], torch.Tensor) else None
+    value = 0.0 if scaling is not None else float(stack["scaling"])
+    return (x, residual, None, None, None, stack["down_weight"], stack["down_bias"], stack["up_weight"],
+            stack["up_bias"], scaling, stack.get("ln_weight"), stack.get("ln_bias"), value, ids, 1, "gelu",
+            1e-5, 1e-5)  # fmt: skip
+
+
+# opcheck's schema test runs the ops under a dispatch mode that reads every tensor's storage, which the wrappers of
+# torch.func.vjp (the composition's gradients inside the backward op) do not have: the others all run on the
+# forward op, and the backward op's fake implementation is compared with the real one by hand.
+OPCHECKS = ("test_faketensor", "test_autograd_registration", "test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("ln, scaling", [(False, "float"), (True, "channel")])
+def test_opcheck_forward_and_backward_ops(ln, scaling):
+    """Fake implementations (the shapes torch.compile traces with), the autograd registration and AOT dispatch
+    of fastpeft::bottleneck_adapter, and the fake shapes of the backward op its gradient formula calls."""
+    x = torch.randn(6, 24, device=DEVICE, requires_grad=True)
+    p = {k: v.requires_grad_() if isinstance(v, torch.Tensor) else v for k, v in params(24, 8, torch.float32, ln,
+                                                                                         scaling).items()}  # fmt: skip
+    torch.library.opcheck(torch.ops.fastpeft.bottleneck_adapter.default, _op_args(x, p), test_utils=OPCHECKS)
+    args = _op_args(x.detach(), {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in p.items()})
+    tensors, constants = list(args[:12]), args[12:]
+    needs = [t is not None for t in tensors]
+    needs[0] = False  # one tensor without a gradient: an empty placeholder in its place
+    backward = (torch.randn(6, 24, device=DEVICE), tensors, needs, *constants)
+    real = torch.ops.fastpeft.bottleneck_adapter_backward(*backward)
+    # opcheck's fake-tensor test runs the real op under the same storage-reading mode: its shapes, by hand.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._pytree import tree_map_only
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.fastpeft.bottleneck_adapter_backward(*tree_map_only(torch.Tensor, mode.from_tensor, backward))
+    assert [(g.shape, g.dtype) for g in fake] == [(g.shape, g.dtype) for g in real]
+    assert [g.numel() > 0 for g in real] == needs
+
+
+@pytest.mark.parametrize("adapters", [None, 3])
+def test_training_compiles_whole_and_matches_eager(adapters):
+    """torch.compile(fullgraph=True) traces the custom op (no graph break) and AOT autograd its backward op:
+    the compiled layer gives eager's output and gradients."""
+    d, m = 32, 8
+    p = params(d, m, torch.float32, ln=True, scaling="learned", adapters=adapters)
+    x = torch.randn(4, 3, d, device=DEVICE)
+    ids = None if adapters is None else torch.tensor([0, 2, -1, 1], device=DEVICE)
+
+    def layer(x, p):
+        return bottleneck_adapter(x, **p, activation="gelu", adapter_ids=ids)
+
+    def train(fn):
+        xs, ps = x.clone().requires_grad_(), {k: v.clone().requires_grad_() for k, v in p.items()}
+        y = fn(xs, ps)
+        (y * y).sum().backward()
+        return [y, xs.grad, *(v.grad for v in ps.values())]
+
+    torch._dynamo.reset()
+    eager = train(layer)
+    compiled = train(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want)

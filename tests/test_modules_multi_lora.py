@@ -114,3 +114,31 @@ def test_bad_input():
         layer.ids_for(["zz"])
     with pytest.raises(KeyError):
         layer.remove_adapter("zz")
+
+
+def test_adapter_batch_builds_the_ids_once_and_layers_never_check_them(monkeypatch):
+    """The ids are built and range-checked by adapter_batch, one tensor per distinct adapter list: the layers'
+    forwards make no host-side check (a sync on a GPU) and give what explicit, checked ids give."""
+    import fastpeft.ops.multi_lora as multi_lora_ops
+
+    torch.manual_seed(3)
+    layers = [MultiLoRALinear(nn.Linear(16, 16).to(DEVICE)) for _ in range(3)]
+    for layer in layers[:2]:
+        layer.add_adapter("x", *pair(4, 16, 16, 6), 2.0)
+        layer.add_adapter("y", *pair(2, 16, 16, 7), 0.5)
+    layers[2].add_adapter("y", *pair(3, 16, 16, 8), 1.5)
+    model = nn.Sequential(*layers)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    names = ["y", "x", "__base__"]
+    expected = x
+    for layer in layers:  # explicit ids, checked per layer
+        expected = layer(expected, layer.ids_for(names, missing_ok=True))
+    checks = []
+    real_check = multi_lora_ops.check_adapter_ids
+    monkeypatch.setattr(multi_lora_ops, "check_adapter_ids", lambda *a: checks.append(a) or real_check(*a))
+    with adapter_batch(model, names):
+        assert layers[0].batch_ids is layers[1].batch_ids  # the same adapters: one tensor
+        assert layers[2].batch_ids.tolist() == [0, -1, -1]
+        out = model(x)
+    assert checks == []
+    assert torch.equal(out, expected)

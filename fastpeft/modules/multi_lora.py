@@ -160,11 +160,12 @@ class MultiLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None, *, check_ids: bool = True):
         """x [..., in_features] -> [..., out_features]. ``adapter_ids``: int32/int64, one per token
         (``x.shape[:-1]``) or one per sample (``[batch]`` for a 3-D x), -1 for none; None takes the ids set by
-        :func:`fastpeft.adapter_batch` around a whole model's call, or else runs the base layer.
-        ``check_ids=False`` skips the host-side range check (for CUDA-graph capture; out-of-range ids then get
-        the base output, never a read outside the pool)."""
+        :func:`fastpeft.adapter_batch` around a whole model's call (built and checked there once, so the layer
+        neither checks nor syncs), or else runs the base layer. ``check_ids=False`` skips the host-side range
+        check of given ids (for CUDA-graph capture; out-of-range ids then get the base output, never a read
+        outside the pool)."""
         if adapter_ids is None:
-            adapter_ids = self.batch_ids
+            adapter_ids, check_ids = self.batch_ids, False
         if adapter_ids is None:
             return self.base_layer(x)
         if isinstance(self.base_layer, Linear4bit):  # the 4-bit product fused, then the adapters on top
@@ -191,15 +192,23 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     """Run ``model``'s calls inside the block with one adapter per sample: ``adapter_names[b]`` for sample b
     (None or ``"__base__"``: the base model). Every :class:`MultiLoRALinear` of the model reads its ids from
     here (a layer without that adapter runs its base output for the sample). Inputs of each layer must be
-    [batch, ...] with batch = len(adapter_names)."""
+    [batch, ...] with batch = len(adapter_names).
+
+    The ids are built and checked here, once per call: one tensor per distinct list of adapters (layers that
+    hold the same adapters in the same order share it), so the layers' forwards neither check them nor wait
+    for the host. Adapters added to or removed from a layer inside the block are not seen by it."""
     names = [None if n == "__base__" else n for n in adapter_names]
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     known = {n for layer in layers for n in layer.adapter_names}
     if unknown := sorted({n for n in names if n is not None and n not in known}):
         raise KeyError(f"no layer of the model has adapter {unknown[0]!r}; adapters: {sorted(known)}")
     previous = [layer.batch_ids for layer in layers]
+    shared: dict[tuple, torch.Tensor] = {}
     for layer in layers:
-        layer.batch_ids = layer.ids_for(names, missing_ok=True)
+        key = (tuple(layer.adapter_names), layer._adapter_like()["device"])
+        if key not in shared:
+            shared[key] = layer.ids_for(names, missing_ok=True)
+        layer.batch_ids = shared[key]
     try:
         yield
     finally:

@@ -15,13 +15,15 @@ per block staged once in shared memory and both products on the tensor cores) an
 the CPU path and the reference's shape). The backward recomputes z from x (nothing of size [M, m] or [M, d] is
 saved but x) and gives x, every adapter parameter, the LN parameters and a tensor scaling their gradients: one
 Triton kernel (``bottleneck_adapter_backward``), or, with an add + LayerNorm after the adapter or on the other
-backends, the composition through autograd.
+backends, the composition differentiated by torch.func.vjp. ``torch.compile`` traces the custom ops
+``fastpeft::bottleneck_adapter`` and ``fastpeft::bottleneck_adapter_backward`` (each with a fake
+implementation); eager calls take the autograd Function, or the backend directly without gradients.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -236,35 +238,120 @@ class _BottleneckFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.enable_grad()  # a Function's backward runs without grad mode
     def backward(ctx, dy):
         ids, *saved = ctx.saved_tensors
-        activation, ln_eps, out_ln_eps, constants, rows_per_sample = ctx.constants
-        needs = ctx.needs_input_grad[5:]
-        fused = _fused_backward(ids, saved, constants, dy, rows_per_sample, activation, ln_eps)
-        if fused is not None:
-            return (None, None, None, None, None, *fused)
-        named, leaves = {}, []
-        for name, t, need in zip(_INPUTS, saved, needs, strict=True):
-            if t is None:
-                named[name] = constants.get(name)
-                continue
-            v = t.detach().float().requires_grad_(need)
-            named[name] = v
-            if need:
-                leaves.append((name, v))
-        grads = {}
-        if leaves:
-            adapters = Adapters(*(named[f] for f in Adapters._fields))
-            post = Post(named["out_residual"], named["out_ln_weight"], named["out_ln_bias"], out_ln_eps)
-            y = _composition(named["x"], named["residual"], adapters, ids, activation, ln_eps, post, dy.dtype)
-            values = torch.autograd.grad(y, [v for _, v in leaves], dy.float(), allow_unused=True)
-            grads = dict(zip((n for n, _ in leaves), values, strict=True))
-        out = []
-        for name, t in zip(_INPUTS, saved, strict=True):
-            g = grads.get(name)
-            out.append(None if g is None else g.to(t.dtype))
-        return (None, None, None, None, None, *out)
+        return (None, None, None, None, None, *_grads(ids, saved, ctx.constants, dy, ctx.needs_input_grad[5:]))
+
+
+def _grads(ids, saved, constants, dy, needs) -> list[Optional[torch.Tensor]]:
+    """Gradients of every input of _INPUTS (None where it has none or ``needs`` says no): the Triton backward
+    kernel where it applies, else the composition recomputed from the saved inputs, in fp32, differentiated by
+    torch.func.vjp (which also works inside a custom op's implementation, where autograd does not record)."""
+    activation, ln_eps, out_ln_eps, constants, rows_per_sample = constants
+    fused = _fused_backward(ids, saved, constants, dy, rows_per_sample, activation, ln_eps)
+    if fused is not None:
+        return fused
+    named = {name: constants.get(name) if t is None else t.detach().float() for name, t in zip(_INPUTS, saved,
+                                                                                             strict=True)}  # fmt: skip
+    wanted = [name for name, t, need in zip(_INPUTS, saved, needs, strict=True) if t is not None and need]
+    if not wanted:
+        return [None] * len(_INPUTS)
+
+    def composition(*values: torch.Tensor) -> torch.Tensor:
+        inputs = named | dict(zip(wanted, values, strict=True))
+        adapters = Adapters(*(inputs[f] for f in Adapters._fields))
+        post = Post(inputs["out_residual"], inputs["out_ln_weight"], inputs["out_ln_bias"], out_ln_eps)
+        return _composition(inputs["x"], inputs["residual"], adapters, ids, activation, ln_eps, post, dy.dtype)
+
+    y, vjp = torch.func.vjp(composition, *(named[name] for name in wanted))
+    grads = dict(zip(wanted, vjp(dy.to(y.dtype).reshape(y.shape)), strict=True))
+    return [None if name not in grads else grads[name].to(t.dtype) for name, t in zip(_INPUTS, saved, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile traces (fake implementations give it shapes; the real ones run the backends)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastpeft::bottleneck_adapter", mutates_args=())
+def _bottleneck_op(
+    x: torch.Tensor,
+    residual: Optional[torch.Tensor],
+    out_residual: Optional[torch.Tensor],
+    out_ln_weight: Optional[torch.Tensor],
+    out_ln_bias: Optional[torch.Tensor],
+    down_weight: torch.Tensor,
+    down_bias: torch.Tensor,
+    up_weight: torch.Tensor,
+    up_bias: torch.Tensor,
+    scaling: Optional[torch.Tensor],
+    ln_weight: Optional[torch.Tensor],
+    ln_bias: Optional[torch.Tensor],
+    scaling_value: float,
+    ids: Optional[torch.Tensor],
+    rows_per_sample: int,
+    activation: str,
+    ln_eps: float,
+    out_ln_eps: float,
+) -> torch.Tensor:
+    """The fused op on 2-D rows: the tensors of _INPUTS in order (``scaling`` None for a float scaling, which is
+    ``scaling_value``), then the per-row adapter ids and the constants."""
+    adapters = Adapters(down_weight, down_bias, up_weight, up_bias, scaling_value if scaling is None else scaling,
+                        ln_weight, ln_bias)  # fmt: skip
+    post = Post(out_residual, out_ln_weight, out_ln_bias, out_ln_eps)
+    return _run(x, residual, adapters, ids, rows_per_sample, activation, ln_eps, post)
+
+
+@_bottleneck_op.register_fake
+def _(x, *_args):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("fastpeft::bottleneck_adapter_backward", mutates_args=())
+def _bottleneck_backward_op(
+    dy: torch.Tensor,
+    tensors: list[Optional[torch.Tensor]],
+    needs: list[bool],
+    scaling_value: float,
+    ids: Optional[torch.Tensor],
+    rows_per_sample: int,
+    activation: str,
+    ln_eps: float,
+    out_ln_eps: float,
+) -> list[torch.Tensor]:
+    """The gradients of fastpeft::bottleneck_adapter's tensors (``tensors``, in its order) for ``dy``: one per
+    tensor, an empty tensor where ``needs`` says none is wanted or the input is absent."""
+    constants = {"scaling": scaling_value} if tensors[_INPUTS.index("scaling")] is None else {}
+    grads = _grads(ids, tensors, (activation, ln_eps, out_ln_eps, constants, rows_per_sample), dy, needs)
+    return [dy.new_empty(0) if g is None else g for g in grads]
+
+
+@_bottleneck_backward_op.register_fake
+def _(dy, tensors, needs, *_args):
+    return [
+        t.new_empty(t.shape) if t is not None and need else dy.new_empty(0)
+        for t, need in zip(tensors, needs, strict=True)
+    ]
+
+
+def _setup_op_context(ctx, inputs, output):
+    tensors = inputs[: len(_INPUTS)]
+    ctx.save_for_backward(*tensors, inputs[len(_INPUTS) + 1])  # the adapter ids last
+    ctx.constants = inputs[len(_INPUTS)], *inputs[len(_INPUTS) + 2 :]
+
+
+def _op_backward(ctx, dy):
+    *tensors, ids = ctx.saved_tensors
+    needs = [bool(n) and t is not None for n, t in zip(ctx.needs_input_grad[: len(_INPUTS)], tensors, strict=True)]
+    scaling_value, rows_per_sample, activation, ln_eps, out_ln_eps = ctx.constants
+    grads = torch.ops.fastpeft.bottleneck_adapter_backward(
+        dy, tensors, needs, scaling_value, ids, rows_per_sample, activation, ln_eps, out_ln_eps
+    )
+    tensor_grads = [g if need else None for g, need in zip(grads, needs, strict=True)]
+    return (*tensor_grads, *(None for _ in range(len(ctx.needs_input_grad) - len(_INPUTS))))
+
+
+_bottleneck_op.register_autograd(_op_backward, setup_context=_setup_op_context)
 
 
 def _fused_backward(ids, saved, constants, dy, rows_per_sample, activation, ln_eps):
@@ -353,7 +440,9 @@ def _row_ids(x: torch.Tensor, adapter_ids: torch.Tensor | None, count: int) -> t
     if adapter_ids.dim() != 1 or x.dim() < 2 or adapter_ids.shape[0] != x.shape[0]:
         raise ValueError(f"adapter_ids must be one id per sample [{x.shape[0] if x.dim() else '?'}], got "
                          f"{tuple(adapter_ids.shape)}")  # fmt: skip
-    if adapter_ids.numel():
+    # While compiling, no host check (a sync the graph cannot hold): the kernels and the composition give an id
+    # outside [0, count) no adapter, never reading outside the stack.
+    if adapter_ids.numel() and not torch.compiler.is_compiling():
         low, high = int(adapter_ids.min()), int(adapter_ids.max())
         if low < -1 or high >= count:
             raise IndexError(f"adapter_ids holds {low if low < -1 else high}, outside [-1, {count})")
@@ -410,8 +499,12 @@ def bottleneck_adapter(
     out_res = None if out_residual is None else out_residual.reshape(rows.shape)
     tensors = (rows, res, out_res, out_ln_weight, out_ln_bias, *adapters)
     route = choose_route("bottleneck_adapter", rows.device, _TRITON_FIRST, tensors)
-    # No custom op of its own yet: a compiled call traces the Function as it does in training.
-    if route in (Route.CUSTOM_OP, Route.FUNCTION):
+    if route is Route.CUSTOM_OP:
+        scaling = adapters.scaling if isinstance(adapters.scaling, torch.Tensor) else None
+        scaling_value = 0.0 if scaling is not None else float(adapters.scaling)
+        y = torch.ops.fastpeft.bottleneck_adapter(*tensors[:9], scaling, *tensors[10:], scaling_value, ids, per_sample,
+                                                  activation, float(ln_eps), float(out_ln_eps))  # fmt: skip
+    elif route is Route.FUNCTION:
         y = _BottleneckFunction.apply(ids, per_sample, activation, float(ln_eps), float(out_ln_eps), *tensors)
     else:
         post = Post(out_res, out_ln_weight, out_ln_bias, float(out_ln_eps))
