@@ -63,8 +63,8 @@ def cases(size: str) -> list[Case]:
     forward = [Case(m, 4096, 64, 1, bf16) for m in (1, 64, 1024, 8192, 65536)]
     forward += [Case(8192, d, 64, 1, bf16) for d in (768, 1024)] + [Case(8192, 4096, b, 1, bf16) for b in (16, 48, 256)]
     forward += [Case(8192, 1024, 64, 1, bf16, activation="gelu", ln_before=True)]
-    train = [Case(8192, d, 64, 1, bf16, "forward+backward") for d in (1024, 4096)]
-    multi = [Case(8192, d, 64, 8, bf16) for d in (1024, 4096)]
+    train = [Case(8192, d, 64, 1, bf16, "forward+backward") for d in (768, 1024, 4096)]
+    multi = [Case(8192, d, 64, 8, bf16) for d in (768, 1024, 4096)]
     return forward + train + multi
 
 

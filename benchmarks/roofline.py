@@ -39,6 +39,7 @@ from fastpeft.triton_kernels import lora as lora_kernels
 from fastpeft.triton_kernels.common import r_pad
 from fastpeft.triton_kernels.qlora import block_m, block_n
 
+from fastpeft.ops import bottleneck as bottleneck_ops
 from fastpeft.ops import lora as lora_ops
 from fastpeft.ops import qlora as qlora_ops
 
@@ -388,6 +389,49 @@ def design_table() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# The bottleneck adapter's forward (fastpeft/ops/bottleneck.py's dispatch) and the composition it replaces
+# ------------------------------------------------------------------------------------------------------------
+
+H200_SHARED_OPTIN = 227 * 1024  # bytes of shared memory a block may opt in to on sm_90
+
+
+def bottleneck_forward(m: int, d: int, mb: int) -> list[Pass]:
+    """One adapter's fused forward (no LayerNorm), bf16, by its dispatch on a GPU with both backends. The CUDA
+    tile kernel stages 16 rows of x in shared memory (x read once, y written once) and reads both projections
+    (4 d m bytes) from L2 for every 16 rows, one block per SM; the Triton tiles take 64 rows and read x twice,
+    the second time from HBM at prefill sizes (tiles of 64 rows past L2 between the passes). Loads, MMAs and
+    stores are assumed to overlap (the tile kernel serialises them: optimistic)."""
+    weights, io = 4.0 * d * mb, 4.0 * m * d
+    flops = 4.0 * m * d * mb
+    if bottleneck_ops.preference(m, d, mb, torch.bfloat16, H200_SHARED_OPTIN)[0] == "cuda":
+        blocks = math.ceil(m / 16)
+        return [Pass("CUDA bottleneck tiles", io + weights, flops, ctas=blocks, l2_bytes=weights * blocks)]
+    programs = math.ceil(m / 64)
+    return [Pass("Triton bottleneck tiles", io + 2.0 * m * d + weights, flops, ctas=programs, ctas_per_sm=2,
+                 l2_bytes=weights * programs)]  # fmt: skip
+
+
+def bottleneck_composition(m: int, d: int, mb: int) -> list[Pass]:
+    """AdapterHub's module as PyTorch runs it: two cuBLAS GEMMs through [m, mb], the activation, the scale and
+    the residual add each a pass over their tensors."""
+    return [Pass("x Wd^T + bd", 2.0 * (m * d + mb * d + m * mb), 2.0 * m * d * mb), Pass("act", 4.0 * m * mb),
+            Pass("z Wu^T + bu", 2.0 * (m * mb + d * mb + m * d), 2.0 * m * d * mb), Pass("* scaling", 4.0 * m * d),
+            Pass("x + out", 6.0 * m * d)]  # fmt: skip
+
+
+def _bottleneck_metric(metric: str, case: dict) -> float | None:
+    if case.get("mode") != "forward" or case.get("adapters", 1) != 1 or case.get("ln_before"):
+        return None  # the backward, several adapters and the LayerNorm are not modelled yet
+    m, d, mb = case["m"], case["d"], case["bottleneck"]
+    fused = seconds(bottleneck_forward(m, d, mb))
+    if metric == "bw_fraction":  # the bench's: x, y and the weights once, against the copy ceiling
+        return (4.0 * m * d + 4.0 * d * mb) / H200.bandwidth / fused
+    if metric == "speedup_vs_torch":
+        return seconds(bottleneck_composition(m, d, mb)) / fused
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Target rows
 # ------------------------------------------------------------------------------------------------------------
 
@@ -429,7 +473,11 @@ def _lora_metric(metric: str, case: dict) -> float | None:
     return None
 
 
-MODELS: dict[str, Callable[[str, dict], float | None]] = {"qlora": _qlora_metric, "lora": _lora_metric}
+MODELS: dict[str, Callable[[str, dict], float | None]] = {
+    "qlora": _qlora_metric,
+    "lora": _lora_metric,
+    "bottleneck": _bottleneck_metric,
+}
 
 
 def predict(target: targets.Target, case: dict) -> float | None:

@@ -55,7 +55,7 @@ _BN = {
     "activation": "relu",
     "ln_before": False,
 }
-_BN_FORWARD = tuple({"m": m, "d": d, **_BN} for m in (8192, 65536) for d in (4096,)) + ({"m": 8192, "d": 1024, **_BN},)
+_BN_FORWARD = tuple({"m": m, "d": 4096, **_BN} for m in (8192, 65536)) + ({"m": 8192, "d": 768, **_BN},)
 _BN_TRAIN = ({"m": 8192, "d": 4096, **_BN, "mode": "forward+backward"},)
 _BN_MULTI = ({"m": 8192, "d": 4096, **_BN, "adapters": 8},)
 _DROPOUT = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward", dropout=0.05)
