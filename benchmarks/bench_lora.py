@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
@@ -110,16 +111,11 @@ def operand_sets(case: Case, device: torch.device) -> list[dict[str, torch.Tenso
     return sets
 
 
-@contextlib.contextmanager
-def k_loop_tiles() -> Iterator[None]:
+def k_loop_tiles() -> contextlib.AbstractContextManager:
     """The Triton backend's prefill on its tiles with the K loop, not on cuBLAS and the tiles as its epilogue."""
     from fastpeft.triton_kernels import lora as kernels
 
-    saved, kernels.CUBLAS_BASE_MIN_M = kernels.CUBLAS_BASE_MIN_M, 2**62
-    try:
-        yield
-    finally:
-        kernels.CUBLAS_BASE_MIN_M = saved
+    return mock.patch.object(kernels, "CUBLAS_BASE_MIN_M", 2**62)
 
 
 def on_tiles(fn: Callable) -> Callable:

@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: kernels must be JIT functions
 os.environ["FASTPEFT_TRITON_AUTOTUNE"] = "0"  # the pinned configurations, which launch without timing anything
@@ -214,12 +215,8 @@ def _lora_form(fn: Callable[[], None], setting: str, value: float) -> Callable[[
     from fastpeft.triton_kernels import lora
 
     def run() -> None:
-        saved = getattr(lora, setting)
-        setattr(lora, setting, value)
-        try:
+        with mock.patch.object(lora, setting, value):
             fn()
-        finally:
-            setattr(lora, setting, saved)
 
     return run
 

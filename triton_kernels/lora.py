@@ -109,6 +109,7 @@ _INTERPRETER_CONFIG = _configs([(16, 16, 16, 1, 1)])[0]
 _INTERPRETER_SHRINK_CONFIG = triton.Config({"BLOCK_M": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)
 
 
+@functools.cache  # called per decode call (the stream-K rule): the same few tiles, built once
 def pinned_config(
     kind: str, m: int, n: int, r_pad: int, dtype: torch.dtype, in_kernel_dropout: bool = False, *,
     interpreter: bool = INTERPRET,
