@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import targets
 import torch
+from fastpeft.triton_kernels import bottleneck as bottleneck_kernels
 from fastpeft.triton_kernels import lora as lora_kernels
 from fastpeft.triton_kernels.common import r_pad
 from fastpeft.triton_kernels.qlora import block_m, block_n
@@ -72,6 +73,9 @@ TRITON_4BIT_MMA_EFFICIENCY = 0.6  # Triton tiles that decode W on chip before tl
 TRITON_GEMM_EFFICIENCY = 0.8
 # A persistent Hopper GEMM (TMA, warp-specialised, L2-swizzled; Triton's tutorial kernel) against cuBLAS.
 PERSISTENT_GEMM_EFFICIENCY = 0.95
+# A host sync in the middle of a step (torch.nonzero's count): the GPU idles from the moment the queue drains until
+# the host has launched the next kernel.
+HOST_SYNC_S = 10e-6
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class Pass:
     shared_bytes: float = 0.0
     l2_bytes: float = 0.0
     streams: bool = False  # the bytes are shared out evenly over the CTAs: the busiest SM sets the memory time
+    fixed_s: float = 0.0  # time no ceiling explains (a host sync), added to the rest
 
     def seconds(self, machine: Machine = H200) -> float:
         waves = 1.0
@@ -97,7 +102,7 @@ class Pass:
         alu = self.lane_ops / (machine.lane_ops * waves)
         shared = self.shared_bytes / (machine.shared_bandwidth * waves)
         l2 = self.l2_bytes / machine.l2_bandwidth
-        return max(memory, tensor, alu, shared, l2) + machine.launch_s
+        return max(memory, tensor, alu, shared, l2) + machine.launch_s + self.fixed_s
 
 
 def seconds(passes: list[Pass], machine: Machine = H200) -> float:
@@ -419,11 +424,69 @@ def bottleneck_composition(m: int, d: int, mb: int) -> list[Pass]:
             Pass("x + out", 6.0 * m * d)]  # fmt: skip
 
 
+def bottleneck_backward(m: int, d: int, mb: int, adapters: int = 1, samples: int = 1) -> list[Pass]:
+    """The fused backward's two Triton launches (bf16, no LayerNorm, the residual x itself) as
+    triton_kernels/bottleneck.py tiles them, and the host's small tensors around them. The row pass reads x and
+    dy, writes z, dz and dx (dy reread from L2 for the residual's share), and every tile of rows reads the three
+    projection tiles it multiplies by from L2; the parameter pass reads x and dy again by feature tile, and each
+    (adapter, feature tile) re-reads its rows' z and dz from L2; the splits' fp32 partial sums go out and back."""
+    mb_pad = max(16, 1 << (mb - 1).bit_length())
+    rows = bottleneck_kernels.tile_options(mb_pad, torch.bfloat16, backward=True, interpreter=False)
+    programs = math.ceil(m / rows["BLOCK_M"])
+    weights = 2.0 * d * mb
+    row_pass = Pass("Triton backward rows", 6.0 * m * d + 4.0 * m * mb + 4.0 * d * mb * adapters, 6.0 * m * d * mb,
+                    mma_efficiency=TRITON_GEMM_EFFICIENCY, ctas=programs,
+                    l2_bytes=3.0 * weights * programs + 2.0 * m * d)  # fmt: skip
+    opts = bottleneck_kernels.param_grad_options(mb_pad, torch.bfloat16, interpreter=False)
+    tiles = math.ceil(d / opts["BLOCK_D"])
+    shares = bottleneck_kernels.param_grad_shares(samples, m // samples, adapters * tiles, opts["BLOCK_R"], H200.sms)
+    ctas = adapters * tiles * shares.splits
+    slot = 4.0 * (2 * opts["BLOCK_D"] * mb_pad + opts["BLOCK_D"] + mb_pad)
+    partials = 2.0 * ctas * slot if shares.splits > 1 else 0.0
+    grads = 8.0 * d * mb * adapters  # dWd and dWu in fp32
+    param_pass = Pass("Triton backward parameters", 4.0 * m * d + partials + grads, 4.0 * m * d * mb,
+                      mma_efficiency=TRITON_GEMM_EFFICIENCY, ctas=ctas, ctas_per_sm=2,
+                      l2_bytes=tiles * 4.0 * m * mb)  # fmt: skip
+    # The host's: the fp32 down bias (c0), the grads' zeros for M = 0 aside; the four gradients cast to bf16.
+    casts = [Pass("gradient to bf16", 6.0 * d * mb * adapters) for _ in range(2)] + [Pass("bias grads", 0.0)] * 2
+    return [Pass("c0 = down bias in fp32", 0.0), row_pass, param_pass, *casts]
+
+
+def bottleneck_composition_backward(m: int, d: int, mb: int) -> list[Pass]:
+    """Autograd through the composition: the scale's gradient, cuBLAS for each Linear's two gradients, the
+    biases' column sums, the activation's mask, and x's two gradients (the residual's and the Linear's) added."""
+    return [Pass("dy * scaling", 4.0 * m * d), Pass("dz = dout Wu", 2.0 * (m * d + d * mb + m * mb), 2.0 * m * d * mb),
+            Pass("dWu = dout^T z", 2.0 * (m * d + m * mb + d * mb), 2.0 * m * d * mb), Pass("dbu", 2.0 * m * d),
+            Pass("act'", 6.0 * m * mb), Pass("dx = dh Wd", 2.0 * (m * mb + d * mb + m * d), 2.0 * m * d * mb),
+            Pass("dWd = dh^T x", 2.0 * (m * mb + m * d + d * mb), 2.0 * m * d * mb), Pass("dbd", 2.0 * m * mb),
+            Pass("dx + dy", 6.0 * m * d)]  # fmt: skip
+
+
+def bottleneck_loop(m: int, d: int, mb: int, adapters: int) -> list[Pass]:
+    """AdapterHub's BatchSplit as the bench's loop runs it: per adapter, its rows found (nonzero: a host sync),
+    x gathered for the down-projection and again for the residual, the composition on those rows, and the result
+    scattered back into the output."""
+    rows = m / adapters
+    passes: list[Pass] = []
+    for _ in range(adapters):
+        passes += [Pass("ids == a", 0.0), Pass("nonzero", 0.0, fixed_s=HOST_SYNC_S)]
+        passes += [Pass("x[rows]", 4.0 * rows * d), Pass("x[rows] again", 4.0 * rows * d)]
+        passes += bottleneck_composition(math.ceil(rows), d, mb) + [Pass("out[rows] = ...", 4.0 * rows * d)]
+    return passes
+
+
 def _bottleneck_metric(metric: str, case: dict) -> float | None:
-    if case.get("mode") != "forward" or case.get("adapters", 1) != 1 or case.get("ln_before"):
-        return None  # the backward, several adapters and the LayerNorm are not modelled yet
-    m, d, mb = case["m"], case["d"], case["bottleneck"]
+    if case.get("ln_before"):
+        return None  # the LayerNorm's passes are not modelled yet
+    m, d, mb, count = case["m"], case["d"], case["bottleneck"], case.get("adapters", 1)
     fused = seconds(bottleneck_forward(m, d, mb))
+    if case.get("mode") == "forward+backward":
+        if count != 1 or metric != "speedup_vs_torch":
+            return None
+        composition = bottleneck_composition(m, d, mb) + bottleneck_composition_backward(m, d, mb)
+        return seconds(composition) / (fused + seconds(bottleneck_backward(m, d, mb)))
+    if count > 1:  # the fused forward reads each tile's own adapter's weights: as one adapter's
+        return seconds(bottleneck_loop(m, d, mb, count)) / fused if metric == "speedup_vs_loop" else None
     if metric == "bw_fraction":  # the bench's: x, y and the weights once, against the copy ceiling
         return (4.0 * m * d + 4.0 * d * mb) / H200.bandwidth / fused
     if metric == "speedup_vs_torch":

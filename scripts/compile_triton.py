@@ -12,14 +12,15 @@ pointers), and read back:
 - registers, stack bytes (spills), shared memory (cuobjdump -res-usage on the cubin, Triton's metadata);
 - blocks per SM (registers, shared memory and warps against an SM's), CTAs and waves on 132 SMs;
 - SASS features: 16-byte global loads (LDG.128, LDGSTS.128), tensor-core MMA (HGMMA, HMMA), TMA (UTMALDG,
-  UBLKCP), local memory (LDL, STL);
+  UBLKCP), local memory (LDL, STL), float atomics (RED/ATOM on F16/BF16/F32/F64);
 - the TTIR's 32-bit integer products with a runtime size or stride argument: offsets that could pass 2**31
   elements. Every kernel forms such offsets in 64 bits.
 
 Cases: ``coverage`` (every kernel variant the host code launches, at small odd shapes, fp16/bf16/fp32) and
 ``targets`` (benchmarks/targets.py's TARGETS shapes, bf16, through the ops' own dispatch with the Triton
 backend). Exit status 1 when a launch fails to compile, exceeds the GPU's shared memory, spills in a 16-bit
-pinned configuration, or forms a 32-bit offset product. ``--json`` writes one row per launch
+pinned configuration, forms a 32-bit offset product, or has float atomics where its module does not allow them
+(FLOAT_ATOMIC_KERNELS). ``--json`` writes one row per launch
 (scripts/kernel_report.py reads it). Needs TRITON_INTERPRET unset (cleared here) and Triton's CUDA backend.
 """
 
@@ -509,7 +510,9 @@ def compile_launch(job: tuple[Launch, int]) -> dict:
 
 
 def problems(row: dict) -> list[str]:
-    """What fails a launch: no compile, shared memory over the limit, spills in 16-bit, 32-bit offsets."""
+    """What fails a launch: no compile, shared memory over the limit, spills in 16-bit, 32-bit offsets, float
+    atomics in a kernel its module does not name in FLOAT_ATOMIC_KERNELS (the kernels whose sums may round
+    differently from run to run: every other kernel gives the same bits every time)."""
     if "error" in row:
         return [row["error"]]
     found = []
@@ -519,6 +522,9 @@ def problems(row: dict) -> list[str]:
         found.append(f"spills: {row.get('stack')} B stack, {row.get('local')} local-memory instructions")
     if row["narrow_products"]:
         found.append(f"32-bit offset products: {row['narrow_products'][:3]}")
+    allowed = getattr(sys.modules.get(row["module"]), "FLOAT_ATOMIC_KERNELS", ())
+    if row.get("float_atomics") and row["kernel"] not in allowed:
+        found.append(f"{row['float_atomics']} float atomics: results that change from run to run")
     return found
 
 

@@ -21,7 +21,8 @@ _OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0
 
 def sass_features(sass: str) -> dict[str, int]:
     """Counts of the instructions that say how a kernel moves data and multiplies: 16-byte and narrower global
-    loads, tensor-core MMA (Hopper's HGMMA, the older HMMA), TMA, and local memory (spills)."""
+    loads, tensor-core MMA (Hopper's HGMMA, the older HMMA), TMA, local memory (spills), and floating-point
+    atomics and reductions to memory (whose order, and so whose rounding, changes from run to run)."""
     ops = collections.Counter(_OPCODE.findall(sass))
 
     def count(test) -> int:
@@ -34,6 +35,7 @@ def sass_features(sass: str) -> dict[str, int]:
         "hmma": count(lambda op: op.startswith("HMMA")),
         "tma": count(lambda op: op.startswith(("UTMALDG", "UTMASTG", "UBLKCP"))),
         "local": count(lambda op: op.startswith(("LDL", "STL"))),
+        "float_atomics": count(lambda op: op.startswith(("RED", "ATOM")) and re.search(r"\.(B?F16|F32|F64)", op)),
     }
 
 

@@ -335,3 +335,142 @@ def test_training_compiles_whole_and_matches_eager(adapters):
     compiled = train(torch.compile(layer, fullgraph=True, backend="aot_eager"))
     for got, want in zip(compiled, eager, strict=True):
         torch.testing.assert_close(got, want)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fused backward: two Triton launches, no float atomics, the same bits on every run
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _training_step(x, p, ids, dy, activation="gelu"):
+    """dx and every parameter's gradient of one backward (fresh leaves each call)."""
+    leaves = {k: v.clone().requires_grad_() for k, v in p.items() if isinstance(v, torch.Tensor)}
+    xg = x.clone().requires_grad_()
+    bottleneck_adapter(xg, **{**p, **leaves}, activation=activation, adapter_ids=ids).backward(dy)
+    return {"x": xg.grad, **{k: v.grad for k, v in leaves.items()}}
+
+
+def _formula_grads(x, p, ids, dy, dtype, activation="gelu"):
+    """The same gradients from the formula as plain PyTorch computes it in ``dtype`` (float64: the ground
+    truth), sample by sample."""
+    cast = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in p.items()}
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in cast.items() if isinstance(v, torch.Tensor)}
+    xr = x.detach().to(dtype).clone().requires_grad_()
+    full = {**cast, **leaves}
+    if ids is None:
+        y = bottleneck_reference(xr, **full, activation=activation)
+    else:
+        y = torch.stack([bottleneck_reference(xr[b], **{k: v[a] if isinstance(v, torch.Tensor) else v
+                                                        for k, v in full.items()}, activation=activation)
+                         if a >= 0 else xr[b] for b, a in enumerate(ids.tolist())])  # fmt: skip
+    y.backward(dy.to(dtype))
+    return {"x": xr.grad, **{k: v.grad for k, v in leaves.items()}}
+
+
+def _learned_scaling_terms(x, p, ids, dy) -> torch.Tensor:
+    """sum |dy * (z Wu^T + bu)| per adapter, in float64 ([1] or [adapters, 1]): the size of the terms the gradient
+    of a learned scaling sums."""
+    full = {**f64(p), "scaling": 1.0}
+    if ids is None:
+        out = bottleneck_reference(x.double(), **full, residual=torch.zeros_like(x, dtype=torch.float64))
+        return (dy.double() * out).abs().sum().reshape(1)
+    terms = torch.zeros(p["down_weight"].shape[0], 1, dtype=torch.float64, device=x.device)
+    for b, a in enumerate(ids.tolist()):
+        if a >= 0:
+            one = {k: v[a] if isinstance(v, torch.Tensor) else v for k, v in full.items()}
+            out = bottleneck_reference(x[b].double(), **one, residual=torch.zeros_like(x[b], dtype=torch.float64))
+            terms[a] += (dy[b].double() * out).abs().sum()
+    return terms
+
+
+@pytest.fixture
+def fused_backward_calls(monkeypatch) -> list[int]:
+    """Counts the Triton backward's calls (so a test knows the kernels ran, not the composition)."""
+    pytest.importorskip("triton")
+    from fastpeft.triton_kernels import bottleneck as kernels
+
+    calls: list[int] = []
+    real = kernels.bottleneck_backward
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "bottleneck_backward", spy)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    return calls
+
+
+# (d, m, adapters, samples x rows, ids): several feature tiles and splits, a padded bottleneck of 16, 32 and 256,
+# an adapter used by no sample, samples without one.
+BACKWARD_CASES = [
+    (72, 20, None, (3, 7), None),
+    (40, 12, 3, (7, 5), [2, -1, 0, 2, 2, 0, -1]),
+    (24, 130, 2, (3, 4), [1, 1, -1]),
+    (33, 7, 4, (5, 3), [3, 3, 3, 3, 3]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("programs", [1, 4, 64])
+@pytest.mark.parametrize("d, m, count, rows, ids", BACKWARD_CASES)
+def test_fused_backward_matches_the_formula(fused_backward_calls, monkeypatch, dtype, programs, d, m, count, rows,
+                                            ids):  # fmt: skip
+    """Every gradient, with the parameter pass's rows split 1, a few or many ways (the splits' partial sums
+    meet in the last program to arrive)."""
+    from fastpeft.triton_kernels import bottleneck as kernels
+
+    monkeypatch.setattr(kernels, "param_grad_programs", lambda device: programs)
+    x = torch.randn(*rows, d, device=DEVICE).to(dtype)
+    dy = torch.randn_like(x)
+    ids = None if ids is None else torch.tensor(ids, device=DEVICE)
+    for ln, scaling in [(True, "channel"), (False, "learned"), (True, "float")]:
+        p = params(d, m, dtype, ln, scaling, adapters=count)
+        got = _training_step(x, p, ids, dy)
+        ref, plain = _formula_grads(x, p, ids, dy, torch.float64), _formula_grads(x, p, ids, dy, dtype)
+        assert fused_backward_calls, "the Triton backward did not run"
+        for name, grad in got.items():
+            if name == "scaling" and scaling == "learned" and dtype != torch.float32:
+                # One sum over every row and feature, of terms with both signs: a rounding of z moves it by up to
+                # eps * sum |dy out|, however the sum is taken (fp32 checks the formula to its last bits).
+                bound = torch.finfo(dtype).eps * _learned_scaling_terms(x, p, ids, dy)
+                assert ((grad.double() - ref[name]).abs() <= bound).all(), (grad, ref[name], bound)
+                continue
+            assert_close_to_reference(grad, ref[name], plain[name], f"{name} ln={ln} {scaling}")
+        if count:
+            for a in set(range(count)) - set(ids.tolist()):  # an unused adapter's gradients are written, as zeros
+                assert all(got[k][a].abs().sum() == 0 for k in got if k != "x"), a
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backward_gives_the_same_bits_twice(fused_backward_calls, monkeypatch, dtype):
+    """Two backwards of one step agree bit for bit (the splits' sums meet in a fixed order, no float atomics:
+    on a GPU the order in which programs arrive changes from run to run, the bits must not)."""
+    from fastpeft.triton_kernels import bottleneck as kernels
+
+    monkeypatch.setattr(kernels, "param_grad_programs", lambda device: 64)
+    d, m, count = 40, 12, 3
+    x = torch.randn(6, 9, d, device=DEVICE).to(dtype)
+    dy = torch.randn_like(x)
+    ids = torch.tensor([0, 2, 2, -1, 0, 2], device=DEVICE)
+    p = params(d, m, dtype, ln=True, scaling="channel", adapters=count)
+    first, second = _training_step(x, p, ids, dy), _training_step(x, p, ids, dy)
+    assert len(fused_backward_calls) == 2
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.parametrize("samples, rows, tiles, block, programs", [
+    (1, 1, 1, 16, 4), (1, 1000, 3, 16, 132), (1, 8192, 64, 64, 132), (64, 128, 12, 64, 132), (7, 5, 9, 16, 64),
+    (2, 4096, 24, 64, 132), (3, 33, 1, 16, 1),
+])  # fmt: skip
+def test_parameter_pass_shares_cover_every_row_once(samples, rows, tiles, block, programs):
+    pytest.importorskip("triton")
+    from fastpeft.triton_kernels.bottleneck import param_grad_shares
+
+    s = param_grad_shares(samples, rows, tiles, block, programs)
+    assert s.unit_rows % block == 0
+    assert (s.units_per_sample - 1) * s.unit_rows < rows <= s.units_per_sample * s.unit_rows
+    assert s.units == samples * s.units_per_sample
+    assert (s.splits - 1) * s.units_per_split < s.units <= s.splits * s.units_per_split  # no split left empty
+    assert s.splits <= max(1, -(-programs // tiles))  # about one wave of programs, never more

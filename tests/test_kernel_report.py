@@ -83,8 +83,13 @@ def test_sass_features_count_what_matters():
         /*00e0*/                   UTMALDG.2D [UR8], [UR4] ;
         /*00f0*/                   STL.64 [R1], R6 ;
         /*0100*/                   LDGDEPBAR ;
+        /*0110*/                   ATOMG.E.ADD.F32.FTZ.RN.STRONG.GPU PT, R3, desc[UR4][R4.64], R9 ;
+        /*0120*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R4.64], R9 ;
+        /*0130*/                   ATOMG.E.ADD.STRONG.GPU PT, R3, desc[UR4][R4.64], R9 ;
+        /*0140*/                   ATOMG.E.EXCH.STRONG.GPU PT, R3, desc[UR4][R4.64], RZ ;
     """
-    assert sass_features(sass) == {"ldg128": 2, "ldg_narrow": 1, "hgmma": 1, "hmma": 1, "tma": 1, "local": 1}
+    assert sass_features(sass) == {"ldg128": 2, "ldg_narrow": 1, "hgmma": 1, "hmma": 1, "tma": 1, "local": 1,
+                                   "float_atomics": 2}  # fmt: skip
 
 
 def test_narrow_offset_products_are_the_32_bit_products_with_a_size_or_stride_argument():

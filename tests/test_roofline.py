@@ -124,4 +124,23 @@ def test_the_bottleneck_forward_model_follows_the_dispatch():
     assert tiles.l2_bytes / H200.l2_bandwidth > tiles.bytes / H200.bandwidth
     assert roofline.bottleneck_forward(8192, 4096, 300)[0].name == "Triton bottleneck tiles"  # m > 256
     rows = [(t, value) for t, case, value in roofline.prediction_rows() if t.bench == "bottleneck"]
-    assert {t.metric for t, value in rows if value is not None} == {"bw_fraction", "speedup_vs_torch"}
+    assert all(value is not None for t, value in rows)  # forward, forward + backward, 8 adapters
+
+
+def test_the_bottleneck_backward_model_follows_the_kernels_tiles():
+    """The row pass: 64-row tiles (bf16, m = 64), x, dy, dx once plus z and dz; the parameter pass: 64 feature
+    tiles at d = 4096, split so that about one wave of programs runs, x and dy read again."""
+    _, rows, params, *_ = roofline.bottleneck_backward(8192, 4096, 64)
+    assert rows.ctas == 8192 // 64 and rows.bytes == pytest.approx(6 * 8192 * 4096 + 4 * 8192 * 64 + 4 * 4096 * 64)
+    assert params.ctas in range(132, 2 * 132) and params.ctas % 64 == 0
+    assert params.bytes > 4 * 8192 * 4096
+    # The training step: the composition's backward makes about ten passes over [M, d] tensors, the fused two.
+    train = roofline.MODELS["bottleneck"]("speedup_vs_torch", {"m": 8192, "d": 4096, "bottleneck": 64,
+                                                               "mode": "forward+backward"})  # fmt: skip
+    assert 1.5 < train < 3
+
+
+def test_the_per_adapter_loop_pays_a_host_sync_per_adapter():
+    loop = roofline.bottleneck_loop(8192, 4096, 64, 8)
+    assert sum(p.fixed_s for p in loop) == pytest.approx(8 * roofline.HOST_SYNC_S)
+    assert roofline.seconds(loop) > roofline.seconds(roofline.bottleneck_composition(8192, 4096, 64))

@@ -38,7 +38,7 @@ def test_every_triton_kernel_compiles_for_sm90_as_launched(tmp_path):
         "lora decode fused+dropout-x m=37",
         "qlora forward decode m=5 K=203 lora fused shrink",
         "bottleneck m=256 adapters=3 + add & LayerNorm",
-        "bottleneck backward m=128 adapters=3",
+        "bottleneck backward m=256 adapters=3",
         "TARGET lora m=4096 4096->14336 forward r=16",
         "TARGET qlora m=1 4096->14336 matmul r=0",
         "TARGET multi_lora m=64 4096->4096  r=16 32 adapters",
@@ -49,6 +49,8 @@ def test_every_triton_kernel_compiles_for_sm90_as_launched(tmp_path):
         assert row["reg"] > 0 and row["blocks_per_sm"] >= 1 and not row["narrow_products"], row["case"]
         if row["dtype"] != "float32":
             assert row["stack"] == 0 and row["local"] == 0, row["case"]
+        if "bottleneck" in row["case"]:  # the backward's sums meet in a fixed order: the same bits every run
+            assert row["float_atomics"] == 0, row["case"]
     # Hopper's own instructions where the tiles allow them: wgmma in the prefill GEMMs, 16-byte loads of W.
     prefill = [r for r in rows if r["case"] == "TARGET lora m=4096 4096->4096 forward r=16"]
     assert any(r["hgmma"] for r in prefill) and all(r["ldg128"] for r in prefill)

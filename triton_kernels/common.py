@@ -4,6 +4,7 @@ precision and the padded rank. Nothing here imports fastpeft (the kernels stand 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -32,3 +33,31 @@ def dot_precision(dtype: torch.dtype) -> str:
 def r_pad(r: int) -> int:
     """A LoRA rank padded for ``tl.dot``, which needs every dimension >= 16 and a power of two."""
     return max(16, triton.next_power_of_2(r))
+
+
+@functools.cache
+def _cuda_sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """The SMs of ``device``; the reference GPU's off a GPU (scripts/compile_triton.py launches on meta tensors
+    what a GPU would)."""
+    if device.type != "cuda":
+        return REFERENCE_SMS
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_ARRIVALS: dict[tuple, torch.Tensor] = {}
+
+
+def arrival_counts(device: torch.device, count: int) -> torch.Tensor:
+    """int32 counters, zero between launches, for kernels whose last program to arrive at a tile sums its
+    partial results in a fixed order (the kernel resets each count it used): kept per device and stream, so a
+    launch needs no memset of its own and two streams never share them. Launches on one stream run one after
+    another, so the kernels that use them share one buffer."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    counts = _ARRIVALS.get((device, stream))
+    if counts is None or counts.numel() < count:
+        counts = _ARRIVALS[(device, stream)] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+    return counts

@@ -35,8 +35,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRET, REFERENCE_SMS, dot_precision, on_device, r_pad
+from .common import AUTOTUNE, INTERPRET, arrival_counts, dot_precision, on_device, r_pad, sm_count
 
+# The kernels that sum with float atomics (the rounding of those sums changes from run to run): the shrink split
+# over K for few rows. scripts/compile_triton.py fails any other kernel whose machine code has them.
+FLOAT_ATOMIC_KERNELS = ("_lora_shrink_kernel",)
 # Rows at or below which the decode tiles run (forward, and the backward's dx for small batches).
 DECODE_MAX_M = 64
 # The fused one-launch form re-reads A per output tile; above this padded rank the shrink runs once instead.
@@ -545,19 +548,6 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 8192)
 
 
-@functools.cache
-def _cuda_sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """The SMs of ``device``; the reference GPU's off a GPU (scripts/compile_triton.py launches on meta tensors
-    what a GPU would)."""
-    if device.type != "cuda":
-        return REFERENCE_SMS
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
 def stream_k_programs(total_iters: int, device: torch.device) -> int:
     """One program per SM (the interpreter takes 5, so tiny shapes still cut tiles between programs)."""
     return max(1, min(total_iters, 5 if INTERPRET else sm_count(device)))
@@ -569,19 +559,6 @@ def stream_k_segments(tiles: int, k_iters: int, programs: int) -> int:
     total = tiles * k_iters
     owner = lambda i: ((i + 1) * programs - 1) // total  # the program whose share holds iteration i
     return max(owner((t + 1) * k_iters - 1) - owner(t * k_iters) + 1 for t in range(tiles))
-
-
-_ARRIVALS: dict[tuple, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, tiles: int) -> torch.Tensor:
-    """Per-tile arrival counts for the stream-K decode, zero between launches (the kernel resets what it used):
-    kept per device and stream, so the launch needs no memset of its own and two streams never share them."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    counts = _ARRIVALS.get((device, stream))
-    if counts is None or counts.numel() < tiles:
-        counts = _ARRIVALS[(device, stream)] = torch.zeros(max(tiles, 1024), dtype=torch.int32, device=device)
-    return counts
 
 
 def _decode_stream_k(x, weight, lora_a, lora_b, scaling, bias, out_scale, z, y) -> torch.Tensor:
@@ -597,7 +574,7 @@ def _decode_stream_k(x, weight, lora_a, lora_b, scaling, bias, out_scale, z, y) 
     with on_device(x):
         globals()["_stream_k_kernel"][(programs,)](  # read at call time: tests put spies in its place
             x, weight, lora_a, lora_b, y if bias is None else bias, y, y if out_scale is None else out_scale,
-            y if z is None else z, partial, xa_partial, _arrivals(x.device, tiles),
+            y if z is None else z, partial, xa_partial, arrival_counts(x.device, tiles),
             m, n, k, r,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
             lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),

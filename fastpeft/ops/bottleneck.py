@@ -13,11 +13,12 @@ on chip, LayerNorm folded into the down-projection; x read twice, the second rea
 is still there), ``cuda`` (csrc/bottleneck.cu: a few rows per block for decode; for fp16/bf16 prefill, 16 rows
 per block staged once in shared memory and both products on the tensor cores) and ``torch`` (the composition,
 the CPU path and the reference's shape). The backward recomputes z from x (nothing of size [M, m] or [M, d] is
-saved but x) and gives x, every adapter parameter, the LN parameters and a tensor scaling their gradients: one
-Triton kernel (``bottleneck_adapter_backward``), or, with an add + LayerNorm after the adapter or on the other
-backends, the composition differentiated by torch.func.vjp. ``torch.compile`` traces the custom ops
-``fastpeft::bottleneck_adapter`` and ``fastpeft::bottleneck_adapter_backward`` (each with a fake
-implementation); eager calls take the autograd Function, or the backend directly without gradients.
+saved but x) and gives x, every adapter parameter, the LN parameters and a tensor scaling their gradients: two
+Triton kernels without float atomics (the same bits on every run; triton_kernels/bottleneck.py), or, with an
+add + LayerNorm after the adapter or on the other backends, the composition differentiated by torch.func.vjp.
+``torch.compile`` traces the custom ops ``fastpeft::bottleneck_adapter`` and
+``fastpeft::bottleneck_adapter_backward`` (each with a fake implementation); eager calls take the autograd
+Function, or the backend directly without gradients.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ _CUDA_DECODE_MAX_M = 64
 _CUDA_TILE_MAX_M = 256
 _CUDA_TILE_SHARED_BYTES = 40 * 1024  # a bound on the tile kernel's shared memory besides its 16 rows of x
 # Mirrors triton_kernels/bottleneck.py's BACKWARD_MAX_MB_PAD (which needs triton to import).
-_BACKWARD_MAX_MB_PAD = 128
+_BACKWARD_MAX_MB_PAD = 256
 _CUDA_FIRST = ("cuda", "triton")
 _TRITON_FIRST = ("triton", "cuda")
 
