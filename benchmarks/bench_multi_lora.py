@@ -4,8 +4,11 @@ Variants, timed in the same run on the same operands (bf16 on a GPU):
     base            the base GEMM alone (torch.nn.functional.linear): the floor
     peft            PEFT's mixed-batch path: a lora.Linear holding every adapter, called with adapter_names
     gather_bmm      the torch path without PEFT: each token's A and B gathered from stacked adapters, two bmm
-    fused:<name>    multi_lora_linear forced to one backend, and fused:auto
-    shrink+expand   the two multi_lora launches alone (no base GEMM), fused:auto's backend
+    fused:<name>    multi_lora_linear forced to one backend, and fused:auto, given the batch's description (built
+                    once per step for every layer of a model, as adapter_batch and the PEFT path build it: not
+                    timed); decode (M <= 64) runs the grouped kernels
+    fused:auto-ids  fused:auto given plain per-sequence ids instead (decode: the per-token kernels)
+    shrink+expand   the adapter launches alone (no base GEMM) as fused:auto runs them
     copy            a device-to-device copy of 256 MiB: the bandwidth the adapters' reads are compared with
 
 A case is decode (``segments = 0``: token t uses adapter t % distinct, one token per sequence) or prefill
@@ -26,7 +29,8 @@ from common import backends_for, case_fields, case_rows, copy_gbps, describe_err
 from common import case_from_fields as common_case_from_fields
 
 from fastpeft.ops.adapter_pool import AdapterPool
-from fastpeft.ops.multi_lora import multi_lora_expand, multi_lora_linear, multi_lora_shrink
+from fastpeft.ops.batch_description import describe_batch
+from fastpeft.ops.multi_lora import SGMV_MAX_M, multi_lora_expand, multi_lora_linear, multi_lora_sgmv, multi_lora_shrink
 
 OP = "multi_lora_linear"
 ALPHA = 32.0
@@ -108,7 +112,7 @@ def operands(case: Case, device: torch.device) -> dict:
         x=x, weight=weight, names=names, ids=per_sequence, pool=AdapterPool.build(adapters),
         peft=_peft_layer(case, weight, adapters), a_stack=torch.stack([a for a, _, _ in adapters]),
         b_stack=torch.stack([b for _, b, _ in adapters]), token_ids=per_sequence.repeat_interleave(seq_len),
-        scaling=ALPHA / case.r,
+        scaling=ALPHA / case.r, batch=describe_batch(per_sequence.repeat_interleave(seq_len), case.adapters),
     )  # fmt: skip
 
 
@@ -123,18 +127,23 @@ def _gather_bmm(ops: dict) -> torch.Tensor:
 def _shrink_expand(ops: dict) -> torch.Tensor:
     rows = ops["x"].reshape(-1, ops["x"].shape[-1])
     ids, pool = ops["token_ids"], ops["pool"]
+    if rows.shape[0] <= SGMV_MAX_M:
+        return multi_lora_sgmv(ops["base"], rows, pool, ops["batch"])
     return multi_lora_expand(ops["base"], multi_lora_shrink(rows, pool, ids), pool, ids)
 
 
 def _variants(backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
     def fused(ops):
-        return multi_lora_linear(ops["x"], ops["weight"], ops["pool"], ops["ids"], check_ids=False)
+        return multi_lora_linear(ops["x"], ops["weight"], ops["pool"], ops["batch"])
 
     fns = {
         "base": lambda ops: torch.nn.functional.linear(ops["x"], ops["weight"]),
         "peft": lambda ops: ops["peft"](ops["x"], adapter_names=ops["names"]),
         "gather_bmm": _gather_bmm,
         "fused:auto": fused,
+        "fused:auto-ids": lambda ops: multi_lora_linear(
+            ops["x"], ops["weight"], ops["pool"], ops["ids"], check_ids=False
+        ),
     }
     fns.update({f"fused:{b}": fused for b in backends})
     fns["shrink+expand"] = _shrink_expand

@@ -37,11 +37,13 @@ import targets
 import torch
 from fastpeft.triton_kernels import bottleneck as bottleneck_kernels
 from fastpeft.triton_kernels import lora as lora_kernels
+from fastpeft.triton_kernels import multi_lora as multi_lora_kernels
 from fastpeft.triton_kernels.common import r_pad
 from fastpeft.triton_kernels.qlora import block_m, block_n
 
 from fastpeft.ops import bottleneck as bottleneck_ops
 from fastpeft.ops import lora as lora_ops
+from fastpeft.ops import multi_lora as multi_lora_ops
 from fastpeft.ops import qlora as qlora_ops
 
 
@@ -394,6 +396,62 @@ def design_table() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Many LoRA adapters in one batch (fastpeft/ops/multi_lora.py) and PEFT's adapter_names loop
+# ------------------------------------------------------------------------------------------------------------
+
+
+def multi_lora_grouped(m: int, n: int, k: int, r: int, adapters: int) -> list[Pass]:
+    """Decode with a batch description (built once per step for every layer: not counted): the grouped shrink,
+    each adapter present reading its A once over K splits of about one wave and writing fp32 slabs; the grouped
+    expand, each adapter's B read once per column tile, base read and y written once, the slabs summed from L2."""
+    present = min(adapters, m)
+    v = max(16, 1 << (r - 1).bit_length())
+    splits, _ = multi_lora_kernels.sgmv_splits(adapters, k, 2 * H200.sms, interpreter=False)
+    slabs = 4.0 * splits * m * v
+    tiles = math.ceil(n / multi_lora_kernels.sgmv_blocks(interpreter=False)[1])
+    # Assumed: one program keeps its SM's share of the bandwidth busy (three pipelined stages of 8 KB in flight),
+    # so the busiest SM's programs set the time.
+    shrink = Pass("grouped shrink", 2.0 * present * r * k + 2.0 * m * k + slabs, 2.0 * m * k * r,
+                  ctas=adapters * splits, streams=True)  # fmt: skip
+    expand = Pass("grouped expand", 2.0 * present * n * r + 4.0 * m * n, 2.0 * m * n * r, ctas=(adapters + 1) * tiles,
+                  streams=True, l2_bytes=slabs * tiles)  # fmt: skip
+    return [*bf16_linear(m, n, k), shrink, expand]
+
+
+def multi_lora_tiles(m: int, n: int, k: int, r: int) -> list[Pass]:
+    """Prefill (segments of one adapter): the shrink's tiles read x once and write v; the expand's tiles read
+    base and v and write y (the output's second pass the target's 1.10 leaves little room for)."""
+    v = max(16, 1 << (r - 1).bit_length())
+    return [*bf16_linear(m, n, k), Pass("shrink tiles", 2.0 * m * k + 4.0 * m * v, 2.0 * m * k * r),
+            Pass("expand tiles", 4.0 * m * n + 4.0 * m * v, 2.0 * m * n * r)]  # fmt: skip
+
+
+def peft_mixed_batch(m: int, n: int, k: int, r: int, adapters: int) -> list[Pass]:
+    """PEFT's ``_mixed_batch_forward``: the base layer, then per adapter present its rows gathered, lora_A,
+    lora_B, the scale and an indexed add into the result: five launches each (GPU time only: the Python loop's
+    host time, larger, is left out)."""
+    rows = m / min(adapters, m)
+    per_adapter = [Pass("x[rows]", 4.0 * rows * k), skinny("lora_A", math.ceil(rows), k, r),
+                   Pass("lora_B", 2.0 * (rows * r + n * r + rows * n), 2.0 * rows * n * r),
+                   Pass("* scaling", 4.0 * rows * n), Pass("result[rows] +=", 6.0 * rows * n)]  # fmt: skip
+    return [*bf16_linear(m, n, k), *per_adapter * min(adapters, m)]
+
+
+def _multi_lora_metric(metric: str, case: dict) -> float | None:
+    m, n, k, r, count = case["m"], case["n"], case["k"], case["r"], case["adapters"]
+    decode = m <= multi_lora_ops.SGMV_MAX_M
+    fused = multi_lora_grouped(m, n, k, r, count) if decode else multi_lora_tiles(m, n, k, r)
+    if metric == "ratio_vs_base":
+        return seconds(fused) / seconds(bf16_linear(m, n, k))
+    if metric == "speedup_vs_peft":
+        return seconds(peft_mixed_batch(m, n, k, r, count)) / seconds(fused)
+    if metric == "bw_fraction" and decode:  # the bench's: the adapters' bytes, each once, over the two launches
+        adapter_bytes = 2.0 * min(count, m) * r * (k + n)
+        return adapter_bytes / H200.bandwidth / seconds(fused[1:])
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------------
 # The bottleneck adapter's forward (fastpeft/ops/bottleneck.py's dispatch) and the composition it replaces
 # ------------------------------------------------------------------------------------------------------------
 
@@ -539,6 +597,7 @@ def _lora_metric(metric: str, case: dict) -> float | None:
 MODELS: dict[str, Callable[[str, dict], float | None]] = {
     "qlora": _qlora_metric,
     "lora": _lora_metric,
+    "multi_lora": _multi_lora_metric,
     "bottleneck": _bottleneck_metric,
 }
 

@@ -26,6 +26,7 @@ from fastpeft.modules.lora import LoRALinear
 from fastpeft.modules.multi_lora import MultiLoRALinear, adapter_batch
 from fastpeft.modules.qlora import Linear4bit, QLoRALinear
 from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.batch_description import BatchDescription, describe_batch
 from fastpeft.ops.bottleneck import bottleneck_adapter
 from fastpeft.ops.dora import dora_linear
 from fastpeft.ops.lora import lora_linear
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterPool",
+    "BatchDescription",
     "BottleneckAdapter",
     "BottleneckConfig",
     "Linear4bit",
@@ -52,6 +54,7 @@ __all__ = [
     "bottleneck_adapter",
     "bottleneck_batch",
     "dequantize_4bit",
+    "describe_batch",
     "dora_linear",
     "explain_adapterhub_patch",
     "explain_patch",

@@ -282,6 +282,15 @@ def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
             yield f"multi_lora shrink/{form} v={v_width}", partial(ml.multi_lora_shrink, x, a, a_offsets, ids, v_width)
             v = _t(m, v_width, dtype=torch.float32)
             yield f"multi_lora expand/{form} v={v_width}", partial(ml.multi_lora_expand, base, v, b, ids, *tables, n)
+        m = 37  # the grouped kernels (decode with a batch description)
+        x, base, order, starts = (
+            _t(m, k, dtype=dtype),
+            _t(m, 3 * n, dtype=dtype),
+            _t(m, dtype=torch.int32),
+            _t(5, dtype=torch.int32),
+        )
+        yield (f"multi_lora sgmv v={v_width}",
+               partial(ml.multi_lora_sgmv, base, x, a, a_offsets, b, order, starts, *tables, v_width, n))  # fmt: skip
 
 
 def _weight4bit(n: int, k: int, nested: bool, dtype: torch.dtype, blocksize: int = 64):
@@ -388,9 +397,9 @@ def _target_calls(bench: str, case: dict) -> Callable[[], None]:
     if bench == "multi_lora":
         m, k, n, r, count = case["m"], case["k"], case["n"], case["r"], case["adapters"]
         adapters = [(_t(r, k, dtype=dtype), _t(n, r, dtype=dtype), 2.0) for _ in range(count)]
+        batch = fastpeft.describe_batch(_t(m, dtype=torch.int32), count, check=False)  # as the layers get it
         return lambda: fastpeft.multi_lora_linear(
-            _t(m, k, dtype=dtype), _t(n, k, dtype=dtype), AdapterPool.build(adapters), _t(m, dtype=torch.int32),
-            check_ids=False,
+            _t(m, k, dtype=dtype), _t(n, k, dtype=dtype), AdapterPool.build(adapters), batch
         )  # fmt: skip
     if bench == "qlora":
         from fastpeft.ops.qlora import qlora_linear

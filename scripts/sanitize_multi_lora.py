@@ -4,7 +4,8 @@
 
 Mixed ranks, -1 tokens and out-of-pool ids with the host check off (the kernels must not read outside the pool
 for them: memcheck says so), per-token (decode) and tile (prefill, > 64 tokens) kernels, packed slices of
-different widths. Environment and checks as in scripts/_sanitize.py.
+different widths; each case again with a batch description (decode: the grouped kernels). Environment and
+checks as in scripts/_sanitize.py.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def run_case(m, k, widths, ranks, dtype_name, *, backend, device="cuda") -> bool
 
     from fastpeft.backends import record_backends
     from fastpeft.ops.adapter_pool import AdapterPool
+    from fastpeft.ops.batch_description import describe_batch
     from fastpeft.ops.multi_lora import multi_lora_linear
 
     dtype = getattr(torch, dtype_name)
@@ -53,14 +55,16 @@ def run_case(m, k, widths, ranks, dtype_name, *, backend, device="cuda") -> bool
     ids = (torch.arange(m, device=device) // 3) % (len(ranks) + 3) - 2
     with record_backends() as calls:
         y = multi_lora_linear(x, w, pool, ids, bias, check_ids=False)
+        grouped = multi_lora_linear(x, w, pool, describe_batch(ids, len(ranks), check=False), bias)
     ref = torch.nn.functional.linear(x.double(), w.double(), bias.double())
     bounds = [0, *torch.tensor(widths).cumsum(0).tolist()]
     for t, adapter in enumerate(ids.tolist()):
         for s, (a, b, scaling) in enumerate(adapters[adapter] if 0 <= adapter < len(ranks) else []):
             ref[t, bounds[s] : bounds[s + 1]] += scaling * (x[t].double() @ a.double().t() @ b.double().t())
-    err = ((y.double() - ref).norm() / ref.norm()).item()
+    err = max(((out.double() - ref).norm() / ref.norm()).item() for out in (y, grouped))
     label = f"M={m:<4} K={k:<5} N={widths!s:<12} ranks={ranks!s:<12} {dtype_name:<9}"
-    return report(backend, calls, label, err, bool(torch.isfinite(y).all()) and err < TOLERANCE[dtype_name])
+    finite = bool(torch.isfinite(y).all() and torch.isfinite(grouped).all())
+    return report(backend, calls, label, err, finite and err < TOLERANCE[dtype_name])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, on_device
+from .common import dot_precision, on_device, sm_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Rows at or below which the per-token kernels run; above, the per-tile (tl.dot) kernels. The interpreter takes
@@ -259,6 +259,95 @@ def _expand_tile_kernel(
     )
 
 
+@triton.jit
+def _sgmv_shrink_kernel(
+    x_ptr, a_ptr, order_ptr, starts_ptr, a_offsets_ptr, part_ptr,
+    M, K, k_chunk,
+    stride_xm, stride_xk, stride_ap, stride_ak,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Program (adapter, K split): the adapter's tokens (a segment of the batch description's order) times its A
+    # rows over one chunk of K, in tiles of BLOCK_M tokens: A's chunk is read once per tile, so once per step
+    # when the adapter has at most BLOCK_M tokens (decode). The split's partial sums go to its own slab of
+    # ``part`` [splits, M, V_WIDTH]; the expand adds the slabs in split order (no atomics).
+    a = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)  # K offsets and the slab in 64 bits
+    seg_lo = tl.load(starts_ptr + a)
+    seg_hi = tl.load(starts_ptr + a + 1)
+    start = tl.load(a_offsets_ptr + a)
+    rank = tl.load(a_offsets_ptr + a + 1) - start
+    k_lo = split * k_chunk
+    k_hi = tl.minimum(k_lo + k_chunk, K)
+    part = part_ptr + split * M * V_WIDTH
+    for t0 in range(seg_lo, seg_hi, BLOCK_M):
+        pos = t0 + tl.arange(0, BLOCK_M)
+        in_seg = pos < seg_hi
+        toks = tl.load(order_ptr + pos, mask=in_seg, other=0).to(tl.int64)
+        for r0 in range(0, rank, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            row_mask = rows < rank
+            acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < k_hi
+                x = tl.load(x_ptr + toks[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=in_seg[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+                w = tl.load(a_ptr + (start + rows)[None, :].to(tl.int64) * stride_ap + ks[:, None] * stride_ak,
+                            mask=row_mask[None, :] & k_mask[:, None], other=0.0)  # fmt: skip
+                if UPCAST:
+                    x = x.to(tl.float32)
+                    w = w.to(tl.float32)
+                acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+            tl.store(part + toks[:, None] * V_WIDTH + rows[None, :], acc, mask=in_seg[:, None] & row_mask[None, :])
+
+
+@triton.jit
+def _sgmv_expand_kernel(
+    base_ptr, part_ptr, b_ptr, order_ptr, starts_ptr, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr,
+    out_starts_ptr, y_ptr,
+    M, num_adapters, splits,
+    stride_base_m, stride_base_n, stride_ym, stride_yn,
+    DOT_PRECISION: tl.constexpr,
+    V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Program (group, column tile, slice): the group's tokens (adapter a's, or for a = num_adapters the tokens
+    # without one, which get the base output) in tiles of BLOCK_M: v summed over the shrink's splits in order,
+    # times the slice's B tile (read once per token tile), scaled, added to base, written once.
+    a = tl.program_id(0)
+    s = tl.program_id(2)
+    out_start = tl.load(out_starts_ptr + s)
+    width = tl.load(out_starts_ptr + s + 1) - out_start
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < width
+    out_cols = (out_start + cols).to(tl.int64)
+    seg_lo = tl.load(starts_ptr + a)
+    seg_hi = tl.load(starts_ptr + a + 1)
+    rank, v_start, b_start, scaling = _slice_of(
+        a, a < num_adapters, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
+    )
+    for t0 in range(seg_lo, seg_hi, BLOCK_M):
+        pos = t0 + tl.arange(0, BLOCK_M)
+        in_seg = pos < seg_hi
+        toks = tl.load(order_ptr + pos, mask=in_seg, other=0).to(tl.int64)
+        mask = in_seg[:, None] & col_mask[None, :]
+        acc = tl.load(base_ptr + toks[:, None] * stride_base_m + out_cols[None, :] * stride_base_n, mask=mask,
+                      other=0.0).to(tl.float32)  # fmt: skip
+        for r0 in range(0, rank, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            row_mask = rows < rank
+            v_mask = in_seg[:, None] & row_mask[None, :]
+            v_offs = toks[:, None] * V_WIDTH + (v_start + rows)[None, :]
+            v = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for split in range(0, splits):
+                v += tl.load(part_ptr + tl.cast(split, tl.int64) * M * V_WIDTH + v_offs, mask=v_mask, other=0.0)
+            b = tl.load(b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+            acc = tl.dot(v * scaling, b, acc, input_precision=DOT_PRECISION)
+        tl.store(y_ptr + toks[:, None] * stride_ym + out_cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+                 mask=mask)  # fmt: skip
+
+
 def multi_lora_shrink(
     x: torch.Tensor, lora_a: torch.Tensor, a_offsets: torch.Tensor, adapter_ids: torch.Tensor, v_width: int
 ) -> torch.Tensor:
@@ -333,4 +422,73 @@ def multi_lora_expand(
                 BLOCK_M=TILE_M, BLOCK_R=tile_blocks(base.dtype, v.shape[1])[0], BLOCK_N=block_n,
                 **TILE_OPTIONS["expand"],
             )  # fmt: skip
+    return y
+
+
+# The grouped (SGMV) kernels' blocks: decode segments are a few tokens (16, the least tl.dot takes); K in
+# steps of 128 (64 beside a rank chunk wider than 32: [128, 64] A tiles spill on 4 warps), N in tiles of 128;
+# the interpreter's small ones exercise every loop.
+SGMV_M = 16
+SGMV_RANK_CHUNK = 16 if INTERPRET else 64
+
+
+def sgmv_blocks(interpreter: bool = INTERPRET) -> tuple[int, int]:
+    """(K step, N tile) of the grouped kernels (the cost model asks for a GPU's)."""
+    return (16, 16) if interpreter else (128, 128)
+
+
+def sgmv_splits(num_adapters: int, k: int, programs: int, interpreter: bool = INTERPRET) -> tuple[int, int]:
+    """(splits, chunk) of the shrink's K: enough splits that the adapters' programs number about ``programs``
+    (two per SM: a decode shrink streams little per program), each chunk a multiple of the K block; a function
+    of the pool and the shapes only, never of the ids (so a captured CUDA graph replays with any ids)."""
+    step = sgmv_blocks(interpreter)[0]
+    wanted = max(1, min(triton.cdiv(programs, max(num_adapters, 1)), triton.cdiv(k, step)))
+    chunk = triton.cdiv(triton.cdiv(k, wanted), step) * step
+    return triton.cdiv(k, chunk), chunk
+
+
+def multi_lora_sgmv(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    a_offsets: torch.Tensor,
+    lora_b: torch.Tensor,
+    order: torch.Tensor,
+    starts: torch.Tensor,
+    ranks: torch.Tensor,
+    v_starts: torch.Tensor,
+    b_starts: torch.Tensor,
+    scalings: torch.Tensor,
+    out_starts: torch.Tensor,
+    v_width: int,
+    max_width: int,
+) -> torch.Tensor:
+    """``y[t] = base[t] + scaling * (x[t] A_i^T) B_i^T`` per slice, tokens grouped by adapter (SGMV): two
+    launches, the shrink split over K into fp32 slabs and the expand summing them. base [M, N]; x [M, K];
+    order int32 [M] and starts int32 [num_adapters + 2] from fastpeft.ops.batch_description; the pool's tables
+    as in :func:`multi_lora_expand`; ``v_width`` the rank block. Returns a new [M, N] tensor in base's dtype."""
+    m, k = x.shape
+    y = torch.empty_like(base)
+    if m == 0 or base.shape[1] == 0:
+        return y
+    num_slices, num_adapters = ranks.shape
+    splits, chunk = sgmv_splits(num_adapters, k, 4 if INTERPRET else 2 * sm_count(x.device))
+    part = torch.empty((splits, m, v_width), device=x.device, dtype=torch.float32)
+    rank_chunk = min(v_width, SGMV_RANK_CHUNK)
+    step, tile_n = sgmv_blocks()
+    with on_device(x):
+        _sgmv_shrink_kernel[(num_adapters, splits)](
+            x, lora_a, order, starts, a_offsets, part, m, k, chunk,
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+            DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, V_WIDTH=v_width, BLOCK_M=SGMV_M,
+            BLOCK_R=rank_chunk, BLOCK_K=step if rank_chunk <= 32 else step // 2,
+        )  # fmt: skip
+        block_n = min(tile_n, max(16, triton.next_power_of_2(max_width)))
+        _sgmv_expand_kernel[(num_adapters + 1, triton.cdiv(max_width, block_n), num_slices)](
+            base, part, lora_b, order, starts, ranks, v_starts, b_starts, scalings, out_starts, y,
+            m, num_adapters, splits,
+            base.stride(0), base.stride(1), y.stride(0), y.stride(1),
+            DOT_PRECISION=dot_precision(base.dtype) if base.dtype == torch.float32 else "tf32",
+            V_WIDTH=v_width, BLOCK_M=SGMV_M, BLOCK_R=rank_chunk, BLOCK_N=block_n,
+        )  # fmt: skip
     return y

@@ -4,6 +4,7 @@ sample, computed by ``fastpeft::multi_lora_*`` (the base GEMM, one shrink and on
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 from fastpeft._base_layers import is_linear_like, linear_weight
 from fastpeft.modules.qlora import Linear4bit
 from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.batch_description import BatchDescription, describe_batch
 from fastpeft.ops.common import FLOAT_DTYPES
 from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear
 
@@ -52,6 +54,7 @@ class MultiLoRALinear(nn.Module):
         self._scalings: dict[str, tuple[float, ...]] = {}
         self._pool: AdapterPool | None = None
         self.batch_ids: torch.Tensor | None = None  # set for a whole model's call by fastpeft.adapter_batch
+        self._batch: _SharedBatch | None = None  # the description of those ids, shared by the model's layers
 
     @property
     def in_features(self) -> int:
@@ -157,17 +160,20 @@ class MultiLoRALinear(nn.Module):
             packed, slice_widths=self.slice_widths, in_features=self.in_features, **self._adapter_like()
         )
 
-    def forward(self, x: torch.Tensor, adapter_ids: torch.Tensor | None = None, *, check_ids: bool = True):
+    def forward(
+        self, x: torch.Tensor, adapter_ids: torch.Tensor | BatchDescription | None = None, *, check_ids: bool = True
+    ):
         """x [..., in_features] -> [..., out_features]. ``adapter_ids``: int32/int64, one per token
-        (``x.shape[:-1]``) or one per sample (``[batch]`` for a 3-D x), -1 for none; None takes the ids set by
-        :func:`fastpeft.adapter_batch` around a whole model's call (built and checked there once, so the layer
-        neither checks nor syncs), or else runs the base layer. ``check_ids=False`` skips the host-side range
-        check of given ids (for CUDA-graph capture; out-of-range ids then get the base output, never a read
-        outside the pool)."""
+        (``x.shape[:-1]``) or one per sample (``[batch]`` for a 3-D x), -1 for none; or a
+        :class:`~fastpeft.ops.batch_description.BatchDescription` of x's tokens for this layer's pool; None takes
+        the ids set by :func:`fastpeft.adapter_batch` around a whole model's call (checked there once, and
+        described once per model call for every layer: the layer neither checks nor syncs), or else runs the
+        base layer. ``check_ids=False`` skips the host-side range check of given ids (for CUDA-graph capture;
+        out-of-range ids then get the base output, never a read outside the pool)."""
         if adapter_ids is None:
-            adapter_ids, check_ids = self.batch_ids, False
-        if adapter_ids is None:
-            return self.base_layer(x)
+            if self._batch is None:
+                return self.base_layer(x)
+            adapter_ids, check_ids = self._batch.description(x), False
         if isinstance(self.base_layer, Linear4bit):  # the 4-bit product fused, then the adapters on top
             return multi_lora_add(self.base_layer(x), x, self.pool, adapter_ids, check_ids=check_ids)
         weight = linear_weight(self.base_layer)
@@ -187,6 +193,32 @@ class MultiLoRALinear(nn.Module):
         return f"slices={list(self.slice_widths)}, adapters={self.adapter_names}"
 
 
+class _SharedBatch:
+    """One adapter_batch group's per-sample ids (layers holding the same adapters in the same order share it) and
+    the description of their tokens, built by the first layer of each model call and reused by the others. A
+    model call starts with a cleared description (adapter_batch's forward pre-hook), so a captured CUDA graph
+    rebuilds it from ``ids`` on every replay: copy new ids into ``ids`` and replay."""
+
+    def __init__(self, ids: torch.Tensor, num_adapters: int) -> None:
+        self.ids = ids  # int32 [batch]
+        self.num_adapters = num_adapters
+        self._descriptions: dict[tuple, BatchDescription] = {}
+
+    def description(self, x: torch.Tensor) -> BatchDescription:
+        """The description of x's tokens ([batch, ..., in_features]: one adapter per sample)."""
+        if x.dim() < 2 or x.shape[0] != self.ids.numel():
+            raise ValueError(f"adapter_batch gave {self.ids.numel()} samples; this layer's input is {tuple(x.shape)}")
+        key = tuple(x.shape[:-1])
+        found = self._descriptions.get(key)
+        if found is None:
+            per_token = self.ids.repeat_interleave(math.prod(x.shape[1:-1]))
+            found = self._descriptions[key] = describe_batch(per_token, self.num_adapters, check=False)
+        return found
+
+    def new_call(self) -> None:
+        self._descriptions.clear()
+
+
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iterator[None]:
     """Run ``model``'s calls inside the block with one adapter per sample: ``adapter_names[b]`` for sample b
@@ -194,23 +226,27 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
     here (a layer without that adapter runs its base output for the sample). Inputs of each layer must be
     [batch, ...] with batch = len(adapter_names).
 
-    The ids are built and checked here, once per call: one tensor per distinct list of adapters (layers that
-    hold the same adapters in the same order share it), so the layers' forwards neither check them nor wait
-    for the host. Adapters added to or removed from a layer inside the block are not seen by it."""
+    The ids are built and checked here, once: one tensor per distinct list of adapters (layers that hold the same
+    adapters in the same order share it, as ``layer.batch_ids``). Each call of ``model`` describes the tokens
+    once per such list (grouped by adapter on the device: :func:`~fastpeft.ops.batch_description.describe_batch`)
+    and every layer reuses it, so the layers' forwards neither check nor wait for the host and decode runs the
+    grouped kernels. Adapters added to or removed from a layer inside the block are not seen by it."""
     names = [None if n == "__base__" else n for n in adapter_names]
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     known = {n for layer in layers for n in layer.adapter_names}
     if unknown := sorted({n for n in names if n is not None and n not in known}):
         raise KeyError(f"no layer of the model has adapter {unknown[0]!r}; adapters: {sorted(known)}")
-    previous = [layer.batch_ids for layer in layers]
-    shared: dict[tuple, torch.Tensor] = {}
+    previous = [(layer.batch_ids, layer._batch) for layer in layers]
+    shared: dict[tuple, _SharedBatch] = {}
     for layer in layers:
         key = (tuple(layer.adapter_names), layer._adapter_like()["device"])
         if key not in shared:
-            shared[key] = layer.ids_for(names, missing_ok=True)
-        layer.batch_ids = shared[key]
+            shared[key] = _SharedBatch(layer.ids_for(names, missing_ok=True), len(layer.adapter_names))
+        layer.batch_ids, layer._batch = shared[key].ids, shared[key]
+    hook = model.register_forward_pre_hook(lambda *_: [batch.new_call() for batch in shared.values()] and None)
     try:
         yield
     finally:
-        for layer, ids in zip(layers, previous, strict=True):
-            layer.batch_ids = ids
+        hook.remove()
+        for layer, (ids, batch) in zip(layers, previous, strict=True):
+            layer.batch_ids, layer._batch = ids, batch

@@ -10,20 +10,26 @@ slice with its own LoRA pair per adapter). Adapters live in an :class:`~fastpeft
   every slice's shrink in one pass over x;
 - ``fastpeft::multi_lora_expand(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_starts,
   max_width)``: ``base + scaling * v B^T`` on every slice, in one launch;
+- ``fastpeft::multi_lora_sgmv(base, x, ..., order, starts, ...)``: both, with the tokens grouped by adapter by a
+  batch description (fastpeft/ops/batch_description.py): decode's grouped kernels, each adapter's A and B read
+  once per step;
 
 and :func:`multi_lora_linear`, the layer: the base GEMM (cuBLAS through torch), then shrink and expand. Backends:
-``cuda`` (csrc/multi_lora.cu, per-token kernels), ``triton`` (triton_kernels/multi_lora.py; per-token kernels for
-decode, tiles of tokens through ``tl.dot`` for prefill segments) and ``torch`` (a loop over the adapters
-present, the CPU path). The op serves inference: it has no autograd formula.
+``cuda`` (csrc/multi_lora.cu, per-token kernels), ``triton`` (triton_kernels/multi_lora.py; grouped kernels for
+decode with a batch description, per-token kernels for decode without, tiles of tokens through ``tl.dot`` for
+prefill segments) and ``torch`` (a loop over the adapters present, the CPU path). The op serves inference: it
+has no autograd formula.
 """
 
 # No `from __future__ import annotations`: torch.library reads these annotations at runtime.
+import math
 from typing import Optional
 
 import torch
 
 from fastpeft.backends import select_backend
 from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.batch_description import BatchDescription, check_adapter_ids
 from fastpeft.ops.common import check_tensor
 from fastpeft.ops.lora import check_lora_linear_args
 from fastpeft.ops.route import Route, choose_route
@@ -33,6 +39,10 @@ ID_DTYPES = (torch.int32, torch.int64)
 _DECODE_PREFERENCE = ("cuda", "triton")
 _PREFILL_PREFERENCE = ("triton", "cuda")
 _CUDA_DECODE_MAX_M = 64
+# Decode with a batch description: the grouped kernels (each adapter's A and B once per step) before the CUDA
+# per-token kernels (A read once per token). Prefill keeps the tiles, which walk runs of one adapter already.
+_SGMV_PREFERENCE = ("triton", "cuda")
+SGMV_MAX_M = 64
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,9 +148,26 @@ def _expand_cuda(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalin
     )
 
 
+def _sgmv_triton(base, x, lora_a, a_offsets, lora_b, adapter_ids, order, starts, *tables, max_rank, max_width):
+    from fastpeft.triton_kernels.multi_lora import multi_lora_sgmv
+
+    return multi_lora_sgmv(base, x, lora_a, a_offsets, lora_b, order, starts, *tables, v_width(max_rank), max_width)
+
+
+def _sgmv_unsorted(backend: str):
+    """The grouped op on a backend without grouped kernels: its shrink and expand, token by token."""
+
+    def run(base, x, lora_a, a_offsets, lora_b, adapter_ids, order, starts, *tables, max_rank, max_width):
+        v = IMPLS["multi_lora_shrink"][backend](x, lora_a, a_offsets, adapter_ids, max_rank)
+        return IMPLS["multi_lora_expand"][backend](base, v, lora_b, adapter_ids, *tables, max_width)
+
+    return run
+
+
 IMPLS = {
     "multi_lora_shrink": {"torch": _shrink_torch, "triton": _shrink_triton, "cuda": _shrink_cuda},
     "multi_lora_expand": {"torch": _expand_torch, "triton": _expand_triton, "cuda": _expand_cuda},
+    "multi_lora_sgmv": {"torch": _sgmv_unsorted("torch"), "triton": _sgmv_triton, "cuda": _sgmv_unsorted("cuda")},
 }
 
 
@@ -184,6 +211,49 @@ def _(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_sta
     return torch.empty_like(base)
 
 
+@torch.library.custom_op("fastpeft::multi_lora_sgmv", mutates_args=())
+def _multi_lora_sgmv_op(
+    base: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    a_offsets: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    order: torch.Tensor,
+    starts: torch.Tensor,
+    ranks: torch.Tensor,
+    v_starts: torch.Tensor,
+    b_starts: torch.Tensor,
+    scalings: torch.Tensor,
+    out_starts: torch.Tensor,
+    max_rank: int,
+    max_width: int,
+) -> torch.Tensor:
+    """shrink + expand with the tokens grouped by adapter (a batch description's ``order`` and ``starts``):
+    Triton's grouped kernels, or another backend's shrink and expand."""
+    backend = select_backend("multi_lora_sgmv", x.device, _SGMV_PREFERENCE)
+    return IMPLS["multi_lora_sgmv"][backend](base, x, lora_a, a_offsets, lora_b, adapter_ids, order, starts, ranks,
+                                             v_starts, b_starts, scalings, out_starts, max_rank=max_rank,
+                                             max_width=max_width)  # fmt: skip
+
+
+@_multi_lora_sgmv_op.register_fake
+def _(base, *_args):
+    return torch.empty_like(base)
+
+
+def multi_lora_sgmv(
+    base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, description: BatchDescription
+) -> torch.Tensor:
+    """``base + s_i (x A_i^T) B_i^T`` per token and slice with the tokens grouped by adapter (SGMV: each adapter's
+    A and B read once per tile of its tokens). base [M, out] and x [M, in] (2-D, x's dtype), ``description``
+    built for M tokens and this pool (:func:`~fastpeft.ops.batch_description.describe_batch`). Returns a new
+    [M, out] tensor in base's dtype."""
+    return _multi_lora_sgmv_op(base, x, pool.lora_a, pool.a_offsets, pool.lora_b, description.ids, description.order,
+                               description.starts, pool.ranks, pool.v_starts, pool.b_starts, pool.scalings,
+                               pool.out_starts, pool.max_rank, max(pool.slice_widths))  # fmt: skip
+
+
 def multi_lora_shrink(x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor) -> torch.Tensor:
     """``v[t, :R_i] = x[t] @ A_i.T`` for every slice at once: x [M, in] (2-D), adapter_ids int [M]; returns
     fp32 [M, v_width(pool.max_rank)], zero past each token's rank."""
@@ -221,6 +291,24 @@ def _token_ids(x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
                      f"sample ({x.shape[0]},); got {tuple(adapter_ids.shape)}")  # fmt: skip
 
 
+def _resolve_ids(
+    x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor | BatchDescription, check_ids: bool
+) -> torch.Tensor | BatchDescription:
+    """Flat per-token ids (checked when ``check_ids``), or a batch description as it is (checked when built)."""
+    if isinstance(adapter_ids, BatchDescription):
+        tokens = math.prod(x.shape[:-1])
+        if adapter_ids.num_tokens != tokens or adapter_ids.num_adapters != pool.num_adapters:
+            raise ValueError(f"adapter_ids describes {adapter_ids.num_tokens} tokens over {adapter_ids.num_adapters} "
+                             f"adapters; x has {tokens} tokens and the pool {pool.num_adapters}")  # fmt: skip
+        if adapter_ids.ids.device != x.device:
+            raise ValueError(f"adapter_ids is on {adapter_ids.ids.device}, x on {x.device}")
+        return adapter_ids
+    ids = _token_ids(x, adapter_ids)
+    if check_ids:
+        check_adapter_ids(ids, pool.num_adapters)
+    return ids
+
+
 def segment_adapter_ids(
     segment_lengths: torch.Tensor, segment_adapters: torch.Tensor, num_tokens: int, *, check: bool = True
 ) -> torch.Tensor:
@@ -239,21 +327,11 @@ def segment_adapter_ids(
     return torch.repeat_interleave(segment_adapters.to(torch.int32), segment_lengths, output_size=num_tokens)
 
 
-def check_adapter_ids(adapter_ids: torch.Tensor, num_adapters: int) -> None:
-    """IndexError unless every id is -1 or in [0, num_adapters). Reads the ids on the host (a sync on a GPU)."""
-    if adapter_ids.numel() == 0:
-        return
-    low, high = int(adapter_ids.min()), int(adapter_ids.max())
-    if low < -1 or high >= num_adapters:
-        bad = low if low < -1 else high
-        raise IndexError(f"adapter_ids holds {bad}, outside [-1, {num_adapters}) (-1: no adapter)")
-
-
 def multi_lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     pool: AdapterPool,
-    adapter_ids: torch.Tensor,
+    adapter_ids: torch.Tensor | BatchDescription,
     bias: Optional[torch.Tensor] = None,
     *,
     check_ids: bool = True,
@@ -268,33 +346,42 @@ def multi_lora_linear(
             stacked along out_features, in the pool's slice order).
         pool: the adapters (:class:`AdapterPool`), in x's dtype and on its device.
         adapter_ids: int32/int64, one per token (``x.shape[:-1]``) or one per sample (``[batch]`` for a 3-D
-            x); -1 runs the base layer only.
+            x); -1 runs the base layer only. Or a :class:`~fastpeft.ops.batch_description.BatchDescription` of
+            the tokens for this pool, built once per step and checked then (every layer of a model shares it):
+            decode then runs the grouped (SGMV) kernels, and the call neither checks nor syncs.
         bias: [out_features] or None.
         check_ids: raise IndexError for ids outside [-1, num_adapters) (reads them on the host: pass False
             inside CUDA-graph capture; the kernels then give such tokens the base output, never reading
-            outside the pool).
+            outside the pool). Not used with a batch description.
 
     Returns [..., out_features] in x's dtype: the base GEMM in x's dtype, the adapter term in fp32 added once.
     Inference only (no autograd).
     """
     check_multi_lora_args(x, weight, pool, bias)
-    ids = _token_ids(x, adapter_ids)
-    if check_ids:
-        check_adapter_ids(ids, pool.num_adapters)
-    return multi_lora_forward_unchecked(x, weight, pool, ids, bias)
+    return multi_lora_forward_unchecked(x, weight, pool, _resolve_ids(x, pool, adapter_ids, check_ids), bias)
 
 
 def multi_lora_forward_unchecked(
-    x: torch.Tensor, weight: torch.Tensor, pool: AdapterPool, ids: torch.Tensor, bias: Optional[torch.Tensor]
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    pool: AdapterPool,
+    ids: torch.Tensor | BatchDescription,
+    bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """:func:`multi_lora_linear` for arguments already known to fit (a patched PEFT layer's own) and flat int
-    ids, one per token (contiguous, within [-1, num_adapters)): no checks per call. Returns [..., out]."""
+    ids, one per token (contiguous, within [-1, num_adapters)), or a batch description of them: no checks per
+    call. Returns [..., out]."""
     base = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), weight, bias)
     return _add(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, ids, owned=True)
 
 
 def multi_lora_add(
-    base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor, *, check_ids: bool = True
+    base: torch.Tensor,
+    x: torch.Tensor,
+    pool: AdapterPool,
+    adapter_ids: torch.Tensor | BatchDescription,
+    *,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """``base + s_i (x A_i^T) B_i^T`` per token: the adapters of :func:`multi_lora_linear` on top of a base
     output computed elsewhere (a 4-bit layer, :class:`fastpeft.Linear4bit`). base [..., out_features] and x
@@ -308,17 +395,18 @@ def multi_lora_add(
     if x.shape[-1] != pool.in_features or pool.dtype != x.dtype or pool.device != x.device:
         raise ValueError(f"pool is {pool.in_features} features, {pool.dtype} on {pool.device}; x is "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")  # fmt: skip
-    ids = _token_ids(x, adapter_ids)
-    if check_ids:
-        check_adapter_ids(ids, pool.num_adapters)
-    return _add(base, x, pool, ids, owned=False)
+    return _add(base, x, pool, _resolve_ids(x, pool, adapter_ids, check_ids), owned=False)
 
 
-def _add(base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, ids: torch.Tensor, owned: bool) -> torch.Tensor:
-    """multi_lora_add for checked arguments and flat ids; ``owned``: base is the caller's temporary, which the
-    torch backend may overwrite."""
+def _add(
+    base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, ids: torch.Tensor | BatchDescription, owned: bool
+) -> torch.Tensor:
+    """multi_lora_add for checked arguments and flat ids or a batch description; ``owned``: base is the
+    caller's temporary, which the torch backend may overwrite."""
     if not pool.num_adapters:
         return base if owned else base.clone()
+    description = ids if isinstance(ids, BatchDescription) else None
+    ids = ids.ids if description is not None else ids
     rows, base_rows = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
     preference = _DECODE_PREFERENCE if rows.shape[0] <= _CUDA_DECODE_MAX_M else _PREFILL_PREFERENCE
     # Inference only: no tensors given, so the route is the custom ops (compiling) or the backend.
@@ -326,6 +414,8 @@ def _add(base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, ids: torch.Tens
     if backend and select_backend("multi_lora_add", x.device, preference) == "torch":
         base_rows = base_rows if owned or base.dtype != torch.float32 else base_rows.clone()
         return _add_torch(base_rows, rows, pool, ids).reshape(base.shape)
+    if description is not None and rows.shape[0] <= SGMV_MAX_M:
+        return multi_lora_sgmv(base_rows, rows, pool, description).reshape(base.shape)
     return multi_lora_expand(base_rows, multi_lora_shrink(rows, pool, ids), pool, ids).reshape(base.shape)
 
 

@@ -16,6 +16,7 @@ adapters (PEFT's own errors and rules then apply).
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,7 @@ from fastpeft.integrations.peft.base_4bit import base_forward, is_peft_4bit_laye
 from fastpeft.integrations.peft.cache import cached, version_key
 from fastpeft.integrations.peft.layers import dropout_p, layer_state_reason, plain_adapter_reasons
 from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.batch_description import BatchDescription, describe_batch
 from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_forward_unchecked
 
 BASE_NAME = "__base__"
@@ -91,19 +93,34 @@ def layer_pool(layer: nn.Module, dtype: torch.dtype) -> tuple[AdapterPool, dict[
     return cached(layer, "multi_lora_pool", _pool_key(layer, names, dtype), build)
 
 
+# Batch descriptions, shared by every layer whose pool indexes the same adapters (most layers of a model): one
+# per batch of names and token shape, so a decode step builds it once, not once per layer. A few are kept (the
+# shapes of a generation: its prefill and its decode steps).
+_DESCRIPTIONS: OrderedDict[tuple, BatchDescription] = OrderedDict()
+_KEPT_DESCRIPTIONS = 8
+
+
+def batch_description(names: Sequence[str], index: dict[str, int], x: torch.Tensor) -> BatchDescription:
+    """The description of x's tokens ([batch, ..., in]) for a pool whose adapters ``index`` numbers: sample b
+    uses ``names[b]`` (-1 where the pool lacks it). Built on first use, kept for the next calls and layers."""
+    key = (tuple(names), tuple(index.items()), x.device, tuple(x.shape[:-1]))
+    found = _DESCRIPTIONS.get(key)
+    if found is None:
+        per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=x.device)
+        per_token = per_sample.repeat_interleave(math.prod(x.shape[1:-1]))
+        found = _DESCRIPTIONS[key] = describe_batch(per_token, len(index), check=False)  # valid by construction
+        while len(_DESCRIPTIONS) > _KEPT_DESCRIPTIONS:
+            _DESCRIPTIONS.popitem(last=False)
+    else:
+        _DESCRIPTIONS.move_to_end(key)
+    return found
+
+
 def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
     """PEFT's ``_mixed_batch_forward`` for a supported call (:func:`mixed_batch_unsupported_reason` is None)."""
     pool, index = layer_pool(layer, x.dtype)
-    # Kept while the names, the pool's indices and the tokens' shape are unchanged (every decode step of a
-    # generation with a KV cache): one host-to-device copy per layer and batch, not per call.
-    key = (tuple(names), tuple(index.items()), x.device, x.shape[:-1])
-
-    def token_ids() -> torch.Tensor:  # one id per token, flat
-        per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=x.device)
-        return per_sample.repeat_interleave(math.prod(x.shape[1:-1]))
-
-    ids = cached(layer, "multi_lora_ids", key, token_ids)
+    description = batch_description(names, index, x)
     base = layer.base_layer
     if is_peft_4bit_layer(layer):  # the 4-bit product fused, then the adapters on top of it
-        return multi_lora_add(base_forward(layer, x), x, pool, ids.view(x.shape[:-1]), check_ids=False)
-    return multi_lora_forward_unchecked(x, linear_weight(base), pool, ids, base.bias)
+        return multi_lora_add(base_forward(layer, x), x, pool, description)
+    return multi_lora_forward_unchecked(x, linear_weight(base), pool, description, base.bias)

@@ -1,0 +1,252 @@
+"""The batch description (tokens grouped by adapter on the device, built and checked once per step) and the
+grouped (SGMV) shrink and expand it feeds, on every backend against the float64 per-adapter computation: id
+distributions, 128 adapters, mixed ranks, packed slices with one absent, M = 0 and 1, 3-D x, ids out of range;
+and the host syncs of a whole multi-adapter forward (none after the description is built)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DEVICE, DTYPES, assert_close_to_reference
+from test_multi_lora import RANKS, ids_for, make, packed_reference, reference
+
+from fastpeft.backends import record_backends
+from fastpeft.ops.adapter_pool import AdapterPool
+from fastpeft.ops.batch_description import describe_batch
+from fastpeft.ops.multi_lora import multi_lora_linear
+
+
+@pytest.mark.parametrize("ids", [[2, -1, 0, 2, 7, 1, 1, -3, 0], [1, 1, 1], [-1, -1], [], [0, 3, 0, 3, 0]])
+def test_the_description_groups_tokens_by_adapter_stably(ids):
+    count = 4
+    ids = torch.tensor(ids, dtype=torch.int64, device=DEVICE)
+    d = describe_batch(ids, count, check=False)
+    assert d.ids.dtype == d.order.dtype == d.starts.dtype == torch.int32 and d.num_adapters == count
+    order, starts = d.order.tolist(), d.starts.tolist()
+    assert sorted(order) == list(range(len(ids))) and starts[0] == 0 and starts[-1] == len(ids)
+    for a in range(count + 1):  # the last group: tokens without an adapter (-1, or outside the pool)
+        members = [t for t, i in enumerate(ids.tolist()) if (i == a if a < count else not 0 <= i < count)]
+        assert order[starts[a] : starts[a + 1]] == members, a  # in token order within a group
+
+
+def test_the_description_refuses_bad_ids_once_naming_them():
+    with pytest.raises(IndexError, match="adapter_ids holds 5"):
+        describe_batch(torch.tensor([0, 5, -1], device=DEVICE), 3)
+    with pytest.raises(IndexError, match="adapter_ids holds -2"):
+        describe_batch(torch.tensor([0, -2], device=DEVICE), 3)
+    with pytest.raises(TypeError, match="adapter_ids"):
+        describe_batch(torch.tensor([0.0, 1.0], device=DEVICE), 3)
+    with pytest.raises(ValueError, match="num_adapters"):
+        describe_batch(torch.tensor([0], device=DEVICE), -1)
+
+
+# Decode sizes (the grouped kernels take up to SGMV_MAX_M rows; above, the tiles run as without a description).
+SHAPES = [(1, 37, 29), (6, 20, 17), (13, 24, 40), (64, 33, 19), (0, 16, 8), (70, 16, 24)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kind", ["uniform", "zipf", "one", "none"])
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES, ids=str)
+def test_grouped_kernels_match_the_per_adapter_reference(backend, dtype, kind, m, k, n):
+    weight, bias, adapters = make(k, n, RANKS, dtype)
+    pool = AdapterPool.build(adapters)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    ids = ids_for(kind, m, len(adapters))
+    description = describe_batch(ids, pool.num_adapters)
+    with record_backends() as calls:
+        out = multi_lora_linear(x, weight, pool, description, bias)
+    if m and m <= 64 and backend != "torch":  # the torch backend's loop over the adapters present groups anyway
+        assert ("multi_lora_sgmv", backend) in calls
+    as64 = [(a.double(), b.double(), s) for a, b, s in adapters]
+    ref = reference(x.double(), weight.double(), bias.double(), as64, ids)
+    assert_close_to_reference(out, ref, reference(x, weight, bias, adapters, ids), f"{backend} {kind}")
+
+
+def test_128_adapters_and_a_3d_batch(backend):
+    weight, bias, adapters = make(16, 24, [4, 8, 16, 64] * 32, torch.float32)
+    pool = AdapterPool.build(adapters)
+    x = torch.randn(8, 5, 16, device=DEVICE)
+    per_sample = torch.tensor([127, 3, -1, 64, 3, 0, 127, 90], device=DEVICE)
+    per_token = per_sample[:, None].expand(8, 5).reshape(-1)
+    out = multi_lora_linear(x, weight, pool, describe_batch(per_token, pool.num_adapters), bias)
+    as64 = [(a.double(), b.double(), s) for a, b, s in adapters]
+    ref = reference(x.double(), weight.double(), bias.double(), as64, per_token)
+    assert_close_to_reference(out, ref, reference(x, weight, bias, adapters, per_token))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_slices_with_one_absent(backend, dtype):
+    k, widths = 24, [32, 8, 8]
+    gen = torch.Generator().manual_seed(3)
+
+    def pair(r, width, scale):
+        a = torch.randn(r, k, generator=gen) * k**-0.5
+        return a.to(DEVICE, dtype), (torch.randn(width, r, generator=gen) * r**-0.5).to(DEVICE, dtype), scale
+
+    packed = [[pair(4, 32, 2.0), pair(4, 8, 2.0), pair(4, 8, 2.0)], [pair(16, 32, 0.5), None, pair(8, 8, 1.5)],
+              [pair(5, 32, 1.0), pair(3, 8, 3.0), None]]  # fmt: skip
+    pool = AdapterPool.build_packed(packed)
+    weight = (torch.randn(sum(widths), k, generator=gen) * k**-0.5).to(DEVICE, dtype)
+    bias = torch.randn(sum(widths), generator=gen).to(DEVICE, dtype)
+    x = torch.randn(11, k, generator=gen).to(DEVICE, dtype)
+    ids = torch.tensor([1, 1, -1, 0, 2, 1, 2, 0, 0, -1, 1], device=DEVICE)
+    out = multi_lora_linear(x, weight, pool, describe_batch(ids, 3), bias)
+    as64 = [[None if p is None else (p[0].double(), p[1].double(), p[2]) for p in slices] for slices in packed]
+    ref = packed_reference(x.double(), weight.double(), bias.double(), as64, widths, ids)
+    assert_close_to_reference(out, ref, packed_reference(x, weight, bias, packed, widths, ids), "packed")
+
+
+def test_ids_outside_the_pool_get_the_base_output(backend):
+    """Unchecked (as inside graph capture), an id outside the pool is no adapter, never an address."""
+    weight, bias, adapters = make(16, 8, [4, 8], torch.float32)
+    pool = AdapterPool.build(adapters)
+    x = torch.randn(4, 16, device=DEVICE)
+    unchecked = describe_batch(torch.tensor([0, 1000, 1, -7], device=DEVICE), 2, check=False)
+    expected = multi_lora_linear(x, weight, pool, torch.tensor([0, -1, 1, -1], device=DEVICE), bias)
+    torch.testing.assert_close(multi_lora_linear(x, weight, pool, unchecked, bias), expected)
+
+
+def test_a_description_for_another_batch_is_refused():
+    weight, bias, adapters = make(16, 8, [4, 8], torch.float32)
+    pool = AdapterPool.build(adapters)
+    x = torch.randn(4, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="describes 3 tokens over 2 adapters; x has 4 tokens"):
+        multi_lora_linear(x, weight, pool, describe_batch(torch.tensor([0, 1, 0], device=DEVICE), 2), bias)
+    with pytest.raises(ValueError, match="over 5 adapters"):
+        multi_lora_linear(x, weight, pool, describe_batch(torch.tensor([0, 1, 0, 1], device=DEVICE), 5), bias)
+
+
+def test_grouped_kernels_split_k_and_read_each_adapter_once(monkeypatch):
+    """The shrink's K splits depend on the pool and K only; each adapter's tokens take one program per split."""
+    pytest.importorskip("triton")
+    from fastpeft.triton_kernels import multi_lora as kernels
+
+    assert kernels.sgmv_splits(32, 4096, 132) == (5, 896) or kernels.sgmv_splits(32, 4096, 132)[0] > 1
+    for adapters, k, programs in [(32, 4096, 132), (1, 4096, 132), (128, 4096, 132), (3, 40, 4), (7, 5, 64)]:
+        splits, chunk = kernels.sgmv_splits(adapters, k, programs)
+        assert chunk % kernels.sgmv_blocks()[0] == 0 and (splits - 1) * chunk < k <= splits * chunk
+        assert adapters * splits <= max(programs, adapters) + adapters  # about one wave, never many
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host syncs: none inside the layers once the batch is described
+# ----------------------------------------------------------------------------------------------------------
+
+_SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+@pytest.fixture
+def host_syncs(monkeypatch):
+    """A spy on every Tensor method that reads values on the host (a sync on a GPU): ``host_syncs(fn)`` runs fn
+    and returns the names of the methods called inside it, by anyone."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")  # the kernels' path (the torch backend loops on the host)
+    seen: list[str] = []
+    active = [False]
+    for name in _SYNCS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _real=real, **kwargs):
+            if active[0]:
+                seen.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+
+    def run(fn):
+        seen.clear()
+        active[0] = True
+        try:
+            fn()
+        finally:
+            active[0] = False
+        return list(seen)
+
+    return run
+
+
+def test_a_patched_peft_mixed_batch_does_not_sync_in_its_layers(host_syncs, monkeypatch):
+    """Every patched layer of a PEFT model with three adapters, called with adapter_names: after the first call
+    built the batch's description, a layer's forward reads nothing on the host."""
+    pytest.importorskip("peft")
+    from peft_models import tokens
+    from test_integration_peft_mixed_batch import NAMES, three_adapter_model
+
+    import fastpeft.integrations.peft.lora as patched_lora
+    from fastpeft import patch_peft_model
+
+    model = three_adapter_model()
+    patch_peft_model(model)
+    inputs = tokens(batch=len(NAMES))
+    layer_syncs: list[list[str]] = []
+    for name in ("mixed_batch_unsupported_reason", "mixed_batch_forward"):  # what a patched layer's call runs
+        real = getattr(patched_lora, name)
+
+        def spy(*args, _real=real):
+            result = []
+            layer_syncs.append(host_syncs(lambda: result.append(_real(*args))))
+            return result[0]
+
+        monkeypatch.setattr(patched_lora, name, spy)
+    with torch.no_grad():
+        model(inputs, adapter_names=NAMES)  # builds the pools and the description
+        layer_syncs.clear()
+        model(inputs, adapter_names=NAMES)
+    assert layer_syncs and all(syncs == [] for syncs in layer_syncs), layer_syncs
+
+
+def test_multi_lora_layers_under_adapter_batch_do_not_sync(host_syncs):
+    from torch import nn
+
+    from fastpeft import MultiLoRALinear, adapter_batch
+
+    layers = [MultiLoRALinear(nn.Linear(24, 24).to(DEVICE)) for _ in range(3)]
+    for i, layer in enumerate(layers):
+        for name, rank in (("a", 4), ("b", 8), ("c", 2)):
+            a = torch.randn(rank, 24, device=DEVICE) / 5
+            layer.add_adapter(name, a, torch.randn(24, rank, device=DEVICE) / 3, 1.0 + i)
+    model = nn.Sequential(*layers)
+    x = torch.randn(5, 3, 24, device=DEVICE)
+    names = ["c", "a", "__base__", "a", "b"]
+    with adapter_batch(model, names):
+        model(x)  # Triton's first launches
+        assert host_syncs(lambda: model(x)) == []
+        out = model(x)
+    checked = layers[0].ids_for([None, "a", "b", "c", None])
+    assert "__int__" in host_syncs(lambda: layers[0](x, checked))  # the spy sees a per-call check's reads
+    expected = x
+    for layer in layers:  # explicit per-sample ids, checked per layer
+        expected = layer(expected, layer.ids_for([None if n == "__base__" else n for n in names]))
+    torch.testing.assert_close(out, expected)
+
+
+def test_opcheck_of_the_grouped_op():
+    _, _, adapters = make(16, 8, [4, 8], torch.float32)
+    pool = AdapterPool.build(adapters)
+    x, base = torch.randn(5, 16, device=DEVICE), torch.randn(5, 8, device=DEVICE)
+    d = describe_batch(torch.tensor([0, 1, -1, 1, 0], device=DEVICE), 2)
+    tables = (pool.ranks, pool.v_starts, pool.b_starts, pool.scalings, pool.out_starts)
+    args = (base, x, pool.lora_a, pool.a_offsets, pool.lora_b, d.ids, d.order, d.starts, *tables, pool.max_rank, 8)
+    torch.library.opcheck(torch.ops.fastpeft.multi_lora_sgmv.default, args)
+
+
+@pytest.mark.gpu
+def test_a_described_decode_step_replays_in_a_cuda_graph():
+    """Describing the batch (sort, searchsorted) and the grouped kernels inside one captured graph: replayed with
+    new ids copied into the captured ids, it gives what a fresh, checked call gives."""
+    weight, bias, adapters = make(256, 192, [4, 16, 8], torch.bfloat16)
+    pool = AdapterPool.build(adapters)
+    x = torch.randn(8, 256, device=DEVICE, dtype=torch.bfloat16)
+    ids = torch.tensor([0, 1, 2, -1, 1, 1, 0, 2], device=DEVICE, dtype=torch.int32)
+
+    def step():
+        return multi_lora_linear(x, weight, pool, describe_batch(ids, pool.num_adapters, check=False), bias)
+
+    step()  # Triton's compilation before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    x.copy_(torch.randn_like(x))
+    ids.copy_(torch.tensor([2, 2, -1, 0, 0, 1, -1, 1], device=DEVICE))
+    graph.replay()
+    torch.testing.assert_close(out, multi_lora_linear(x, weight, pool, ids, bias))
