@@ -18,6 +18,7 @@ from fastpeft.integrations.peft import (
     from_peft_layer,
     load_peft_adapter,
     patch_peft_model,
+    reassign_adapter_names,
     unpatch_peft_model,
 )
 from fastpeft.integrations.quantize import quantize_model
@@ -69,6 +70,7 @@ __all__ = [
     "qlora_linear",
     "quantize_4bit",
     "quantize_model",
+    "reassign_adapter_names",
     "save_bottleneck_adapter",
     "set_active_bottleneck",
     "unpatch_adapterhub_model",

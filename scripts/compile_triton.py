@@ -291,6 +291,10 @@ def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
         )
         yield (f"multi_lora sgmv v={v_width}",
                partial(ml.multi_lora_sgmv, base, x, a, a_offsets, b, order, starts, *tables, v_width, n))  # fmt: skip
+        weight = _t(3 * n, k, dtype=dtype)
+        yield (f"multi_lora sgmv linear v={v_width}",
+               partial(ml.multi_lora_sgmv_linear, x, weight, _t(3 * n, dtype=dtype), a, a_offsets, b, order, starts,
+                       *tables, v_width, n))  # fmt: skip
 
 
 def _weight4bit(n: int, k: int, nested: bool, dtype: torch.dtype, blocksize: int = 64):

@@ -56,7 +56,7 @@ def test_grouped_kernels_match_the_per_adapter_reference(backend, dtype, kind, m
     with record_backends() as calls:
         out = multi_lora_linear(x, weight, pool, description, bias)
     if m and m <= 64 and backend != "torch":  # the torch backend's loop over the adapters present groups anyway
-        assert ("multi_lora_sgmv", backend) in calls
+        assert ("multi_lora_sgmv_linear", backend) in calls
     as64 = [(a.double(), b.double(), s) for a, b, s in adapters]
     ref = reference(x.double(), weight.double(), bias.double(), as64, ids)
     assert_close_to_reference(out, ref, reference(x, weight, bias, adapters, ids), f"{backend} {kind}")
@@ -250,3 +250,114 @@ def test_a_described_decode_step_replays_in_a_cuda_graph():
     ids.copy_(torch.tensor([2, 2, -1, 0, 0, 1, -1, 1], device=DEVICE))
     graph.replay()
     torch.testing.assert_close(out, multi_lora_linear(x, weight, pool, ids, bias))
+
+
+def test_opcheck_of_the_grouped_layer_op():
+    weight, bias, adapters = make(16, 8, [4, 8], torch.float32)
+    pool = AdapterPool.build(adapters)
+    x = torch.randn(5, 16, device=DEVICE)
+    d = describe_batch(torch.tensor([0, 1, -1, 1, 0], device=DEVICE), 2)
+    tables = (pool.ranks, pool.v_starts, pool.b_starts, pool.scalings, pool.out_starts)
+    for b in (bias, None):
+        args = (x, weight, b, pool.lora_a, pool.a_offsets, pool.lora_b, d.ids, d.order, d.starts, *tables,
+                pool.max_rank, 8)  # fmt: skip
+        torch.library.opcheck(torch.ops.fastpeft.multi_lora_sgmv_linear.default, args)
+
+
+def test_adapters_on_a_base_computed_elsewhere_and_a_strided_weight(backend):
+    """multi_lora_add (a 4-bit base's path) with a description: the grouped shrink and expand; and the fused
+    layer with a transposed (non-contiguous) weight and no bias."""
+    from fastpeft.ops.multi_lora import multi_lora_add
+
+    weight, _, adapters = make(24, 20, [4, 16, 8], torch.float32)
+    pool = AdapterPool.build(adapters)
+    x = torch.randn(3, 3, 24, device=DEVICE)
+    ids = torch.tensor([2, -1, 0], device=DEVICE)
+    per_token = ids[:, None].expand(3, 3).reshape(-1)
+    d = describe_batch(per_token, 3)
+    as64 = [(a.double(), b.double(), s) for a, b, s in adapters]
+    ref = reference(x.double(), weight.double(), None, as64, per_token)
+    base = torch.nn.functional.linear(x, weight)
+    with record_backends() as calls:
+        added = multi_lora_add(base, x, pool, d)
+    if backend != "torch":
+        assert ("multi_lora_sgmv", backend) in calls
+    assert_close_to_reference(added, ref, reference(x, weight, None, adapters, per_token), "add")
+    strided = weight.t().contiguous().t()  # [20, 24] with strides (1, 20)
+    assert not strided.is_contiguous()
+    out = multi_lora_linear(x, strided, pool, d)
+    assert_close_to_reference(out, ref, reference(x, weight, None, adapters, per_token), "strided weight")
+
+
+def test_a_description_refreshed_in_place_keeps_its_tensors():
+    from fastpeft.ops.batch_description import refresh_description_
+
+    d = describe_batch(torch.tensor([0, 1, -1, 1], device=DEVICE), 2)
+    tensors = [t.data_ptr() for t in d]
+    refresh_description_(d, torch.tensor([1, 1, 0, -1], device=DEVICE))
+    assert [t.data_ptr() for t in d] == tensors
+    assert d.order.tolist() == [2, 0, 1, 3] and d.starts.tolist() == [0, 1, 3, 4]
+    with pytest.raises(IndexError, match="adapter_ids holds 2"):
+        refresh_description_(d, torch.tensor([2, 0, 0, 0], device=DEVICE))
+    with pytest.raises(ValueError, match=r"must be \(4,\)"):
+        refresh_description_(d, torch.tensor([0, 0], device=DEVICE))
+
+
+def _peft_step_model():
+    pytest.importorskip("peft")
+    from test_integration_peft_mixed_batch import three_adapter_model
+
+    from fastpeft import patch_peft_model
+
+    model = three_adapter_model(torch.float32).to(DEVICE)
+    patch_peft_model(model)
+    return model
+
+
+def test_reassigned_names_reuse_the_captured_descriptions():
+    """The CPU half of a captured PEFT decode step (the graph itself needs a GPU): after a step with some names,
+    reassigning the names rewrites the very tensors that step's layers read, and a step with the new names
+    reads them again and gives PEFT's numbers."""
+    from peft_models import tokens
+
+    import fastpeft.integrations.peft.mixed_batch as mixed
+    from fastpeft import reassign_adapter_names, unpatch_peft_model
+
+    model = _peft_step_model()
+    inputs = tokens(batch=4).to(DEVICE)
+    before, after = ["second", "__base__", "default", "third"], ["third", "third", "__base__", "second"]
+    with torch.no_grad():
+        model(inputs, adapter_names=before)
+        captured = {key: [t.data_ptr() for t in d] for key, d in mixed._DESCRIPTIONS.items() if list(key[0]) == before}
+        assert captured and reassign_adapter_names(before, after) == len(captured)
+        moved = {key: [t.data_ptr() for t in d] for key, d in mixed._DESCRIPTIONS.items() if list(key[0]) == after}
+        assert sorted(moved.values()) == sorted(captured.values())  # the same tensors, now under the new names
+        got = model(inputs, adapter_names=after).logits
+    unpatch_peft_model(model)
+    with torch.no_grad():
+        expected = model(inputs, adapter_names=after).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="one per sample"):
+        reassign_adapter_names(after, ["default"])
+
+
+@pytest.mark.gpu
+def test_a_peft_mixed_decode_step_replays_in_a_cuda_graph():
+    """A patched PEFT model's mixed-batch step captured once, then replayed for another assignment of adapters
+    to samples (reassign_adapter_names rewrites the captured descriptions in place)."""
+    from peft_models import tokens
+
+    from fastpeft import reassign_adapter_names
+
+    model = _peft_step_model()
+    inputs = tokens(batch=4).to(DEVICE)
+    before, after = ["second", "__base__", "default", "third"], ["default", "third", "third", "__base__"]
+    with torch.no_grad():
+        for _ in range(2):  # Triton's compilation, the pools and the descriptions, before capture
+            model(inputs, adapter_names=before)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = model(inputs, adapter_names=before).logits
+        reassign_adapter_names(before, after)
+        graph.replay()
+        torch.testing.assert_close(out, model(inputs, adapter_names=after).logits)

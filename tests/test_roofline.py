@@ -147,10 +147,12 @@ def test_the_per_adapter_loop_pays_a_host_sync_per_adapter():
 
 
 def test_the_multi_adapter_model_follows_the_grouped_kernels():
-    """Decode with a batch description: the base GEMM, the grouped shrink (each adapter's A once, K split into
-    about two programs per SM) and the grouped expand; PEFT's loop: five launches per adapter present."""
-    _, shrink, expand = roofline.multi_lora_grouped(64, 4096, 4096, 16, 32)
-    assert shrink.ctas == 32 * 8 and shrink.bytes >= 2 * 32 * 16 * 4096 and expand.ctas == 33 * 32
+    """Decode with a batch description: the grouped shrink (each adapter's A once, K split into about two
+    programs per SM), then the decode tiles' base GEMM with the grouped expand in its epilogue (no pass over y of
+    its own); PEFT's loop: five launches per adapter present."""
+    shrink, linear = roofline.multi_lora_grouped(64, 4096, 4096, 16, 32)
+    assert shrink.ctas == 32 * 8 and shrink.bytes >= 2 * 32 * 16 * 4096
+    assert linear.ctas == 4096 // 32 and linear.bytes >= 2 * 4096 * 4096 + 2 * 32 * 16 * 4096
     assert len(roofline.peft_mixed_batch(64, 4096, 4096, 16, 32)) == 1 + 5 * 32
     rows = [(t, value) for t, case, value in roofline.prediction_rows() if t.bench == "multi_lora"]
     assert rows and all(value is not None for t, value in rows)

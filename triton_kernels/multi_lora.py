@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .common import dot_precision, on_device, sm_count
+from .lora import pinned_config
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # Rows at or below which the per-token kernels run; above, the per-tile (tl.dot) kernels. The interpreter takes
@@ -348,6 +349,69 @@ def _sgmv_expand_kernel(
                  mask=mask)  # fmt: skip
 
 
+@triton.jit
+def _sgmv_linear_kernel(
+    x_ptr, w_ptr, bias_ptr, part_ptr, b_ptr, order_ptr, starts_ptr, ranks_ptr, v_starts_ptr, b_starts_ptr,
+    scalings_ptr, out_starts_ptr, y_ptr,
+    M, K, num_adapters, splits,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # Program (row tile of the tokens in the description's order, column tile, slice): the base GEMM x W^T (+
+    # bias) of its tokens over the slice's columns, streaming W once per row tile (decode: one row tile), then
+    # the expand in the epilogue: the tokens sorted by adapter, each adapter whose tokens meet the tile adds
+    # s v B^T from its B tile (read once per column tile), v summed over the shrink's slabs in split order.
+    # y is written once; no separate pass over it.
+    s = tl.program_id(2)
+    out_start = tl.load(out_starts_ptr + s)
+    width = tl.load(out_starts_ptr + s + 1) - out_start
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < width
+    out_cols = (out_start + cols).to(tl.int64)
+    tile_lo = tl.program_id(0) * BLOCK_M
+    pos = tile_lo + tl.arange(0, BLOCK_M)
+    in_rows = pos < M
+    toks = tl.load(order_ptr + pos, mask=in_rows, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        x = tl.load(x_ptr + toks[:, None] * stride_xm + ks[None, :].to(tl.int64) * stride_xk,
+                    mask=in_rows[:, None] & k_mask[None, :], other=0.0)  # fmt: skip
+        w = tl.load(w_ptr + out_cols[None, :] * stride_wn + ks[:, None].to(tl.int64) * stride_wk,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0)  # fmt: skip
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + out_cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tile_hi = tl.minimum(tile_lo + BLOCK_M, M)
+    for a in range(0, num_adapters):
+        lo = tl.maximum(tl.load(starts_ptr + a), tile_lo)
+        hi = tl.minimum(tl.load(starts_ptr + a + 1), tile_hi)
+        if lo < hi:
+            rank, v_start, b_start, scaling = _slice_of(
+                a, True, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
+            )
+            mine = (pos >= lo) & (pos < hi)
+            for r0 in range(0, rank, BLOCK_R):
+                rows = r0 + tl.arange(0, BLOCK_R)
+                row_mask = rows < rank
+                v_mask = mine[:, None] & row_mask[None, :]
+                v_offs = toks[:, None] * V_WIDTH + (v_start + rows)[None, :]
+                v = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+                for split in range(0, splits):
+                    v += tl.load(part_ptr + tl.cast(split, tl.int64) * M * V_WIDTH + v_offs, mask=v_mask, other=0.0)
+                b = tl.load(b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
+                            mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                acc = tl.dot(v * scaling, b, acc, input_precision=LORA_PRECISION)
+    tl.store(y_ptr + toks[:, None] * stride_ym + out_cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
+             mask=in_rows[:, None] & col_mask[None, :])  # fmt: skip
+
+
 def multi_lora_shrink(
     x: torch.Tensor, lora_a: torch.Tensor, a_offsets: torch.Tensor, adapter_ids: torch.Tensor, v_width: int
 ) -> torch.Tensor:
@@ -447,6 +511,28 @@ def sgmv_splits(num_adapters: int, k: int, programs: int, interpreter: bool = IN
     return triton.cdiv(k, chunk), chunk
 
 
+def _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters: int, v_width: int) -> tuple[torch.Tensor, int]:
+    """The grouped shrink's fp32 slabs [splits, M, v_width] and their number."""
+    m, k = x.shape
+    splits, chunk = sgmv_splits(num_adapters, k, 4 if INTERPRET else 2 * sm_count(x.device))
+    part = torch.empty((splits, m, v_width), device=x.device, dtype=torch.float32)
+    rank_chunk = min(v_width, SGMV_RANK_CHUNK)
+    step = sgmv_blocks()[0]
+    with on_device(x):
+        _sgmv_shrink_kernel[(num_adapters, splits)](
+            x, lora_a, order, starts, a_offsets, part, m, k, chunk,
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
+            DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, V_WIDTH=v_width, BLOCK_M=SGMV_M,
+            BLOCK_R=rank_chunk, BLOCK_K=step if rank_chunk <= 32 else step // 2,
+        )  # fmt: skip
+    return part, splits
+
+
+def _lora_precision(dtype: torch.dtype) -> str:
+    """The expand's dot precision: B's 16-bit values are exact in tf32, so a tf32 dot only rounds v."""
+    return dot_precision(dtype) if dtype == torch.float32 else "tf32"
+
+
 def multi_lora_sgmv(
     base: torch.Tensor,
     x: torch.Tensor,
@@ -467,28 +553,62 @@ def multi_lora_sgmv(
     launches, the shrink split over K into fp32 slabs and the expand summing them. base [M, N]; x [M, K];
     order int32 [M] and starts int32 [num_adapters + 2] from fastpeft.ops.batch_description; the pool's tables
     as in :func:`multi_lora_expand`; ``v_width`` the rank block. Returns a new [M, N] tensor in base's dtype."""
-    m, k = x.shape
+    m = x.shape[0]
     y = torch.empty_like(base)
     if m == 0 or base.shape[1] == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    splits, chunk = sgmv_splits(num_adapters, k, 4 if INTERPRET else 2 * sm_count(x.device))
-    part = torch.empty((splits, m, v_width), device=x.device, dtype=torch.float32)
-    rank_chunk = min(v_width, SGMV_RANK_CHUNK)
-    step, tile_n = sgmv_blocks()
+    part, splits = _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width)
+    block_n = min(sgmv_blocks()[1], max(16, triton.next_power_of_2(max_width)))
     with on_device(x):
-        _sgmv_shrink_kernel[(num_adapters, splits)](
-            x, lora_a, order, starts, a_offsets, part, m, k, chunk,
-            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-            DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, V_WIDTH=v_width, BLOCK_M=SGMV_M,
-            BLOCK_R=rank_chunk, BLOCK_K=step if rank_chunk <= 32 else step // 2,
-        )  # fmt: skip
-        block_n = min(tile_n, max(16, triton.next_power_of_2(max_width)))
         _sgmv_expand_kernel[(num_adapters + 1, triton.cdiv(max_width, block_n), num_slices)](
             base, part, lora_b, order, starts, ranks, v_starts, b_starts, scalings, out_starts, y,
             m, num_adapters, splits,
             base.stride(0), base.stride(1), y.stride(0), y.stride(1),
-            DOT_PRECISION=dot_precision(base.dtype) if base.dtype == torch.float32 else "tf32",
-            V_WIDTH=v_width, BLOCK_M=SGMV_M, BLOCK_R=rank_chunk, BLOCK_N=block_n,
+            DOT_PRECISION=_lora_precision(base.dtype), V_WIDTH=v_width, BLOCK_M=SGMV_M,
+            BLOCK_R=min(v_width, SGMV_RANK_CHUNK), BLOCK_N=block_n,
+        )  # fmt: skip
+    return y
+
+
+def multi_lora_sgmv_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    a_offsets: torch.Tensor,
+    lora_b: torch.Tensor,
+    order: torch.Tensor,
+    starts: torch.Tensor,
+    ranks: torch.Tensor,
+    v_starts: torch.Tensor,
+    b_starts: torch.Tensor,
+    scalings: torch.Tensor,
+    out_starts: torch.Tensor,
+    v_width: int,
+    max_width: int,
+) -> torch.Tensor:
+    """The whole decode layer in two launches: the grouped shrink, then the base GEMM ``x W^T + bias`` with the
+    grouped expand in its epilogue (y written once). x [M, K]; weight [N, K] (any strides); bias [N] or None; the
+    rest as :func:`multi_lora_sgmv`. Returns [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    num_slices, num_adapters = ranks.shape
+    part, splits = _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width)
+    tile = pinned_config("decode", m, max_width, v_width, x.dtype)
+    grid = (triton.cdiv(m, tile.kwargs["BLOCK_M"]), triton.cdiv(max_width, tile.kwargs["BLOCK_N"]), num_slices)
+    with on_device(x):
+        _sgmv_linear_kernel[grid](
+            x, weight, y if bias is None else bias, part, lora_b, order, starts, ranks, v_starts, b_starts,
+            scalings, out_starts, y,
+            m, k, num_adapters, splits,
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), LORA_PRECISION=_lora_precision(x.dtype),
+            UPCAST=INTERPRET, V_WIDTH=v_width, BLOCK_M=tile.kwargs["BLOCK_M"], BLOCK_N=tile.kwargs["BLOCK_N"],
+            BLOCK_K=tile.kwargs["BLOCK_K"], BLOCK_R=min(v_width, SGMV_RANK_CHUNK), num_warps=8,
+            num_stages=tile.num_stages,
         )  # fmt: skip
     return y

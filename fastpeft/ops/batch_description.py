@@ -67,3 +67,20 @@ def describe_batch(adapter_ids: torch.Tensor, num_adapters: int, *, check: bool 
     bounds = torch.arange(num_adapters + 2, device=ids.device, dtype=torch.int32)
     starts = torch.searchsorted(sorted_groups, bounds, out_int32=True)
     return BatchDescription(ids, order.to(torch.int32), starts)
+
+
+def refresh_description_(
+    description: BatchDescription, adapter_ids: torch.Tensor, *, check: bool = True
+) -> BatchDescription:
+    """Describe new ids (int32/int64 [M], the same M and pool) into ``description``'s own tensors, in place: what
+    a captured CUDA graph reads stays where it is, so the next replay serves the new batch. Run it outside the
+    capture (its few small kernels run eagerly). Returns ``description``."""
+    if not isinstance(description, BatchDescription):
+        raise TypeError(f"description must be a BatchDescription, got {type(description).__name__}")
+    if isinstance(adapter_ids, torch.Tensor) and adapter_ids.shape != description.ids.shape:
+        raise ValueError(f"adapter_ids must be {tuple(description.ids.shape)} like the description's, got "
+                         f"{tuple(adapter_ids.shape)}")  # fmt: skip
+    fresh = describe_batch(adapter_ids.to(description.ids.device), description.num_adapters, check=check)
+    for old, new in zip(description, fresh, strict=True):
+        old.copy_(new)
+    return description

@@ -13,6 +13,8 @@ slice with its own LoRA pair per adapter). Adapters live in an :class:`~fastpeft
 - ``fastpeft::multi_lora_sgmv(base, x, ..., order, starts, ...)``: both, with the tokens grouped by adapter by a
   batch description (fastpeft/ops/batch_description.py): decode's grouped kernels, each adapter's A and B read
   once per step;
+- ``fastpeft::multi_lora_sgmv_linear(x, weight, bias, ..., order, starts, ...)``: the whole decode layer with a
+  description, the grouped expand in the base GEMM's epilogue (y written once);
 
 and :func:`multi_lora_linear`, the layer: the base GEMM (cuBLAS through torch), then shrink and expand. Backends:
 ``cuda`` (csrc/multi_lora.cu, per-token kernels), ``triton`` (triton_kernels/multi_lora.py; grouped kernels for
@@ -154,6 +156,24 @@ def _sgmv_triton(base, x, lora_a, a_offsets, lora_b, adapter_ids, order, starts,
     return multi_lora_sgmv(base, x, lora_a, a_offsets, lora_b, order, starts, *tables, v_width(max_rank), max_width)
 
 
+def _sgmv_linear_triton(x, weight, bias, lora_a, a_offsets, lora_b, adapter_ids, order, starts, *tables, max_rank,
+                        max_width):  # fmt: skip
+    from fastpeft.triton_kernels.multi_lora import multi_lora_sgmv_linear
+
+    return multi_lora_sgmv_linear(x, weight, bias, lora_a, a_offsets, lora_b, order, starts, *tables,
+                                  v_width(max_rank), max_width)  # fmt: skip
+
+
+def _sgmv_linear_unfused(backend: str):
+    """The grouped layer on a backend without its fused kernel: the base GEMM, then that backend's adapters."""
+
+    def run(x, weight, bias, *adapter_args, max_rank, max_width):
+        base = torch.nn.functional.linear(x, weight, bias)
+        return IMPLS["multi_lora_sgmv"][backend](base, x, *adapter_args, max_rank=max_rank, max_width=max_width)
+
+    return run
+
+
 def _sgmv_unsorted(backend: str):
     """The grouped op on a backend without grouped kernels: its shrink and expand, token by token."""
 
@@ -168,6 +188,11 @@ IMPLS = {
     "multi_lora_shrink": {"torch": _shrink_torch, "triton": _shrink_triton, "cuda": _shrink_cuda},
     "multi_lora_expand": {"torch": _expand_torch, "triton": _expand_triton, "cuda": _expand_cuda},
     "multi_lora_sgmv": {"torch": _sgmv_unsorted("torch"), "triton": _sgmv_triton, "cuda": _sgmv_unsorted("cuda")},
+    "multi_lora_sgmv_linear": {
+        "torch": _sgmv_linear_unfused("torch"),
+        "triton": _sgmv_linear_triton,
+        "cuda": _sgmv_linear_unfused("cuda"),
+    },
 }
 
 
@@ -252,6 +277,54 @@ def multi_lora_sgmv(
     return _multi_lora_sgmv_op(base, x, pool.lora_a, pool.a_offsets, pool.lora_b, description.ids, description.order,
                                description.starts, pool.ranks, pool.v_starts, pool.b_starts, pool.scalings,
                                pool.out_starts, pool.max_rank, max(pool.slice_widths))  # fmt: skip
+
+
+@torch.library.custom_op("fastpeft::multi_lora_sgmv_linear", mutates_args=())
+def _multi_lora_sgmv_linear_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    lora_a: torch.Tensor,
+    a_offsets: torch.Tensor,
+    lora_b: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    order: torch.Tensor,
+    starts: torch.Tensor,
+    ranks: torch.Tensor,
+    v_starts: torch.Tensor,
+    b_starts: torch.Tensor,
+    scalings: torch.Tensor,
+    out_starts: torch.Tensor,
+    max_rank: int,
+    max_width: int,
+) -> torch.Tensor:
+    """The decode layer with a batch description: Triton's grouped shrink and the base GEMM with the grouped
+    expand in its epilogue, or another backend's base GEMM, shrink and expand."""
+    backend = select_backend("multi_lora_sgmv_linear", x.device, _SGMV_PREFERENCE)
+    return IMPLS["multi_lora_sgmv_linear"][backend](x, weight, bias, lora_a, a_offsets, lora_b, adapter_ids, order,
+                                                    starts, ranks, v_starts, b_starts, scalings, out_starts,
+                                                    max_rank=max_rank, max_width=max_width)  # fmt: skip
+
+
+@_multi_lora_sgmv_linear_op.register_fake
+def _(x, weight, *_args):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+def multi_lora_sgmv_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    pool: AdapterPool,
+    description: BatchDescription,
+) -> torch.Tensor:
+    """``x W^T + bias + s_i (x A_i^T) B_i^T`` per token and slice, the tokens grouped by adapter: on Triton, the
+    grouped shrink and one GEMM whose epilogue adds the adapters (y written once). x [M, in] (2-D), weight
+    [out, in], bias [out] or None, ``description`` built for M tokens and this pool. Returns [M, out]."""
+    return _multi_lora_sgmv_linear_op(x, weight, bias, pool.lora_a, pool.a_offsets, pool.lora_b, description.ids,
+                                      description.order, description.starts, pool.ranks, pool.v_starts,
+                                      pool.b_starts, pool.scalings, pool.out_starts, pool.max_rank,
+                                      max(pool.slice_widths))  # fmt: skip
 
 
 def multi_lora_shrink(x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor) -> torch.Tensor:
@@ -371,7 +444,11 @@ def multi_lora_forward_unchecked(
     """:func:`multi_lora_linear` for arguments already known to fit (a patched PEFT layer's own) and flat int
     ids, one per token (contiguous, within [-1, num_adapters)), or a batch description of them: no checks per
     call. Returns [..., out]."""
-    base = torch.nn.functional.linear(x.reshape(-1, x.shape[-1]), weight, bias)
+    rows = x.reshape(-1, x.shape[-1])
+    grouped = isinstance(ids, BatchDescription) and rows.shape[0] <= SGMV_MAX_M and pool.num_adapters
+    if grouped and not _runs_torch_loop(x.device, rows.shape[0]):
+        return multi_lora_sgmv_linear(rows, weight, bias, pool, ids).reshape(*x.shape[:-1], weight.shape[0])
+    base = torch.nn.functional.linear(rows, weight, bias)
     return _add(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, ids, owned=True)
 
 
@@ -398,6 +475,15 @@ def multi_lora_add(
     return _add(base, x, pool, _resolve_ids(x, pool, adapter_ids, check_ids), owned=False)
 
 
+def _runs_torch_loop(device: torch.device, rows: int) -> bool:
+    """Whether the adapters of ``rows`` tokens run eagerly on the torch backend's loop over the adapters present
+    (the CPU path: no [M, rank] buffer, no kernels)."""
+    preference = _DECODE_PREFERENCE if rows <= _CUDA_DECODE_MAX_M else _PREFILL_PREFERENCE
+    # Inference only: no tensors given, so the route is the custom ops (compiling) or the backend.
+    backend = choose_route("multi_lora_add", device, preference, ()) is Route.BACKEND
+    return backend and select_backend("multi_lora_add", device, preference) == "torch"
+
+
 def _add(
     base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, ids: torch.Tensor | BatchDescription, owned: bool
 ) -> torch.Tensor:
@@ -408,10 +494,7 @@ def _add(
     description = ids if isinstance(ids, BatchDescription) else None
     ids = ids.ids if description is not None else ids
     rows, base_rows = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
-    preference = _DECODE_PREFERENCE if rows.shape[0] <= _CUDA_DECODE_MAX_M else _PREFILL_PREFERENCE
-    # Inference only: no tensors given, so the route is the custom ops (compiling) or the backend.
-    backend = choose_route("multi_lora_add", x.device, preference, ()) is Route.BACKEND
-    if backend and select_backend("multi_lora_add", x.device, preference) == "torch":
+    if _runs_torch_loop(x.device, rows.shape[0]):
         base_rows = base_rows if owned or base.dtype != torch.float32 else base_rows.clone()
         return _add_torch(base_rows, rows, pool, ids).reshape(base.shape)
     if description is not None and rows.shape[0] <= SGMV_MAX_M:

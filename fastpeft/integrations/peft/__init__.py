@@ -32,6 +32,7 @@ reads PEFT's saved adapters without PEFT.
 
 from fastpeft.integrations.peft.checkpoint import load_peft_adapter
 from fastpeft.integrations.peft.layers import PeftAdapter, peft_4bit_adapter, peft_adapter, unsupported_reason
+from fastpeft.integrations.peft.mixed_batch import reassign_adapter_names
 from fastpeft.integrations.peft.modules import from_peft_layer
 from fastpeft.integrations.peft.patch import (
     explain_patch,
@@ -54,6 +55,7 @@ __all__ = [
     "patched_layer_count",
     "peft_4bit_adapter",
     "peft_adapter",
+    "reassign_adapter_names",
     "unpatch_peft_model",
     "unsupported_reason",
 ]

@@ -27,7 +27,7 @@ from fastpeft.integrations.peft.base_4bit import base_forward, is_peft_4bit_laye
 from fastpeft.integrations.peft.cache import cached, version_key
 from fastpeft.integrations.peft.layers import dropout_p, layer_state_reason, plain_adapter_reasons
 from fastpeft.ops.adapter_pool import AdapterPool
-from fastpeft.ops.batch_description import BatchDescription, describe_batch
+from fastpeft.ops.batch_description import BatchDescription, describe_batch, refresh_description_
 from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_forward_unchecked
 
 BASE_NAME = "__base__"
@@ -98,6 +98,8 @@ def layer_pool(layer: nn.Module, dtype: torch.dtype) -> tuple[AdapterPool, dict[
 # shapes of a generation: its prefill and its decode steps).
 _DESCRIPTIONS: OrderedDict[tuple, BatchDescription] = OrderedDict()
 _KEPT_DESCRIPTIONS = 8
+# Descriptions a CUDA graph read while it was captured: never evicted (the graph holds their addresses).
+_CAPTURED: set[tuple] = set()
 
 
 def batch_description(names: Sequence[str], index: dict[str, int], x: torch.Tensor) -> BatchDescription:
@@ -109,11 +111,41 @@ def batch_description(names: Sequence[str], index: dict[str, int], x: torch.Tens
         per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=x.device)
         per_token = per_sample.repeat_interleave(math.prod(x.shape[1:-1]))
         found = _DESCRIPTIONS[key] = describe_batch(per_token, len(index), check=False)  # valid by construction
-        while len(_DESCRIPTIONS) > _KEPT_DESCRIPTIONS:
-            _DESCRIPTIONS.popitem(last=False)
+        for old in [k for k in _DESCRIPTIONS if k not in _CAPTURED][: max(0, len(_DESCRIPTIONS) - _KEPT_DESCRIPTIONS)]:
+            del _DESCRIPTIONS[old]
     else:
         _DESCRIPTIONS.move_to_end(key)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        _CAPTURED.add(key)
     return found
+
+
+def reassign_adapter_names(captured: Sequence[str], names: Sequence[str]) -> int:
+    """Serve ``names`` (one per sample) with a CUDA graph captured for ``model(..., adapter_names=captured)``:
+    the batch descriptions every patched layer read during the capture are rewritten in place for ``names``
+    (same batch size), so replaying the graph runs the new assignment. Call it outside the capture, before the
+    replay. The descriptions stay cached under ``names`` (an eager call with ``names`` reuses them; one with
+    ``captured`` builds new ones). Returns the number of descriptions rewritten (0: nothing was captured with
+    ``captured``: run the model with it once first). Descriptions read during a capture are never evicted from
+    the cache (the graph holds their addresses); warm up with the names eagerly before capturing (a description
+    is built from the names on the host)."""
+    captured, names = list(captured), list(names)
+    if len(names) != len(captured) or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"names must be {len(captured)} str, one per sample as captured, got {names!r}")
+    rewritten = 0
+    for key in [key for key in _DESCRIPTIONS if list(key[0]) == captured]:
+        description = _DESCRIPTIONS.pop(key)
+        _, index_items, device, token_shape = key
+        index = dict(index_items)
+        per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=device)
+        refresh_description_(description, per_sample.repeat_interleave(math.prod(token_shape[1:])), check=False)
+        new_key = (tuple(names), index_items, device, token_shape)
+        _DESCRIPTIONS[new_key] = description
+        if key in _CAPTURED:
+            _CAPTURED.discard(key)
+            _CAPTURED.add(new_key)
+        rewritten += 1
+    return rewritten
 
 
 def mixed_batch_forward(layer: nn.Module, x: torch.Tensor, names: Sequence[str]) -> torch.Tensor:
