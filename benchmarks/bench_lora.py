@@ -7,6 +7,8 @@ Variants, all timed in the same run on the same operands:
     fused:<name>   fastpeft.lora_linear forced to one backend (cuda, triton, torch), and fused:auto
     fused:triton-tiles  past the decode rows, the Triton backend on its tiles with their K loop instead of cuBLAS
                    and the tiles as its epilogue (triton_kernels/lora.py's CUBLAS_BASE_MIN_M): the GPU decides
+    fused:triton-persistent  past the decode rows, the forward on the persistent TMA kernel with the adapter as a
+                   K step (triton_kernels/lora_persistent.py, off by default)
 
 Modes: ``forward``, and ``forward+backward`` as in LoRA training (x, A and B need gradients, W is frozen).
 On a GPU: CUDA-event timing (triton.testing.do_bench, median) after warm-up, operand sets rotated so that
@@ -128,6 +130,18 @@ def on_tiles(fn: Callable) -> Callable:
     return run
 
 
+def on_persistent(fn: Callable) -> Callable:
+    """``fn`` with the prefill forward on the persistent TMA kernel where it takes the call
+    (triton_kernels/lora_persistent.py, off by default until a GPU run ranks it)."""
+    from fastpeft.triton_kernels import lora_persistent
+
+    def run(*args):
+        with mock.patch.object(lora_persistent, "PERSISTENT_PREFILL_MIN_M", 65):
+            return fn(*args)
+
+    return run
+
+
 def _forward_fns(backends: list[str], dropout: float = 0.0, m: int = 0) -> dict[str, Callable[..., torch.Tensor]]:
     lin = torch.nn.functional.linear
 
@@ -145,6 +159,7 @@ def _forward_fns(backends: list[str], dropout: float = 0.0, m: int = 0) -> dict[
     fns.update({f"fused:{b}": fused for b in backends})
     if "triton" in backends and m > 64:  # triton_kernels/lora.py's DECODE_MAX_M: decode rows have one form
         fns["fused:triton-tiles"] = on_tiles(fused)
+        fns["fused:triton-persistent"] = on_persistent(fused)
     return fns
 
 
@@ -216,6 +231,8 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     steps = {name: make_step(name, forward, sets, case.mode) for name, forward in variants.items()} if sets else {}
     if "fused:triton-tiles" in steps:  # its backward's dx on the same tiles as its forward
         steps["fused:triton-tiles"] = on_tiles(steps["fused:triton-tiles"])
+    if "fused:triton-persistent" in steps:
+        steps["fused:triton-persistent"] = on_persistent(steps["fused:triton-persistent"])
     times = time_variants(steps, errors, device)
     del sets, steps
 

@@ -57,11 +57,12 @@ class Machine:
     shared_bandwidth: float  # bytes/s of shared memory and L1 over all SMs (128 per SM per clock)
     l2_bandwidth: float  # bytes/s from L2 to the SMs: an assumption (about twice the HBM's), not a measured ceiling
     launch_s: float  # the fixed cost of one kernel launch, back to back in a stream
+    l2_size: float  # bytes
 
 
 # launch_s: the GPU's gap between back-to-back kernels in a CUDA-event-timed loop (host overhead hidden).
 H200 = Machine("H200", sms=132, bandwidth=4.3e12, tensor_flops=790e12, lane_ops=132 * 128 * 1.98e9,
-               shared_bandwidth=132 * 128 * 1.98e9, l2_bandwidth=8e12, launch_s=1e-6)  # fmt: skip
+               shared_bandwidth=132 * 128 * 1.98e9, l2_bandwidth=8e12, launch_s=1e-6, l2_size=60e6)  # fmt: skip
 
 # Assumptions, each named where it is used; the first GPU run replaces them with measured values.
 STREAM_EFFICIENCY = 0.9  # a streaming kernel's share of the copy ceiling
@@ -476,20 +477,32 @@ def _multi_lora_metric(metric: str, case: dict) -> float | None:
 H200_SHARED_OPTIN = 227 * 1024  # bytes of shared memory a block may opt in to on sm_90
 
 
-def bottleneck_forward(m: int, d: int, mb: int) -> list[Pass]:
-    """One adapter's fused forward (no LayerNorm), bf16, by its dispatch on a GPU with both backends. The CUDA
-    tile kernel stages 16 rows of x in shared memory (x read once, y written once) and reads both projections
-    (4 d m bytes) from L2 for every 16 rows, one block per SM; the Triton tiles take 64 rows and read x twice,
-    the second time from HBM at prefill sizes (tiles of 64 rows past L2 between the passes). Loads, MMAs and
-    stores are assumed to overlap (the tile kernel serialises them: optimistic)."""
+def bottleneck_forward(m: int, d: int, mb: int, design: str = "dispatch") -> list[Pass]:
+    """One adapter's fused forward (no LayerNorm), bf16, by its dispatch on a GPU with both backends (or the
+    ``design`` named: "triton" or "cuda tiles"). The CUDA tile kernel stages 16 rows of x in shared memory (x
+    read once, y written once) and reads both projections (4 d m bytes) from L2 for every 16 rows, one block
+    per SM; the Triton tiles take 64 rows (32 past a bottleneck of 64) and read both projections once per tile,
+    and x twice: the second time from L2 when the tiles in flight (two per SM) fit in it, else from HBM. Loads,
+    MMAs and stores are assumed to overlap (the tile kernel serialises them: optimistic)."""
     weights, io = 4.0 * d * mb, 4.0 * m * d
     flops = 4.0 * m * d * mb
-    if bottleneck_ops.preference(m, d, mb, torch.bfloat16, H200_SHARED_OPTIN)[0] == "cuda":
+    if design == "dispatch":
+        cuda = bottleneck_ops.preference(m, d, mb, torch.bfloat16, H200_SHARED_OPTIN)[0] == "cuda"
+        design = "cuda rows" if cuda else "triton"
+    if design == "cuda tiles" and not bottleneck_ops.cuda_tile_takes(m, d, mb, torch.bfloat16, H200_SHARED_OPTIN):
+        raise ValueError(f"the CUDA tile kernel does not take M={m}, d={d}, m={mb}")
+    if design in ("cuda tiles", "cuda rows"):  # decode's rows kernel: modelled as the tiles (no target reads it)
         blocks = math.ceil(m / 16)
         return [Pass("CUDA bottleneck tiles", io + weights, flops, ctas=blocks, l2_bytes=weights * blocks)]
-    programs = math.ceil(m / 64)
-    return [Pass("Triton bottleneck tiles", io + 2.0 * m * d + weights, flops, ctas=programs, ctas_per_sm=2,
-                 l2_bytes=weights * programs)]  # fmt: skip
+    mb_pad = max(16, 1 << (mb - 1).bit_length())
+    rows = bottleneck_kernels.tile_options(mb_pad, torch.bfloat16, backward=False, interpreter=False)["BLOCK_M"]
+    programs = math.ceil(m / rows)
+    in_flight = H200.sms * 2 * rows * d * 2.0
+    reread = 2.0 * m * d
+    from_l2 = in_flight <= H200.l2_size
+    return [Pass("Triton bottleneck tiles", io + (0.0 if from_l2 else reread) + weights, flops, ctas=programs,
+                 ctas_per_sm=2, mma_efficiency=TRITON_GEMM_EFFICIENCY,
+                 l2_bytes=weights * programs + (reread if from_l2 else 0.0))]  # fmt: skip
 
 
 def bottleneck_composition(m: int, d: int, mb: int) -> list[Pass]:

@@ -212,11 +212,13 @@ def _t(*shape: int, dtype=torch.bfloat16, grad: bool = False) -> torch.Tensor:
 
 
 def _lora_form(fn: Callable[[], None], setting: str, value: float) -> Callable[[], None]:
-    """``fn`` with triton_kernels/lora.py's ``setting`` (a dispatch threshold) at ``value``."""
-    from fastpeft.triton_kernels import lora
+    """``fn`` with ``setting`` (a dispatch threshold of triton_kernels/lora.py or lora_persistent.py) at ``value``."""
+    from fastpeft.triton_kernels import lora, lora_persistent
+
+    module = lora_persistent if hasattr(lora_persistent, setting) else lora
 
     def run() -> None:
-        with mock.patch.object(lora, setting, value):
+        with mock.patch.object(module, setting, value):
             fn()
 
     return run
@@ -266,6 +268,15 @@ def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
     dy, dyb = _t(37, n, dtype=dtype), _t(37, 64, dtype=torch.float32)
     yield "lora dx (transposed W) m=37", partial(lora.lora_linear, dy, w.t(), None, a64.t(), 2.0, None, xa=dyb)
     yield "lora keep mask", partial(lora.keep_mask, dropout, 37, k, META)
+    if dtype != torch.float32:  # the persistent TMA prefill (off by default), here and at a target's size
+        xa = _t(100, 64, dtype=torch.float32)
+        persistent = partial(lora.lora_linear, _t(100, k, dtype=dtype), w, None, b64, 2.0, bias, xa=xa)
+        yield "lora persistent r=64 m=100", _lora_form(persistent, "PERSISTENT_PREFILL_MIN_M", 0)
+        x, big, b_big = _t(4096, 4096, dtype=dtype), _t(4096, 4096, dtype=dtype), _t(4096, 16, dtype=dtype)
+        yield "lora persistent r=16 m=4096 4096->4096", _lora_form(
+            partial(lora.lora_linear, x, big, None, b_big, 2.0, None, xa=_t(4096, 16, dtype=torch.float32)),
+            "PERSISTENT_PREFILL_MIN_M", 0,
+        )  # fmt: skip
 
 
 def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:

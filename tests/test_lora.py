@@ -167,6 +167,37 @@ def test_both_prefill_forms_match_the_reference(monkeypatch, dtype, cublas_min_m
         assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(
+    "shape", [((70,), 48, 40, 16), ((3, 33), 64, 24, 8), ((1,), 16, 16, 8), ((0,), 16, 8, 8), ((37,), 40, 56, 32)],
+    ids=str,
+)  # fmt: skip
+def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype, shape):
+    """The persistent TMA kernel (off by default: PERSISTENT_PREFILL_MIN_M) forced on past the decode rows: tiles
+    past the edges of M and N, K over several steps, the adapter as one more K step, with and without bias; and
+    a call it does not take (an odd K: rows not 16-byte aligned) runs the other forms."""
+    persistent = pytest.importorskip("fastpeft.triton_kernels.lora_persistent")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
+        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
+    monkeypatch.setattr(persistent, "PERSISTENT_PREFILL_MIN_M", 0)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    calls = []
+    real = persistent.lora_linear_persistent
+    monkeypatch.setattr(persistent, "lora_linear_persistent", lambda *a: calls.append(1) or real(*a))
+    lead, k, n, r = shape
+    for bias in (True, False):
+        inputs = make_inputs(lead, k, n, r, dtype, bias=bias)
+        out = lora_linear(**inputs)
+        assert_close_to_reference(out, lora_linear_reference(**as64(inputs)), lora_linear_reference(**inputs))
+    assert len(calls) == (2 if math.prod(lead) > 64 else 0)  # decode rows run the one-launch form
+    calls.clear()
+    odd = make_inputs(lead, k + 1, n, r, dtype)
+    assert_close_to_reference(lora_linear(**odd), lora_linear_reference(**as64(odd)), lora_linear_reference(**odd))
+    assert not calls
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fill", [0.0, 1.01], ids=["column-tiles", "stream-K"])
 @pytest.mark.parametrize("shape", [((1,), 64, 40, 8), ((5,), 100, 50, 8), ((2, 8), 33, 65, 16)], ids=str)

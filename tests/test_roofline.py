@@ -117,12 +117,18 @@ def test_every_plain_lora_target_row_is_predicted():
 
 
 def test_the_bottleneck_forward_model_follows_the_dispatch():
-    """bf16 prefill at d = 4096, m = 64 takes the CUDA tile kernel: 16 rows per block, both projections from L2
-    per block, so L2 and not HBM bounds it (the 80% roofline target is predicted unmet as built)."""
-    [tiles] = roofline.bottleneck_forward(8192, 4096, 64)
-    assert tiles.name == "CUDA bottleneck tiles" and tiles.ctas == 512
-    assert tiles.l2_bytes / H200.l2_bandwidth > tiles.bytes / H200.bandwidth
-    assert roofline.bottleneck_forward(8192, 4096, 300)[0].name == "Triton bottleneck tiles"  # m > 256
+    """bf16 prefill runs the Triton tiles: 64 rows per program, both projections from L2 once per tile, and x's
+    second read from L2 where two tiles per SM fit in it (d = 768), else from HBM (d = 4096). The CUDA tile kernel
+    (16 rows per block, the projections from L2 per block) is L2-bound: predicted slower at both."""
+    [small] = roofline.bottleneck_forward(8192, 768, 64)
+    [large] = roofline.bottleneck_forward(8192, 4096, 64)
+    assert small.name == large.name == "Triton bottleneck tiles" and large.ctas == 8192 // 64
+    assert small.bytes == pytest.approx(4 * 8192 * 768 + 4 * 768 * 64)  # x re-read from L2
+    assert large.bytes == pytest.approx(6 * 8192 * 4096 + 4 * 4096 * 64)  # x re-read from HBM
+    for d in (768, 4096):
+        [tiles] = roofline.bottleneck_forward(8192, d, 64, design="cuda tiles")
+        assert tiles.l2_bytes / H200.l2_bandwidth > tiles.bytes / H200.bandwidth
+        assert roofline.seconds([tiles]) > roofline.seconds(roofline.bottleneck_forward(8192, d, 64))
     rows = [(t, value) for t, case, value in roofline.prediction_rows() if t.bench == "bottleneck"]
     assert all(value is not None for t, value in rows)  # forward, forward + backward, 8 adapters
 

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import lora_persistent as persistent
 from .common import AUTOTUNE, INTERPRET, arrival_counts, dot_precision, on_device, r_pad, sm_count
 
 # The kernels that sum with float atomics (the rounding of those sums changes from run to run): the shrink split
@@ -701,7 +702,9 @@ def lora_linear(
     None; xa: [M, R] fp32 or None; out_scale: [N] fp32 or None (no scale); z: None, or an [M, N] contiguous
     tensor of x's dtype that receives the value before ``out_scale`` and bias. fp16/bf16/fp32, one dtype, any
     strides. Returns y [M, N] in x's dtype. Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles,
-    from CUBLAS_BASE_MIN_M rows x W^T on cuBLAS and the tiles as its epilogue; the fused form needs decode rows.
+    from CUBLAS_BASE_MIN_M rows x W^T on cuBLAS and the tiles as its epilogue (or, from
+    lora_persistent.PERSISTENT_PREFILL_MIN_M rows, the persistent TMA kernel where it takes the call); the fused
+    form needs decode rows.
     """
     _check_devices(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias, xa=xa, out_scale=out_scale, z=z)
     m, k = x.shape
@@ -723,6 +726,9 @@ def lora_linear(
     if fuse and uses_stream_k(m, n, k, r, x.dtype, sm_count(x.device), dropout_x is not None):
         return _decode_stream_k(x, weight, lora_a, lora_b, scaling, bias, out_scale, z, y)
     dropout = dropout_x or dropout_out
+    if (not fuse and dropout is None and out_scale is None and z is None and xa.stride(1) == 1
+            and m >= persistent.PERSISTENT_PREFILL_MIN_M and persistent.takes(x, weight, lora_b)):  # fmt: skip
+        return persistent.lora_linear_persistent(x, weight, xa, lora_b, scaling, bias)
     cublas = not fuse and base_on_cublas(m, r)
     if cublas:
         torch.mm(x, weight.t(), out=y)  # follows torch's float32 matmul precision, as DOT_PRECISION does

@@ -8,14 +8,15 @@
 Several adapters in one batch: weights stacked per adapter and one id per sample (-1: no adapter, y = residual),
 the fused form of AdapterHub's ``BatchSplit``.
 
-Backends: ``triton`` (triton_kernels/bottleneck.py: one kernel per tile of rows, the bottleneck activations kept
-on chip, LayerNorm folded into the down-projection; x read twice, the second read hitting L2 when the tile
-is still there), ``cuda`` (csrc/bottleneck.cu: a few rows per block for decode; for fp16/bf16 prefill, 16 rows
-per block staged once in shared memory and both products on the tensor cores) and ``torch`` (the composition,
-the CPU path and the reference's shape). The backward recomputes z from x (nothing of size [M, m] or [M, d] is
-saved but x) and gives x, every adapter parameter, the LN parameters and a tensor scaling their gradients: two
-Triton kernels without float atomics (the same bits on every run; triton_kernels/bottleneck.py), or, with an
-add + LayerNorm after the adapter or on the other backends, the composition differentiated by torch.func.vjp.
+Backends: ``triton`` (triton_kernels/bottleneck.py: one kernel per tile of rows, the bottleneck activations kept on
+chip, LayerNorm folded into the down-projection; x read twice, the second read hitting L2 when the tile is still
+there; what prefill runs), ``cuda`` (csrc/bottleneck.cu: a few rows per block for decode, what decode runs; for
+fp16/bf16 prefill, 16 rows per block staged once in shared memory and both products on the tensor cores) and
+``torch`` (the composition, the CPU path and the reference's shape). The backward recomputes z from x (nothing of
+size [M, m] or [M, d] is saved but x) and gives x, every adapter parameter, the LN parameters and a tensor scaling
+their gradients: two Triton kernels without float atomics (the same bits on every run;
+triton_kernels/bottleneck.py), or, with an add + LayerNorm after the adapter or on the other backends, the
+composition differentiated by torch.func.vjp.
 ``torch.compile`` traces the custom ops ``fastpeft::bottleneck_adapter`` and
 ``fastpeft::bottleneck_adapter_backward`` (each with a fake implementation); eager calls take the autograd
 Function, or the backend directly without gradients.
@@ -37,8 +38,11 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "leakyrelu",
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_new": 2, "silu": 3, "swish": 3, "tanh": 4, "leakyrelu": 5,
                     "sigmoid": 6}  # fmt: skip
 LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which AdapterHub's "leakyrelu" uses
-# Decode (few rows) on the CUDA rows kernel; prefill on the CUDA tile kernel (x read once) where it takes the
-# shape, else on the Triton tiles. Mirrors csrc/bottleneck.cu's kDecodeRows and tile_kernel_fits.
+# Decode (few rows) on the CUDA rows kernel; prefill on the Triton tiles, whose 64 rows per program read both
+# projections from L2 once per 64 rows, where the CUDA tile kernel (x read once, from shared memory) reads them
+# once per 16 rows and is bound by that traffic: benchmarks/roofline.py predicts 0.78 and 0.59 of the bandwidth
+# roofline at d = 768 and 4096 against 0.43 and 0.46 (the bench's fused:cuda rows time the tile kernel until a
+# GPU ranks them). The constants mirror csrc/bottleneck.cu's kDecodeRows and tile_kernel_fits.
 _CUDA_DECODE_MAX_M = 64
 _CUDA_TILE_MAX_M = 256
 _CUDA_TILE_SHARED_BYTES = 40 * 1024  # a bound on the tile kernel's shared memory besides its 16 rows of x
@@ -193,12 +197,10 @@ def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activat
 IMPLS = {"torch": _forward_torch, "triton": _forward_triton, "cuda": _forward_cuda}
 
 
-def preference(rows: int, d: int, m: int, dtype: torch.dtype, shared_optin: int) -> tuple[str, ...]:
-    """The backend order for ``rows`` rows [M, d] with bottleneck ``m`` on a CUDA device whose blocks may opt in
-    to ``shared_optin`` bytes of shared memory: CUDA first only where one of its kernels takes the shape (mirrors
-    csrc/bottleneck.cu). The tile kernel (fp16/bf16 prefill, d and m multiples of 16, m <= 256) stages 16 rows of
-    x; the rows kernel (decode) one row of d + m floats at least. Triton takes every shape."""
-    tiles = (
+def cuda_tile_takes(rows: int, d: int, m: int, dtype: torch.dtype, shared_optin: int) -> bool:
+    """Whether csrc/bottleneck.cu's tile kernel takes ``rows`` rows [M, d] with bottleneck ``m`` (fp16/bf16
+    prefill, d and m multiples of 16, m <= 256, 16 rows of x staged in ``shared_optin`` bytes of shared memory)."""
+    return (
         rows > _CUDA_DECODE_MAX_M
         and dtype in (torch.float16, torch.bfloat16)
         and d % 16 == 0
@@ -206,8 +208,15 @@ def preference(rows: int, d: int, m: int, dtype: torch.dtype, shared_optin: int)
         and 0 < m <= _CUDA_TILE_MAX_M
         and 16 * (d + 8) * dtype.itemsize + _CUDA_TILE_SHARED_BYTES <= shared_optin
     )
+
+
+def preference(rows: int, d: int, m: int, dtype: torch.dtype, shared_optin: int) -> tuple[str, ...]:
+    """The backend order for ``rows`` rows [M, d] with bottleneck ``m`` on a CUDA device whose blocks may opt in
+    to ``shared_optin`` bytes of shared memory: CUDA first for decode where its rows kernel (one row of d + m
+    floats staged) takes the shape, Triton first otherwise (prefill: see the comment on _CUDA_DECODE_MAX_M).
+    Either backend takes every shape when forced."""
     decode = rows <= _CUDA_DECODE_MAX_M and (d + m) * 4 <= shared_optin
-    return _CUDA_FIRST if tiles or decode else _TRITON_FIRST
+    return _CUDA_FIRST if decode else _TRITON_FIRST
 
 
 def _run(x, residual, adapters: Adapters, *args):

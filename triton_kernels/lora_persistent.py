@@ -1,0 +1,146 @@
+"""A persistent Hopper kernel for the LoRA prefill: ``y = x W^T + [s x A^T | B]`` with the adapter as one more step
+of the K loop, TMA loads, and tiles visited in L2-friendly groups.
+
+One program per SM walks the output tiles ``start, start + programs, ...`` (grouped by GROUP_M row tiles, so the
+programs running together share W's column tiles and x's row tiles in L2). For each tile the K loop loads x and
+W blocks through tensor descriptors (TMA on sm_90: one instruction per block, no address arithmetic in the
+warps) into a pipelined loop; then one more step multiplies ``s x A^T`` ([BLOCK_M, R_PAD], from the shrink's
+fp32 output, rounded to x's dtype as PEFT's ``lora_A`` output is) by B's tile ([BLOCK_N, R_PAD], TMA, zero past
+the rank): the LoRA term costs r / K of the tile's work and y is written once, by TMA.
+
+The alternative that ships by default (triton_kernels/lora.py): cuBLAS for x W^T, then the tiles as its epilogue
+(y read and written again). The cost model (benchmarks/roofline.py, ``--designs``) predicts this kernel
+1.07-1.11x cuBLAS at M = 4096 if it reaches 0.95 of cuBLAS's GEMM speed, against 1.11-1.16x for the shipped
+form; PERSISTENT_PREFILL_MIN_M keeps it off until a GPU run ranks them (the bench's fused:triton-persistent rows).
+
+Needs what TMA needs: rows of x, W, B and y contiguous with 16-byte aligned strides and bases (K, N and r
+multiples of 8 for 16-bit dtypes) and a 16-bit dtype: :func:`takes` says whether a call qualifies. Under
+``TRITON_INTERPRET=1`` the descriptors run on CPU tensors, dot operands upcast to fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, dot_precision, on_device, r_pad, sm_count
+
+# Rows from which lora_linear's prefill takes this kernel instead of cuBLAS and the epilogue tiles: off (never)
+# until a GPU run says it is faster; the bench's fused:triton-persistent rows set it to time it.
+PERSISTENT_PREFILL_MIN_M = 2**62
+MAX_R_PAD = 64  # the adapter step's tiles [BLOCK_M, R_PAD] and [BLOCK_N, R_PAD] beside the accumulator
+
+
+def tile_options(interpreter: bool = INTERPRET) -> dict:
+    """128 x 128 output tiles, K in steps of 64 four stages deep, on two warpgroups (wgmma); 16s in the
+    interpreter."""
+    if interpreter:
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
+
+
+@triton.jit
+def _tile_coordinates(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile ``tile``: GROUP_M row tiles per group, walked column by column,
+    so consecutive tiles share W's column tile and the group's x rows stay in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+
+
+@triton.jit
+def _lora_persistent_kernel(
+    x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
+    M, N, K, R, stride_xam, scaling,
+    HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, R], strides=[R, 1], block_shape=[BLOCK_N, R_PAD])
+    y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    offs_r = tl.arange(0, R_PAD)
+    for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
+        pid_m, pid_n = _tile_coordinates(tile, num_m, num_n, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        col0 = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for step in range(k_steps):
+            x = x_desc.load([row0, step * BLOCK_K])
+            w = w_desc.load([col0, step * BLOCK_K])
+            if UPCAST:
+                x = x.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+        # The adapter's K step: [s x A^T | B], s x A^T rounded to x's dtype (PEFT's lora_A output dtype).
+        rows = row0 + tl.arange(0, BLOCK_M)
+        xa = tl.load(xa_ptr + rows[:, None].to(tl.int64) * stride_xam + offs_r[None, :],
+                     mask=(rows < M)[:, None] & (offs_r < R)[None, :], other=0.0)  # fmt: skip
+        b = b_desc.load([col0, 0])
+        xa = (xa * scaling).to(b.dtype)
+        if UPCAST:
+            xa = xa.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(xa, b.T, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            cols = col0 + tl.arange(0, BLOCK_N)
+            acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y_desc.store([row0, col0], acc.to(y_ptr.dtype.element_ty))
+
+
+def _rows_for_tma(t: torch.Tensor) -> bool:
+    """Contiguous rows whose length and base are 16-byte aligned, as a tensor descriptor reads them."""
+    aligned = (t.shape[1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.shape[1] and aligned
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor) -> bool:
+    """Whether this kernel takes ``x W^T + s xa B^T``: a 16-bit dtype, the rank within MAX_R_PAD, and x, W and B
+    stored as TMA reads them (contiguous rows, 16-byte aligned; y is allocated so)."""
+    return (
+        x.dtype in (torch.float16, torch.bfloat16)
+        and r_pad(lora_b.shape[1]) <= MAX_R_PAD
+        and (weight.shape[0] * x.element_size()) % 16 == 0
+        and all(_rows_for_tma(t) for t in (x, weight, lora_b))
+    )
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors the kernel builds (Triton asks for it through its allocator)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def lora_linear_persistent(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    xa: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``y = x W^T + scaling * xa B^T + bias`` on the persistent kernel. x [M, K], weight [N, K], lora_b [N, R]
+    (fp16/bf16, one dtype, as :func:`takes` requires), xa fp32 [M, R] (the shrink's output, unit inner stride),
+    bias [N] or None. Returns y [M, N] in x's dtype."""
+    m, k = x.shape
+    n, r = lora_b.shape
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return y
+    options = tile_options()
+    tiles = triton.cdiv(m, options["BLOCK_M"]) * triton.cdiv(n, options["BLOCK_N"])
+    programs = min(tiles, 4 if INTERPRET else sm_count(x.device))
+    if x.is_cuda:
+        triton.set_allocator(_scratch)
+    with on_device(x):
+        _lora_persistent_kernel[(programs,)](
+            x, weight, xa, lora_b, y if bias is None else bias.contiguous(), y,
+            m, n, k, r, xa.stride(0), float(scaling),
+            HAS_BIAS=bias is not None, R_PAD=r_pad(r), DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
+            **options,
+        )  # fmt: skip
+    return y
