@@ -121,6 +121,24 @@ def test_each_module_compiles_whole_with_inductor(name):
         assert rel_error(compiled(x), expected) < 1e-5
 
 
+def test_a_batch_described_inside_the_compiled_step_traces_whole():
+    """describe_batch (sort, searchsorted) and the grouped multi-adapter op in one fullgraph-compiled step, with
+    the ids a graph input: the compiled step gives the eager numbers for ids it was not traced with."""
+    from fastpeft import describe_batch
+
+    module, _ = _modules()["MultiLoRALinear"]
+    x = torch.randn(6, 48, device=DEVICE)
+
+    def step(t, ids):
+        return module(t, adapter_ids=describe_batch(ids, 2, check=False))
+
+    with torch.no_grad():
+        compiled = torch.compile(step, fullgraph=True, backend="inductor")
+        for ids in ([0, 1, -1, 1, 0, 0], [1, 1, 1, -1, -1, 0]):
+            ids = torch.tensor(ids, device=DEVICE)
+            assert rel_error(compiled(x, ids), step(x, ids)) < 1e-5
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="CUDA graphs need a GPU")
 def test_multi_adapter_decode_step_replays_in_a_cuda_graph():

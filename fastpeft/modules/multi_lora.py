@@ -243,7 +243,12 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str | None]) -> Iter
         if key not in shared:
             shared[key] = _SharedBatch(layer.ids_for(names, missing_ok=True), len(layer.adapter_names))
         layer.batch_ids, layer._batch = shared[key].ids, shared[key]
-    hook = model.register_forward_pre_hook(lambda *_: [batch.new_call() for batch in shared.values()] and None)
+
+    def new_call(*_) -> None:  # a forward pre-hook: each call of the model describes its batch again
+        for batch in shared.values():
+            batch.new_call()
+
+    hook = model.register_forward_pre_hook(new_call)
     try:
         yield
     finally:
