@@ -118,6 +118,18 @@ def _pre_activation(x_ptr, w_ptr, c1_ptr, c0_ptr, rows, mask_t, a, D, MB, stride
 
 
 @triton.jit
+def _scale(scale_ptr, a, D, cols, mask_d, scale_value, SCALE_KIND: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The scaling of features ``cols`` for adapter ``a``, fp32 [BLOCK_D]."""
+    if SCALE_KIND == 0:
+        s = tl.zeros((BLOCK_D,), dtype=tl.float32) + scale_value
+    elif SCALE_KIND == 1:
+        s = tl.zeros((BLOCK_D,), dtype=tl.float32) + tl.load(scale_ptr + a).to(tl.float32)
+    else:
+        s = tl.load(scale_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
+    return s
+
+
+@triton.jit
 def _bottleneck_kernel(
     x_ptr, res_ptr, wd_ptr, c1_ptr, c0_ptr, wu_ptr, bu_ptr, scale_ptr, ids_ptr, y_ptr,
     out_res_ptr, out_lnw_ptr, out_lnb_ptr,
@@ -151,12 +163,7 @@ def _bottleneck_kernel(
         wu = tl.load(wu_ptrs, mask=mask_b[:, None] & mask_d[None, :], other=0.0)
         out = tl.dot(z, wu.to(operand), input_precision=DOT_PRECISION)
         out += tl.load(bu_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)[None, :]
-        if SCALE_KIND == 0:
-            out = out * scale_value
-        elif SCALE_KIND == 1:
-            out = out * tl.load(scale_ptr + a).to(tl.float32)
-        else:
-            out = out * tl.load(scale_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)[None, :]
+        out = out * _scale(scale_ptr, a, D, cols, mask_d, scale_value, SCALE_KIND, BLOCK_D)[None, :]
         y = tl.where(active, res + out, res)
         if OUT_RES:
             y += tl.load(out_res_ptr + rows[:, None] * stride_or + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -354,18 +361,6 @@ def _bottleneck_backward_rows_kernel(
         if IDENTITY:
             dx += tl.load(dy_ptr + rows[:, None] * stride_dyr + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * stride_dxr + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _scale(scale_ptr, a, D, cols, mask_d, scale_value, SCALE_KIND: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The scaling of features ``cols`` for adapter ``a``, fp32 [BLOCK_D]."""
-    if SCALE_KIND == 0:
-        s = tl.zeros((BLOCK_D,), dtype=tl.float32) + scale_value
-    elif SCALE_KIND == 1:
-        s = tl.zeros((BLOCK_D,), dtype=tl.float32) + tl.load(scale_ptr + a).to(tl.float32)
-    else:
-        s = tl.load(scale_ptr + a * D + cols, mask=mask_d, other=0.0).to(tl.float32)
-    return s
 
 
 @triton.jit

@@ -9,6 +9,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Read once at import, as Triton reads TRITON_INTERPRET itself: set both before fastpeft is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -61,3 +62,13 @@ def arrival_counts(device: torch.device, count: int) -> torch.Tensor:
     if counts is None or counts.numel() < count:
         counts = _ARRIVALS[(device, stream)] = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
     return counts
+
+
+@triton.jit
+def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile ``tile`` in grouped order: GROUP_M row tiles sweep the same column
+    tiles together, so the programs running at once share W's column tiles and x's row tiles in L2."""
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from . import lora_persistent as persistent
-from .common import AUTOTUNE, INTERPRET, arrival_counts, dot_precision, on_device, r_pad, sm_count
+from .common import AUTOTUNE, INTERPRET, arrival_counts, dot_precision, grouped_tile, on_device, r_pad, sm_count
 
 # The kernels that sum with float atomics (the rounding of those sums changes from run to run): the shrink split
 # over K for few rows. scripts/compile_triton.py fails any other kernel whose machine code has them.
@@ -245,15 +245,7 @@ def _lora_linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    # Grouped tile order: GROUP_M row tiles sweep the same column tiles together, so W stays in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    tiles_per_group = GROUP_M * num_pid_n
-    first_pid_m = (pid // tiles_per_group) * GROUP_M
-    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
-    pid_m = first_pid_m + (pid % tiles_per_group) % group_rows
-    pid_n = (pid % tiles_per_group) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, dot_precision, on_device, r_pad, sm_count
+from .common import INTERPRET, dot_precision, grouped_tile, on_device, r_pad, sm_count
 
 # Rows from which lora_linear's prefill takes this kernel instead of cuBLAS and the epilogue tiles: off (never)
 # until a GPU run says it is faster; the bench's fused:triton-persistent rows set it to time it.
@@ -38,16 +38,6 @@ def tile_options(interpreter: bool = INTERPRET) -> dict:
     if interpreter:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2, "num_warps": 4}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
-
-
-@triton.jit
-def _tile_coordinates(tile, num_m, num_n, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of output tile ``tile``: GROUP_M row tiles per group, walked column by column,
-    so consecutive tiles share W's column tile and the group's x rows stay in L2."""
-    per_group = GROUP_M * num_n
-    first_m = (tile // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
 
 
 @triton.jit
@@ -66,7 +56,7 @@ def _lora_persistent_kernel(
     k_steps = tl.cdiv(K, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        pid_m, pid_n = _tile_coordinates(tile, num_m, num_n, GROUP_M)
+        pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
         row0 = pid_m * BLOCK_M
         col0 = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

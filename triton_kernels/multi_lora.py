@@ -304,6 +304,28 @@ def _sgmv_shrink_kernel(
 
 
 @triton.jit
+def _grouped_term(
+    acc, part_ptr, b_ptr, toks, rows_mask, rank, v_start, b_start, scaling, width, cols, col_mask, M, splits,
+    PRECISION: tl.constexpr, V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """``acc + scaling * v B^T`` for one adapter's slice over a tile of tokens ``toks`` (rows outside
+    ``rows_mask`` add nothing) and columns ``cols``: v summed over the grouped shrink's slabs in split order, B's
+    tile read once, the rank in chunks of BLOCK_R."""
+    for r0 in range(0, rank, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_mask = rows < rank
+        v_mask = rows_mask[:, None] & row_mask[None, :]
+        v_offs = toks[:, None] * V_WIDTH + (v_start + rows)[None, :]
+        v = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for split in range(0, splits):
+            v += tl.load(part_ptr + tl.cast(split, tl.int64) * M * V_WIDTH + v_offs, mask=v_mask, other=0.0)
+        b = tl.load(b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
+                    mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        acc = tl.dot(v * scaling, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _sgmv_expand_kernel(
     base_ptr, part_ptr, b_ptr, order_ptr, starts_ptr, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr,
     out_starts_ptr, y_ptr,
@@ -334,17 +356,8 @@ def _sgmv_expand_kernel(
         mask = in_seg[:, None] & col_mask[None, :]
         acc = tl.load(base_ptr + toks[:, None] * stride_base_m + out_cols[None, :] * stride_base_n, mask=mask,
                       other=0.0).to(tl.float32)  # fmt: skip
-        for r0 in range(0, rank, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            row_mask = rows < rank
-            v_mask = in_seg[:, None] & row_mask[None, :]
-            v_offs = toks[:, None] * V_WIDTH + (v_start + rows)[None, :]
-            v = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for split in range(0, splits):
-                v += tl.load(part_ptr + tl.cast(split, tl.int64) * M * V_WIDTH + v_offs, mask=v_mask, other=0.0)
-            b = tl.load(b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
-                        mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-            acc = tl.dot(v * scaling, b, acc, input_precision=DOT_PRECISION)
+        acc = _grouped_term(acc, part_ptr, b_ptr, toks, in_seg, rank, v_start, b_start, scaling, width, cols, col_mask,
+                            M, splits, DOT_PRECISION, V_WIDTH, BLOCK_M, BLOCK_R)  # fmt: skip
         tl.store(y_ptr + toks[:, None] * stride_ym + out_cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
                  mask=mask)  # fmt: skip
 
@@ -397,17 +410,8 @@ def _sgmv_linear_kernel(
                 a, True, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
             )
             mine = (pos >= lo) & (pos < hi)
-            for r0 in range(0, rank, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                row_mask = rows < rank
-                v_mask = mine[:, None] & row_mask[None, :]
-                v_offs = toks[:, None] * V_WIDTH + (v_start + rows)[None, :]
-                v = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                for split in range(0, splits):
-                    v += tl.load(part_ptr + tl.cast(split, tl.int64) * M * V_WIDTH + v_offs, mask=v_mask, other=0.0)
-                b = tl.load(b_ptr + b_start + rows[:, None].to(tl.int64) * width + cols[None, :],
-                            mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)  # fmt: skip
-                acc = tl.dot(v * scaling, b, acc, input_precision=LORA_PRECISION)
+            acc = _grouped_term(acc, part_ptr, b_ptr, toks, mine, rank, v_start, b_start, scaling, width, cols,
+                                col_mask, M, splits, LORA_PRECISION, V_WIDTH, BLOCK_M, BLOCK_R)  # fmt: skip
     tl.store(y_ptr + toks[:, None] * stride_ym + out_cols[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
              mask=in_rows[:, None] & col_mask[None, :])  # fmt: skip
 

@@ -236,6 +236,13 @@ def _(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_sta
     return torch.empty_like(base)
 
 
+def _grouped_args(pool: AdapterPool, description: BatchDescription) -> tuple:
+    """The grouped ops' arguments after their tensors of x (and weight, bias): the pool and the description."""
+    return (pool.lora_a, pool.a_offsets, pool.lora_b, description.ids, description.order, description.starts,
+            pool.ranks, pool.v_starts, pool.b_starts, pool.scalings, pool.out_starts, pool.max_rank,
+            max(pool.slice_widths))  # fmt: skip
+
+
 @torch.library.custom_op("fastpeft::multi_lora_sgmv", mutates_args=())
 def _multi_lora_sgmv_op(
     base: torch.Tensor,
@@ -274,9 +281,7 @@ def multi_lora_sgmv(
     A and B read once per tile of its tokens). base [M, out] and x [M, in] (2-D, x's dtype), ``description``
     built for M tokens and this pool (:func:`~fastpeft.ops.batch_description.describe_batch`). Returns a new
     [M, out] tensor in base's dtype."""
-    return _multi_lora_sgmv_op(base, x, pool.lora_a, pool.a_offsets, pool.lora_b, description.ids, description.order,
-                               description.starts, pool.ranks, pool.v_starts, pool.b_starts, pool.scalings,
-                               pool.out_starts, pool.max_rank, max(pool.slice_widths))  # fmt: skip
+    return _multi_lora_sgmv_op(base, x, *_grouped_args(pool, description))
 
 
 @torch.library.custom_op("fastpeft::multi_lora_sgmv_linear", mutates_args=())
@@ -321,10 +326,7 @@ def multi_lora_sgmv_linear(
     """``x W^T + bias + s_i (x A_i^T) B_i^T`` per token and slice, the tokens grouped by adapter: on Triton, the
     grouped shrink and one GEMM whose epilogue adds the adapters (y written once). x [M, in] (2-D), weight
     [out, in], bias [out] or None, ``description`` built for M tokens and this pool. Returns [M, out]."""
-    return _multi_lora_sgmv_linear_op(x, weight, bias, pool.lora_a, pool.a_offsets, pool.lora_b, description.ids,
-                                      description.order, description.starts, pool.ranks, pool.v_starts,
-                                      pool.b_starts, pool.scalings, pool.out_starts, pool.max_rank,
-                                      max(pool.slice_widths))  # fmt: skip
+    return _multi_lora_sgmv_linear_op(x, weight, bias, *_grouped_args(pool, description))
 
 
 def multi_lora_shrink(x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor) -> torch.Tensor:

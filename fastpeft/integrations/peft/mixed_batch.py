@@ -102,14 +102,20 @@ _KEPT_DESCRIPTIONS = 8
 _CAPTURED: set[tuple] = set()
 
 
+def _token_ids(names: Sequence[str], index: dict[str, int], device: torch.device, token_shape: tuple) -> torch.Tensor:
+    """int32 ids, one per token of a batch shaped ``token_shape`` ([batch, ...]): sample b's ``index[names[b]]``,
+    -1 where the pool lacks the name."""
+    per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=device)
+    return per_sample.repeat_interleave(math.prod(token_shape[1:]))
+
+
 def batch_description(names: Sequence[str], index: dict[str, int], x: torch.Tensor) -> BatchDescription:
     """The description of x's tokens ([batch, ..., in]) for a pool whose adapters ``index`` numbers: sample b
     uses ``names[b]`` (-1 where the pool lacks it). Built on first use, kept for the next calls and layers."""
     key = (tuple(names), tuple(index.items()), x.device, tuple(x.shape[:-1]))
     found = _DESCRIPTIONS.get(key)
     if found is None:
-        per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=x.device)
-        per_token = per_sample.repeat_interleave(math.prod(x.shape[1:-1]))
+        per_token = _token_ids(names, index, x.device, tuple(x.shape[:-1]))
         found = _DESCRIPTIONS[key] = describe_batch(per_token, len(index), check=False)  # valid by construction
         for old in [k for k in _DESCRIPTIONS if k not in _CAPTURED][: max(0, len(_DESCRIPTIONS) - _KEPT_DESCRIPTIONS)]:
             del _DESCRIPTIONS[old]
@@ -136,9 +142,7 @@ def reassign_adapter_names(captured: Sequence[str], names: Sequence[str]) -> int
     for key in [key for key in _DESCRIPTIONS if list(key[0]) == captured]:
         description = _DESCRIPTIONS.pop(key)
         _, index_items, device, token_shape = key
-        index = dict(index_items)
-        per_sample = torch.tensor([index.get(n, -1) for n in names], dtype=torch.int32, device=device)
-        refresh_description_(description, per_sample.repeat_interleave(math.prod(token_shape[1:])), check=False)
+        refresh_description_(description, _token_ids(names, dict(index_items), device, token_shape), check=False)
         new_key = (tuple(names), index_items, device, token_shape)
         _DESCRIPTIONS[new_key] = description
         if key in _CAPTURED:
