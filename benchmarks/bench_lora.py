@@ -6,7 +6,9 @@ Variants, all timed in the same run on the same operands:
                    the dropout only in the training cases that name one)
     fused:<name>   fastpeft.lora_linear forced to one backend (cuda, triton, torch), and fused:auto
     fused:triton-tiles  past the decode rows, the Triton backend on its tiles with their K loop instead of cuBLAS
-                   and the tiles as its epilogue (triton_kernels/lora.py's CUBLAS_BASE_MIN_M): the GPU decides
+                   (triton_kernels/lora.py's CUBLAS_BASE_MIN_M): the GPU decides
+    fused:triton-epilogue  past the decode rows, cuBLAS first and the tiles as its epilogue, instead of the LoRA
+                   term first and cuBLAS adding x W^T into it (CUBLAS_ACCUMULATES)
     fused:triton-persistent  past the decode rows, the forward on the persistent TMA kernel with the adapter as a
                    K step (triton_kernels/lora_persistent.py, off by default)
 
@@ -130,6 +132,17 @@ def on_tiles(fn: Callable) -> Callable:
     return run
 
 
+def on_epilogue(fn: Callable) -> Callable:
+    """``fn`` with cuBLAS's x W^T first and the tiles as its epilogue (not the LoRA term first)."""
+    from fastpeft.triton_kernels import lora as kernels
+
+    def run(*args):
+        with mock.patch.object(kernels, "CUBLAS_ACCUMULATES", False):
+            return fn(*args)
+
+    return run
+
+
 def on_persistent(fn: Callable) -> Callable:
     """``fn`` with the prefill forward on the persistent TMA kernel where it takes the call
     (triton_kernels/lora_persistent.py, off by default until a GPU run ranks it)."""
@@ -159,6 +172,7 @@ def _forward_fns(backends: list[str], dropout: float = 0.0, m: int = 0) -> dict[
     fns.update({f"fused:{b}": fused for b in backends})
     if "triton" in backends and m > 64:  # triton_kernels/lora.py's DECODE_MAX_M: decode rows have one form
         fns["fused:triton-tiles"] = on_tiles(fused)
+        fns["fused:triton-epilogue"] = on_epilogue(fused)
         fns["fused:triton-persistent"] = on_persistent(fused)
     return fns
 
@@ -229,10 +243,10 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     except Exception as exc:  # out of memory: every variant reports it
         sets, errors = [], {name: describe_error(exc) for name in variants}
     steps = {name: make_step(name, forward, sets, case.mode) for name, forward in variants.items()} if sets else {}
-    if "fused:triton-tiles" in steps:  # its backward's dx on the same tiles as its forward
-        steps["fused:triton-tiles"] = on_tiles(steps["fused:triton-tiles"])
-    if "fused:triton-persistent" in steps:
-        steps["fused:triton-persistent"] = on_persistent(steps["fused:triton-persistent"])
+    for name, form in (("fused:triton-tiles", on_tiles), ("fused:triton-epilogue", on_epilogue),
+                       ("fused:triton-persistent", on_persistent)):  # fmt: skip
+        if name in steps:  # its backward's dx on the same form as its forward
+            steps[name] = form(steps[name])
     times = time_variants(steps, errors, device)
     del sets, steps
 

@@ -37,6 +37,7 @@ import targets
 import torch
 from fastpeft.triton_kernels import bottleneck as bottleneck_kernels
 from fastpeft.triton_kernels import lora as lora_kernels
+from fastpeft.triton_kernels import lora_dy_pass as lora_dy_kernels
 from fastpeft.triton_kernels import multi_lora as multi_lora_kernels
 from fastpeft.triton_kernels.common import r_pad
 from fastpeft.triton_kernels.qlora import block_m, block_n
@@ -244,8 +245,8 @@ def peft_bnb_lora(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: b
 
 
 def qlora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
-    """fastpeft's QLoRA layer, forward and backward: the forward, dy B, dx through the dequantize-once tier (or
-    the dx tiles), x A^T again, dA = s (dy B)^T x and dB = s dy^T (x A^T)."""
+    """fastpeft's QLoRA layer, forward and backward: the forward (keeping x A^T past the decode rows), dy B and
+    dB = s dy^T (x A^T) from the dy pass, dx through the dequantize-once tier (or the dx tiles), dA = s (dy B)^T x."""
     w4 = weight_4bit_bytes(n, k, blocksize, nested)
     if m >= qlora_ops.DEQUANTIZE_ONCE_MIN_M:
         dx = _dequantized(m, n, k, r, w4, reduce=n)
@@ -253,7 +254,8 @@ def qlora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: boo
         row_tiles = tiles(m, n)[0]
         dx = [Pass("4-bit dx tiles", w4 * row_tiles + 2.0 * (m * n + m * k), 2.0 * m * n * k,
                    DECODE_LANE_OPS * n * k * row_tiles, TRITON_4BIT_MMA_EFFICIENCY)]  # fmt: skip
-    grads = [skinny("dy B", m, n, r), skinny("x A^T", m, k, r), skinny("dA", m, k, r), skinny("dB", m, n, r)]
+    shrink = [] if m > qlora_ops.DECODE_MAX_M else [skinny("x A^T again", m, k, r)]
+    grads = [*shrink, *lora_dy_products(m, n, r), Pass("s dy B", 6.0 * m * r), skinny("dA", m, k, r)]
     return [*matmul_4bit(m, n, k, r, blocksize, nested), *grads, *dx]
 
 
@@ -298,9 +300,20 @@ def lora_epilogue(m: int, n: int, r: int) -> Pass:
     return Pass("tiles as cuBLAS's epilogue", 4.0 * m * n + 4.0 * m * r + 2.0 * n * r, 2.0 * m * n * r)
 
 
+def lora_term_then_cublas(m: int, n: int, k: int, r: int) -> list[Pass]:
+    """The tiles without a K loop write y = s xa B^T (xa fp32 and B read), then cuBLAS adds x W^T into y in place
+    (beta = 1: y read once more, in the GEMM's epilogue, beside its own bytes)."""
+    (gemm,) = bf16_linear(m, n, k)
+    return [Pass("LoRA term, no K loop", 2.0 * m * n + 4.0 * m * r + 2.0 * n * r, 2.0 * m * n * r),
+            Pass("cuBLAS GEMM, beta = 1", gemm.bytes + 2.0 * m * n, gemm.flops)]  # fmt: skip
+
+
 def lora_product(name: str, m: int, n: int, k: int, r: int) -> list[Pass]:
-    """``x W^T + s xa B^T`` for a given xa, as triton_kernels/lora.py runs it for m rows: cuBLAS then the tiles
-    as its epilogue (base_on_cublas), else the tiles with their K loop."""
+    """``x W^T + s xa B^T`` for a given xa, as triton_kernels/lora.py runs it for m rows: the LoRA term then
+    cuBLAS adding into it (cublas_accumulates), cuBLAS then the tiles as its epilogue (base_on_cublas), else the
+    tiles with their K loop."""
+    if lora_kernels.cublas_accumulates(m, r):
+        return lora_term_then_cublas(m, n, k, r)
     if lora_kernels.base_on_cublas(m, r):
         return [*bf16_linear(m, n, k), lora_epilogue(m, n, r)]
     return [lora_tile_pass(name, m, n, k, r, shrink_in_loop=False)]
@@ -329,16 +342,32 @@ def lora_forward(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     return [skinny("LoRA shrink", m, k, r), *lora_product(f"Triton {kind} tiles", m, n, k, r)]
 
 
+def lora_dy_products(m: int, n: int, r: int) -> list[Pass]:
+    """dy B and dB = s dy^T xa as fastpeft::lora_dy_pass runs them on Triton: one pass over dy (the fp32
+    partial sums written to L2 and, in HBM terms, written back once) and the launch that sums the partials from
+    L2; or, where that does not pay (triton_kernels/lora_dy_pass.py's one_pass_pays), two products each reading
+    dy."""
+    if not lora_dy_kernels.one_pass_pays(m, n, r, torch.bfloat16, H200.sms, interpreter=False):
+        return [skinny("dy B", m, n, r), Pass("s xa", 6.0 * m * r), skinny("dB", m, n, r)]
+    tile = lora_dy_kernels.tile_options(m, n, r_pad(r), torch.bfloat16, H200.sms, interpreter=False)
+    partials = lora_dy_kernels.partial_bytes(m, n, r, torch.bfloat16, H200.sms, interpreter=False)
+    ctas = math.ceil(m / tile["BLOCK_M"]) * tile["SPLITS"]
+    return [Pass("dy pass: dy B, partial dB", 2.0 * m * n + 4.0 * m * r + 2.0 * n * r + partials,
+                 4.0 * m * n * r_pad(r), mma_efficiency=TRITON_GEMM_EFFICIENCY, ctas=ctas, streams=True),
+            Pass("sum of the partials", 4.0 * m * r + 2.0 * n * r, l2_bytes=partials)]  # fmt: skip
+
+
 def lora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     """fastpeft's LoRA layer, forward and backward without dropout (fastpeft.ops.lora.lora_grads, W frozen): the
-    forward, dy B, dx = dy W + s (dy B) A on the tile kernel (reduction n), dA = (s dy B)^T x, x A^T again and
-    dB = dy^T (s x A^T)."""
+    forward (keeping xa = x A^T from SHRINK_KEPT_MIN_M rows, else recomputing it), dy B and dB from the dy pass,
+    dx = dy W + s (dy B) A as the forward's product (reduction n), dA = (s dy B)^T x."""
     forward = lora_forward(m, n, k, r)
     if forward is None:
         return None
+    shrink = [] if m >= lora_ops.SHRINK_KEPT_MIN_M else [skinny("x A^T again", m, k, r)]
     dx = lora_product("dx tiles", m, k, n, r)
-    return [*forward, skinny("dy B", m, n, r), *dx, Pass("s dy B", 6.0 * m * r), skinny("dA", m, k, r),
-            skinny("x A^T", m, k, r), Pass("s x A^T", 6.0 * m * r), skinny("dB", m, n, r)]  # fmt: skip
+    return [*forward, *shrink, *lora_dy_products(m, n, r), *dx, Pass("s dy B", 6.0 * m * r),
+            skinny("dA", m, k, r)]  # fmt: skip
 
 
 def peft_lora(m: int, n: int, k: int, r: int) -> list[Pass]:
@@ -352,8 +381,9 @@ def peft_lora_train(m: int, n: int, k: int, r: int) -> list[Pass]:
 
 
 def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
-    """The LoRA prefill forward four ways: the Triton tiles with their K loop; cuBLAS then the tiles as its
-    epilogue, adding the LoRA term to y (read and written again; what ships, CUBLAS_BASE_MIN_M); cuBLAS over
+    """The LoRA prefill forward five ways: the Triton tiles with their K loop; the tiles writing the LoRA term,
+    then cuBLAS adding x W^T into it (what ships, CUBLAS_BASE_MIN_M and CUBLAS_ACCUMULATES); cuBLAS then the tiles
+    as its epilogue, adding the LoRA term to y (read and written again; what DoRA's scaled output runs); cuBLAS over
     K + r on [x | s x A^T] and [W | B] (x copied beside the shrink's output; W's part of [W | B] kept between
     calls, a second copy of W, B's columns refreshed); a persistent Hopper kernel with the adapter as one more
     step of its K loop (as efficient as :data:`PERSISTENT_GEMM_EFFICIENCY` says)."""
@@ -364,7 +394,8 @@ def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
                       2.0 * m * n * (k + r), mma_efficiency=PERSISTENT_GEMM_EFFICIENCY)  # fmt: skip
     return {
         "Triton tiles, K loop": [shrink, lora_tile_pass("Triton prefill tiles", m, n, k, r, shrink_in_loop=False)],
-        "cuBLAS, then the tiles as epilogue (ships)": [shrink, *bf16_linear(m, n, k), lora_epilogue(m, n, r)],
+        "the LoRA term, then cuBLAS adds x W^T (ships)": [shrink, *lora_term_then_cublas(m, n, k, r)],
+        "cuBLAS, then the tiles as epilogue (DoRA)": [shrink, *bf16_linear(m, n, k), lora_epilogue(m, n, r)],
         "cuBLAS on [x | s xA^T] and [W | B]": [shrink, *joined],
         "persistent kernel, adapter as a K step": [shrink, persistent],
     }

@@ -267,6 +267,11 @@ def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
             yield f"lora shrink+dropout r=256 m={m}", partial(lora.lora_shrink, x, a256, dropout)
     dy, dyb = _t(37, n, dtype=dtype), _t(37, 64, dtype=torch.float32)
     yield "lora dx (transposed W) m=37", partial(lora.lora_linear, dy, w.t(), None, a64.t(), 2.0, None, xa=dyb)
+    from fastpeft.triton_kernels.lora_dy_pass import lora_dy_pass
+
+    for m, b in ((37, b16), (100, b64)):
+        xa = _t(m, b.shape[1], dtype=torch.float32)
+        yield f"lora dy pass r={b.shape[1]} m={m}", partial(lora_dy_pass, _t(m, n, dtype=dtype), b, xa, 2.0)
     yield "lora keep mask", partial(lora.keep_mask, dropout, 37, k, META)
     if dtype != torch.float32:  # the persistent TMA prefill (off by default), here and at a target's size
         xa = _t(100, 64, dtype=torch.float32)
@@ -386,6 +391,14 @@ COVERAGE = {
     "qlora": _qlora_coverage,
     "bottleneck": _bottleneck_coverage,
 }
+# Kernel modules of a family other than the one named like them.
+FAMILY_OF_MODULE = {"lora_persistent": "lora", "lora_dy_pass": "lora"}
+
+
+def family_of(module: str) -> str:
+    """The family (a COVERAGE key) whose kernels ``module`` (fastpeft.triton_kernels.<name>) holds."""
+    name = module.rsplit(".", 1)[-1]
+    return FAMILY_OF_MODULE.get(name, name)
 
 
 def _target_calls(bench: str, case: dict) -> Callable[[], None]:
@@ -478,7 +491,7 @@ def record(families: list[str], dtypes: list[str], kinds: list[str]) -> list[Lau
             for case, call in _targets():
                 with recording(case, torch.bfloat16) as got:
                     call()
-                launches += [launch for launch in got if launch.module.rsplit(".", 1)[-1] in families]
+                launches += [launch for launch in got if family_of(launch.module) in families]
     return launches
 
 

@@ -152,7 +152,8 @@ def test_quick_shapes_are_large_enough_for_a_cpu_timer():
 
 
 def test_prefill_cases_also_time_the_triton_tiles_with_their_k_loop(monkeypatch):
-    """Past the decode rows the Triton backend has two forms; the GPU run times both (fused:triton-tiles)."""
+    """Past the decode rows the Triton backend has three forms; the GPU run times each (fused:triton-tiles,
+    fused:triton-epilogue beside fused:triton)."""
     import common
     from fastpeft.triton_kernels import lora as kernels
 
@@ -164,3 +165,6 @@ def test_prefill_cases_also_time_the_triton_tiles_with_their_k_loop(monkeypatch)
     probe = bench_lora.on_tiles(lambda: kernels.CUBLAS_BASE_MIN_M)
     assert common.with_backend("fused:triton-tiles", probe)() > 2**40 and seen == ["triton"]
     assert kernels.CUBLAS_BASE_MIN_M == kernels.DECODE_MAX_M + 1  # restored
+    assert "fused:triton-epilogue" in bench_lora._forward_fns(["triton"], m=65)
+    assert bench_lora.on_epilogue(lambda: kernels.CUBLAS_ACCUMULATES)() is False
+    assert kernels.CUBLAS_ACCUMULATES is True

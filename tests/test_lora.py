@@ -98,7 +98,7 @@ def test_gpu_shapes_reach_every_path():
     kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
     rows = [(math.prod(lead), k, r) for lead, k, _n, r in GPU_SHAPES]
     plans = {kernels.launch_plan(m, r) for m, _k, r in rows if m > 0}
-    assert plans == {("decode+shrink",), ("shrink", "decode"), ("shrink", "cublas", "epilogue")}
+    assert plans == {("decode+shrink",), ("shrink", "decode"), ("shrink", "lora_term", "cublas")}
     fused = [(math.prod(lead), n, k, r) for lead, k, n, r in GPU_SHAPES if kernels.fuses_shrink(math.prod(lead), r)]
     schedules = {kernels.uses_stream_k(m, n, k, r, torch.bfloat16, 132, interpreter=False) for m, n, k, r in fused}
     assert schedules == {True, False}  # the one-launch decode on column tiles and on the stream-K schedule
@@ -140,16 +140,21 @@ def test_backward_matches_reference(backend, dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("cublas_min_m", [65, 10**9], ids=["cublas+epilogue", "tiles"])
-def test_both_prefill_forms_match_the_reference(monkeypatch, dtype, cublas_min_m):
-    """Past the decode rows the Triton backend runs x W^T on cuBLAS and its tiles as the epilogue, or the tiles
-    with their K loop (CUBLAS_BASE_MIN_M); forward and backward (dx on the same form) on both."""
+@pytest.mark.parametrize(
+    ("cublas_min_m", "accumulates"), [(65, True), (65, False), (10**9, True)],
+    ids=["lora_term+cublas", "cublas+epilogue", "tiles"],
+)  # fmt: skip
+def test_every_prefill_form_matches_the_reference(monkeypatch, dtype, cublas_min_m, accumulates):
+    """Past the decode rows the Triton backend writes the LoRA term and lets cuBLAS add x W^T into it, or runs
+    cuBLAS first and its tiles as the epilogue (CUBLAS_ACCUMULATES), or the tiles with their K loop
+    (CUBLAS_BASE_MIN_M); forward and backward (dx on the same form) on each."""
     kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
     from fastpeft.backends import available_backends
 
     if "triton" not in available_backends(DEVICE):
         pytest.skip("triton cannot run here")
     monkeypatch.setattr(kernels, "CUBLAS_BASE_MIN_M", cublas_min_m)
+    monkeypatch.setattr(kernels, "CUBLAS_ACCUMULATES", accumulates)
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
     lead, k, n, r = ((3, 100), 512, 1000, 16) if HAS_GPU else ((70,), 45, 31, 16)
     inputs = make_inputs(lead, k, n, r, dtype, requires_grad=True)

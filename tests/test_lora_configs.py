@@ -47,7 +47,8 @@ def test_launch_plans():
     assert kernels.launch_plan(1, 16) == ("decode+shrink",)  # decode at M = 1: one launch
     assert kernels.launch_plan(64, 32) == ("decode+shrink",)
     assert kernels.launch_plan(1, 64) == ("shrink", "decode")  # rank 64: A read once, not once per tile
-    assert kernels.launch_plan(65, 16) == ("shrink", "cublas", "epilogue")  # x W^T on cuBLAS: see CUBLAS_BASE_MIN_M
+    assert kernels.launch_plan(65, 16) == ("shrink", "lora_term", "cublas")  # cuBLAS adds x W^T: CUBLAS_BASE_MIN_M
+    assert kernels.launch_plan(65, 16, scaled=True) == ("shrink", "cublas", "epilogue")  # DoRA's scale after the sum
 
 
 def test_the_tiles_run_the_k_loop_where_cublas_does_not(monkeypatch):
@@ -79,7 +80,7 @@ class _LaunchSpy:
 @pytest.fixture
 def launches(monkeypatch) -> list[str]:
     found: list[str] = []
-    for name in ("_decode_kernel", "_prefill_kernel", "_shrink_kernel", "_epilogue_kernel"):
+    for name in ("_decode_kernel", "_prefill_kernel", "_shrink_kernel", "_epilogue_kernel", "_lora_term_kernel"):
         monkeypatch.setattr(
             kernels, name, _LaunchSpy(name.strip("_").removesuffix("_kernel"), getattr(kernels, name), found)
         )
@@ -90,11 +91,11 @@ def launches(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize(
     ("m", "r", "cublas_min_m", "expected"),
-    [(3, 4, 65, "decode"), (3, 40, 65, "decode"), (70, 4, 65, "epilogue"), (70, 4, 10**9, "prefill")],
+    [(3, 4, 65, "decode"), (3, 40, 65, "decode"), (70, 4, 65, "lora_term"), (70, 4, 10**9, "prefill")],
 )
 def test_forward_and_backward_launch_tiles_for_their_row_count(monkeypatch, launches, m, r, cublas_min_m, expected):
-    """Forward and the backward's dx both run decode tiles for few rows; for many, cuBLAS and the tiles as its
-    epilogue, or the prefill tiles with their K loop."""
+    """Forward and the backward's dx both run decode tiles for few rows; for many, the LoRA term on the tiles and
+    cuBLAS adding x W^T into it, or the prefill tiles with their K loop."""
     monkeypatch.setattr(kernels, "CUBLAS_BASE_MIN_M", cublas_min_m)
     monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
     if DEVICE.type == "cpu":

@@ -122,7 +122,9 @@ def test_philox_mode_saves_no_mask_and_no_dropped_copy(backend):
     saved: list[tuple[tuple[int, ...], torch.dtype]] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append((tuple(s.shape), s.dtype)) or s, lambda s: s):
         out = lora_linear(**t, dropout_p=0.2, dropout_mode="philox")
-    assert sorted(saved) == sorted((tuple(v.shape), v.dtype) for k, v in t.items() if k != "bias")  # x, W, A, B
+    inputs_saved = sorted((tuple(v.shape), v.dtype) for k, v in t.items() if k != "bias")  # x, W, A, B
+    shrink = ((6, 4), torch.float32)  # xa = dropout(x) A^T, kept for dB where the forward computes it apart
+    assert sorted(saved) in (inputs_saved, sorted([*inputs_saved, shrink]))
     out.sum().backward()
 
 

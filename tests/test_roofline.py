@@ -91,10 +91,21 @@ def test_the_lora_model_follows_the_dispatch(monkeypatch):
     names = [p.name for p in roofline.lora_forward(1, 14336, 4096, 16)]
     assert names == ["stream-K decode, shrink in the K loop"]  # 224 would leave 40 SMs idle in the second wave
     assert [p.name for p in roofline.lora_forward(4096, 4096, 4096, 16)] == [
+        "LoRA shrink", "LoRA term, no K loop", "cuBLAS GEMM, beta = 1"]  # fmt: skip
+    monkeypatch.setattr(kernels, "CUBLAS_ACCUMULATES", False)
+    assert [p.name for p in roofline.lora_forward(4096, 4096, 4096, 16)] == [
         "LoRA shrink", "cuBLAS GEMM", "tiles as cuBLAS's epilogue"]  # fmt: skip
     monkeypatch.setattr(kernels, "CUBLAS_BASE_MIN_M", 10**9)
     assert [p.name for p in roofline.lora_forward(4096, 4096, 4096, 16)] == ["LoRA shrink", "Triton prefill tiles"]
     assert roofline.lora_forward(1, 4096, 4096, 64) is None  # the CUDA GEMV's rows are not modelled
+
+
+def test_the_lora_training_model_reads_dy_once_and_keeps_xa():
+    names = [p.name for p in roofline.lora_train(4096, 4096, 4096, 16)]
+    assert names.count("LoRA shrink") == 1 and "x A^T again" not in names  # xa kept from the forward
+    assert names.count("dy pass: dy B, partial dB") == 1 and "dB" not in names
+    assert "x A^T again" in [p.name for p in roofline.lora_train(64, 4096, 4096, 16)]  # decode: xa not kept
+    assert "dB" in [p.name for p in roofline.lora_train(16384, 4096, 4096, 64)]  # partials too big: dy read twice
 
 
 def test_a_decode_tail_costs_what_its_idle_sms_do():

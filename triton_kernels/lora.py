@@ -45,13 +45,19 @@ FLOAT_ATOMIC_KERNELS = ("_lora_shrink_kernel",)
 DECODE_MAX_M = 64
 # The fused one-launch form re-reads A per output tile; above this padded rank the shrink runs once instead.
 FUSED_MAX_R_PAD = 32
-# From this many rows the base product x W^T runs on cuBLAS, written into y, and the tile kernel runs as its
-# epilogue only (BASE_FROM_Y): y = out_scale * (y + s xa B^T) + bias in one more pass over y. The cost model
-# (benchmarks/roofline.py --designs) puts that at 1.12-1.16x the base GEMM at M = 4096, against 1.31-1.35x for
-# the tiles with the K loop, which it assumes at 0.8 of cuBLAS's speed (they break even near 0.9); the first GPU
-# run decides (the bench's fused:triton-tiles rows run the tiles). Rounding: x W^T is rounded to x's dtype once
-# more than on the tiles, as PEFT's base layer rounds it.
+# From this many rows the base product x W^T runs on cuBLAS. The tile kernel first writes the LoRA term and the
+# bias without a K loop (BASE="none": y = s xa B^T + bias, a write-only pass over y), then cuBLAS adds x W^T into y
+# in place (beta = 1: y is read in the GEMM's epilogue, where a compute-bound GEMM hides it). Where the layer
+# scales its output or keeps z (DoRA), the order is the other way round: cuBLAS writes x W^T, the tiles run as its
+# epilogue (BASE="from_y": y = out_scale * (y + s xa B^T) + bias, one more read and write of y). The cost model
+# (benchmarks/roofline.py --designs) puts the first at 1.07-1.11x the base GEMM at M = 4096, the second at
+# 1.12-1.16x and the tiles with their K loop at 1.31-1.35x (assumed at 0.8 of cuBLAS's speed; they break even near
+# 0.9); the first GPU run decides (the bench's fused:triton-epilogue and fused:triton-tiles rows run the others).
+# Rounding: the LoRA term and bias are rounded to x's dtype before cuBLAS adds x W^T (cuBLAS's own order, as PEFT's
+# base layer adds its bias); in the epilogue form x W^T is rounded once more, as PEFT's base layer rounds it.
 CUBLAS_BASE_MIN_M = DECODE_MAX_M + 1
+# Whether cuBLAS accumulates into the LoRA term (above) where the layer neither scales its output nor keeps z.
+CUBLAS_ACCUMULATES = True
 # A one-launch decode whose column tiles would fill less than this share of their waves on the GPU's SMs (224
 # tiles on 132 SMs fill 85%: the busiest SMs stream two tiles of W while 40 stream one) runs on the stream-K
 # schedule instead (_decode_stream_k_kernel): every SM streams the same share. The cost model predicts 1.03x the
@@ -234,7 +240,7 @@ def _lora_linear_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_OUT_SCALE: tl.constexpr,  # y = out_scale * (x W^T + s xa B^T) + bias, per column (DoRA's magnitude)
     STORE_Z: tl.constexpr,  # also write z = x W^T + s xa B^T, before the scale (same strides as y)
-    BASE_FROM_Y: tl.constexpr,  # x W^T is already in y (cuBLAS wrote it): no K loop, the epilogue only
+    BASE: tl.constexpr,  # "k_loop": x W^T here; "from_y": cuBLAS wrote it into y; "none": cuBLAS adds it later
     R_PAD: tl.constexpr,
     R_CHUNK: tl.constexpr,  # ranks per step of the epilogue when xa is read from memory
     DOT_PRECISION: tl.constexpr,
@@ -265,12 +271,12 @@ def _lora_linear_kernel(
     step_a = BLOCK_K * tl.cast(stride_ak, tl.int64)
     offs_y = offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :].to(tl.int64) * stride_yn
     mask_y = mask_m[:, None] & mask_n[None, :]
-    if BASE_FROM_Y:  # the tile reads its own output before writing it: no other program touches it
+    if BASE == "from_y":  # the tile reads its own output before writing it: no other program touches it
         acc = tl.load(y_ptr + offs_y, mask=mask_y, other=0.0).to(tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
-    if not BASE_FROM_Y:
+    if BASE == "k_loop":
         for k0 in range(0, K, BLOCK_K):
             mask_k = offs_k < K - k0
             x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
@@ -480,8 +486,9 @@ if AUTOTUNE:
 else:  # the pinned configurations (pinned_config): nothing is timed
     _decode_kernel = _prefill_kernel = _lora_linear_kernel
     _shrink_kernel = _lora_shrink_kernel
-# The epilogue after cuBLAS updates y in place: never autotuned (each timed run would add the LoRA term again).
-_epilogue_kernel = _lora_linear_kernel
+# The epilogue after cuBLAS updates y in place: never autotuned (each timed run would add the LoRA term again);
+# the LoRA term before cuBLAS is a pass over y alike, on the same pinned tile.
+_epilogue_kernel = _lora_term_kernel = _lora_linear_kernel
 # Its workspace follows its tile, so stream-K runs the pinned decode tile.
 _stream_k_kernel = _decode_stream_k_kernel
 
@@ -522,10 +529,19 @@ def fuses_shrink(m: int, r: int) -> bool:
     return m <= DECODE_MAX_M and r_pad(r) <= FUSED_MAX_R_PAD
 
 
-def launch_plan(m: int, r: int) -> tuple[str, ...]:
-    """The kernels the forward of m rows at rank r launches, in order (for tests, docs and warm-up)."""
+def cublas_accumulates(m: int, r: int, scaled: bool = False) -> bool:
+    """Whether lora_linear of m rows at rank r writes the LoRA term first and lets cuBLAS add x W^T into it
+    (``scaled``: the call has an out_scale or a z, which need the whole sum before they apply)."""
+    return base_on_cublas(m, r) and CUBLAS_ACCUMULATES and not scaled
+
+
+def launch_plan(m: int, r: int, scaled: bool = False) -> tuple[str, ...]:
+    """The kernels the forward of m rows at rank r launches, in order (for tests, docs and warm-up); ``scaled``
+    as in :func:`cublas_accumulates`."""
     if fuses_shrink(m, r):
         return ("decode+shrink",)
+    if cublas_accumulates(m, r, scaled):
+        return ("shrink", "lora_term", "cublas")
     if base_on_cublas(m, r):
         return ("shrink", "cublas", "epilogue")
     return ("shrink", "decode" if m <= DECODE_MAX_M else "prefill")
@@ -693,10 +709,10 @@ def lora_linear(
     x: [M, K]; weight: [N, K]; lora_a: [R, K] (unused when ``xa`` is given); lora_b: [N, R]; bias: [N] or
     None; xa: [M, R] fp32 or None; out_scale: [N] fp32 or None (no scale); z: None, or an [M, N] contiguous
     tensor of x's dtype that receives the value before ``out_scale`` and bias. fp16/bf16/fp32, one dtype, any
-    strides. Returns y [M, N] in x's dtype. Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles,
-    from CUBLAS_BASE_MIN_M rows x W^T on cuBLAS and the tiles as its epilogue (or, from
-    lora_persistent.PERSISTENT_PREFILL_MIN_M rows, the persistent TMA kernel where it takes the call); the fused
-    form needs decode rows.
+    strides. Returns y [M, N] in x's dtype. Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles;
+    from CUBLAS_BASE_MIN_M rows x W^T runs on cuBLAS, added in place to the LoRA term the tiles wrote first (with
+    out_scale or z, the tiles run after it as its epilogue); from lora_persistent.PERSISTENT_PREFILL_MIN_M rows the
+    persistent TMA kernel runs where it takes the call. The fused form needs decode rows.
     """
     _check_devices(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias, xa=xa, out_scale=out_scale, z=z)
     m, k = x.shape
@@ -722,9 +738,12 @@ def lora_linear(
             and m >= persistent.PERSISTENT_PREFILL_MIN_M and persistent.takes(x, weight, lora_b)):  # fmt: skip
         return persistent.lora_linear_persistent(x, weight, xa, lora_b, scaling, bias)
     cublas = not fuse and base_on_cublas(m, r)
+    accumulate = cublas and cublas_accumulates(m, r, scaled=out_scale is not None or z is not None)
     if cublas:
-        torch.mm(x, weight.t(), out=y)  # follows torch's float32 matmul precision, as DOT_PRECISION does
-        kernel = globals()["_epilogue_kernel"]  # read at call time: tests put spies in its place
+        if not accumulate:
+            torch.mm(x, weight.t(), out=y)  # follows torch's float32 matmul precision, as DOT_PRECISION does
+        # read at call time: tests put spies in their place
+        kernel = globals()["_lora_term_kernel" if accumulate else "_epilogue_kernel"]
         options = pinned_config("epilogue", m, n, r_pad(r), x.dtype).all_kwargs()
     else:
         kernel, options = _launcher("decode" if m <= DECODE_MAX_M else "prefill", m, n, r_pad(r), x.dtype,
@@ -750,7 +769,7 @@ def lora_linear(
             HAS_BIAS=bias is not None,
             HAS_OUT_SCALE=out_scale is not None,
             STORE_Z=z is not None,
-            BASE_FROM_Y=cublas,
+            BASE="none" if accumulate else ("from_y" if cublas else "k_loop"),
             R_PAD=r_pad(r),
             R_CHUNK=rank_chunk(r_pad(r), x.dtype),
             DOT_PRECISION=dot_precision(x.dtype),
@@ -758,4 +777,6 @@ def lora_linear(
             UPCAST=INTERPRET,
             **options,
         )  # fmt: skip
+    if accumulate:
+        y.addmm_(x, weight.t())  # in place: cuBLAS with beta = 1 (out-of-place addmm would copy y first)
     return y

@@ -1,11 +1,13 @@
 """The ``lora`` op family: ``y = x @ W.T + bias + scaling * (x @ A.T) @ B.T`` as one fused op.
 
-Three torch custom ops, each with a fake (meta) implementation so ``torch.compile`` traces them:
+Four torch custom ops, each with a fake (meta) implementation so ``torch.compile`` traces them:
 
 - ``fastpeft::lora_linear(x, weight, lora_a, lora_b, scaling, bias)``: the layer on 2-D rows, with autograd.
 - ``fastpeft::lora_shrink(x, lora_a)``: ``x @ lora_a.T`` in fp32 (used by the backward pass).
 - ``fastpeft::lora_expand_linear(x, weight, xa, lora_b, scaling, bias)``: ``x @ weight.T + bias +
   scaling * xa @ lora_b.T`` for a precomputed fp32 ``xa`` (used by the backward pass for ``dx``).
+- ``fastpeft::lora_dy_pass(dy, lora_b, xa, scaling)``: ``(dy @ lora_b`` in fp32, ``scaling * dy.T @ xa)``, the
+  backward's two products over dy (on Triton from one read of dy: triton_kernels/lora_dy_pass.py).
 
 Each runs on one of three backends (fastpeft.backends): ``cuda`` (csrc/lora.cu), ``triton``
 (triton_kernels/lora.py) or ``torch`` (below: native-dtype base GEMM, LoRA term and sum in fp32).
@@ -37,6 +39,10 @@ from fastpeft.ops.route import Route, choose_route
 
 # The CUDA extension's GEMV path (csrc/lora.cu) handles at most this many rows without re-reading W.
 _CUDA_DECODE_MAX_M = 8
+# Rows from which the eager training forward keeps xa = dropout(x) A^T for the backward's dB (x is then not read
+# again for it): past the decode rows, where every backend runs the shrink as a launch of its own anyway; below,
+# Triton's decode kernel fuses it and the backward recomputes the small shrink.
+SHRINK_KEPT_MIN_M = 65
 # Ranks up to this run the Triton decode kernel with the shrink fused: one launch (mirrors
 # triton_kernels/lora.py's FUSED_MAX_R_PAD, which needs triton to import).
 _TRITON_FUSED_MAX_R = 32
@@ -147,10 +153,33 @@ def _expand_linear_cuda(x, weight, xa, lora_b, scaling, bias):
     return torch.ops.fastpeft.lora_expand_linear_cuda(x, weight, xa, lora_b, scaling, bias)
 
 
+def _dy_pass(shrink: Callable, dy, lora_b, xa, scaling):
+    """dy B (``shrink``: a backend's lora_shrink) and s dy^T xa as two products, each reading dy."""
+    return shrink(dy, lora_b.t()), dy.t() @ (xa * scaling).to(dy.dtype)
+
+
+def _dy_pass_torch(dy, lora_b, xa, scaling):
+    return _dy_pass(_shrink_torch, dy, lora_b, xa, scaling)
+
+
+def _dy_pass_cuda(dy, lora_b, xa, scaling):
+    return _dy_pass(_shrink_cuda, dy, lora_b, xa, scaling)
+
+
+def _dy_pass_triton(dy, lora_b, xa, scaling):
+    from fastpeft.triton_kernels import lora_dy_pass as kernels
+    from fastpeft.triton_kernels.common import sm_count
+
+    if kernels.one_pass_pays(*dy.shape, lora_b.shape[1], dy.dtype, sm_count(dy.device)):
+        return kernels.lora_dy_pass(dy, lora_b, xa, scaling)
+    return _dy_pass(_shrink_triton, dy, lora_b, xa, scaling)
+
+
 IMPLS: dict[str, dict[str, Callable[..., torch.Tensor]]] = {
     "lora_linear": {"torch": _lora_linear_torch, "triton": _lora_linear_triton, "cuda": _lora_linear_cuda},
     "lora_shrink": {"torch": _shrink_torch, "triton": _shrink_triton, "cuda": _shrink_cuda},
     "lora_expand_linear": {"torch": _expand_linear_torch, "triton": _expand_linear_triton, "cuda": _expand_linear_cuda},
+    "lora_dy_pass": {"torch": _dy_pass_torch, "triton": _dy_pass_triton, "cuda": _dy_pass_cuda},
 }
 
 
@@ -193,6 +222,19 @@ def _(x, weight, xa, lora_b, scaling, bias):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+@torch.library.custom_op("fastpeft::lora_dy_pass", mutates_args=())
+def _lora_dy_pass_op(
+    dy: torch.Tensor, lora_b: torch.Tensor, xa: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run("lora_dy_pass", dy, lora_b, xa, scaling)
+
+
+@_lora_dy_pass_op.register_fake
+def _(dy, lora_b, xa, scaling):
+    r = lora_b.shape[1]
+    return dy.new_empty((dy.shape[0], r), dtype=torch.float32), dy.new_empty((dy.shape[1], r))
+
+
 def _check_rows(x: torch.Tensor) -> None:
     if x.dim() != 2:
         raise ValueError(
@@ -231,19 +273,25 @@ def _columns(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _lora_linear_rows(
     x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, rank_groups, dropout_seed, dropout_p,
-    kept: Optional[list] = None,
+    kept: Optional[list] = None, shrinks: Optional[list] = None,
 ):  # fmt: skip
-    """The layer on 2-D rows; ``kept``, when a list, receives the dropped copies of x the shrinks read."""
+    """The layer on 2-D rows; ``kept``, when a list, receives the dropped copies of x the shrinks read, and
+    ``shrinks`` the fp32 xa = dropout(x) A^T where it is computed by a launch of its own (past the decode rows),
+    for the backward's dB."""
     in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0])
     if in_kernel is not None:  # the mask drawn inside the kernels: no dropped copy of x, no mask in memory
         kernels, spec = in_kernel
         if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]):
             return kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_x=spec)
-        return kernels.lora_linear(x, weight, None, lora_b, scaling, bias, xa=kernels.lora_shrink(x, lora_a, spec))
+        xa = _kept_shrink(kernels.lora_shrink(x, lora_a, spec), shrinks)
+        return kernels.lora_linear(x, weight, None, lora_b, scaling, bias, xa=xa)
     if dropout_seed >= 0:
         dropout_mask = seeded_mask(dropout_seed, dropout_p, x.shape[0], x.shape[1], x.device)
-    if dropout_mask is None:
+    if dropout_mask is None and (shrinks is None or x.shape[0] < SHRINK_KEPT_MIN_M):
         return _run("lora_linear", x, weight, lora_a, lora_b, scaling, bias)
+    if dropout_mask is None:  # the shrink as its own launch, as lora_linear runs it on every backend past decode
+        xa = _kept_shrink(_run("lora_shrink", x, lora_a), shrinks)
+        return _run("lora_expand_linear", x, weight, xa, lora_b, scaling, bias)
     # Dropout reaches A's input only: the shrink reads the dropped x (each stacked adapter its own mask), the
     # base GEMM (fused with the expand over all adapters) the undropped one.
     groups = _dropout_groups(dropout_mask, dropout_scales, rank_groups, lora_a.shape[0])
@@ -251,7 +299,13 @@ def _lora_linear_rows(
     if kept is not None:
         kept.extend(dropped)
     xa = _columns([_run("lora_shrink", xd, lora_a[rows]) for (rows, _, _), xd in zip(groups, dropped, strict=True)])
-    return _run("lora_expand_linear", x, weight, xa, lora_b, scaling, bias)
+    return _run("lora_expand_linear", x, weight, _kept_shrink(xa, shrinks), lora_b, scaling, bias)
+
+
+def _kept_shrink(xa: torch.Tensor, shrinks: Optional[list]) -> torch.Tensor:
+    if shrinks is not None:
+        shrinks.append(xa)
+    return xa
 
 
 @torch.library.custom_op("fastpeft::lora_linear", mutates_args=())
@@ -280,14 +334,15 @@ def _(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, ra
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _setup_context(ctx, inputs, output, kept: Optional[list] = None):
+def _setup_context(ctx, inputs, output, kept: Optional[list] = None, xa: Optional[torch.Tensor] = None):
+    """Saves the inputs, the dropout mask (or the dropped x, ``kept``) and the forward's xa when it has one."""
     x, weight, lora_a, lora_b, scaling, _bias, mask, dropout_scales, rank_groups, dropout_seed, dropout_p = inputs
     ctx.kept_dropped = bool(kept)
     if kept:  # the dropped copies of x the forward made, and the masks as they are (see _keeps_dropped)
-        ctx.save_for_backward(x, weight, lora_a, lora_b, mask, *kept)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, mask, *kept)
     else:  # the masks, 1 bit per element (one [M, K] mask per group of stacked adapters)
         bits = None if mask is None else pack_bits(mask.reshape(-1, x.shape[1]))
-        ctx.save_for_backward(x, weight, lora_a, lora_b, bits)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, xa, bits)
     ctx.scaling = scaling
     # A seed >= 0 regenerates the mask (philox).
     ctx.dropout = (list(dropout_scales), list(rank_groups), dropout_seed, dropout_p)
@@ -307,6 +362,7 @@ def lora_grads(
     dropout_p: float = 0.0,
     rank_groups: Sequence[int] = (),
     dropped: Optional[Sequence[torch.Tensor]] = None,
+    xa: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Gradients (dx, dweight, dlora_a, dlora_b) of ``x W^T + s D(x) A^T B^T`` for the output gradient ``dy``,
     each only where ``needs`` says so. D is the dropout with keep-``mask`` (identity when None): a diagonal, so
@@ -314,25 +370,32 @@ def lora_grads(
     dx = dy W + s D((dy B) A);  dA = s (dy B)^T xd;  dB = s dy^T (xd A^T);  dW = dy^T x.
     With ``rank_groups`` (stacked adapters, ``mask`` [G, M, K], a scale each) every group has its own D.
 
-    x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA; the dropped x is
-    ``dropped`` (one per group) when the forward kept it, else rebuilt from the mask where dA and dB need it.
-    With ``dropout_seed >= 0`` (dropout_mode='philox') the mask comes from the seed: inside the Triton kernels,
-    or materialised by seeded_mask on other backends.
+    x and dy are 2-D rows. ``dy @ B`` is computed once, in fp32, and serves both dx and dA; with dB it comes from
+    one pass over dy (fastpeft::lora_dy_pass), whose xa is the forward's (``xa``, fp32 [M, R]) when it kept one,
+    else recomputed. The dropped x is ``dropped`` (one per group) when the forward kept it, else rebuilt from the
+    mask where dA and dB need it. With ``dropout_seed >= 0`` (dropout_mode='philox') the mask comes from the
+    seed: inside the Triton kernels, or materialised by seeded_mask on other backends.
     """
     need_x, need_weight, need_a, need_b = needs
     in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0])
     if in_kernel is not None:
-        return _philox_grads(*in_kernel, dy, x, weight, lora_a, lora_b, scaling, needs)
+        return _philox_grads(*in_kernel, dy, x, weight, lora_a, lora_b, scaling, needs, xa)
     if dropout_seed >= 0:
         mask = seeded_mask(dropout_seed, dropout_p, x.shape[0], x.shape[1], x.device)
     groups = _dropout_groups(mask, dropout_scales, rank_groups, lora_a.shape[0])
     if dropped is not None:
         x_lora = list(dropped)
     else:
-        x_lora = [_dropped(x, m, s) for _, m, s in groups] if need_a or need_b else []
+        x_lora = [_dropped(x, m, s) for _, m, s in groups] if need_a or (need_b and xa is None) else []
     dx = dweight = da = db = None
-    if need_x or need_a:
+    if need_b:
+        if xa is None:
+            xa = _columns([call_lora_op("lora_shrink", xd, lora_a[rows])
+                           for (rows, _, _), xd in zip(groups, x_lora, strict=True)])  # fmt: skip
+        dy_b, db = call_lora_op("lora_dy_pass", dy, lora_b, xa, scaling)
+    elif need_x or need_a:
         dy_b = call_lora_op("lora_shrink", dy, lora_b.t())
+    if need_x or need_a:
         if need_x and mask is None:
             dx = call_lora_op("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
         elif need_x:
@@ -341,29 +404,26 @@ def lora_grads(
         if need_a:
             dy_b_scaled = (dy_b * scaling).to(x.dtype)
             da = torch.cat([dy_b_scaled[:, rows].t() @ xd for (rows, _, _), xd in zip(groups, x_lora, strict=True)])
-    if need_b:
-        xa = _columns(
-            [call_lora_op("lora_shrink", xd, lora_a[rows]) for (rows, _, _), xd in zip(groups, x_lora, strict=True)]
-        )
-        db = dy.t() @ (xa * scaling).to(x.dtype)
     if need_weight:
         dweight = dy.t() @ x
     return dx, dweight, da, db
 
 
-def _philox_grads(kernels, spec, dy, x, weight, lora_a, lora_b, scaling, needs):
+def _philox_grads(kernels, spec, dy, x, weight, lora_a, lora_b, scaling, needs, xa):
     """lora_grads on the Triton kernels with the mask regenerated inside them: dx's LoRA term masked in the
-    epilogue, dA a shrink over x transposed (the mask read through swapped strides), dB from the dropped shrink."""
+    epilogue, dA a shrink over x transposed (the mask read through swapped strides), dB with dy B from one pass
+    over dy, on the dropped shrink (the forward's ``xa``, or recomputed)."""
     need_x, need_weight, need_a, need_b = needs
     dx = dweight = da = db = None
-    if need_x or need_a:
+    if need_b:
+        dy_b, db = _dy_pass_triton(dy, lora_b, kernels.lora_shrink(x, lora_a, spec) if xa is None else xa, scaling)
+    elif need_x or need_a:
         dy_b = kernels.lora_shrink(dy, lora_b.t())
+    if need_x or need_a:
         if need_x:
             dx = kernels.lora_linear(dy, weight.t(), None, lora_a.t(), scaling, None, xa=dy_b, dropout_out=spec)
         if need_a:
             da = kernels.lora_shrink(x.t(), (dy_b * scaling).to(x.dtype).t(), spec.transposed()).t().to(x.dtype)
-    if need_b:
-        db = dy.t() @ (kernels.lora_shrink(x, lora_a, spec) * scaling).to(x.dtype)
     if need_weight:
         dweight = dy.t() @ x
     return dx, dweight, da, db
@@ -373,7 +433,7 @@ def _backward(ctx, dy):
     """lora_grads for the saved inputs; dbias = sum(dy). The dropout mask comes back from the bits the forward
     saved or from its seed (a GPU: no dropped copy of x kept), or as the forward kept it with the dropped x (a
     CPU, :func:`_keeps_dropped`)."""
-    x, weight, lora_a, lora_b, saved_mask, *dropped = ctx.saved_tensors
+    x, weight, lora_a, lora_b, xa, saved_mask, *dropped = ctx.saved_tensors
     scales, rank_groups, seed, p = ctx.dropout
     if getattr(ctx, "kept_dropped", False):
         mask = saved_mask.reshape(-1, *x.shape) if rank_groups else saved_mask
@@ -383,7 +443,7 @@ def _backward(ctx, dy):
         dropped = None
     needs = ctx.needs_input_grad
     grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, scales, needs[:4], seed, p, rank_groups,
-                       dropped)  # fmt: skip
+                       dropped, xa)  # fmt: skip
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
     return (*grads, None, dbias, None, None, None, None, None)
 
@@ -401,8 +461,9 @@ class _LoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         kept = [] if _keeps_dropped(inputs[0], inputs[6], inputs[9]) else None
-        output = _lora_linear_rows(*inputs, kept=kept)
-        _setup_context(ctx, inputs, output, kept)
+        shrinks: list[torch.Tensor] = []
+        output = _lora_linear_rows(*inputs, kept=kept, shrinks=shrinks)
+        _setup_context(ctx, inputs, output, kept, shrinks[0] if shrinks else None)
         return output
 
     backward = staticmethod(_backward)
@@ -415,7 +476,7 @@ def _keeps_dropped(x: torch.Tensor, mask: Optional[torch.Tensor], seed: int) -> 
     return mask is not None and seed < 0 and x.device.type != "cuda"
 
 
-def call_lora_op(op: str, x: torch.Tensor, *args) -> torch.Tensor:
+def call_lora_op(op: str, x: torch.Tensor, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """A backward-pass op: through the custom op while compiling, straight to its backend otherwise."""
     if torch.compiler.is_compiling():
         return getattr(torch.ops.fastpeft, op)(x, *args)

@@ -340,47 +340,55 @@ def _backward_op(dy, w: Weight4bit, dyb, lora_a, scaling):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _qlora_forward(x, weight: Weight4bit, bias, lora_a, lora_b, scaling, mask, mask_scale) -> torch.Tensor:
-    """The layer on 2-D rows, no autograd: the LoRA shrink of the dropped x first when there is a mask."""
+def _qlora_forward(
+    x, weight: Weight4bit, bias, lora_a, lora_b, scaling, mask, mask_scale, keep_xa: bool = False
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The layer on 2-D rows, no autograd, and its xa = D(x) A^T where computed apart: the LoRA shrink of the
+    dropped x first when there is a mask, and with ``keep_xa`` (training) past the decode rows, where every tier
+    runs the shrink as a launch of its own anyway (the backward's dB then reads neither x nor a second shrink)."""
     lora = lora_b is not None
     xa = None
     if lora and mask is not None:
         xa = call_lora_op("lora_shrink", apply_mask(x, mask, mask_scale), lora_a)
-    return _forward_op(x, weight, bias, lora_a if lora and xa is None else None, xa, lora_b, scaling)
+    elif lora and keep_xa and x.shape[0] > DECODE_MAX_M:
+        xa = call_lora_op("lora_shrink", x, lora_a)
+    return _forward_op(x, weight, bias, lora_a if lora and xa is None else None, xa, lora_b, scaling), xa
 
 
 class _QLoRAFunction(torch.autograd.Function):
     """y = x W^T + bias + s D(x) A^T B^T for the 4-bit W (frozen: no gradient), D the dropout with keep-mask
     ``mask`` (identity when None). Backward: dx = dy W + s D((dy B) A), fused in matmul_4bit_t without a mask;
-    dA = s (dy B)^T D(x); dB = s dy^T (D(x) A^T); dbias = sum(dy)."""
+    dA = s (dy B)^T D(x); dy B and dB = s dy^T (D(x) A^T) from one pass over dy (fastpeft::lora_dy_pass), on the
+    forward's xa where it kept one; dbias = sum(dy)."""
 
     @staticmethod
     def forward(ctx, x, weight: Weight4bit, bias, lora_a, lora_b, scaling, mask, mask_scale):
-        y = _qlora_forward(x, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
+        y, xa = _qlora_forward(x, weight, bias, lora_a, lora_b, scaling, mask, mask_scale, keep_xa=True)
         lora = lora_b is not None
-        ctx.save_for_backward(x if lora else None, lora_a, lora_b, mask)  # dx alone needs only W
+        ctx.save_for_backward(x if lora else None, lora_a, lora_b, mask, xa)  # dx alone needs only W
         ctx.weight, ctx.scaling, ctx.mask_scale, ctx.lora = weight, scaling, mask_scale, lora
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, lora_a, lora_b, mask = ctx.saved_tensors
+        x, lora_a, lora_b, mask, xa = ctx.saved_tensors
         need_x, _, need_bias, need_a, need_b = ctx.needs_input_grad[:5]
         weight, scaling = ctx.weight, ctx.scaling
-        dx = da = db = dbias = None
+        dx = da = db = dbias = dyb = None
         dy = dy.contiguous() if dy.stride(-1) != 1 else dy
-        dyb = call_lora_op("lora_shrink", dy, lora_b.t()) if ctx.lora and (need_x or need_a) else None
+        if ctx.lora and need_b:
+            if xa is None:
+                xa = call_lora_op("lora_shrink", x if mask is None else apply_mask(x, mask, ctx.mask_scale), lora_a)
+            dyb, db = call_lora_op("lora_dy_pass", dy, lora_b, xa, scaling)
+        elif ctx.lora and (need_x or need_a):
+            dyb = call_lora_op("lora_shrink", dy, lora_b.t())
         if need_x:
             fused_lora = dyb is not None and mask is None
             dx = _backward_op(dy, weight, dyb if fused_lora else None, lora_a if fused_lora else None, scaling)
             if dyb is not None and mask is not None:
                 dx = dx + apply_mask((dyb * scaling).to(dy.dtype) @ lora_a, mask, ctx.mask_scale)
-        if need_a or need_b:
-            xd = x if mask is None else apply_mask(x, mask, ctx.mask_scale)
-            if need_a:
-                da = (dyb * scaling).to(x.dtype).t() @ xd
-            if need_b:
-                db = dy.t() @ (call_lora_op("lora_shrink", xd, lora_a) * scaling).to(x.dtype)
+        if need_a:
+            da = (dyb * scaling).to(x.dtype).t() @ (x if mask is None else apply_mask(x, mask, ctx.mask_scale))
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
         return dx, None, dbias, da, db, None, None, None
@@ -506,7 +514,7 @@ def _apply(x, weight: Weight4bit, bias, lora_a, lora_b, scaling: float, mask, ma
     pref = preference("matmul_4bit", rows.shape[0], lora_a is not None)
     route = choose_route("matmul_4bit", x.device, pref, (x, bias, lora_a, lora_b), torch_autograd=False)
     if route is Route.BACKEND:
-        y = _qlora_forward(rows, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
+        y, _ = _qlora_forward(rows, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
     else:
         y = _QLoRAFunction.apply(rows, weight, bias, lora_a, lora_b, scaling, mask, mask_scale)
     return y.reshape(*x.shape[:-1], weight.out_features)
