@@ -24,6 +24,7 @@ the ceilings (a memory-bound GEMV streams W at :data:`STREAM_EFFICIENCY`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -80,6 +81,9 @@ PERSISTENT_GEMM_EFFICIENCY = 0.95
 # A host sync in the middle of a step (torch.nonzero's count): the GPU idles from the moment the queue drains until
 # the host has launched the next kernel.
 HOST_SYNC_S = 10e-6
+# Per element dropped in-kernel (dropout_mode="philox"): Philox-4x32-10 gives four numbers for ten rounds of two
+# 32-bit multiplies and a few xors, plus the compare and select: about 12 lane ops per element.
+PHILOX_LANE_OPS = 12
 
 
 @dataclass(frozen=True)
@@ -370,14 +374,52 @@ def lora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
             skinny("dA", m, k, r)]  # fmt: skip
 
 
+def dropout_torch_mode(m: int, k: int) -> tuple[list[Pass], list[Pass]]:
+    """(forward, backward) passes dropout_mode="torch" adds to the fused layer's training step on a GPU
+    (fastpeft.ops.dropout, bf16): nn.Dropout's mask drawn by native_dropout on a tensor like x (it reads and
+    writes one, and writes the bool mask), the dropped x (x and the mask read, one write), the mask packed to bits
+    for the backward (a shift and a sum over the bool bytes); the backward unpacks them (two passes), rebuilds the
+    dropped x for dA and masks the LoRA part of dx: its own GEMM output written, masked, then added into by
+    cuBLAS (beta = 1) in place of the LoRA-term pass of the undropped layer."""
+    mk = float(m * k)
+    forward = [Pass("draw the mask (native_dropout)", 5.0 * mk), Pass("dropped x", 5.0 * mk),
+               Pass("pack the mask: shift", 2.0 * mk), Pass("pack the mask: sum", 1.125 * mk)]  # fmt: skip
+    backward = [Pass("unpack: shift", 1.125 * mk), Pass("unpack: mask", 2.0 * mk), Pass("dropped x again", 5.0 * mk),
+                Pass("mask the LoRA part of dx", 5.0 * mk)]  # fmt: skip
+    return forward, backward
+
+
+def lora_train_dropout(m: int, n: int, k: int, r: int, mode: str) -> list[Pass] | None:
+    """The fused layer's training step with dropout on A's input: ``mode`` "torch" (the default, nn.Dropout's
+    own mask: :func:`dropout_torch_mode`'s passes beside the undropped step, the LoRA term of dx as a GEMM of its
+    own) or "philox" (the mask drawn inside the shrink, the dx LoRA term and dA's shrink over x^T: the undropped
+    step's passes, each drawing Philox numbers for its elements)."""
+    step = lora_train(m, n, k, r)
+    if step is None or m < lora_ops.SHRINK_KEPT_MIN_M:
+        return None  # the decode rows' fused forward with dropout is not modelled
+    if mode == "philox":  # one draw per element of x in the shrink, the dx LoRA term and dA's shrink
+        draws = PHILOX_LANE_OPS * m * k
+        dx_term = [i for i, p in enumerate(step) if p.name == "LoRA term, no K loop"][-1]
+        return [dataclasses.replace(p, lane_ops=p.lane_ops + draws)
+                if p.name in ("LoRA shrink", "dA") or i == dx_term else p for i, p in enumerate(step)]  # fmt: skip
+    forward, backward = dropout_torch_mode(m, k)
+    dx_lora = [Pass("(s dy B) A", 2.0 * (m * r + r * k + m * k), 2.0 * m * k * r)]
+    passes = [*forward, *step]
+    term = [i for i, p in enumerate(passes) if p.name == "LoRA term, no K loop"][-1]  # dx's
+    return [*passes[:term], *dx_lora, *backward, *passes[term + 1 :]]
+
+
 def peft_lora(m: int, n: int, k: int, r: int) -> list[Pass]:
     """PEFT's LoRA layer on an nn.Linear, inference: cuBLAS, then the LoRA term."""
     return [*bf16_linear(m, n, k), *peft_lora_term(m, n, k, r)]
 
 
-def peft_lora_train(m: int, n: int, k: int, r: int) -> list[Pass]:
-    """PEFT's layer forward and backward: its forward, autograd's nodes for the LoRA term, cuBLAS's dx = dy W."""
-    return [*peft_lora(m, n, k, r), *peft_lora_term_backward(m, n, k, r), *bf16_linear(m, k, n)]
+def peft_lora_train(m: int, n: int, k: int, r: int, dropout: bool = False) -> list[Pass]:
+    """PEFT's layer forward and backward: its forward, autograd's nodes for the LoRA term, cuBLAS's dx = dy W;
+    with ``dropout``, nn.Dropout's forward (x read, the dropped x and the bool mask written) and backward (the
+    LoRA part of dx and the mask read, its masked copy written)."""
+    drop = [Pass("nn.Dropout", 5.0 * m * k), Pass("nn.Dropout backward", 5.0 * m * k)] if dropout else []
+    return [*peft_lora(m, n, k, r), *peft_lora_term_backward(m, n, k, r), *bf16_linear(m, k, n), *drop]
 
 
 def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
@@ -413,15 +455,27 @@ def decode_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
     }
 
 
+def training_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
+    """A training step of the layer (forward and backward) without dropout and with dropout on A's input in
+    either mode, and PEFT's beside them."""
+    return {
+        "fused, no dropout": lora_train(m, n, k, r) or [],
+        "fused, dropout_mode='torch' (default: nn.Dropout's mask)": lora_train_dropout(m, n, k, r, "torch") or [],
+        "fused, dropout_mode='philox' (mask drawn in the kernels)": lora_train_dropout(m, n, k, r, "philox") or [],
+        "PEFT, no dropout": peft_lora_train(m, n, k, r),
+        "PEFT, dropout": peft_lora_train(m, n, k, r, dropout=True),
+    }
+
+
 def design_table() -> list[str]:
     """Markdown: each design's predicted time and its ratio to cuBLAS's base GEMM, at the target shapes."""
     lines = ["| shape | design | predicted µs | vs base GEMM |", "|---|---|---:|---:|"]
     shapes = [("prefill", m, n) for m in (4096,) for n in (4096, 14336)]
-    shapes += [("decode", m, n) for m in (1, 16, 64) for n in (4096, 14336)]
+    shapes += [("decode", m, n) for m in (1, 16, 64) for n in (4096, 14336)] + [("training", 4096, 4096)]
     for kind, m, n in shapes:
         base = seconds(bf16_linear(m, n, 4096))
-        designs = (prefill_designs if kind == "prefill" else decode_designs)(m, n, 4096, 16)
-        for name, passes in designs.items():
+        make = {"prefill": prefill_designs, "decode": decode_designs, "training": training_designs}[kind]
+        for name, passes in make(m, n, 4096, 16).items():
             time = seconds(passes)
             lines.append(f"| {kind} M={m}, 4096->{n}, r=16 | {name} | {time * 1e6:.1f} | {time / base:.3f} |")
     return lines
@@ -643,9 +697,12 @@ def _qlora_metric(metric: str, case: dict) -> float | None:
 
 def _lora_metric(metric: str, case: dict) -> float | None:
     m, n, k, r = case["m"], case["n"], case["k"], case["r"]
-    if case.get("dropout"):
-        return None  # the dropout mask's passes are not modelled yet
     train = case.get("mode") == "forward+backward"
+    if case.get("dropout"):  # the default mode, nn.Dropout's own mask (--designs: the philox mode beside it)
+        fused = lora_train_dropout(m, n, k, r, "torch") if train else None
+        if fused is None or metric != "speedup_vs_unfused":
+            return None
+        return seconds(peft_lora_train(m, n, k, r, dropout=True)) / seconds(fused)
     fused = (lora_train if train else lora_forward)(m, n, k, r)
     if fused is None:
         return None

@@ -400,7 +400,7 @@ def lora_grads(
             dx = call_lora_op("lora_expand_linear", dy, weight.t(), dy_b, lora_a.t(), scaling, None)
         elif need_x:
             lora_dx = [_dropped((dy_b[:, rows] * scaling).to(dy.dtype) @ lora_a[rows], m, s) for rows, m, s in groups]
-            dx = torch.addmm(sum(lora_dx[1:], lora_dx[0]), dy, weight)
+            dx = sum(lora_dx[1:], lora_dx[0]).addmm_(dy, weight)  # a fresh tensor: cuBLAS adds into it in place
         if need_a:
             dy_b_scaled = (dy_b * scaling).to(x.dtype)
             da = torch.cat([dy_b_scaled[:, rows].t() @ xd for (rows, _, _), xd in zip(groups, x_lora, strict=True)])
