@@ -374,39 +374,24 @@ def lora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
             skinny("dA", m, k, r)]  # fmt: skip
 
 
-def dropout_torch_mode(m: int, k: int) -> tuple[list[Pass], list[Pass]]:
-    """(forward, backward) passes dropout_mode="torch" adds to the fused layer's training step on a GPU
-    (fastpeft.ops.dropout, bf16): nn.Dropout's mask drawn by native_dropout on a tensor like x (it reads and
-    writes one, and writes the bool mask), the dropped x (x and the mask read, one write), the mask packed to bits
-    for the backward (a shift and a sum over the bool bytes); the backward unpacks them (two passes), rebuilds the
-    dropped x for dA and masks the LoRA part of dx: its own GEMM output written, masked, then added into by
-    cuBLAS (beta = 1) in place of the LoRA-term pass of the undropped layer."""
-    mk = float(m * k)
-    forward = [Pass("draw the mask (native_dropout)", 5.0 * mk), Pass("dropped x", 5.0 * mk),
-               Pass("pack the mask: shift", 2.0 * mk), Pass("pack the mask: sum", 1.125 * mk)]  # fmt: skip
-    backward = [Pass("unpack: shift", 1.125 * mk), Pass("unpack: mask", 2.0 * mk), Pass("dropped x again", 5.0 * mk),
-                Pass("mask the LoRA part of dx", 5.0 * mk)]  # fmt: skip
-    return forward, backward
-
-
 def lora_train_dropout(m: int, n: int, k: int, r: int, mode: str) -> list[Pass] | None:
-    """The fused layer's training step with dropout on A's input: ``mode`` "torch" (the default, nn.Dropout's
-    own mask: :func:`dropout_torch_mode`'s passes beside the undropped step, the LoRA term of dx as a GEMM of its
-    own) or "philox" (the mask drawn inside the shrink, the dx LoRA term and dA's shrink over x^T: the undropped
-    step's passes, each drawing Philox numbers for its elements)."""
+    """The fused layer's training step with dropout on A's input, as the Triton backend runs it past the decode
+    rows: the undropped step's passes, the mask applied inside three of them (the forward's shrink, dx's LoRA
+    term, dA's shrink over x^T), so no dropped copy of x is written. ``mode`` "philox": the mask drawn there by
+    Philox (lane ops per element); "torch" (the default: nn.Dropout's own mask), drawn first by native_dropout on
+    a tensor like x (which reads and writes one beside the bool mask), packed to bits (one Triton pass), and
+    read by those passes as bits (1/8 byte per element)."""
     step = lora_train(m, n, k, r)
     if step is None or m < lora_ops.SHRINK_KEPT_MIN_M:
         return None  # the decode rows' fused forward with dropout is not modelled
-    if mode == "philox":  # one draw per element of x in the shrink, the dx LoRA term and dA's shrink
-        draws = PHILOX_LANE_OPS * m * k
-        dx_term = [i for i, p in enumerate(step) if p.name == "LoRA term, no K loop"][-1]
-        return [dataclasses.replace(p, lane_ops=p.lane_ops + draws)
-                if p.name in ("LoRA shrink", "dA") or i == dx_term else p for i, p in enumerate(step)]  # fmt: skip
-    forward, backward = dropout_torch_mode(m, k)
-    dx_lora = [Pass("(s dy B) A", 2.0 * (m * r + r * k + m * k), 2.0 * m * k * r)]
-    passes = [*forward, *step]
-    term = [i for i, p in enumerate(passes) if p.name == "LoRA term, no K loop"][-1]  # dx's
-    return [*passes[:term], *dx_lora, *backward, *passes[term + 1 :]]
+    dx_term = [i for i, p in enumerate(step) if p.name == "LoRA term, no K loop"][-1]
+    masked = [i for i, p in enumerate(step) if p.name in ("LoRA shrink", "dA")] + [dx_term]
+    mk = float(m * k)
+    if mode == "philox":
+        return [dataclasses.replace(p, lane_ops=p.lane_ops + PHILOX_LANE_OPS * mk) if i in masked else p
+                for i, p in enumerate(step)]  # fmt: skip
+    draw = [Pass("draw the mask (native_dropout)", 5.0 * mk), Pass("pack the mask to bits", 1.125 * mk)]
+    return draw + [dataclasses.replace(p, bytes=p.bytes + mk / 8) if i in masked else p for i, p in enumerate(step)]
 
 
 def peft_lora(m: int, n: int, k: int, r: int) -> list[Pass]:

@@ -267,12 +267,22 @@ def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
             yield f"lora shrink+dropout r=256 m={m}", partial(lora.lora_shrink, x, a256, dropout)
     dy, dyb = _t(37, n, dtype=dtype), _t(37, 64, dtype=torch.float32)
     yield "lora dx (transposed W) m=37", partial(lora.lora_linear, dy, w.t(), None, a64.t(), 2.0, None, xa=dyb)
+    for m in (5, 100):  # nn.Dropout's mask read as bits: the forward's shrink, dx's LoRA term, dA's shrink over x^T
+        bits = lora.BitsDropout(_t(m, -(-k // 8), dtype=torch.uint8), 1 / 0.9)
+        x, dy, dyb = _t(m, k, dtype=dtype), _t(m, n, dtype=dtype), _t(m, 16, dtype=torch.float32)
+        yield f"lora shrink+bits r=16 m={m}", partial(lora.lora_shrink, x, a16, bits)
+        yield f"lora dx+bits r=16 m={m}", partial(lora.lora_linear, dy, w.t(), None, a16.t(), 2.0, None, xa=dyb,
+                                                   dropout_out=bits)  # fmt: skip
+        yield f"lora dA shrink+bits m={m}", partial(lora.lora_shrink, x.t(), _t(16, m, dtype=dtype), bits.transposed())
+        if m <= lora.DECODE_MAX_M:
+            yield f"lora fused+bits m={m}", partial(lora.lora_linear, x, w, a16, b16, 2.0, None, dropout_x=bits)
     from fastpeft.triton_kernels.lora_dy_pass import lora_dy_pass
 
     for m, b in ((37, b16), (100, b64)):
         xa = _t(m, b.shape[1], dtype=torch.float32)
         yield f"lora dy pass r={b.shape[1]} m={m}", partial(lora_dy_pass, _t(m, n, dtype=dtype), b, xa, 2.0)
     yield "lora keep mask", partial(lora.keep_mask, dropout, 37, k, META)
+    yield "lora pack bits", partial(lora.pack_bits, _t(37, k, dtype=torch.bool))
     if dtype != torch.float32:  # the persistent TMA prefill (off by default), here and at a target's size
         xa = _t(100, 64, dtype=torch.float32)
         persistent = partial(lora.lora_linear, _t(100, k, dtype=dtype), w, None, b64, 2.0, bias, xa=xa)

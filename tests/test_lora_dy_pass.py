@@ -111,12 +111,26 @@ def test_the_backward_reads_x_once_past_the_decode_rows(monkeypatch, backend, dr
     lora_b = torch.randn(20, 4, device=DEVICE).requires_grad_()
     mask = torch.rand(m, 24, device=DEVICE) > dropout if dropout else None
     y = ops.lora_linear(x, weight, lora_a, lora_b, 0.5, dropout_p=dropout, dropout_mask=mask)
-    calls: list[str] = []
+    shrunk: list[tuple[int, ...]] = []  # the shapes shrinks read: x's [m, 24] and dy's [m, 20] must not be there
+    passes: list[str] = []
     real_run = ops._run
-    monkeypatch.setattr(ops, "_run", lambda op, *args: calls.append(op) or real_run(op, *args))
+
+    def run(op, *args):
+        shrunk.extend([tuple(args[0].shape)] if op == "lora_shrink" else [])
+        passes.extend([op] if op == "lora_dy_pass" and backend != "triton" else [])
+        return real_run(op, *args)
+
+    monkeypatch.setattr(ops, "_run", run)
+    if backend == "triton":  # with dropout the backward calls the Triton kernels directly
+        from fastpeft.triton_kernels import lora as shrinks
+        from fastpeft.triton_kernels import lora_dy_pass as dy_passes
+
+        real_shrink, real_pass = shrinks.lora_shrink, dy_passes.lora_dy_pass
+        monkeypatch.setattr(shrinks, "lora_shrink", lambda t, *a: shrunk.append(tuple(t.shape)) or real_shrink(t, *a))
+        monkeypatch.setattr(dy_passes, "lora_dy_pass", lambda *a: passes.append("triton") or real_pass(*a))
     grad = torch.randn(m, 20, device=DEVICE)
     y.backward(grad)
-    assert calls.count("lora_dy_pass") == 1 and "lora_shrink" not in calls, calls
+    assert len(passes) == 1 and (m, 24) not in shrunk and (m, 20) not in shrunk, (passes, shrunk)
     xd = x.detach().double() if mask is None else x.detach().double() * mask / (1 - dropout)
     g, a, b = grad.double(), lora_a.detach().double(), lora_b.detach().double()
     torch.testing.assert_close(lora_b.grad.double(), 0.5 * g.t() @ (xd @ a.t()), rtol=1e-4, atol=1e-5)

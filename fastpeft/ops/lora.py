@@ -243,13 +243,26 @@ def _check_rows(x: torch.Tensor) -> None:
         )
 
 
-def _philox_on_triton(x: torch.Tensor, rank: int, seed: int, p: float, scale: float):
-    """The Triton kernels and the in-kernel dropout spec when the op runs there with dropout_mode='philox', else
-    None (the other backends apply the same mask, materialised by seeded_mask)."""
-    if seed < 0 or select_backend("lora_linear", x.device, preference("lora_linear", x.shape[0], rank)) != "triton":
+def _in_kernel_dropout(
+    x: torch.Tensor, rank: int, seed: int, p: float, scale: float, rank_groups: Sequence[int],
+    mask: Optional[torch.Tensor] = None, bits: Optional[torch.Tensor] = None,
+):  # fmt: skip
+    """The Triton kernels and their in-kernel dropout spec when the op runs there with dropout, else None (the
+    other backends apply the mask materialised). The mask: Philox's for ``seed`` (dropout_mode='philox'; the
+    other backends materialise it with seeded_mask), or one mask over x (one group of adapters), given as bool
+    ``mask`` (packed here) or as its ``bits`` (fastpeft.ops.dropout.pack_bits), read by the kernels as bits:
+    neither pass writes a dropped copy of x."""
+    if seed < 0 and ((mask is None and bits is None) or rank_groups):
         return None
+    pref = preference("lora_linear", x.shape[0], rank)
+    if select_backend("lora_linear", x.device, pref, record=False) != "triton":
+        return None
+    select_backend("lora_linear", x.device, pref)  # recorded: the layer runs on Triton's kernels
     kernels = _triton_lora()
-    return kernels, kernels.PhiloxDropout(seed, p, scale, x.shape[1], 1)
+    if seed >= 0:
+        return kernels, kernels.PhiloxDropout(seed, p, scale, x.shape[1], 1)
+    bits = kernels.pack_bits(mask.reshape(-1, x.shape[1])) if bits is None else bits
+    return kernels, kernels.BitsDropout(bits, scale)
 
 
 def _dropout_groups(
@@ -273,14 +286,17 @@ def _columns(parts: list[torch.Tensor]) -> torch.Tensor:
 
 def _lora_linear_rows(
     x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, rank_groups, dropout_seed, dropout_p,
-    kept: Optional[list] = None, shrinks: Optional[list] = None,
+    kept: Optional[list] = None, shrinks: Optional[list] = None, packed: Optional[list] = None,
 ):  # fmt: skip
-    """The layer on 2-D rows; ``kept``, when a list, receives the dropped copies of x the shrinks read, and
+    """The layer on 2-D rows; ``kept``, when a list, receives the dropped copies of x the shrinks read,
     ``shrinks`` the fp32 xa = dropout(x) A^T where it is computed by a launch of its own (past the decode rows),
-    for the backward's dB."""
-    in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0])
-    if in_kernel is not None:  # the mask drawn inside the kernels: no dropped copy of x, no mask in memory
+    for the backward's dB, and ``packed`` the mask's bits where the kernels read them."""
+    in_kernel = _in_kernel_dropout(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0], rank_groups,
+                                   dropout_mask)  # fmt: skip
+    if in_kernel is not None:  # the mask applied inside the kernels: no dropped copy of x
         kernels, spec = in_kernel
+        if packed is not None and isinstance(spec, kernels.BitsDropout):
+            packed.append(spec.bits)
         if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]):
             return kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias, dropout_x=spec)
         xa = _kept_shrink(kernels.lora_shrink(x, lora_a, spec), shrinks)
@@ -334,14 +350,19 @@ def _(x, weight, lora_a, lora_b, scaling, bias, dropout_mask, dropout_scales, ra
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
-def _setup_context(ctx, inputs, output, kept: Optional[list] = None, xa: Optional[torch.Tensor] = None):
-    """Saves the inputs, the dropout mask (or the dropped x, ``kept``) and the forward's xa when it has one."""
+def _setup_context(
+    ctx, inputs, output, kept: Optional[list] = None, xa: Optional[torch.Tensor] = None,
+    bits: Optional[torch.Tensor] = None,
+):  # fmt: skip
+    """Saves the inputs, the dropout mask (or the dropped x, ``kept``) and the forward's xa when it has one;
+    ``bits``: the mask already packed by the forward."""
     x, weight, lora_a, lora_b, scaling, _bias, mask, dropout_scales, rank_groups, dropout_seed, dropout_p = inputs
     ctx.kept_dropped = bool(kept)
     if kept:  # the dropped copies of x the forward made, and the masks as they are (see _keeps_dropped)
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, mask, *kept)
     else:  # the masks, 1 bit per element (one [M, K] mask per group of stacked adapters)
-        bits = None if mask is None else pack_bits(mask.reshape(-1, x.shape[1]))
+        if bits is None and mask is not None:
+            bits = pack_bits(mask.reshape(-1, x.shape[1]))
         ctx.save_for_backward(x, weight, lora_a, lora_b, xa, bits)
     ctx.scaling = scaling
     # A seed >= 0 regenerates the mask (philox).
@@ -363,6 +384,7 @@ def lora_grads(
     rank_groups: Sequence[int] = (),
     dropped: Optional[Sequence[torch.Tensor]] = None,
     xa: Optional[torch.Tensor] = None,
+    mask_bits: Optional[torch.Tensor] = None,
 ) -> tuple[Optional[torch.Tensor], ...]:
     """Gradients (dx, dweight, dlora_a, dlora_b) of ``x W^T + s D(x) A^T B^T`` for the output gradient ``dy``,
     each only where ``needs`` says so. D is the dropout with keep-``mask`` (identity when None): a diagonal, so
@@ -374,14 +396,19 @@ def lora_grads(
     one pass over dy (fastpeft::lora_dy_pass), whose xa is the forward's (``xa``, fp32 [M, R]) when it kept one,
     else recomputed. The dropped x is ``dropped`` (one per group) when the forward kept it, else rebuilt from the
     mask where dA and dB need it. With ``dropout_seed >= 0`` (dropout_mode='philox') the mask comes from the
-    seed: inside the Triton kernels, or materialised by seeded_mask on other backends.
+    seed: inside the Triton kernels, or materialised by seeded_mask on other backends. ``mask_bits``: the mask
+    as packed bits (``mask`` None), read as such by the Triton kernels or unpacked for the other backends.
     """
     need_x, need_weight, need_a, need_b = needs
-    in_kernel = _philox_on_triton(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0])
+    in_kernel = _in_kernel_dropout(x, lora_a.shape[0], dropout_seed, dropout_p, dropout_scales[0], rank_groups,
+                                   mask, mask_bits)  # fmt: skip
     if in_kernel is not None:
-        return _philox_grads(*in_kernel, dy, x, weight, lora_a, lora_b, scaling, needs, xa)
+        return _in_kernel_grads(*in_kernel, dy, x, weight, lora_a, lora_b, scaling, needs, xa)
     if dropout_seed >= 0:
         mask = seeded_mask(dropout_seed, dropout_p, x.shape[0], x.shape[1], x.device)
+    elif mask is None and mask_bits is not None:
+        mask = unpack_bits(mask_bits, x.shape[1])
+        mask = mask.view(len(rank_groups), *x.shape) if rank_groups else mask
     groups = _dropout_groups(mask, dropout_scales, rank_groups, lora_a.shape[0])
     if dropped is not None:
         x_lora = list(dropped)
@@ -409,10 +436,11 @@ def lora_grads(
     return dx, dweight, da, db
 
 
-def _philox_grads(kernels, spec, dy, x, weight, lora_a, lora_b, scaling, needs, xa):
-    """lora_grads on the Triton kernels with the mask regenerated inside them: dx's LoRA term masked in the
-    epilogue, dA a shrink over x transposed (the mask read through swapped strides), dB with dy B from one pass
-    over dy, on the dropped shrink (the forward's ``xa``, or recomputed)."""
+def _in_kernel_grads(kernels, spec, dy, x, weight, lora_a, lora_b, scaling, needs, xa):
+    """lora_grads on the Triton kernels with the mask applied inside them (``spec``: Philox's, regenerated, or
+    packed bits): dx's LoRA term masked in the epilogue, dA a shrink over x transposed (the mask read
+    transposed), dB with dy B from one pass over dy, on the dropped shrink (the forward's ``xa``, or
+    recomputed)."""
     need_x, need_weight, need_a, need_b = needs
     dx = dweight = da = db = None
     if need_b:
@@ -435,15 +463,14 @@ def _backward(ctx, dy):
     CPU, :func:`_keeps_dropped`)."""
     x, weight, lora_a, lora_b, xa, saved_mask, *dropped = ctx.saved_tensors
     scales, rank_groups, seed, p = ctx.dropout
+    bits = None
     if getattr(ctx, "kept_dropped", False):
         mask = saved_mask.reshape(-1, *x.shape) if rank_groups else saved_mask
-    else:
-        mask = None if saved_mask is None else unpack_bits(saved_mask, x.shape[1])
-        mask = mask.view(len(rank_groups), *x.shape) if mask is not None and rank_groups else mask
-        dropped = None
+    else:  # bits: read by the Triton kernels as they are, unpacked for the other backends (lora_grads)
+        mask, bits, dropped = None, saved_mask, None
     needs = ctx.needs_input_grad
     grads = lora_grads(dy, x, weight, lora_a, lora_b, ctx.scaling, mask, scales, needs[:4], seed, p, rank_groups,
-                       dropped, xa)  # fmt: skip
+                       dropped, xa, bits)  # fmt: skip
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
     return (*grads, None, dbias, None, None, None, None, None)
 
@@ -462,8 +489,9 @@ class _LoRALinearFunction(torch.autograd.Function):
     def forward(ctx, *inputs):
         kept = [] if _keeps_dropped(inputs[0], inputs[6], inputs[9]) else None
         shrinks: list[torch.Tensor] = []
-        output = _lora_linear_rows(*inputs, kept=kept, shrinks=shrinks)
-        _setup_context(ctx, inputs, output, kept, shrinks[0] if shrinks else None)
+        packed: list[torch.Tensor] = []
+        output = _lora_linear_rows(*inputs, kept=kept, shrinks=shrinks, packed=packed)
+        _setup_context(ctx, inputs, output, kept, shrinks[0] if shrinks else None, packed[0] if packed else None)
         return output
 
     backward = staticmethod(_backward)
