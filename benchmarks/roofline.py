@@ -394,6 +394,67 @@ def lora_train_dropout(m: int, n: int, k: int, r: int, mode: str) -> list[Pass] 
     return draw + [dataclasses.replace(p, bytes=p.bytes + mk / 8) if i in masked else p for i, p in enumerate(step)]
 
 
+def small_ops(name: str, count: int) -> list[Pass]:
+    """``count`` launches over vectors of the output size: their launch cost only."""
+    return [Pass(f"{name} {i + 1}", 0.0) for i in range(count)]
+
+
+def dora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
+    """fastpeft's DoRA layer, forward and backward (fastpeft.ops.dora on Triton, the norm computed per call, as
+    the bench calls it): ||W||^2 and W A^T (two reads of W) and the norm's and scale's [N]-sized ops; the shrink,
+    cuBLAS, then the tiles as its epilogue (the scale needs the whole sum: y read, y and z written); backward:
+    one pass over dy and z (dz and d magnitude: triton_kernels/dora.py), then the LoRA gradients of dz (x A^T
+    recomputed: DoRA's forward keeps no xa)."""
+    if lora_ops.preference("lora_linear", m, r)[0] != "triton" or m < lora_ops.SHRINK_KEPT_MIN_M:
+        return None
+    norm = [Pass("||W||^2", 2.0 * n * k), skinny("W A^T", n, k, r), *small_ops("norm and scale op", 10)]
+    forward = [
+        skinny("LoRA shrink", m, k, r),
+        *bf16_linear(m, n, k),
+        Pass("tiles as cuBLAS's epilogue, z kept", 6.0 * m * n + 4.0 * m * r + 2.0 * n * r, 2.0 * m * n * r),
+    ]
+    scale = [Pass("dz and d magnitude (one pass)", 6.0 * m * n), Pass("sum of the partials", 4.0 * n)]
+    grads = [skinny("x A^T again", m, k, r), *lora_dy_products(m, n, r), *lora_product("dx tiles", m, k, n, r),
+             Pass("s dy B", 6.0 * m * r), skinny("dA", m, k, r)]  # fmt: skip
+    return [*norm, *forward, *scale, *grads]
+
+
+def peft_dora_train(m: int, n: int, k: int, r: int) -> list[Pass]:
+    """PEFT's DoRA layer (use_dora=True, no dropout), forward and backward, op by op: the base layer; B A formed
+    through an identity (eye(K) through lora_A and lora_B), scaled, added to W and its row norm taken; the LoRA
+    GEMMs on x; ``(c - 1) * base + c * lora * s`` and the sum with the base output as elementwise passes; autograd's
+    nodes for each (the magnitude's gradient two products summed over rows); dx = dy W, the LoRA GEMMs'
+    gradients, and the sum of the two dx."""
+    mn, nk = float(m * n), float(n * k)
+    weight_norm = [
+        Pass("eye(K)", 2.0 * k * k),
+        Pass("lora_A(eye)", 2.0 * (k * k + r * k + k * r), 2.0 * k * k * r),
+        Pass("lora_B(.)", 2.0 * (k * r + n * r + n * k), 2.0 * n * k * r),
+        Pass("s * B A", 4.0 * nk),
+        Pass("W + s B A", 6.0 * nk),
+        Pass("row norm", 2.0 * nk),
+        *small_ops("magnitude / norm", 3),
+    ]
+    forward = [
+        *bf16_linear(m, n, k),
+        *weight_norm,
+        skinny("lora_A(x)", m, k, r),
+        Pass("lora_B", 2.0 * (m * r + n * r) + 2.0 * mn, 2.0 * m * n * r),
+        Pass("(c - 1) * base", 4.0 * mn),
+        Pass("c * lora", 4.0 * mn),
+        Pass("* scaling", 4.0 * mn),
+        Pass("+", 6.0 * mn),
+        Pass("result +", 6.0 * mn),
+    ]
+    backward = [Pass("g * scaling", 4.0 * mn), Pass("* c", 4.0 * mn), Pass("g s * lora", 6.0 * mn),
+                Pass("sum over rows", 2.0 * mn), Pass("g * (c - 1)", 4.0 * mn), Pass("g * base", 6.0 * mn),
+                Pass("sum over rows", 2.0 * mn), Pass("g + g (c - 1)", 6.0 * mn), *bf16_linear(m, k, n),
+                skinny("d(xA) = dlora B", m, n, r), skinny("dB", m, n, r),
+                Pass("dx_lora", 2.0 * (m * r + r * k + m * k), 2.0 * m * k * r), skinny("dA", m, k, r),
+                Pass("dx + dx_lora", 6.0 * m * k)]  # fmt: skip
+    return forward + backward
+
+
 def peft_lora(m: int, n: int, k: int, r: int) -> list[Pass]:
     """PEFT's LoRA layer on an nn.Linear, inference: cuBLAS, then the LoRA term."""
     return [*bf16_linear(m, n, k), *peft_lora_term(m, n, k, r)]
@@ -698,7 +759,20 @@ def _lora_metric(metric: str, case: dict) -> float | None:
     return None
 
 
+def _dora_metric(metric: str, case: dict) -> float | None:
+    m, n, k, r = case["m"], case["n"], case["k"], case["r"]
+    fused = dora_train(m, n, k, r) if case.get("mode") == "forward+backward" and not case.get("dropout") else None
+    if fused is None:
+        return None
+    if metric == "speedup_vs_peft":
+        return seconds(peft_dora_train(m, n, k, r)) / seconds(fused)
+    if metric == "ratio_vs_lora":
+        return seconds(fused) / seconds(lora_train(m, n, k, r))
+    return None
+
+
 MODELS: dict[str, Callable[[str, dict], float | None]] = {
+    "dora": _dora_metric,
     "qlora": _qlora_metric,
     "lora": _lora_metric,
     "multi_lora": _multi_lora_metric,

@@ -142,3 +142,26 @@ def test_dora_at_initialisation_is_the_base_output_bit_for_bit(dtype, bias, monk
         with torch.set_grad_enabled(grad):
             out = dora_linear(x, weight, lora_a, lora_b, magnitude.requires_grad_(grad), 1.5, b)
         assert torch.equal(out, expected), f"grad={grad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(("m", "n"), [(0, 5), (1, 1), (7, 33), (70, 40), (37, 130)])
+def test_triton_scale_gradients_in_one_pass(dtype, m, n):
+    """dz = dy * c and sum_rows(dy * z) from one pass (several row blocks, odd sizes, a strided dy) against
+    float64, and the same bits on a second run."""
+    pytest.importorskip("triton")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("triton cannot run here")
+    from fastpeft.triton_kernels.dora import dora_grad_scale
+
+    dy = torch.randn(n, m, device=DEVICE).to(dtype).t()  # column-major rows
+    z, c = torch.randn(m, n, device=DEVICE).to(dtype), torch.rand(n, device=DEVICE) + 0.5
+    dz, dscale = dora_grad_scale(dy, z, c)
+    assert dz.dtype == dtype and dscale.dtype == torch.float32
+    expected = (dy.float() * c).to(dtype)  # fp32 math, one rounding (the interpreter's rounding truncates)
+    torch.testing.assert_close(dz.float(), expected.float(), rtol=0 if dtype == torch.float32 else 2**-7, atol=0)
+    torch.testing.assert_close(dscale.double(), (dy.double() * z.double()).sum(0), rtol=1e-5, atol=1e-4)
+    again = dora_grad_scale(dy, z, c)
+    assert torch.equal(dz, again[0]) and torch.equal(dscale, again[1])

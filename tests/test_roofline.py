@@ -184,3 +184,11 @@ def test_the_multi_adapter_model_follows_the_grouped_kernels():
     assert len(roofline.peft_mixed_batch(64, 4096, 4096, 16, 32)) == 1 + 5 * 32
     rows = [(t, value) for t, case, value in roofline.prediction_rows() if t.bench == "multi_lora"]
     assert rows and all(value is not None for t, value in rows)
+
+
+def test_the_dora_model_reads_dy_and_z_once_in_its_backward():
+    names = [p.name for p in roofline.dora_train(4096, 4096, 4096, 16)]
+    assert names.count("dz and d magnitude (one pass)") == 1 and "tiles as cuBLAS's epilogue, z kept" in names
+    assert roofline.seconds(roofline.peft_dora_train(4096, 4096, 4096, 16)) > roofline.seconds(
+        roofline.dora_train(4096, 4096, 4096, 16)
+    )

@@ -138,14 +138,24 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+def _scale_grads(dy, z, out_scale, need_scale: bool, rank: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(dz = dy * out_scale in dy's dtype, d out_scale = sum_rows(dy * z) or None), in fp32 math. Eagerly on
+    Triton one pass over dy and z (triton_kernels/dora.py); otherwise PyTorch's ops (which torch.compile fuses)."""
+    if need_scale and not torch.compiler.is_compiling() and _backend("dora_linear", dy, rank) == "triton":
+        from fastpeft.triton_kernels.dora import dora_grad_scale
+
+        return dora_grad_scale(dy, z, out_scale)
+    dz = (dy.float() * out_scale).to(dy.dtype)
+    return dz, (dy.float() * z.float()).sum(0) if need_scale else None
+
+
 def _backward(ctx, dy, _dz):
     """dz = dy * out_scale feeds lora_grads; d out_scale = sum_rows(dy * z); dbias = sum(dy)."""
     x, weight, lora_a, lora_b, out_scale, z = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    dz = (dy.float() * out_scale).to(dy.dtype)
+    dz, dscale = _scale_grads(dy, z, out_scale, needs[6], lora_a.shape[0])
     grads = lora_grads(dz, x, weight, lora_a, lora_b, ctx.scaling, None, [1.0], needs[:4])
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
-    dscale = (dy.float() * z.float()).sum(0) if needs[6] else None
     return (*grads, None, dbias, dscale, *([None] * (len(needs) - 7)))
 
 
