@@ -8,6 +8,8 @@ Variants, timed in the same run on the same operands (bf16 on a GPU):
                     once per step for every layer of a model, as adapter_batch and the PEFT path build it: not
                     timed); decode (M <= 64) runs the grouped kernels
     fused:auto-ids  fused:auto given plain per-sequence ids instead (decode: the per-token kernels)
+    fused:triton-base-first  prefill on Triton with cuBLAS first and the expand reading and rewriting y, instead
+                    of the terms first and cuBLAS adding x W^T into them (fastpeft.ops.multi_lora.TERMS_BEFORE_BASE)
     shrink+expand   the adapter launches alone (no base GEMM) as fused:auto runs them
     copy            a device-to-device copy of 256 MiB: the bandwidth the adapters' reads are compared with
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 from common import backends_for, case_fields, case_rows, copy_gbps, describe_error, time_variants, with_backend
@@ -146,8 +149,21 @@ def _variants(backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
         ),
     }
     fns.update({f"fused:{b}": fused for b in backends})
+    if "triton" in backends:
+        fns["fused:triton-base-first"] = _base_first(fused)
     fns["shrink+expand"] = _shrink_expand
     return fns
+
+
+def _base_first(fn: Callable) -> Callable:
+    """``fn`` with the prefill's base GEMM before the adapters' expand (TERMS_BEFORE_BASE off)."""
+    from fastpeft.ops import multi_lora as ops_module
+
+    def run(ops):
+        with mock.patch.object(ops_module, "TERMS_BEFORE_BASE", False):
+            return fn(ops)
+
+    return run
 
 
 def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:

@@ -569,11 +569,16 @@ def multi_lora_adapters_alone(m: int, n: int, k: int, r: int, adapters: int) -> 
 
 
 def multi_lora_tiles(m: int, n: int, k: int, r: int) -> list[Pass]:
-    """Prefill (segments of one adapter): the shrink's tiles read x once and write v; the expand's tiles read
-    base and v and write y (the output's second pass the target's 1.10 leaves little room for)."""
+    """Prefill (segments of one adapter): the shrink's tiles read x once and write v; then (TERMS_BEFORE_BASE)
+    the expand's tiles write the terms over the broadcast bias and cuBLAS adds x W^T into them (y read once more
+    inside the GEMM), else cuBLAS first and the expand reading base and v and writing y."""
     v = max(16, 1 << (r - 1).bit_length())
-    return [*bf16_linear(m, n, k), Pass("shrink tiles", 2.0 * m * k + 4.0 * m * v, 2.0 * m * k * r),
-            Pass("expand tiles", 4.0 * m * n + 4.0 * m * v, 2.0 * m * n * r)]  # fmt: skip
+    shrink = Pass("shrink tiles", 2.0 * m * k + 4.0 * m * v, 2.0 * m * k * r)
+    if multi_lora_ops.TERMS_BEFORE_BASE:
+        (gemm,) = bf16_linear(m, n, k)
+        return [shrink, Pass("expand tiles, terms only", 2.0 * m * n + 4.0 * m * v, 2.0 * m * n * r),
+                Pass("cuBLAS GEMM, beta = 1", gemm.bytes + 2.0 * m * n, gemm.flops)]  # fmt: skip
+    return [*bf16_linear(m, n, k), shrink, Pass("expand tiles", 4.0 * m * n + 4.0 * m * v, 2.0 * m * n * r)]
 
 
 def peft_mixed_batch(m: int, n: int, k: int, r: int, adapters: int) -> list[Pass]:

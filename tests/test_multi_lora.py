@@ -294,3 +294,37 @@ def test_shrink_writes_every_column_of_v(backend, m):
             expected = x[t].double() @ adapters[adapter][0].double().t()
             torch.testing.assert_close(v[t, :rank].double(), expected, rtol=1e-3, atol=1e-4)  # tf32 on a GPU
         assert torch.all(v[t, rank:] == 0), (t, adapter)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("bias_kind", ["bias", "no-bias"])
+@pytest.mark.parametrize("ids_kind", ["flat", "description"])
+def test_prefill_writes_the_terms_then_adds_the_base(monkeypatch, backend, dtype, bias_kind, ids_kind):
+    """Past the decode rows the Triton path writes the adapters' terms over the bias (or zero) broadcast to
+    every row, tokens without an adapter included, then cuBLAS adds x W^T in place; packed slices and -1 ids."""
+    from fastpeft import describe_batch
+    from fastpeft.ops import multi_lora as ops
+
+    ran: list[int] = []
+    real = ops._terms_then_base
+    monkeypatch.setattr(ops, "_terms_then_base", lambda *args: ran.append(1) or real(*args))
+    k, widths, m = 24, [32, 8], 70
+    gen = torch.Generator().manual_seed(3)
+
+    def pair(r, width, scale):
+        a = torch.randn(r, k, generator=gen) * k**-0.5
+        return a.to(DEVICE, dtype), (torch.randn(width, r, generator=gen) * r**-0.5).to(DEVICE, dtype), scale
+
+    packed = [[pair(4, 32, 2.0), pair(4, 8, 2.0)], [pair(16, 32, 0.5), None], [None, pair(3, 8, 3.0)]]
+    pool = AdapterPool.build_packed(packed)
+    weight = (torch.randn(sum(widths), k, generator=gen) * k**-0.5).to(DEVICE, dtype)
+    bias = torch.randn(sum(widths), generator=gen).to(DEVICE, dtype) if bias_kind == "bias" else None
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    ids = torch.randint(-1, 3, (m,), generator=gen).to(DEVICE)
+    out = multi_lora_linear(x, weight, pool, describe_batch(ids, 3) if ids_kind == "description" else ids, bias)
+    assert ran == ([1] if backend == "triton" else [])
+    zero = torch.zeros(sum(widths), device=DEVICE)
+    as64 = [[None if p is None else (p[0].double(), p[1].double(), p[2]) for p in slices] for slices in packed]
+    ref = packed_reference(x.double(), weight.double(), (zero if bias is None else bias).double(), as64, widths, ids)
+    baseline = packed_reference(x, weight, zero.to(dtype) if bias is None else bias, packed, widths, ids)
+    assert_close_to_reference(out, ref, baseline, f"{backend} terms, then the base")
