@@ -30,8 +30,8 @@ CASES = {
         ((1,), 256, 200, 16, "bfloat16", 0.0),  # decode kernel, shrink fused (one launch)
         ((5,), 2048, 72, 40, "float32", 0.0),  # split-K shrink (atomics) + decode kernel
         ((3,), 37, 29, 5, "float16", 0.0),  # fused decode, odd sizes
-        ((2, 35), 64, 130, 4, "bfloat16", 0.0),  # shrink + prefill kernel
-        ((4, 20), 96, 50, 8, "bfloat16", 0.1),  # dropout: shrink of the dropped x + prefill kernel
+        ((2, 35), 64, 130, 4, "bfloat16", 0.0),  # shrink, LoRA term before cuBLAS; backward: dy pass, dx term
+        ((4, 20), 96, 50, 8, "bfloat16", 0.1),  # nn.Dropout's mask as bits: pack, shrink, dx term, dA over x^T
         ((3,), 40, 29, 5, "float16", 0.2, "philox"),  # in-kernel mask in the fused decode kernel, both passes
         ((2, 35), 64, 130, 40, "bfloat16", 0.2, "philox"),  # in-kernel mask: shrink, transposed dA shrink, dx
     ],

@@ -24,7 +24,7 @@ _DECODE = [
     (5, 64, (64, 16, 16), (8, 4), "bfloat16"),  # packed q/k/v-like slices
 ]
 _PREFILL = [
-    (150, 80, (96,), (4, 16, 64), "bfloat16"),  # tile kernels: runs of ids crossing tiles
+    (150, 80, (96,), (4, 16, 64), "bfloat16"),  # tile kernels: runs of ids crossing tiles, terms before cuBLAS
     (70, 64, (40, 24), (8, 3), "float32"),  # tile kernels, packed
 ]
 CASES = {"triton": _DECODE + _PREFILL, "cuda": _DECODE + _PREFILL[:1]}

@@ -201,3 +201,25 @@ def test_bad_dropout_and_lora_bias_input(changes, error, match):
     inputs.pop("lora_bias")
     with pytest.raises(error, match=match):
         lora_linear(**inputs, **changes)
+
+
+def test_compiled_dropout_backward_matches_eager(backend):
+    """Under torch.compile the op runs as its custom op (the mask read as bits inside Triton's kernels when it runs
+    there) and the traced backward unpacks the bits onto the custom ops: the gradients are eager's."""
+    base = make((70,), 24, 20, 4, torch.float32)
+    mask = torch.rand(70, 24, device=DEVICE) > 0.3
+
+    def step(fn):
+        leaves = {k: v.detach().clone().requires_grad_() for k, v in base.items()}
+        out = fn(leaves["x"], leaves["weight"], leaves["lora_a"], leaves["lora_b"])
+        out.backward(torch.linspace(-1, 1, out.numel(), device=DEVICE).reshape(out.shape))
+        return out, {k: v.grad for k, v in leaves.items() if k in ("x", "lora_a", "lora_b")}
+
+    def layer(x, w, a, b):
+        return lora_linear(x, w, a, b, 0.5, dropout_p=0.3, dropout_mask=mask)
+
+    eager, eager_grads = step(layer)
+    compiled, compiled_grads = step(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(compiled, eager)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, msg=name)

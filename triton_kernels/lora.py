@@ -37,7 +37,17 @@ import triton
 import triton.language as tl
 
 from . import lora_persistent as persistent
-from .common import AUTOTUNE, INTERPRET, arrival_counts, dot_precision, grouped_tile, on_device, r_pad, sm_count
+from .common import (
+    AUTOTUNE,
+    INTERPRET,
+    REFERENCE_SMS,
+    arrival_counts,
+    dot_precision,
+    grouped_tile,
+    on_device,
+    r_pad,
+    sm_count,
+)
 
 # The kernels that sum with float atomics (the rounding of those sums changes from run to run): the shrink split
 # over K for few rows. scripts/compile_triton.py fails any other kernel whose machine code has them.
@@ -140,7 +150,9 @@ def pinned_config(
     - epilogue: one pass over y in 64 x 64 tiles on one warpgroup, several CTAs per SM to keep loads of y in
       flight (a memory-bound pass; the 128 x 128 prefill tile on 8 warps fits one CTA per SM with DoRA's scale,
       and 64 x 128 on 4 warps spills beside the LoRA term of rank 64);
-    - shrink: 64 rows, the rank on 4 warps up to 64 and on 8 beyond (the accumulator is BLOCK_M x R_PAD);
+    - shrink: 64 rows, or 32 where 64-row tiles would leave SMs idle (4096 rows: 128 programs, not 64: the pass
+      is bound by x's bytes, which every SM must stream), the rank on 4 warps up to 64 and on 8 beyond (the
+      accumulator is BLOCK_M x R_PAD);
     - fp32: smaller tiles on more warps (full-precision fp32 dots run on the FMA units, operands in registers).
     """
     if interpreter:
@@ -150,7 +162,8 @@ def pinned_config(
     if kind == "shrink":
         wide = r_pad > 64
         block_k = 32 if fp32 or r_pad > 128 else 64
-        return triton.Config({"BLOCK_M": 32 if fp32 else 64, "BLOCK_K": block_k}, num_warps=8 if wide else 4,
+        block_m = 32 if fp32 or triton.cdiv(m, 64) < REFERENCE_SMS else 64
+        return triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=8 if wide else 4,
                              num_stages=2 if wide else 3)  # fmt: skip
     if kind == "epilogue":  # BLOCK_K is unused: there is no K loop
         return _configs([(64, 64, 32, 4, 1)])[0]
@@ -310,21 +323,8 @@ def _lora_linear_kernel(
                 if UPCAST:
                     a = a.to(tl.float32)
                 if DROPOUT_X:
-                    x = _dropped(
-                        x,
-                        offs_m,
-                        k0 + offs_k,
-                        mask_m[:, None] & mask_k[None, :],
-                        seed,
-                        dropout_p,
-                        keep_scale,
-                        stride_dr,
-                        stride_dc,
-                        bits_ptr,
-                        stride_bits,
-                        MASK_BITS,
-                        BITS_T,
-                    )
+                    x = _dropped(x, offs_m, k0 + offs_k, mask_m[:, None] & mask_k[None, :], seed, dropout_p, keep_scale,
+                                 stride_dr, stride_dc, bits_ptr, stride_bits, MASK_BITS, BITS_T)  # fmt: skip
                 xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
                 a_ptrs += step_a
             x_ptrs += step_x
@@ -346,21 +346,8 @@ def _lora_linear_kernel(
             b = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
             lora = tl.dot(xa_c * scaling, b, lora, input_precision=LORA_PRECISION)
     if DROPOUT_OUT:
-        acc += _dropped(
-            lora,
-            offs_m,
-            offs_n,
-            mask_y,
-            seed,
-            dropout_p,
-            keep_scale,
-            stride_dr,
-            stride_dc,
-            bits_ptr,
-            stride_bits,
-            MASK_BITS,
-            BITS_T,
-        )
+        acc += _dropped(lora, offs_m, offs_n, mask_y, seed, dropout_p, keep_scale, stride_dr, stride_dc, bits_ptr,
+                        stride_bits, MASK_BITS, BITS_T)  # fmt: skip
     else:
         acc = lora
     _store_output(acc, offs_y, mask_y, offs_n, mask_n, y_ptr, z_ptr, out_scale_ptr, bias_ptr, HAS_BIAS,
@@ -499,21 +486,8 @@ def _lora_shrink_kernel(
         x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         a = tl.load(a_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
         if DROPOUT:
-            x = _dropped(
-                x,
-                offs_m,
-                k0 + offs_k,
-                mask_m[:, None] & mask_k[None, :],
-                seed,
-                dropout_p,
-                keep_scale,
-                stride_dr,
-                stride_dc,
-                bits_ptr,
-                stride_bits,
-                MASK_BITS,
-                BITS_T,
-            )
+            x = _dropped(x, offs_m, k0 + offs_k, mask_m[:, None] & mask_k[None, :], seed, dropout_p, keep_scale,
+                         stride_dr, stride_dc, bits_ptr, stride_bits, MASK_BITS, BITS_T)  # fmt: skip
         if UPCAST:
             x = x.to(tl.float32)
             a = a.to(tl.float32)

@@ -8,10 +8,10 @@ warps) into a pipelined loop; then one more step multiplies ``s x A^T`` ([BLOCK_
 fp32 output, rounded to x's dtype as PEFT's ``lora_A`` output is) by B's tile ([BLOCK_N, R_PAD], TMA, zero past
 the rank): the LoRA term costs r / K of the tile's work and y is written once, by TMA.
 
-The alternative that ships by default (triton_kernels/lora.py): cuBLAS for x W^T, then the tiles as its epilogue
-(y read and written again). The cost model (benchmarks/roofline.py, ``--designs``) predicts this kernel
-1.07-1.11x cuBLAS at M = 4096 if it reaches 0.95 of cuBLAS's GEMM speed, against 1.11-1.16x for the shipped
-form; PERSISTENT_PREFILL_MIN_M keeps it off until a GPU run ranks them (the bench's fused:triton-persistent rows).
+The alternative that ships by default (triton_kernels/lora.py): the tiles write the LoRA term, then cuBLAS adds
+x W^T into it in place. The cost model (benchmarks/roofline.py, ``--designs``) predicts this kernel 1.07-1.11x
+cuBLAS at M = 4096 if it reaches 0.95 of cuBLAS's GEMM speed, level with the shipped form; PERSISTENT_PREFILL_MIN_M
+keeps it off until a GPU run ranks them (the bench's fused:triton-persistent rows).
 
 Needs what TMA needs: rows of x, W, B and y contiguous with 16-byte aligned strides and bases (K, N and r
 multiples of 8 for 16-bit dtypes) and a 16-bit dtype: :func:`takes` says whether a call qualifies. Under
@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .common import INTERPRET, dot_precision, grouped_tile, on_device, r_pad, sm_count
 
-# Rows from which lora_linear's prefill takes this kernel instead of cuBLAS and the epilogue tiles: off (never)
+# Rows from which lora_linear's prefill takes this kernel instead of the LoRA term and cuBLAS: off (never)
 # until a GPU run says it is faster; the bench's fused:triton-persistent rows set it to time it.
 PERSISTENT_PREFILL_MIN_M = 2**62
 MAX_R_PAD = 64  # the adapter step's tiles [BLOCK_M, R_PAD] and [BLOCK_N, R_PAD] beside the accumulator

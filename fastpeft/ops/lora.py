@@ -252,8 +252,8 @@ def _in_kernel_dropout(
     other backends materialise it with seeded_mask), or one mask over x (one group of adapters), given as bool
     ``mask`` (packed here) or as its ``bits`` (fastpeft.ops.dropout.pack_bits), read by the kernels as bits:
     neither pass writes a dropped copy of x."""
-    if seed < 0 and ((mask is None and bits is None) or rank_groups):
-        return None
+    if seed < 0 and ((mask is None and bits is None) or rank_groups or torch.compiler.is_compiling()):
+        return None  # while tracing, the backward keeps to the custom ops (the mask unpacked)
     pref = preference("lora_linear", x.shape[0], rank)
     if select_backend("lora_linear", x.device, pref, record=False) != "triton":
         return None
