@@ -403,8 +403,8 @@ def dora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     """fastpeft's DoRA layer, forward and backward (fastpeft.ops.dora on Triton, the norm computed per call, as
     the bench calls it): ||W||^2 and W A^T (two reads of W) and the norm's and scale's [N]-sized ops; the shrink,
     cuBLAS, then the tiles as its epilogue (the scale needs the whole sum: y read, y and z written); backward:
-    one pass over dy and z (dz and d magnitude: triton_kernels/dora.py), then the LoRA gradients of dz (x A^T
-    recomputed: DoRA's forward keeps no xa)."""
+    one pass over dy and z (dz and d magnitude: triton_kernels/dora.py), then the LoRA gradients of dz on the
+    x A^T the forward kept."""
     if lora_ops.preference("lora_linear", m, r)[0] != "triton" or m < lora_ops.SHRINK_KEPT_MIN_M:
         return None
     norm = [Pass("||W||^2", 2.0 * n * k), skinny("W A^T", n, k, r), *small_ops("norm and scale op", 10)]
@@ -414,8 +414,8 @@ def dora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
         Pass("tiles as cuBLAS's epilogue, z kept", 6.0 * m * n + 4.0 * m * r + 2.0 * n * r, 2.0 * m * n * r),
     ]
     scale = [Pass("dz and d magnitude (one pass)", 6.0 * m * n), Pass("sum of the partials", 4.0 * n)]
-    grads = [skinny("x A^T again", m, k, r), *lora_dy_products(m, n, r), *lora_product("dx tiles", m, k, n, r),
-             Pass("s dy B", 6.0 * m * r), skinny("dA", m, k, r)]  # fmt: skip
+    grads = [*lora_dy_products(m, n, r), *lora_product("dx tiles", m, k, n, r), Pass("s dy B", 6.0 * m * r),
+             skinny("dA", m, k, r)]  # fmt: skip
     return [*norm, *forward, *scale, *grads]
 
 

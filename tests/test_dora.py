@@ -165,3 +165,22 @@ def test_triton_scale_gradients_in_one_pass(dtype, m, n):
     torch.testing.assert_close(dscale.double(), (dy.double() * z.double()).sum(0), rtol=1e-5, atol=1e-4)
     again = dora_grad_scale(dy, z, c)
     assert torch.equal(dz, again[0]) and torch.equal(dscale, again[1])
+
+
+def test_training_keeps_x_a_for_the_backward(monkeypatch):
+    """Past the decode rows on Triton the forward's x A^T serves the backward's dB: no shrink reads x again."""
+    pytest.importorskip("triton")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("triton cannot run here")
+    from fastpeft.triton_kernels import lora as kernels
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    inputs = make((70,), 24, 20, 4, torch.float32)
+    out = dora_linear(**inputs, scaling=0.5)
+    shrunk: list[tuple[int, ...]] = []
+    real = kernels.lora_shrink
+    monkeypatch.setattr(kernels, "lora_shrink", lambda t, *a: shrunk.append(tuple(t.shape)) or real(t, *a))
+    out.square().sum().backward()
+    assert (70, 24) not in shrunk and inputs["lora_b"].grad is not None, shrunk

@@ -81,14 +81,17 @@ def _backend(op: str, x: torch.Tensor, rank: int) -> str:
     return select_backend(op, x.device, preference("lora_linear", x.shape[0], rank))
 
 
-def _dora_rows(x, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z):
-    """(y, z) on 2-D rows; z is an empty tensor unless ``keep_z``."""
+def _dora_rows(x, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z, shrinks: Optional[list] = None):
+    """(y, z) on 2-D rows; z is an empty tensor unless ``keep_z``. ``shrinks``, when a list, receives the fp32
+    x A^T where the Triton path computes it apart (past the decode rows), for the backward's dB."""
     backend = _backend("dora_linear", x, lora_a.shape[0])
     if backend == "triton":
         from fastpeft.triton_kernels import lora as kernels
 
         z = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype) if keep_z else None
         xa = None if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]) else kernels.lora_shrink(x, lora_a)
+        if shrinks is not None and xa is not None:
+            shrinks.append(xa)
         y = kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias, xa=xa, out_scale=out_scale, z=z)
     elif backend == "torch":
         return _dora_rows_torch(x, weight, lora_a, lora_b, scaling, bias, out_scale, keep_z)
@@ -131,9 +134,9 @@ def _(x, weight, lora_a, lora_b, scaling, bias, out_scale):
     return x.new_empty(shape), x.new_empty(shape)
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, xa: Optional[torch.Tensor] = None):
     x, weight, lora_a, lora_b, scaling, _bias, out_scale, *_ = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, out_scale, output[1])
+    ctx.save_for_backward(x, weight, lora_a, lora_b, out_scale, output[1], xa)
     ctx.scaling = scaling
     ctx.mark_non_differentiable(output[1])
 
@@ -151,10 +154,10 @@ def _scale_grads(dy, z, out_scale, need_scale: bool, rank: int) -> tuple[torch.T
 
 def _backward(ctx, dy, _dz):
     """dz = dy * out_scale feeds lora_grads; d out_scale = sum_rows(dy * z); dbias = sum(dy)."""
-    x, weight, lora_a, lora_b, out_scale, z = ctx.saved_tensors
+    x, weight, lora_a, lora_b, out_scale, z, xa = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dz, dscale = _scale_grads(dy, z, out_scale, needs[6], lora_a.shape[0])
-    grads = lora_grads(dz, x, weight, lora_a, lora_b, ctx.scaling, None, [1.0], needs[:4])
+    grads = lora_grads(dz, x, weight, lora_a, lora_b, ctx.scaling, None, [1.0], needs[:4], xa=xa)
     dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype) if needs[5] else None
     return (*grads, None, dbias, dscale, *([None] * (len(needs) - 7)))
 
@@ -168,8 +171,9 @@ class _DoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _dora_rows(*inputs)
-        _setup_context(ctx, inputs, output)
+        shrinks: list[torch.Tensor] = []
+        output = _dora_rows(*inputs, shrinks=shrinks)
+        _setup_context(ctx, inputs, output, shrinks[0] if shrinks else None)
         return output
 
     backward = staticmethod(_backward)
