@@ -304,12 +304,17 @@ def lora_epilogue(m: int, n: int, r: int) -> Pass:
     return Pass("tiles as cuBLAS's epilogue", 4.0 * m * n + 4.0 * m * r + 2.0 * n * r, 2.0 * m * n * r)
 
 
-def lora_term_then_cublas(m: int, n: int, k: int, r: int) -> list[Pass]:
-    """The tiles without a K loop write y = s xa B^T (xa fp32 and B read), then cuBLAS adds x W^T into y in place
-    (beta = 1: y read once more, in the GEMM's epilogue, beside its own bytes)."""
+def cublas_accumulating(m: int, n: int, k: int) -> Pass:
+    """cuBLAS adding ``x W^T`` into an existing y in place (beta = 1): y read once more, in the GEMM's epilogue,
+    beside its own bytes."""
     (gemm,) = bf16_linear(m, n, k)
+    return Pass("cuBLAS GEMM, beta = 1", gemm.bytes + 2.0 * m * n, gemm.flops)
+
+
+def lora_term_then_cublas(m: int, n: int, k: int, r: int) -> list[Pass]:
+    """The tiles without a K loop write y = s xa B^T (xa fp32 and B read), then cuBLAS adds x W^T into y."""
     return [Pass("LoRA term, no K loop", 2.0 * m * n + 4.0 * m * r + 2.0 * n * r, 2.0 * m * n * r),
-            Pass("cuBLAS GEMM, beta = 1", gemm.bytes + 2.0 * m * n, gemm.flops)]  # fmt: skip
+            cublas_accumulating(m, n, k)]  # fmt: skip
 
 
 def lora_product(name: str, m: int, n: int, k: int, r: int) -> list[Pass]:
@@ -575,9 +580,8 @@ def multi_lora_tiles(m: int, n: int, k: int, r: int) -> list[Pass]:
     v = max(16, 1 << (r - 1).bit_length())
     shrink = Pass("shrink tiles", 2.0 * m * k + 4.0 * m * v, 2.0 * m * k * r)
     if multi_lora_ops.TERMS_BEFORE_BASE:
-        (gemm,) = bf16_linear(m, n, k)
         return [shrink, Pass("expand tiles, terms only", 2.0 * m * n + 4.0 * m * v, 2.0 * m * n * r),
-                Pass("cuBLAS GEMM, beta = 1", gemm.bytes + 2.0 * m * n, gemm.flops)]  # fmt: skip
+                cublas_accumulating(m, n, k)]  # fmt: skip
     return [*bf16_linear(m, n, k), shrink, Pass("expand tiles", 4.0 * m * n + 4.0 * m * v, 2.0 * m * n * r)]
 
 

@@ -117,9 +117,16 @@ def select_backend(op: str, device: torch.device, preference: tuple[str, ...], *
     the answer yet), not reported to :func:`record_backends`.
     """
     backend = _choose_backend(op, device, preference)
-    for calls in _recorders if record else ():
-        calls.append((op, backend))
+    if record:
+        record_choice(op, backend)
     return backend
+
+
+def record_choice(op: str, backend: str) -> None:
+    """Report to :func:`record_backends` that ``op`` runs on ``backend``, a choice made by
+    ``select_backend(..., record=False)`` that the caller has now acted on."""
+    for calls in _recorders:
+        calls.append((op, backend))
 
 
 def differentiable_as_is(op: str, device: torch.device, preference: tuple[str, ...]) -> bool:

@@ -17,6 +17,8 @@ Under ``TRITON_INTERPRET=1`` the dot operands are upcast to fp32 (the interprete
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +26,7 @@ import triton.language as tl
 from .common import INTERPRET, dot_precision, on_device, r_pad, sm_count
 
 
+@functools.cache  # asked three times per call (one_pass_pays, partial_bytes, the launch): the same few shapes
 def tile_options(m: int, n: int, r_pad: int, dtype: torch.dtype, sms: int, interpreter: bool = INTERPRET) -> dict:
     """BLOCK_M, BLOCK_N, SPLITS (slices of N), STEPS_PER_SPLIT and warps for dy of m rows and n columns.
 

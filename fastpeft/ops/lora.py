@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from fastpeft._autocast import without_autocast
-from fastpeft.backends import select_backend
+from fastpeft.backends import record_choice, select_backend
 from fastpeft.ops.common import FLOAT_DTYPES, check_tensor
 from fastpeft.ops.dropout import (
     DROPOUT_MODES,
@@ -254,10 +254,9 @@ def _in_kernel_dropout(
     neither pass writes a dropped copy of x."""
     if seed < 0 and ((mask is None and bits is None) or rank_groups or torch.compiler.is_compiling()):
         return None  # while tracing, the backward keeps to the custom ops (the mask unpacked)
-    pref = preference("lora_linear", x.shape[0], rank)
-    if select_backend("lora_linear", x.device, pref, record=False) != "triton":
+    if select_backend("lora_linear", x.device, preference("lora_linear", x.shape[0], rank), record=False) != "triton":
         return None
-    select_backend("lora_linear", x.device, pref)  # recorded: the layer runs on Triton's kernels
+    record_choice("lora_linear", "triton")  # the layer runs on Triton's kernels
     kernels = _triton_lora()
     if seed >= 0:
         return kernels, kernels.PhiloxDropout(seed, p, scale, x.shape[1], 1)

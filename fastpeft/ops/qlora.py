@@ -376,9 +376,11 @@ class _QLoRAFunction(torch.autograd.Function):
         weight, scaling = ctx.weight, ctx.scaling
         dx = da = db = dbias = dyb = None
         dy = dy.contiguous() if dy.stride(-1) != 1 else dy
+        xd = None  # the dropped x, built once where dA or a recomputed shrink needs it
+        if ctx.lora and (need_a or (need_b and xa is None)):
+            xd = x if mask is None else apply_mask(x, mask, ctx.mask_scale)
         if ctx.lora and need_b:
-            if xa is None:
-                xa = call_lora_op("lora_shrink", x if mask is None else apply_mask(x, mask, ctx.mask_scale), lora_a)
+            xa = call_lora_op("lora_shrink", xd, lora_a) if xa is None else xa
             dyb, db = call_lora_op("lora_dy_pass", dy, lora_b, xa, scaling)
         elif ctx.lora and (need_x or need_a):
             dyb = call_lora_op("lora_shrink", dy, lora_b.t())
@@ -388,7 +390,7 @@ class _QLoRAFunction(torch.autograd.Function):
             if dyb is not None and mask is not None:
                 dx = dx + apply_mask((dyb * scaling).to(dy.dtype) @ lora_a, mask, ctx.mask_scale)
         if need_a:
-            da = (dyb * scaling).to(x.dtype).t() @ (x if mask is None else apply_mask(x, mask, ctx.mask_scale))
+            da = (dyb * scaling).to(x.dtype).t() @ xd
         if need_bias:
             dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
         return dx, None, dbias, da, db, None, None, None
