@@ -7,6 +7,8 @@ Variants, timed in the same run (bf16 on a GPU):
     loop            (several adapters per batch) AdapterHub's BatchSplit: that composition once per adapter on its
                     samples, then concatenated
     fused:<name>    bottleneck_adapter forced to one backend, and fused:auto (one launch for all adapters)
+    fused:cuda-noclusters  (16-bit prefill) the CUDA tile kernel planned as for a GPU without clusters: one
+                    block per tile of rows (16 rows at d = 4096), so the GPU says what the clusters buy
 Modes ``forward`` and ``forward+backward`` (gradients for x and every adapter parameter). Rows carry
 ``speedup_vs_torch`` (or ``speedup_vs_loop``) and, for the forward, ``gbps`` and ``bw_fraction``: the bytes of x,
 y and the weights over the time, against a measured device copy (the roofline of a memory-bound op).
@@ -22,6 +24,7 @@ import torch
 from common import backends_for, case_fields, case_rows, copy_gbps, describe_error, time_variants, with_backend
 from common import case_from_fields as common_case_from_fields
 
+from fastpeft.ops import bottleneck, bottleneck_plan
 from fastpeft.ops.bottleneck import activation_fn, bottleneck_adapter, bottleneck_reference
 
 OP = "bottleneck_adapter"
@@ -135,6 +138,18 @@ def _fused(ops: dict) -> torch.Tensor:
     return bottleneck_adapter(ops["x"], **ops["params"], activation=ops["activation"], adapter_ids=ops.get("ids"))
 
 
+def _without_clusters(ops: dict) -> torch.Tensor:
+    saved = bottleneck.FORCED_CUDA_TILE_PLAN
+    bottleneck.FORCED_CUDA_TILE_PLAN = ops["plan_without_clusters"]
+    try:
+        return _fused(ops)
+    finally:
+        bottleneck.FORCED_CUDA_TILE_PLAN = saved
+
+
+FORMS = {"fused:cuda-noclusters": _without_clusters}  # fused variants that run one form of their backend
+
+
 def _with_backward(fn: Callable[[dict], torch.Tensor]) -> Callable[[dict], torch.Tensor]:
     def step(ops: dict) -> torch.Tensor:
         y = fn(ops)
@@ -151,6 +166,8 @@ def _variants(case: Case, backends: list[str]) -> dict[str, Callable[[dict], tor
         fns["adapterhub"] = _adapterhub
     fns["fused:auto"] = _fused
     fns.update({f"fused:{b}": _fused for b in backends})
+    if "cuda" in backends and case.dtype != torch.float32 and case.m > bottleneck_plan.CUDA_DECODE_MAX_M:
+        fns["fused:cuda-noclusters"] = _without_clusters
     if case.mode == "forward+backward":
         fns = {name: _with_backward(fn) for name, fn in fns.items()}
     return fns
@@ -163,6 +180,13 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
     ops: dict = {}
     try:
         ops = operands(case, device)
+        if "fused:cuda-noclusters" in variants:
+            gpu = bottleneck_plan.gpu_of(device)._replace(max_cluster=1)
+            plan = bottleneck_plan.cuda_tile_plan(case.d, case.bottleneck, gpu)
+            if plan is None:
+                del variants["fused:cuda-noclusters"]
+            else:
+                ops["plan_without_clusters"] = tuple(plan)
         with torch.no_grad():
             x64 = ops["x"].double()
             p64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in ops["params"].items()}
@@ -175,7 +199,8 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
                 ops["adapterhub"] = _adapterhub_module(case, ops)
             for name in variants:
                 if name.startswith("fused"):
-                    got = with_backend(name, lambda: _fused(ops))().double()
+                    forward = FORMS.get(name, _fused)
+                    got = with_backend(name, lambda forward=forward: forward(ops))().double()
                     err = ((got - expected).norm() / expected.norm()).item()
                     if not err <= (1e-4 if case.dtype == torch.float32 else 2e-2):
                         errors[name] = f"wrong result: rel. error {err:.2e} against the float64 formula"

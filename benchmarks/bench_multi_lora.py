@@ -11,13 +11,17 @@ Variants, timed in the same run on the same operands (bf16 on a GPU):
     fused:triton-base-first  prefill on Triton with cuBLAS first and the expand reading and rewriting y, instead
                     of the terms first and cuBLAS adding x W^T into them (fastpeft.ops.multi_lora.TERMS_BEFORE_BASE)
     shrink+expand   the adapter launches alone (no base GEMM) as fused:auto runs them
+    pool32          (decode from a pool of more than 32 adapters) fused:auto on the same tokens with a pool of
+                    32 of those adapters (token t uses adapter t % 32): what the larger pool costs beyond its bytes
     copy            a device-to-device copy of 256 MiB: the bandwidth the adapters' reads are compared with
 
 A case is decode (``segments = 0``: token t uses adapter t % distinct, one token per sequence) or prefill
 (``segments`` sequences of m / segments tokens, sequence j with adapter j % distinct). Rows carry
 ``ratio_vs_base``, ``speedup_vs_peft`` and, for shrink+expand, ``adapter_gbps`` (the bytes of the adapters
-the batch uses, each read once, per second) and ``bw_fraction`` (that over the copy's GB/s). Every fused variant
-and gather_bmm are checked against PEFT's output first; failures become rows with ``error``.
+the batch uses, each read once, per second) and ``bw_fraction`` (that over the copy's GB/s); with pool32,
+fused:auto's row carries ``extra_over_bytes``: its time beyond pool32's over the time the extra adapters' bytes
+take at the copy's GB/s (1.0: the larger pool costs exactly its bytes). Every fused variant and gather_bmm are
+checked against PEFT's output first; failures become rows with ``error``.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class Case:
     k: int
     n: int
     r: int
-    adapters: int  # distinct adapters in the batch (the pool holds exactly these)
+    adapters: int  # adapters in the pool; the batch uses min(adapters, sequences) of them
     segments: int  # 0: decode, one token per sequence; else prefill sequences of m / segments tokens
     dtype: torch.dtype
     mode: str = "forward"
@@ -71,7 +75,7 @@ def cases(size: str) -> list[Case]:
     bf16 = torch.bfloat16
     decode = [Case(m, 4096, 4096, 16, min(m, 32), 0, bf16) for m in (1, 16, 64, 256)]
     decode += [Case(m, 4096, 4096, 16, a, 0, bf16) for m, a in itertools.product((64, 256), (1, 8, 128)) if a <= m]
-    decode += [Case(64, 4096, 4096, r, 32, 0, bf16) for r in (8, 64)]
+    decode += [Case(64, 4096, 4096, r, 32, 0, bf16) for r in (8, 64)] + [Case(64, 4096, 4096, 16, 128, 0, bf16)]
     decode += [Case(64, 4096, 14336, 16, 32, 0, bf16)]
     prefill = [Case(4096, 4096, n, 16, 8, 8, bf16) for n in (4096, 14336)] + [Case(4096, 4096, 4096, 64, 8, 8, bf16)]
     return decode + prefill
@@ -116,7 +120,20 @@ def operands(case: Case, device: torch.device) -> dict:
         peft=_peft_layer(case, weight, adapters), a_stack=torch.stack([a for a, _, _ in adapters]),
         b_stack=torch.stack([b for _, b, _ in adapters]), token_ids=per_sequence.repeat_interleave(seq_len),
         scaling=ALPHA / case.r, batch=describe_batch(per_sequence.repeat_interleave(seq_len), case.adapters),
+        **(_fewer(adapters, per_sequence) if _compares_pools(case) else {}),
     )  # fmt: skip
+
+
+FEWER = 32  # the smaller pool a decode case with more adapters is compared with
+
+
+def _compares_pools(case: Case) -> bool:
+    return not case.segments and case.adapters > FEWER and case.m <= SGMV_MAX_M
+
+
+def _fewer(adapters: list[tuple], per_sequence: torch.Tensor) -> dict:
+    """The operands of pool32: a pool of the first 32 adapters, token t using adapter t % 32."""
+    return dict(pool_fewer=AdapterPool.build(adapters[:FEWER]), batch_fewer=describe_batch(per_sequence % FEWER, FEWER))
 
 
 def _gather_bmm(ops: dict) -> torch.Tensor:
@@ -166,9 +183,15 @@ def _base_first(fn: Callable) -> Callable:
     return run
 
 
+def _fewer_adapters(ops: dict) -> torch.Tensor:
+    return multi_lora_linear(ops["x"], ops["weight"], ops["pool_fewer"], ops["batch_fewer"])
+
+
 def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:
     """Check fused variants and gather_bmm against PEFT's mixed batch, then time every variant; one row each."""
     variants = _variants(backends)
+    if _compares_pools(case):
+        variants[f"pool{FEWER}"] = _fewer_adapters
     errors: dict[str, str] = {}
     ops: dict = {}
     try:
@@ -189,7 +212,8 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
         times = time_variants(steps, errors, device)
         ceiling = copy_gbps(device) if ops else None
     used = len(set(_names(case)))
-    adapter_bytes = used * case.r * (case.k + case.n) * (torch.finfo(case.dtype).bits // 8)
+    per_adapter = case.r * (case.k + case.n) * (torch.finfo(case.dtype).bits // 8)
+    adapter_bytes = used * per_adapter
 
     def bandwidth(ms: float) -> dict:
         gbps = adapter_bytes / ms / 1e6
@@ -197,8 +221,12 @@ def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict
 
     rows = case_rows(case_fields(case), OP, variants, times, errors, ratios={"base": "base"},
                      speedups={"peft": "peft"})  # fmt: skip
+    fewer = times.get(f"pool{FEWER}")
     for row in rows:
         if row["variant"] == "shrink+expand" and row["ms"] is not None:
             row.update(bandwidth(row["ms"]))
+        extra_bytes = (used - min(used, FEWER)) * per_adapter
+        if row["variant"] == "fused:auto" and row["ms"] is not None and fewer is not None and ceiling and extra_bytes:
+            row["extra_over_bytes"] = (row["ms"] - fewer) / (extra_bytes / ceiling / 1e6)
     ops.clear()  # free the operands before the next case
     return rows

@@ -43,7 +43,7 @@ from fastpeft.triton_kernels import multi_lora as multi_lora_kernels
 from fastpeft.triton_kernels.common import r_pad
 from fastpeft.triton_kernels.qlora import block_m, block_n
 
-from fastpeft.ops import bottleneck as bottleneck_ops
+from fastpeft.ops import bottleneck_plan
 from fastpeft.ops import lora as lora_ops
 from fastpeft.ops import multi_lora as multi_lora_ops
 from fastpeft.ops import qlora as qlora_ops
@@ -99,6 +99,8 @@ class Pass:
     l2_bytes: float = 0.0
     streams: bool = False  # the bytes are shared out evenly over the CTAs: the busiest SM sets the memory time
     fixed_s: float = 0.0  # time no ceiling explains (a host sync), added to the rest
+    # Launched programmatically while the kernel before it runs (PDL, sm_90): no launch gap of its own.
+    launch_hidden: bool = False
 
     def seconds(self, machine: Machine = H200) -> float:
         waves = 1.0
@@ -110,7 +112,8 @@ class Pass:
         alu = self.lane_ops / (machine.lane_ops * waves)
         shared = self.shared_bytes / (machine.shared_bandwidth * waves)
         l2 = self.l2_bytes / machine.l2_bandwidth
-        return max(memory, tensor, alu, shared, l2) + machine.launch_s + self.fixed_s
+        launch = 0.0 if self.launch_hidden else machine.launch_s
+        return max(memory, tensor, alu, shared, l2) + launch + self.fixed_s
 
 
 def seconds(passes: list[Pass], machine: Machine = H200) -> float:
@@ -542,7 +545,8 @@ def multi_lora_grouped(m: int, n: int, k: int, r: int, adapters: int) -> list[Pa
     each adapter present reading its A once over K splits of about two programs per SM and writing fp32 slabs;
     then the base GEMM on the LoRA decode tiles (every row in one tile, W streamed once, x's rows re-read per
     column tile from L2) with the grouped expand in its epilogue: each column tile reads the B tile of every
-    adapter present and its tokens' slabs from L2, y written once."""
+    adapter present and its tokens' slabs from L2, y written once. On sm_90 the tiles are launched while the
+    shrink runs (PROGRAMMATIC_AFTER_SHRINK): no launch gap of their own; the two share the bandwidth."""
     present = min(adapters, m)
     v = max(16, 1 << (r - 1).bit_length())
     splits, _ = multi_lora_kernels.sgmv_splits(adapters, k, 2 * H200.sms, interpreter=False)
@@ -556,7 +560,7 @@ def multi_lora_grouped(m: int, n: int, k: int, r: int, adapters: int) -> list[Pa
     col_tiles = math.ceil(n / config["BLOCK_N"])
     linear = Pass(tiles.name, tiles.bytes - 2.0 * n * r - 4.0 * m * r + 2.0 * present * n * r, tiles.flops,
                   mma_efficiency=tiles.mma_efficiency, ctas=tiles.ctas, l2_bytes=tiles.l2_bytes + slabs * col_tiles,
-                  streams=True)  # fmt: skip
+                  streams=True, launch_hidden=multi_lora_kernels.PROGRAMMATIC_AFTER_SHRINK)  # fmt: skip
     return [shrink, linear]
 
 
@@ -569,7 +573,8 @@ def multi_lora_adapters_alone(m: int, n: int, k: int, r: int, adapters: int) -> 
     splits, _ = multi_lora_kernels.sgmv_splits(adapters, k, 2 * H200.sms, interpreter=False)
     tiles = math.ceil(n / multi_lora_kernels.sgmv_blocks(interpreter=False)[1])
     expand = Pass("grouped expand", 2.0 * present * n * r + 4.0 * m * n, 2.0 * m * n * r, ctas=(adapters + 1) * tiles,
-                  streams=True, l2_bytes=4.0 * splits * m * v * tiles)  # fmt: skip
+                  streams=True, l2_bytes=4.0 * splits * m * v * tiles,
+                  launch_hidden=multi_lora_kernels.PROGRAMMATIC_AFTER_SHRINK)  # fmt: skip
     return [shrink, expand]
 
 
@@ -604,6 +609,10 @@ def _multi_lora_metric(metric: str, case: dict) -> float | None:
         return seconds(fused) / seconds(bf16_linear(m, n, k))
     if metric == "speedup_vs_peft":
         return seconds(peft_mixed_batch(m, n, k, r, count)) / seconds(fused)
+    if metric == "extra_over_bytes" and decode:  # the bench's: beyond a pool of 32 on the same tokens
+        fewer = multi_lora_grouped(m, n, k, r, 32)
+        extra_bytes = 2.0 * (min(count, m) - min(32, m)) * r * (k + n)
+        return (seconds(fused) - seconds(fewer)) / (extra_bytes / H200.bandwidth)
     if metric == "bw_fraction" and decode:  # the bench's: the adapters' bytes, each once, over their launches
         adapter_bytes = 2.0 * min(count, m) * r * (k + n)
         return adapter_bytes / H200.bandwidth / seconds(multi_lora_adapters_alone(m, n, k, r, count))
@@ -614,32 +623,50 @@ def _multi_lora_metric(metric: str, case: dict) -> float | None:
 # The bottleneck adapter's forward (fastpeft/ops/bottleneck.py's dispatch) and the composition it replaces
 # ------------------------------------------------------------------------------------------------------------
 
-H200_SHARED_OPTIN = 227 * 1024  # bytes of shared memory a block may opt in to on sm_90
+# One cluster barrier's latency (Hopper microbenchmarks put it at a few hundred ns), paid once per wave of
+# clusters at each barrier: an assumption.
+CLUSTER_SYNC_S = 0.25e-6
+# mma.sync (WMMA 16x16x16, what csrc/'s tile kernels issue) against the wgmma ceiling cuBLAS reaches: an assumption.
+WMMA_EFFICIENCY = 0.5
 
 
 def bottleneck_forward(m: int, d: int, mb: int, design: str = "dispatch") -> list[Pass]:
-    """One adapter's fused forward (no LayerNorm), bf16, by its dispatch on a GPU with both backends (or the
-    ``design`` named: "triton" or "cuda tiles"). The CUDA tile kernel stages 16 rows of x in shared memory (x
-    read once, y written once) and reads both projections (4 d m bytes) from L2 for every 16 rows, one block
-    per SM; the Triton tiles take 64 rows (32 past a bottleneck of 64) and read both projections once per tile,
-    and x twice: the second time from L2 when the tiles in flight (two per SM) fit in it, else from HBM. Loads,
-    MMAs and stores are assumed to overlap (the tile kernel serialises them: optimistic)."""
+    """One adapter's fused forward (no LayerNorm), bf16, by its dispatch on an H200 (fastpeft/ops/bottleneck_plan.py),
+    or the ``design`` named: "triton" or "cuda tiles" (decode's rows kernel is modelled as the tiles: no target
+    reads it).
+
+    The CUDA tile kernel spreads a tile of rows over a cluster, each block staging its slice of x in shared memory:
+    x read once, y written once, both projections read from L2 once per tile; three cluster barriers per tile
+    (the partial h, z, the exit); its shared-memory traffic is x staged and read once per 16 columns of h, z read
+    once per 16 features of y, the fp32 scratch tiles and y's epilogue. The Triton tiles take 64 rows (32 past a
+    bottleneck of 64) and read both projections once per tile, and x twice: the second time from L2 when the
+    tiles in flight (two per SM) fit in it, else from HBM. Loads, MMAs and stores are assumed to overlap (two
+    blocks per SM for the CUDA kernel where they fit: otherwise optimistic)."""
     weights, io = 4.0 * d * mb, 4.0 * m * d
     flops = 4.0 * m * d * mb
+    gpu = bottleneck_plan.H200
     if design == "dispatch":
-        cuda = bottleneck_ops.preference(m, d, mb, torch.bfloat16, H200_SHARED_OPTIN)[0] == "cuda"
-        design = "cuda rows" if cuda else "triton"
-    if design == "cuda tiles" and not bottleneck_ops.cuda_tile_takes(m, d, mb, torch.bfloat16, H200_SHARED_OPTIN):
-        raise ValueError(f"the CUDA tile kernel does not take M={m}, d={d}, m={mb}")
-    if design in ("cuda tiles", "cuda rows"):  # decode's rows kernel: modelled as the tiles (no target reads it)
-        blocks = math.ceil(m / 16)
-        return [Pass("CUDA bottleneck tiles", io + weights, flops, ctas=blocks, l2_bytes=weights * blocks)]
-    mb_pad = max(16, 1 << (mb - 1).bit_length())
-    rows = bottleneck_kernels.tile_options(mb_pad, torch.bfloat16, backward=False, interpreter=False)["BLOCK_M"]
+        design = "cuda tiles" if bottleneck_plan.prefill_on_cuda_tiles(m, d, mb, torch.bfloat16, gpu) else "triton"
+    if design == "cuda tiles":
+        plan = bottleneck_plan.cuda_tile_plan(d, mb, gpu)
+        if plan is None:
+            raise ValueError(f"the CUDA tile kernel does not take d={d}, m={mb}")
+        tiles = math.ceil(m / plan.rows)
+        ctas = tiles * plan.cluster
+        two = bottleneck_plan.tile_layout_bytes(d // plan.cluster, mb, plan.rows) <= bottleneck_plan.TWO_BLOCKS_PER_SM
+        per_sm = 2 if two else 1
+        waves = math.ceil(ctas / (H200.sms * per_sm))
+        # x staged, read per 16 columns of h, read and rewritten by y's epilogue, read for the store; z per 16
+        # features of y; the fp32 scratch tiles written and read.
+        staged = 2.0 * m * d
+        shared = staged * (4 + mb // 16) + 2.0 * m * mb * d / 16 + 8.0 * m * d
+        return [Pass("CUDA bottleneck cluster tiles", io + weights, flops, mma_efficiency=WMMA_EFFICIENCY, ctas=ctas,
+                     ctas_per_sm=per_sm, shared_bytes=shared, l2_bytes=weights * tiles, streams=True,
+                     fixed_s=3 * CLUSTER_SYNC_S * waves)]  # fmt: skip
+    rows = bottleneck_plan.triton_tile_rows(mb, torch.bfloat16)
     programs = math.ceil(m / rows)
-    in_flight = H200.sms * 2 * rows * d * 2.0
     reread = 2.0 * m * d
-    from_l2 = in_flight <= H200.l2_size
+    from_l2 = not bottleneck_plan.triton_rereads_x_from_hbm(d, mb, torch.bfloat16, gpu)
     return [Pass("Triton bottleneck tiles", io + (0.0 if from_l2 else reread) + weights, flops, ctas=programs,
                  ctas_per_sm=2, mma_efficiency=TRITON_GEMM_EFFICIENCY,
                  l2_bytes=weights * programs + (reread if from_l2 else 0.0))]  # fmt: skip

@@ -39,6 +39,7 @@ _PREFILL = _lora_cases((4096, 16384), DECODE_FEATURES)
 _TRAIN = _lora_cases((4096,), ((4096, 4096),), mode="forward+backward")
 _DORA = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "dtype": "bfloat16", "mode": "forward+backward", "dropout": 0.0},)
 _MULTI_DECODE = ({"m": 64, "k": 4096, "n": 4096, "r": 16, "adapters": 32, "segments": 0, "dtype": "bfloat16"},)
+_MULTI_POOL = ({"m": 64, "k": 4096, "n": 4096, "r": 16, "adapters": 128, "segments": 0, "dtype": "bfloat16"},)
 _MULTI_PREFILL = ({"m": 4096, "k": 4096, "n": 4096, "r": 16, "adapters": 8, "segments": 8, "dtype": "bfloat16"},)
 _4BIT = {"r": 0, "dtype": "bfloat16", "mode": "matmul", "quant_type": "nf4", "double_quant": True, "blocksize": 64}
 _4BIT_M1 = ({"m": 1, "k": 4096, "n": 14336, **_4BIT},)
@@ -94,6 +95,13 @@ TARGETS: tuple[Target, ...] = (
         0.7,
         True,
         "shrink+expand",
+    ),
+    Target(
+        "multi_lora decode, pool of 128 vs 32: extra time / extra bytes",
+        "multi_lora",
+        _MULTI_POOL,
+        "extra_over_bytes",
+        1.0,
     ),
     Target("multi_lora_linear prefill, 8 segments: vs base GEMM", "multi_lora", _MULTI_PREFILL, "ratio_vs_base", 1.10),
     Target("matmul_4bit NF4+DQ M=1, 4096x14336: over bf16 cuBLAS", "qlora", _4BIT_M1, "speedup_vs_bf16", 3.3, True),

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <vector>
 
 namespace fastpeft {
 
@@ -12,7 +13,9 @@ namespace fastpeft {
 // dtype; ln_weight / ln_bias [A, d] or absent; scale fp32 [A, 1] or [A, d], or absent (then scale_value);
 // ids int32 [M] (the adapter of each row, outside [0, A): y = residual) or absent (adapter 0); activation: the
 // code of triton_kernels/bottleneck.py's ACTIVATION_CODES; out_residual (rows like x) and out_ln_weight /
-// out_ln_bias [d]: y = LN_out(residual + adapter + out_residual), each part optional. Returns y [M, d].
+// out_ln_bias [d]: y = LN_out(residual + adapter + out_residual), each part optional. tile_rows and cluster:
+// 0 lets the kernel choose (bottleneck_tile_plan_cuda); positive, they force the prefill tile kernel's plan (16,
+// 32 or 64 rows per cluster of 1 to 8 blocks). Returns y [M, d].
 at::Tensor bottleneck_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                    const at::Tensor& down_weight, const at::Tensor& down_bias,
                                    const at::Tensor& up_weight_t, const at::Tensor& up_bias,
@@ -21,6 +24,12 @@ at::Tensor bottleneck_forward_cuda(const at::Tensor& x, const std::optional<at::
                                    double ln_eps, const std::optional<at::Tensor>& ids, int64_t activation,
                                    const std::optional<at::Tensor>& out_residual,
                                    const std::optional<at::Tensor>& out_ln_weight,
-                                   const std::optional<at::Tensor>& out_ln_bias, double out_ln_eps);
+                                   const std::optional<at::Tensor>& out_ln_bias, double out_ln_eps, int64_t tile_rows,
+                                   int64_t cluster);
+
+// The prefill tile kernel's [rows per tile, blocks per cluster] for rows [*, d] with bottleneck m (16-bit), on a
+// device whose blocks may opt in to shared_optin bytes and which runs clusters of up to max_cluster blocks;
+// [0, 0] where the kernel does not take the shape. Host arithmetic only: callable without a GPU.
+std::vector<int64_t> bottleneck_tile_plan_cuda(int64_t d, int64_t m, int64_t shared_optin, int64_t max_cluster);
 
 }  // namespace fastpeft

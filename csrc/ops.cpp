@@ -40,7 +40,9 @@ TORCH_LIBRARY(fastpeft, m) {
       "bottleneck_forward_cuda(Tensor x, Tensor? residual, Tensor down_weight, Tensor down_bias, Tensor up_weight_t, "
       "Tensor up_bias, Tensor? scale, float scale_value, Tensor? ln_weight, Tensor? ln_bias, float ln_eps, "
       "Tensor? ids, int activation, Tensor? out_residual, Tensor? out_ln_weight, Tensor? out_ln_bias, "
-      "float out_ln_eps) -> Tensor");
+      "float out_ln_eps, int tile_rows=0, int cluster=0) -> Tensor");
+  m.def("bottleneck_tile_plan_cuda(int d, int m, int shared_optin, int max_cluster) -> int[]",
+        &fastpeft::bottleneck_tile_plan_cuda);
 }
 
 TORCH_LIBRARY_IMPL(fastpeft, CUDA, m) {

@@ -21,8 +21,10 @@ _OPCODE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0
 
 def sass_features(sass: str) -> dict[str, int]:
     """Counts of the instructions that say how a kernel moves data and multiplies: 16-byte and narrower global
-    loads, tensor-core MMA (Hopper's HGMMA, the older HMMA), TMA, local memory (spills), and floating-point
-    atomics and reductions to memory (whose order, and so whose rounding, changes from run to run)."""
+    loads, tensor-core MMA (Hopper's HGMMA, the older HMMA), TMA, local memory (spills), floating-point atomics
+    and reductions to memory (whose order, and so whose rounding, changes from run to run), and grid dependency
+    control: the wait for the kernel before (ACQBULK, ``gdc_wait``) and the early start of the one after
+    (PREEXIT, ``gdc_launch_dependents``)."""
     ops = collections.Counter(_OPCODE.findall(sass))
 
     def count(test) -> int:
@@ -36,6 +38,8 @@ def sass_features(sass: str) -> dict[str, int]:
         "tma": count(lambda op: op.startswith(("UTMALDG", "UTMASTG", "UBLKCP"))),
         "local": count(lambda op: op.startswith(("LDL", "STL"))),
         "float_atomics": count(lambda op: op.startswith(("RED", "ATOM")) and re.search(r"\.(B?F16|F32|F64)", op)),
+        "gdc_wait": count(lambda op: op.startswith("ACQBULK")),
+        "gdc_trigger": count(lambda op: op.startswith("PREEXIT")),
     }
 
 

@@ -24,6 +24,7 @@ import collections
 import datetime
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 REPORT = ROOT / "benchmarks" / "kernel_report.md"
 INPUTS = ("csrc", "triton_kernels", "scripts/kernel_report.py", "scripts/compile_triton.py", "scripts/kernel_facts.py",
           "benchmarks/targets.py", "benchmarks/roofline.py", "fastpeft/ops/qlora.py",
-          "fastpeft/ops/lora.py")  # fmt: skip
+          "fastpeft/ops/lora.py", "fastpeft/ops/bottleneck_plan.py")  # fmt: skip
 FINGERPRINT = re.compile(r"Fingerprint of the inputs: `([0-9a-f]{16})`")
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -44,6 +45,8 @@ from kernel_facts import REFERENCE_SMS, cuobjdump, occupancy, sass_features  # n
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from roofline import design_table, prediction_table  # noqa: E402
+
+from fastpeft.ops import bottleneck_plan  # noqa: E402
 
 
 def fingerprint() -> str:
@@ -81,6 +84,13 @@ def _mma(row: dict) -> str:
     return "HGMMA" if row.get("hgmma") else "HMMA" if row.get("hmma") else "-"
 
 
+def _mma_and_pdl(row: dict) -> str:
+    """The MMA, and the programmatic-launch instructions: the kernel starts the next early, or waits for the one
+    before (it was launched while that one ran)."""
+    marks = [_mma(row)] + ["starts the next (PDL)"] * bool(row.get("gdc_trigger"))
+    return ", ".join(marks + ["waits for the one before (PDL)"] * bool(row.get("gdc_wait")))
+
+
 def _spill(row: dict) -> str:
     return f"{row.get('stack', 0)} B" if row.get("stack") or row.get("local") else "0"
 
@@ -89,7 +99,7 @@ def targets_table(rows: list[dict]) -> list[str]:
     """One line per launch at the TARGETS shapes (bf16, pinned configuration)."""
     lines = [
         "| case | kernel | tile (BLOCK_*, warps, stages) | CTAs | regs | spill | shared KB | blocks/SM | waves "
-        "| 16-B loads | MMA |",
+        "| 16-B loads | MMA, PDL |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     seen = set()
@@ -103,7 +113,7 @@ def targets_table(rows: list[dict]) -> list[str]:
         lines.append(
             f"| {row['case'].removeprefix('TARGET ')} | `{row['kernel']}` | {row['config']} | {row['ctas']} "
             f"| {row['reg']} | {_spill(row)} | {row['shared'] / 1024:.0f} | {row['blocks_per_sm']} "
-            f"| {row['waves']:.2f} | {row['ldg128']} | {_mma(row)} |"
+            f"| {row['waves']:.2f} | {row['ldg128']} | {_mma_and_pdl(row)} |"
         )
     return lines
 
@@ -193,13 +203,13 @@ def cuda_table(kernels: list[dict]) -> list[str]:
 # The launches the dispatcher sends to the CUDA extension at the TARGETS shapes (bf16), their grids as csrc/'s host
 # code computes them: (case, kernel name prefix, block threads, dynamic shared bytes, CTAs or 0 for one resident
 # wave).
-def _tile_layout_bytes(d: int, m: int) -> int:
-    """csrc/bottleneck.cu's tile_layout(d, m).total, in bytes."""
-    m_tiles = m // 16
-    ksplit = 1 if m_tiles >= 8 else 8 // m_tiles
-    ldx, ldz, ldh = d + 8, m + 8, m + 4
-    h_parts, acc = ksplit * 16 * ldh * 4, 8 * 16 * 20 * 4
-    return 16 * ldx * 2 + max(h_parts, acc) + 16 * ldz * 2 + 2 * 16 * 4
+def _bottleneck_tile_launch(m: int, d: int, mb: int) -> tuple[str, str, int, int, int]:
+    """The bottleneck tile kernel's launch as csrc/bottleneck.cu plans it on an H200 (bottleneck_plan mirrors it)."""
+    plan = bottleneck_plan.cuda_tile_plan(d, mb, bottleneck_plan.H200)
+    name = f"bottleneck_tile_kernel<bf16, false, {plan.rows // 16}>"
+    case = f"bottleneck forward M={m} d={d} m={mb} ({plan.rows} rows, clusters of {plan.cluster})"
+    shared = bottleneck_plan.tile_layout_bytes(d // plan.cluster, mb, plan.rows)
+    return case, name, 256, shared, math.ceil(m / plan.rows) * plan.cluster
 
 
 def _gemv_shared_bytes(m: int) -> int:
@@ -214,10 +224,8 @@ CUDA_TARGET_LAUNCHES = [
     ("matmul_4bit M=16 4096->14336 (GEMV, forced)", "gemv_4bit_vector_kernel<bf16>", 256, _gemv_shared_bytes(16),
      14336 // 16),
     ("matmul_4bit M=4096 4096->14336 (dequantize once)", "dequantize_4bit_kernel<bf16>", 256, 0, 0),
-    ("bottleneck forward M=8192 d=4096 m=64 (tile)", "bottleneck_tile_kernel<bf16, false>", 256,
-     _tile_layout_bytes(4096, 64), 8192 // 16),
-    ("bottleneck forward M=8192 d=1024 m=64 (tile)", "bottleneck_tile_kernel<bf16, false>", 256,
-     _tile_layout_bytes(1024, 64), 8192 // 16),
+    _bottleneck_tile_launch(8192, 4096, 64),
+    _bottleneck_tile_launch(8192, 16384, 64),
 ]  # fmt: skip
 
 
@@ -262,8 +270,8 @@ def render(triton_runs: list[tuple[str, list[dict]]], kernels: list[dict]) -> st
         f"Written by `scripts/kernel_report.py` on {date} with Triton {versions} and {nvcc_version()}, on a machine "
         "without a GPU. Fingerprint of the inputs: "
         f"`{fingerprint()}` (csrc/, triton_kernels/, the three scripts, benchmarks/targets.py and roofline.py, "
-        "fastpeft/ops/qlora.py and lora.py). CI fails when the sources change and this file does not "
-        "(`make kernel-report` writes it).",
+        "fastpeft/ops/qlora.py, lora.py and bottleneck_plan.py). CI fails when the sources change and this file "
+        "does not (`make kernel-report` writes it).",
         "",
         "**Nothing here is measured.** Registers, spills, shared memory and machine instructions come from the "
         "compilers; blocks per SM from those against an SM's 64K registers, 228 KB of shared memory and 64 warps; "

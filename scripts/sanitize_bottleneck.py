@@ -5,7 +5,8 @@
 Odd d and bottleneck sizes (masked chunks and padded bottleneck columns), LayerNorm folded or not, a per-channel
 scaling, several adapters per batch with samples that use none. On CUDA: the rows kernel (decode, and d not a
 multiple of 16) and the tile kernel (fp16/bf16 beyond 64 rows: a partial last tile, tiles straddling samples of
-different adapters). Environment and checks as in scripts/_sanitize.py.
+different adapters, and at d = 4096 a tile spread over a cluster of blocks). Environment and checks as in
+scripts/_sanitize.py.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _CASES = [
     (3, 70, 130, 64, 2, False, "gelu_new", "bfloat16"),  # row tiles past one block
     (3, 70, 128, 48, 2, True, "gelu_new", "bfloat16"),  # CUDA tiles straddling samples, LayerNorm folded
     (2, 50, 96, 16, 0, False, "relu", "float16"),  # CUDA tiles, a partial last one
+    (2, 70, 4096, 64, 2, True, "gelu", "bfloat16"),  # CUDA on sm_90: 64 rows over clusters of 8 blocks
 ]
 CASES = {"triton": _CASES, "cuda": _CASES}
 

@@ -168,3 +168,35 @@ def test_prefill_cases_also_time_the_triton_tiles_with_their_k_loop(monkeypatch)
     assert "fused:triton-epilogue" in bench_lora._forward_fns(["triton"], m=65)
     assert bench_lora.on_epilogue(lambda: kernels.CUBLAS_ACCUMULATES)() is False
     assert kernels.CUBLAS_ACCUMULATES is True
+
+
+def test_a_large_pool_is_timed_against_a_pool_of_32_on_the_same_tokens(monkeypatch):
+    """Decode from a pool of more than 32 adapters also times pool32 (the same tokens over 32 of the adapters),
+    and fused:auto's row carries its extra time over the extra adapters' bytes at the copy's speed."""
+    import bench_multi_lora as bench
+
+    monkeypatch.setattr(bench, "copy_gbps", lambda device: 10.0)
+    case = bench.Case(48, 64, 40, 8, 40, 0, torch.float32)  # 40 adapters used, 8 more than pool32's
+    rows = {row["variant"]: row for row in bench.run_case(case, CPU, ["torch"])}
+    assert "pool32" in rows and not rows["pool32"].get("error") and not rows["fused:auto"].get("error")
+    extra_bytes = 8 * 8 * (64 + 40) * 4
+    expected = (rows["fused:auto"]["ms"] - rows["pool32"]["ms"]) / (extra_bytes / 10.0 / 1e6)
+    assert rows["fused:auto"]["extra_over_bytes"] == expected
+    small = {row["variant"] for row in bench.run_case(bench.Case(48, 64, 40, 8, 32, 0, torch.float32), CPU, ["torch"])}
+    assert "pool32" not in small
+
+
+def test_bottleneck_prefill_also_times_the_cuda_tiles_without_clusters(monkeypatch):
+    """Where the CUDA backend runs, 16-bit prefill also times the tile kernel planned as for a GPU without
+    clusters (fused:cuda-noclusters), so the GPU says what the clusters buy; the plan is restored after."""
+    import bench_bottleneck as bench
+
+    from fastpeft.ops import bottleneck
+
+    prefill = bench.Case(8192, 4096, 64, 1, torch.bfloat16)
+    assert "fused:cuda-noclusters" in bench._variants(prefill, ["cuda", "triton"])
+    assert "fused:cuda-noclusters" not in bench._variants(prefill, ["triton"])
+    assert "fused:cuda-noclusters" not in bench._variants(bench.Case(64, 4096, 64, 1, torch.bfloat16), ["cuda"])
+    monkeypatch.setattr(bench, "_fused", lambda ops: bottleneck.FORCED_CUDA_TILE_PLAN)
+    assert bench.FORMS["fused:cuda-noclusters"]({"plan_without_clusters": (16, 1)}) == (16, 1)
+    assert bottleneck.FORCED_CUDA_TILE_PLAN == (0, 0)

@@ -34,6 +34,13 @@ def params(d, m, dtype, ln=False, scaling="float", adapters=None, seed=0):
     return p
 
 
+def _extension_loaded() -> bool:
+    """Whether fastpeft._C is loaded (as the install built it; never compiled here)."""
+    from fastpeft import _extension
+
+    return _extension.extension_error(build=False) is None
+
+
 def f64(p: dict) -> dict:
     return {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in p.items()}
 
@@ -223,33 +230,137 @@ def test_prefill_tiles_across_samples(backend, dtype, d, m, post):
     assert_close_to_reference(y, ref, _per_sample(x, p, ids, dtype, residual, out_residual, out_ln))
 
 
-H100_OPTIN = 227 * 1024  # the shared memory a block may opt in to on sm_90
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan", [(16, 1), (32, 2), (64, 4), (64, 8), (16, 8), (32, 1)])
+@pytest.mark.parametrize("m", [16, 48, 256])
+@pytest.mark.parametrize("post", [False, True])
+def test_every_cuda_tile_plan(monkeypatch, plan, m, post):
+    """csrc/bottleneck.cu's tile kernel forced to each (rows per tile, blocks per cluster): 16 to 64 rows, one
+    to eight blocks each owning a slice of d, the cluster's partial h and LayerNorm statistics added through
+    distributed shared memory. Samples of 10 rows with other adapters and none straddle the tiles; the last tile
+    is partial; with ``post`` the residual is a view of odd pitch and the add + LayerNorm after runs."""
+    from fastpeft.ops import bottleneck
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+    monkeypatch.setattr(bottleneck, "FORCED_CUDA_TILE_PLAN", plan)
+    d = 256  # 16 columns per block in clusters of 8
+    ids = torch.tensor([2, -1, 0, 0, 1, 2, 1, -1, 0, 2, 2, 1, 0], device=DEVICE)
+    x = torch.randn(len(ids), 10, d, device=DEVICE).to(torch.bfloat16)
+    p = params(d, m, torch.bfloat16, ln=True, scaling="channel", adapters=3)
+    residual = out_residual = out_ln = None
+    if post:
+        residual = torch.randn(len(ids), 10, d + 1, device=DEVICE).to(torch.bfloat16)[..., 1:]
+        out_residual = torch.randn_like(x)
+        out_ln = ((torch.randn(d, device=DEVICE) * 0.2 + 1).to(torch.bfloat16),
+                  (torch.randn(d, device=DEVICE) * 0.1).to(torch.bfloat16))  # fmt: skip
+    y = bottleneck_adapter(x, **p, activation="gelu", adapter_ids=ids, residual=residual, out_residual=out_residual,
+                           out_ln_weight=None if out_ln is None else out_ln[0],
+                           out_ln_bias=None if out_ln is None else out_ln[1])  # fmt: skip
+    ref = _per_sample(x, f64(p), ids, torch.float64, residual, out_residual, out_ln)
+    same_dtype = _per_sample(x, p, ids, torch.bfloat16, residual, out_residual, out_ln)
+    assert_close_to_reference(y, ref, same_dtype, f"plan={plan} m={m}")
+
+
+@pytest.mark.gpu
+def test_a_forced_tile_plan_that_cannot_run_is_refused(monkeypatch):
+    from fastpeft.ops import bottleneck
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+    x = torch.randn(100, 48, device=DEVICE, dtype=torch.bfloat16)
+    p = params(48, 16, torch.bfloat16)
+    for plan in [(24, 1), (16, 3), (16, 2), (16, 16)]:  # 48 columns do not split in two slices of 16s
+        monkeypatch.setattr(bottleneck, "FORCED_CUDA_TILE_PLAN", plan)
+        with pytest.raises(RuntimeError, match="tile"):
+            bottleneck_adapter(x, **p)
 
 
 @pytest.mark.parametrize("d", [4096, 12288, 16384])
 @pytest.mark.parametrize("m", [64, 256])
-def test_cuda_goes_first_for_decode_only(d, m):
+def test_which_backend_a_gpu_runs(d, m):
     """Decode takes the CUDA rows kernel, which stages a row of d + m floats (opting in past 48 KB: d = 12288 and
-    16384 are real hidden sizes); with less shared memory than a row needs, and for prefill (the Triton tiles
-    read the projections once per 64 rows, the CUDA tile kernel per 16), Triton goes first."""
-    from fastpeft.ops.bottleneck import cuda_tile_takes, preference
+    16384 are real hidden sizes); with less shared memory than a row needs, Triton goes first. Prefill at these
+    widths takes the CUDA cluster tiles on sm_90 (the Triton tiles in flight hold more of x than the L2 does),
+    Triton without clusters (16 rows per block: the projections re-read per 16 rows) and in fp32."""
+    from fastpeft.ops.bottleneck_plan import H200, preference
 
-    assert preference(1, d, m, torch.bfloat16, H100_OPTIN)[0] == "cuda"
-    assert preference(64, d, m, torch.float32, H100_OPTIN)[0] == "cuda"
-    assert preference(1, d, m, torch.bfloat16, (d + m) * 4 - 1)[0] == "triton"
-    assert preference(8192, d, m, torch.bfloat16, H100_OPTIN)[0] == "triton"
-    assert cuda_tile_takes(8192, d, m, torch.bfloat16, H100_OPTIN) == (16 * (d + 8) * 2 + 40 * 1024 <= H100_OPTIN)
-    assert not cuda_tile_takes(8192, d, m, torch.float32, H100_OPTIN)  # the tile kernel is 16-bit only
+    no_clusters = H200._replace(max_cluster=1)
+    assert preference(1, d, m, torch.bfloat16, H200)[0] == "cuda"
+    assert preference(64, d, m, torch.float32, H200)[0] == "cuda"
+    assert preference(1, d, m, torch.bfloat16, H200._replace(shared_optin=(d + m) * 4 - 1))[0] == "triton"
+    assert preference(8192, d, m, torch.bfloat16, H200)[0] == "cuda"
+    assert preference(8192, d, m, torch.float16, H200)[0] == "cuda"
+    assert preference(8192, d, m, torch.bfloat16, no_clusters)[0] == "triton"
+    assert preference(8192, d, m, torch.float32, H200)[0] == "triton"
 
 
-def test_the_preference_mirrors_the_cuda_kernels_constants():
+@pytest.mark.parametrize("d", [768, 1024])
+def test_narrow_prefill_stays_on_triton(d):
+    """At d = 768 and 1024 the Triton tiles in flight fit in the L2: their second read of x costs no HBM bytes,
+    and the cost model puts them ahead of the clusters (whose barriers weigh more on small tiles)."""
+    from fastpeft.ops.bottleneck_plan import H200, preference
+
+    assert preference(8192, d, 64, torch.bfloat16, H200)[0] == "triton"
+
+
+@pytest.mark.parametrize("d", [16, 48, 768, 1024, 4096, 5136, 12288, 16384])
+@pytest.mark.parametrize("m", [16, 48, 64, 256])
+@pytest.mark.parametrize("optin, clusters", [(227 * 1024, 8), (163 * 1024, 1), (99 * 1024, 1), (48 * 1024, 8)])
+def test_tile_plans_fit_and_prefer_more_rows(d, m, optin, clusters):
+    """Every plan splits d into whole 16-column slices and fits the shared memory; no plan with more rows per
+    tile would fit (none at all where there is no plan); at the hidden sizes of real models (multiples of 128)
+    an sm_90 tile holds 32 rows or more (the projections read once per 32 rows, not 16)."""
+    from fastpeft.ops.bottleneck_plan import H200, cuda_tile_plan, tile_layout_bytes
+
+    gpu = H200._replace(shared_optin=optin, max_cluster=clusters)
+    plan = cuda_tile_plan(d, m, gpu)
+
+    def fits(rows: int) -> bool:
+        splits = (c for c in (1, 2, 4, 8) if c <= clusters and d % (16 * c) == 0)
+        return any(tile_layout_bytes(d // c, m, rows) + 8 <= optin for c in splits)
+
+    if plan is None:
+        assert not fits(16)
+        return
+    assert d % (16 * plan.cluster) == 0 and plan.cluster <= clusters
+    assert tile_layout_bytes(d // plan.cluster, m, plan.rows) + 8 <= optin
+    assert not any(fits(rows) for rows in (32, 64) if rows > plan.rows)
+    if d >= 768 and d % 128 == 0 and optin == 227 * 1024 and clusters == 8:
+        assert plan.rows >= 32
+
+
+def test_tile_plans_refuse_what_the_kernel_cannot_take():
+    from fastpeft.ops.bottleneck_plan import H200, cuda_tile_plan
+
+    assert cuda_tile_plan(4104, 64, H200) is None  # d not a multiple of 16
+    assert cuda_tile_plan(4096, 40, H200) is None  # m not a multiple of 16
+    assert cuda_tile_plan(4096, 272, H200) is None  # m past kTileMaxM
+
+
+@pytest.mark.skipif(not _extension_loaded(), reason="the CUDA extension is not built")
+@pytest.mark.parametrize("optin, clusters", [(227 * 1024, 8), (163 * 1024, 1), (99 * 1024, 1)])
+def test_the_tile_plan_mirrors_the_cuda_host_code(optin, clusters):
+    """csrc/bottleneck.cu's tile_plan (host arithmetic, callable without a GPU) and its Python mirror agree."""
+    from fastpeft.ops.bottleneck_plan import H200, cuda_tile_plan
+
+    gpu = H200._replace(shared_optin=optin, max_cluster=clusters)
+    for d in (16, 32, 48, 96, 768, 1024, 2048, 4096, 5120, 8192, 12288, 16384):
+        for m in (0, 8, 16, 32, 48, 64, 96, 128, 192, 256, 272):
+            plan = cuda_tile_plan(d, m, gpu)
+            assert list(torch.ops.fastpeft.bottleneck_tile_plan_cuda(d, m, optin, clusters)) == (
+                list(plan) if plan else [0, 0]), (d, m)  # fmt: skip
+
+
+def test_the_plan_mirrors_the_cuda_kernels_constants():
     from pathlib import Path
 
-    from fastpeft.ops import bottleneck
+    from fastpeft.ops import bottleneck_plan as plan
 
     source = (Path(__file__).resolve().parents[1] / "csrc" / "bottleneck.cu").read_text()
-    assert f"constexpr int64_t kDecodeRows = {bottleneck._CUDA_DECODE_MAX_M};" in source
-    assert f"constexpr int64_t kTileMaxM = {bottleneck._CUDA_TILE_MAX_M};" in source
+    assert f"constexpr int64_t kDecodeRows = {plan.CUDA_DECODE_MAX_M};" in source
+    assert f"constexpr int64_t kTileMaxM = {plan.CUDA_TILE_MAX_M};" in source
+    assert f"constexpr int kMaxCluster = {plan.MAX_CLUSTER};" in source
+    assert f"constexpr int64_t kTwoBlocksPerSm = {plan.TWO_BLOCKS_PER_SM // 1024} * 1024;" in source
+    assert "constexpr int kRowPad = 8;" in source and "constexpr int kAccLd = 16 + 4;" in source
 
 
 def test_the_fused_backward_width_mirrors_the_kernels():

@@ -87,9 +87,11 @@ def test_sass_features_count_what_matters():
         /*0120*/                   REDG.E.ADD.F32.FTZ.RN.STRONG.GPU desc[UR4][R4.64], R9 ;
         /*0130*/                   ATOMG.E.ADD.STRONG.GPU PT, R3, desc[UR4][R4.64], R9 ;
         /*0140*/                   ATOMG.E.EXCH.STRONG.GPU PT, R3, desc[UR4][R4.64], RZ ;
+        /*0150*/                   PREEXIT ;
+        /*0160*/                   ACQBULK ;
     """
     assert sass_features(sass) == {"ldg128": 2, "ldg_narrow": 1, "hgmma": 1, "hmma": 1, "tma": 1, "local": 1,
-                                   "float_atomics": 2}  # fmt: skip
+                                   "float_atomics": 2, "gdc_wait": 1, "gdc_trigger": 1}  # fmt: skip
 
 
 def test_narrow_offset_products_are_the_32_bit_products_with_a_size_or_stride_argument():

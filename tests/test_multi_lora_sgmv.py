@@ -13,7 +13,7 @@ from test_multi_lora import RANKS, ids_for, make, packed_reference, reference
 from fastpeft.backends import record_backends
 from fastpeft.ops.adapter_pool import AdapterPool
 from fastpeft.ops.batch_description import describe_batch
-from fastpeft.ops.multi_lora import multi_lora_linear
+from fastpeft.ops.multi_lora import multi_lora_linear, multi_lora_sgmv_linear
 
 
 @pytest.mark.parametrize("ids", [[2, -1, 0, 2, 7, 1, 1, -3, 0], [1, 1, 1], [-1, -1], [], [0, 3, 0, 3, 0]])
@@ -361,3 +361,86 @@ def test_a_peft_mixed_decode_step_replays_in_a_cuda_graph():
         reassign_adapter_names(before, after)
         graph.replay()
         torch.testing.assert_close(out, model(inputs, adapter_names=after).logits)
+
+
+class _LaunchLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """The Triton launches of the grouped kernels (name, PDL, launch_pdl) and, between them, every aten op the
+    host code calls (on a GPU, an op there could launch a kernel of its own)."""
+
+    def __init__(self, kernels, monkeypatch):
+        super().__init__()
+        self.events: list[tuple] = []
+        self.in_launch = False
+        for name in ("_sgmv_shrink_kernel", "_sgmv_linear_kernel", "_sgmv_expand_kernel"):
+            monkeypatch.setattr(kernels, name, self._spy(name, getattr(kernels, name)))
+
+    def _spy(self, name, real):
+        log = self
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, PDL, launch_pdl=False, **kwargs):
+                    log.events.append((name, PDL, launch_pdl))
+                    log.in_launch = True
+                    try:  # the interpreter runs no PTX: the kernel itself runs without the PDL instructions
+                        return real[grid](*args, PDL=False, **kwargs)
+                    finally:
+                        log.in_launch = False
+
+                return launch
+
+        return Spy()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_launch:
+            self.events.append(("aten", str(func.overloadpacket)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("op", ["linear", "sgmv"])
+def test_the_kernel_after_the_shrink_starts_early_with_nothing_between(monkeypatch, op):
+    """On sm_90 the kernel after the grouped shrink is launched programmatically (it may start while the shrink
+    runs, and waits for the slabs before its epilogue): it must be the very next launch (no host op between
+    them, whose kernel it would overlap instead), the shrink must let it start, and the outputs are the same."""
+    pytest.importorskip("triton")
+    from fastpeft.triton_kernels import multi_lora as kernels
+
+    from fastpeft.ops.multi_lora import IMPLS, _grouped_args
+
+    weight, bias, adapters = make(24, 40, RANKS, torch.float32)
+    pool = AdapterPool.build(adapters)
+    x = torch.randn(9, 24, device=DEVICE)
+    ids = ids_for("uniform", 9, len(adapters))
+    description = describe_batch(ids, pool.num_adapters)
+    base = torch.nn.functional.linear(x, weight, bias)
+    expected = multi_lora_sgmv_linear(x, weight, bias, pool, description)
+    *tensors, max_rank, max_width = _grouped_args(pool, description)
+    monkeypatch.setattr(kernels, "programmatic_launch", lambda device: True)
+    with _LaunchLog(kernels, monkeypatch) as log:  # the Triton implementation itself: its host ops are seen
+        if op == "linear":
+            out = IMPLS["multi_lora_sgmv_linear"]["triton"](x, weight, bias, *tensors, max_rank=max_rank,
+                                                            max_width=max_width)  # fmt: skip
+        else:
+            out = IMPLS["multi_lora_sgmv"]["triton"](base, x, *tensors, max_rank=max_rank, max_width=max_width)
+    launches = [i for i, event in enumerate(log.events) if event[0] != "aten"]
+    second = "_sgmv_linear_kernel" if op == "linear" else "_sgmv_expand_kernel"
+    assert [log.events[i] for i in launches] == [("_sgmv_shrink_kernel", True, False), (second, True, True)]
+    assert launches[1] == launches[0] + 1, log.events
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert ("aten", "aten.empty") in log.events[: launches[0]]  # the outputs are allocated before the shrink
+
+
+def test_no_programmatic_launch_without_a_shrink_or_off_sm90(monkeypatch):
+    """A pool of no adapters launches no shrink: the kernel after it would overlap whatever ran before (x's
+    producer), so it is launched plainly; so is everything under the interpreter and on CPUs."""
+    pytest.importorskip("triton")
+    from fastpeft.triton_kernels import common
+    from fastpeft.triton_kernels import multi_lora as kernels
+
+    assert not common.programmatic_launch(torch.device("cpu"))  # the interpreter, and no GPU
+    monkeypatch.setattr(common, "INTERPRET", False)
+    assert common.programmatic_launch(torch.device("meta"))  # scripts/compile_triton.py's reference GPU
+    assert not common.programmatic_launch(torch.device("cpu"))
+    monkeypatch.setattr(kernels, "programmatic_launch", lambda device: True)
+    assert kernels._follows_the_shrink(torch.device("meta"), 3)
+    assert not kernels._follows_the_shrink(torch.device("meta"), 0)

@@ -4,6 +4,7 @@ beside the predictions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -139,20 +140,32 @@ def test_dropout_is_read_as_bits_inside_three_passes():
 
 
 def test_the_bottleneck_forward_model_follows_the_dispatch():
-    """bf16 prefill runs the Triton tiles: 64 rows per program, both projections from L2 once per tile, and x's
-    second read from L2 where two tiles per SM fit in it (d = 768), else from HBM (d = 4096). The CUDA tile kernel
-    (16 rows per block, the projections from L2 per block) is L2-bound: predicted slower at both."""
+    """bf16 prefill at d = 768 runs the Triton tiles: 64 rows per program, both projections from L2 once per
+    tile, x's second read from L2 (two tiles per SM fit in it), ahead of the CUDA clusters; at d = 4096 two tiles
+    per SM do not fit, x would come twice from HBM, and the CUDA cluster tiles run: 64 rows over 8 blocks, x
+    read once, the projections from L2 once per tile, two blocks per SM, ahead of the Triton tiles."""
     [small] = roofline.bottleneck_forward(8192, 768, 64)
     [large] = roofline.bottleneck_forward(8192, 4096, 64)
-    assert small.name == large.name == "Triton bottleneck tiles" and large.ctas == 8192 // 64
+    assert small.name == "Triton bottleneck tiles" and small.ctas == 8192 // 64
     assert small.bytes == pytest.approx(4 * 8192 * 768 + 4 * 768 * 64)  # x re-read from L2
-    assert large.bytes == pytest.approx(6 * 8192 * 4096 + 4 * 4096 * 64)  # x re-read from HBM
-    for d in (768, 4096):
-        [tiles] = roofline.bottleneck_forward(8192, d, 64, design="cuda tiles")
-        assert tiles.l2_bytes / H200.l2_bandwidth > tiles.bytes / H200.bandwidth
-        assert roofline.seconds([tiles]) > roofline.seconds(roofline.bottleneck_forward(8192, d, 64))
+    assert large.name == "CUDA bottleneck cluster tiles" and large.ctas == 8192 // 64 * 8 and large.ctas_per_sm == 2
+    assert large.bytes == pytest.approx(4 * 8192 * 4096 + 4 * 4096 * 64)  # x once, y once
+    assert large.l2_bytes == pytest.approx(4 * 4096 * 64 * 8192 // 64)  # the projections once per 64 rows
+    [triton] = roofline.bottleneck_forward(8192, 4096, 64, design="triton")
+    assert triton.bytes == pytest.approx(6 * 8192 * 4096 + 4 * 4096 * 64)  # x re-read from HBM
+    assert roofline.seconds([large]) < roofline.seconds([triton])
+    [clusters] = roofline.bottleneck_forward(8192, 768, 64, design="cuda tiles")
+    assert roofline.seconds([clusters]) > roofline.seconds([small])
     rows = [(t, value) for t, case, value in roofline.prediction_rows() if t.bench == "bottleneck"]
     assert all(value is not None for t, value in rows)  # forward, forward + backward, 8 adapters
+
+
+def test_the_multi_adapter_decode_tiles_start_while_the_shrink_runs():
+    """On sm_90 the decode tiles after the grouped shrink are launched programmatically: no launch gap of their
+    own (PROGRAMMATIC_AFTER_SHRINK), one launch for the pair."""
+    shrink, tiles = roofline.multi_lora_grouped(64, 4096, 4096, 16, 32)
+    assert tiles.launch_hidden and not shrink.launch_hidden
+    assert tiles.seconds() == pytest.approx(dataclasses.replace(tiles, launch_hidden=False).seconds() - H200.launch_s)
 
 
 def test_the_bottleneck_backward_model_follows_the_kernels_tiles():

@@ -11,6 +11,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # grid dependency control: programmatic dependent launch (Triton 3.3 and later)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+
 # Read once at import, as Triton reads TRITON_INTERPRET itself: set both before fastpeft is imported.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 AUTOTUNE = os.environ.get("FASTPEFT_TRITON_AUTOTUNE", "1") != "0" and not INTERPRET
@@ -47,6 +52,25 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return REFERENCE_SMS
     return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_major(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether a kernel may be launched to start while the one before it in the stream still runs (programmatic
+    dependent launch, ``launch_pdl=True``; it waits with ``gdc_wait`` where it needs that kernel's output): from
+    sm_90 on; never under the interpreter, which runs no PTX; on meta tensors (scripts/compile_triton.py) the
+    reference GPU's answer."""
+    if INTERPRET or gdc_wait is None:
+        return False
+    if device.type == "meta":
+        return True
+    if device.type != "cuda":
+        return False
+    return _cuda_major(device.index if device.index is not None else torch.cuda.current_device()) >= 9
 
 
 _ARRIVALS: dict[tuple, torch.Tensor] = {}

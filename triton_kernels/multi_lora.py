@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot_precision, on_device, sm_count
+from .common import dot_precision, gdc_launch_dependents, gdc_wait, on_device, programmatic_launch, sm_count
 from .lora import pinned_config
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -265,13 +265,16 @@ def _sgmv_shrink_kernel(
     x_ptr, a_ptr, order_ptr, starts_ptr, a_offsets_ptr, part_ptr,
     M, K, k_chunk,
     stride_xm, stride_xk, stride_ap, stride_ak,
-    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # Program (adapter, K split): the adapter's tokens (a segment of the batch description's order) times its A
     # rows over one chunk of K, in tiles of BLOCK_M tokens: A's chunk is read once per tile, so once per step
     # when the adapter has at most BLOCK_M tokens (decode). The split's partial sums go to its own slab of
-    # ``part`` [splits, M, V_WIDTH]; the expand adds the slabs in split order (no atomics).
+    # ``part`` [splits, M, V_WIDTH]; the expand adds the slabs in split order (no atomics). With PDL the next
+    # kernel (launched programmatically) may start now: it waits for these slabs before it reads them.
+    if PDL:
+        gdc_launch_dependents()
     a = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)  # K offsets and the slab in 64 bits
     seg_lo = tl.load(starts_ptr + a)
@@ -331,7 +334,7 @@ def _sgmv_expand_kernel(
     out_starts_ptr, y_ptr,
     M, num_adapters, splits,
     stride_base_m, stride_base_n, stride_ym, stride_yn,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # Program (group, column tile, slice): the group's tokens (adapter a's, or for a = num_adapters the tokens
@@ -349,6 +352,8 @@ def _sgmv_expand_kernel(
     rank, v_start, b_start, scaling = _slice_of(
         a, a < num_adapters, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
     )
+    if PDL:  # launched while the shrink ran: its slabs are whole from here on
+        gdc_wait()
     for t0 in range(seg_lo, seg_hi, BLOCK_M):
         pos = t0 + tl.arange(0, BLOCK_M)
         in_seg = pos < seg_hi
@@ -369,14 +374,15 @@ def _sgmv_linear_kernel(
     M, K, num_adapters, splits,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr, V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # Program (row tile of the tokens in the description's order, column tile, slice): the base GEMM x W^T (+
     # bias) of its tokens over the slice's columns, streaming W once per row tile (decode: one row tile), then
     # the expand in the epilogue: the tokens sorted by adapter, each adapter whose tokens meet the tile adds
     # s v B^T from its B tile (read once per column tile), v summed over the shrink's slabs in split order.
-    # y is written once; no separate pass over it.
+    # y is written once; no separate pass over it. With PDL this kernel starts while the shrink runs (the base
+    # GEMM needs nothing of it) and waits for the slabs before the epilogue.
     s = tl.program_id(2)
     out_start = tl.load(out_starts_ptr + s)
     width = tl.load(out_starts_ptr + s + 1) - out_start
@@ -402,6 +408,8 @@ def _sgmv_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tile_hi = tl.minimum(tile_lo + BLOCK_M, M)
+    if PDL:
+        gdc_wait()
     for a in range(0, num_adapters):
         lo = tl.maximum(tl.load(starts_ptr + a), tile_lo)
         hi = tl.minimum(tl.load(starts_ptr + a + 1), tile_hi)
@@ -498,6 +506,11 @@ def multi_lora_expand(
 # the interpreter's small ones exercise every loop.
 SGMV_M = 16
 SGMV_RANK_CHUNK = 16 if INTERPRET else 64
+# The kernel after the grouped shrink (the decode tiles, or the expand) is launched to start while the shrink
+# runs, on sm_90 (programmatic dependent launch): its base GEMM or its loads need nothing of the shrink, and it
+# waits for the slabs before its epilogue; the launch gap between the two (about 1 us of a 10 us decode layer)
+# disappears. The cost model's decode rows read it.
+PROGRAMMATIC_AFTER_SHRINK = True
 
 
 def sgmv_blocks(interpreter: bool = INTERPRET) -> tuple[int, int]:
@@ -515,8 +528,11 @@ def sgmv_splits(num_adapters: int, k: int, programs: int, interpreter: bool = IN
     return triton.cdiv(k, chunk), chunk
 
 
-def _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters: int, v_width: int) -> tuple[torch.Tensor, int]:
-    """The grouped shrink's fp32 slabs [splits, M, v_width] and their number."""
+def _sgmv_shrink(
+    x, lora_a, a_offsets, order, starts, num_adapters: int, v_width: int, pdl: bool
+) -> tuple[torch.Tensor, int]:
+    """The grouped shrink's fp32 slabs [splits, M, v_width] and their number. ``pdl``: the next launch is
+    programmatic (the shrink lets it start at once)."""
     m, k = x.shape
     splits, chunk = sgmv_splits(num_adapters, k, 4 if INTERPRET else 2 * sm_count(x.device))
     part = torch.empty((splits, m, v_width), device=x.device, dtype=torch.float32)
@@ -526,10 +542,21 @@ def _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters: int, v_width
         _sgmv_shrink_kernel[(num_adapters, splits)](
             x, lora_a, order, starts, a_offsets, part, m, k, chunk,
             x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1),
-            DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, V_WIDTH=v_width, BLOCK_M=SGMV_M,
+            DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, PDL=pdl, V_WIDTH=v_width, BLOCK_M=SGMV_M,
             BLOCK_R=rank_chunk, BLOCK_K=step if rank_chunk <= 32 else step // 2,
         )  # fmt: skip
     return part, splits
+
+
+def _follows_the_shrink(device: torch.device, num_adapters: int) -> bool:
+    """Whether the kernel after the grouped shrink is launched programmatically (PROGRAMMATIC_AFTER_SHRINK): only
+    where the shrink launches (a pool of no adapters launches none, and the kernel before it in the stream, which
+    may be writing x, must not be overlapped)."""
+    return PROGRAMMATIC_AFTER_SHRINK and num_adapters > 0 and programmatic_launch(device)
+
+
+def _pdl_launch(pdl: bool) -> dict:
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _lora_precision(dtype: torch.dtype) -> str:
@@ -562,15 +589,16 @@ def multi_lora_sgmv(
     if m == 0 or base.shape[1] == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    part, splits = _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width)
+    pdl = _follows_the_shrink(x.device, num_adapters)
+    part, splits = _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
     block_n = min(sgmv_blocks()[1], max(16, triton.next_power_of_2(max_width)))
     with on_device(x):
         _sgmv_expand_kernel[(num_adapters + 1, triton.cdiv(max_width, block_n), num_slices)](
             base, part, lora_b, order, starts, ranks, v_starts, b_starts, scalings, out_starts, y,
             m, num_adapters, splits,
             base.stride(0), base.stride(1), y.stride(0), y.stride(1),
-            DOT_PRECISION=_lora_precision(base.dtype), V_WIDTH=v_width, BLOCK_M=SGMV_M,
-            BLOCK_R=min(v_width, SGMV_RANK_CHUNK), BLOCK_N=block_n,
+            DOT_PRECISION=_lora_precision(base.dtype), PDL=pdl, V_WIDTH=v_width, BLOCK_M=SGMV_M,
+            BLOCK_R=min(v_width, SGMV_RANK_CHUNK), BLOCK_N=block_n, **_pdl_launch(pdl),
         )  # fmt: skip
     return y
 
@@ -601,7 +629,8 @@ def multi_lora_sgmv_linear(
     if m == 0 or n == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    part, splits = _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width)
+    pdl = _follows_the_shrink(x.device, num_adapters)
+    part, splits = _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
     tile = pinned_config("decode", m, max_width, v_width, x.dtype)
     grid = (triton.cdiv(m, tile.kwargs["BLOCK_M"]), triton.cdiv(max_width, tile.kwargs["BLOCK_N"]), num_slices)
     with on_device(x):
@@ -611,8 +640,8 @@ def multi_lora_sgmv_linear(
             m, k, num_adapters, splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), LORA_PRECISION=_lora_precision(x.dtype),
-            UPCAST=INTERPRET, V_WIDTH=v_width, BLOCK_M=tile.kwargs["BLOCK_M"], BLOCK_N=tile.kwargs["BLOCK_N"],
-            BLOCK_K=tile.kwargs["BLOCK_K"], BLOCK_R=min(v_width, SGMV_RANK_CHUNK), num_warps=8,
-            num_stages=tile.num_stages,
+            UPCAST=INTERPRET, PDL=pdl, V_WIDTH=v_width, BLOCK_M=tile.kwargs["BLOCK_M"],
+            BLOCK_N=tile.kwargs["BLOCK_N"], BLOCK_K=tile.kwargs["BLOCK_K"], BLOCK_R=min(v_width, SGMV_RANK_CHUNK),
+            num_warps=8, num_stages=tile.num_stages, **_pdl_launch(pdl),
         )  # fmt: skip
     return y

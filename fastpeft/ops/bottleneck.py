@@ -10,16 +10,16 @@ the fused form of AdapterHub's ``BatchSplit``.
 
 Backends: ``triton`` (triton_kernels/bottleneck.py: one kernel per tile of rows, the bottleneck activations kept on
 chip, LayerNorm folded into the down-projection; x read twice, the second read hitting L2 when the tile is still
-there; what prefill runs), ``cuda`` (csrc/bottleneck.cu: a few rows per block for decode, what decode runs; for
-fp16/bf16 prefill, 16 rows per block staged once in shared memory and both products on the tensor cores) and
-``torch`` (the composition, the CPU path and the reference's shape). The backward recomputes z from x (nothing of
-size [M, m] or [M, d] is saved but x) and gives x, every adapter parameter, the LN parameters and a tensor scaling
-their gradients: two Triton kernels without float atomics (the same bits on every run;
-triton_kernels/bottleneck.py), or, with an add + LayerNorm after the adapter or on the other backends, the
-composition differentiated by torch.func.vjp.
-``torch.compile`` traces the custom ops ``fastpeft::bottleneck_adapter`` and
-``fastpeft::bottleneck_adapter_backward`` (each with a fake implementation); eager calls take the autograd
-Function, or the backend directly without gradients.
+there), ``cuda`` (csrc/bottleneck.cu: a few rows per block for decode; for fp16/bf16 prefill, a tile of up to 64
+rows spread over a cluster of blocks, each owning a slice of d staged once in shared memory, both products on the
+tensor cores, x read once and y written once) and ``torch`` (the composition, the CPU path and the reference's
+shape). The backward recomputes z from x (nothing of size [M, m] or [M, d] is saved but x) and gives x, every
+adapter parameter, the LN parameters and a tensor scaling their gradients: two Triton kernels without float atomics
+(the same bits on every run; triton_kernels/bottleneck.py), or, with an add + LayerNorm after the adapter or on the
+other backends, the composition differentiated by torch.func.vjp. Which backend a GPU runs, and why:
+fastpeft/ops/bottleneck_plan.py. ``torch.compile`` traces the custom ops ``fastpeft::bottleneck_adapter`` and
+``fastpeft::bottleneck_adapter_backward`` (each with a fake implementation); eager calls take the autograd Function,
+or the backend directly without gradients.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from fastpeft.backends import select_backend
+from fastpeft.ops.bottleneck_plan import TRITON_FIRST, gpu_of, preference
 from fastpeft.ops.common import FLOAT_DTYPES
 from fastpeft.ops.route import Route, choose_route
 
@@ -38,18 +39,8 @@ ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu", "swish", "tanh", "leakyrelu",
 ACTIVATION_CODES = {"relu": 0, "gelu": 1, "gelu_new": 2, "silu": 3, "swish": 3, "tanh": 4, "leakyrelu": 5,
                     "sigmoid": 6}  # fmt: skip
 LEAKY_SLOPE = 0.01  # torch.nn.LeakyReLU's default, which AdapterHub's "leakyrelu" uses
-# Decode (few rows) on the CUDA rows kernel; prefill on the Triton tiles, whose 64 rows per program read both
-# projections from L2 once per 64 rows, where the CUDA tile kernel (x read once, from shared memory) reads them
-# once per 16 rows and is bound by that traffic: benchmarks/roofline.py predicts 0.78 and 0.59 of the bandwidth
-# roofline at d = 768 and 4096 against 0.43 and 0.46 (the bench's fused:cuda rows time the tile kernel until a
-# GPU ranks them). The constants mirror csrc/bottleneck.cu's kDecodeRows and tile_kernel_fits.
-_CUDA_DECODE_MAX_M = 64
-_CUDA_TILE_MAX_M = 256
-_CUDA_TILE_SHARED_BYTES = 40 * 1024  # a bound on the tile kernel's shared memory besides its 16 rows of x
 # Mirrors triton_kernels/bottleneck.py's BACKWARD_MAX_MB_PAD (which needs triton to import).
 _BACKWARD_MAX_MB_PAD = 256
-_CUDA_FIRST = ("cuda", "triton")
-_TRITON_FIRST = ("triton", "cuda")
 
 
 def activation_fn(name: str):
@@ -176,6 +167,11 @@ def _forward_triton(x, residual, adapters: Adapters, ids, rows_per_sample, activ
     return bottleneck_forward(x, residual, adapters, ids, rows_per_sample, ACTIVATION_CODES[activation], ln_eps, post)
 
 
+# (rows per tile, blocks per cluster) for csrc/bottleneck.cu's prefill tile kernel, (0, 0): its own plan. The
+# tests' way to run every plan on one GPU.
+FORCED_CUDA_TILE_PLAN = (0, 0)
+
+
 def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activation, ln_eps, post: Post):
     def dense(t):
         return None if t is None else t.contiguous()
@@ -190,40 +186,17 @@ def _forward_cuda(x, residual, adapters: Adapters, ids, rows_per_sample, activat
         rows(x), rows(residual), dense(adapters.down_weight), dense(adapters.down_bias), up_t,
         dense(adapters.up_bias), scale, float(scaling) if scale is None else 1.0, dense(adapters.ln_weight),
         dense(adapters.ln_bias), ln_eps, dense(ids), ACTIVATION_CODES[activation],
-        rows(post.out_residual), post.out_ln_weight, post.out_ln_bias, post.out_ln_eps,
+        rows(post.out_residual), post.out_ln_weight, post.out_ln_bias, post.out_ln_eps, *FORCED_CUDA_TILE_PLAN,
     )  # fmt: skip
 
 
 IMPLS = {"torch": _forward_torch, "triton": _forward_triton, "cuda": _forward_cuda}
 
 
-def cuda_tile_takes(rows: int, d: int, m: int, dtype: torch.dtype, shared_optin: int) -> bool:
-    """Whether csrc/bottleneck.cu's tile kernel takes ``rows`` rows [M, d] with bottleneck ``m`` (fp16/bf16
-    prefill, d and m multiples of 16, m <= 256, 16 rows of x staged in ``shared_optin`` bytes of shared memory)."""
-    return (
-        rows > _CUDA_DECODE_MAX_M
-        and dtype in (torch.float16, torch.bfloat16)
-        and d % 16 == 0
-        and m % 16 == 0
-        and 0 < m <= _CUDA_TILE_MAX_M
-        and 16 * (d + 8) * dtype.itemsize + _CUDA_TILE_SHARED_BYTES <= shared_optin
-    )
-
-
-def preference(rows: int, d: int, m: int, dtype: torch.dtype, shared_optin: int) -> tuple[str, ...]:
-    """The backend order for ``rows`` rows [M, d] with bottleneck ``m`` on a CUDA device whose blocks may opt in
-    to ``shared_optin`` bytes of shared memory: CUDA first for decode where its rows kernel (one row of d + m
-    floats staged) takes the shape, Triton first otherwise (prefill: see the comment on _CUDA_DECODE_MAX_M).
-    Either backend takes every shape when forced."""
-    decode = rows <= _CUDA_DECODE_MAX_M and (d + m) * 4 <= shared_optin
-    return _CUDA_FIRST if decode else _TRITON_FIRST
-
-
 def _run(x, residual, adapters: Adapters, *args):
-    order = _TRITON_FIRST
+    order = TRITON_FIRST
     if x.device.type == "cuda":
-        optin = getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", 48 * 1024)
-        order = preference(x.shape[0], x.shape[1], adapters.down_weight.shape[-2], x.dtype, optin)
+        order = preference(x.shape[0], x.shape[1], adapters.down_weight.shape[-2], x.dtype, gpu_of(x.device))
     backend = select_backend("bottleneck_adapter", x.device, order)
     return IMPLS[backend](x, residual, adapters, *args)
 
@@ -508,7 +481,7 @@ def bottleneck_adapter(
     per_sample = math.prod(x.shape[1:-1]) if x.dim() >= 2 else 1
     out_res = None if out_residual is None else out_residual.reshape(rows.shape)
     tensors = (rows, res, out_res, out_ln_weight, out_ln_bias, *adapters)
-    route = choose_route("bottleneck_adapter", rows.device, _TRITON_FIRST, tensors)
+    route = choose_route("bottleneck_adapter", rows.device, TRITON_FIRST, tensors)
     if route is Route.CUSTOM_OP:
         scaling = adapters.scaling if isinstance(adapters.scaling, torch.Tensor) else None
         scaling_value = 0.0 if scaling is not None else float(adapters.scaling)
