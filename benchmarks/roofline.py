@@ -213,20 +213,45 @@ def _plus(main: Pass, lora: Pass) -> Pass:
                 main.l2_bytes + lora.l2_bytes)  # fmt: skip
 
 
-def bnb_matmul_4bit(m: int, n: int, k: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
-    """bitsandbytes 0.50's ``matmul_4bit`` as its dispatch runs it: the inference GEMV for one row, else a
-    dequantize to a dense W (the nested absmax first) and cuBLAS. Its fused GEMM tiers for 2..64 rows are not
-    modelled: rows against bitsandbytes above one are not predicted."""
+def bnb_fused_4bit(m: int, n: int, k: int) -> bool:
+    """Whether bitsandbytes 0.50 runs its fused 4-bit kernels for ``m`` rows of an [n, k] weight on an H200, as
+    its backends/cuda/ops.py's gemm_4bit decides for weights of 4 Mi elements or more: always up to 4 rows; on
+    sm90 up to 64, 48, 32 or 16 rows as its 64-column blocks fill three, two, one or half a wave of SMs (none at
+    half a wave when K >= N and under three quarters); dequantize + cuBLAS otherwise."""
+    if m <= 4:
+        return True
+    blocks, sms = math.ceil(n / 64), H200.sms
+    for waves, rows in ((3, 64), (2, 48), (1, 32)):
+        if blocks >= waves * sms:
+            return m <= rows
+    if blocks >= sms // 2:
+        return not (k >= n and blocks * 4 < sms * 3) and m <= 16
+    return False
+
+
+def bnb_dequantize(n: int, k: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
+    """bitsandbytes' dequantize of a 4-bit weight to dense 16 bits: the nested absmax first (its 8-bit codes
+    decoded to fp32, then the offset added: a torch add), then W."""
+    absmax = [Pass("bnb nested absmax", 5.0 * n * k / blocksize), Pass("absmax + offset", 8.0 * n * k / blocksize)]
     w4 = weight_4bit_bytes(n, k, blocksize, nested)
-    if m == 1:
-        # kgemm_4bit_inference_naive: a warp per output feature, 4 per block of 128 threads, the code in shared
-        # memory, one FMA per weight.
-        return [Pass("bnb GEMV", w4 + 2.0 * (k + n), lane_ops=(DECODE_LANE_OPS + 1) * n * k,
+    return [*(absmax if nested else []), Pass("bnb dequantize", w4 + 2.0 * n * k, lane_ops=DECODE_LANE_OPS * n * k,
+                                              shared_bytes=DECODE_SHARED_BYTES * n * k)]  # fmt: skip
+
+
+def bnb_matmul_4bit(m: int, n: int, k: int, blocksize: int = 64, nested: bool = True) -> list[Pass] | None:
+    """bitsandbytes 0.50's ``matmul_4bit`` (inference) as its dispatch runs it on an H200 (:func:`bnb_fused_4bit`):
+    its fused SIMT kernel up to 4 rows (csrc/gemm_4bit_simt.cu: a warp per output column, 4 to a block, 16-byte
+    weight loads, the code values through warp shuffles, one FMA per weight per row), dequantize + cuBLAS where it
+    does not fuse. Its MMA tier (mma.sync tiles, which sm90 takes between 5 and 64 rows only where N fills whole
+    waves of 64-column blocks) is not modelled: None there. The TARGETS rows at M = 64 (N = 4096 and 14336)
+    dequantize."""
+    if bnb_fused_4bit(m, n, k):
+        if m > 4:
+            return None
+        w4 = weight_4bit_bytes(n, k, blocksize, nested)
+        return [Pass("bnb SIMT 4-bit GEMM", w4 + 2.0 * (m * k + m * n), lane_ops=(DECODE_LANE_OPS + m) * n * k,
                      shared_bytes=DECODE_SHARED_BYTES * n * k, ctas=math.ceil(n / 4), ctas_per_sm=16)]  # fmt: skip
-    absmax = [Pass("bnb nested absmax", 5.0 * n * k / blocksize)] if nested else []
-    return [*absmax, Pass("bnb dequantize", w4 + 2.0 * n * k, lane_ops=DECODE_LANE_OPS * n * k,
-                          shared_bytes=DECODE_SHARED_BYTES * n * k),
-            *bf16_linear(m, n, k)]  # fmt: skip
+    return [*bnb_dequantize(n, k, blocksize, nested), *bf16_linear(m, n, k)]
 
 
 def peft_lora_term(m: int, n: int, k: int, r: int) -> list[Pass]:
@@ -248,7 +273,10 @@ def peft_lora_term_backward(m: int, n: int, k: int, r: int) -> list[Pass]:
 
 def peft_bnb_lora(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
     """PEFT's LoRA layer on a bitsandbytes Linear4bit, inference: the 4-bit product, then the LoRA term."""
-    return [*bnb_matmul_4bit(m, n, k, blocksize, nested), *peft_lora_term(m, n, k, r)]
+    base = bnb_matmul_4bit(m, n, k, blocksize, nested)
+    if base is None:
+        raise ValueError(f"bitsandbytes' MMA tier (M = {m}) is not modelled")
+    return [*base, *peft_lora_term(m, n, k, r)]
 
 
 def qlora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: bool = True) -> list[Pass]:
@@ -270,7 +298,7 @@ def peft_bnb_lora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nes
     """PEFT's layer on a bitsandbytes Linear4bit, forward and backward: its forward, then autograd's nodes for
     the LoRA term, and bitsandbytes' dx (dequantize, GEMM)."""
     return [*peft_bnb_lora(m, n, k, r, blocksize, nested), *peft_lora_term_backward(m, n, k, r),
-            *bnb_matmul_4bit(2, k, n, blocksize, nested)[:-1], *bf16_linear(m, k, n)]  # fmt: skip
+            *bnb_dequantize(n, k, blocksize, nested), *bf16_linear(m, k, n)]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -768,8 +796,9 @@ def _qlora_metric(metric: str, case: dict) -> float | None:
         return seconds(bf16_linear(m, n, k)) / fused
     if metric == "ratio_vs_bf16":
         return fused / seconds(bf16_linear(m, n, k))
-    if metric == "speedup_vs_bnb" and m == 1:  # its fused GEMM tiers for 2..64 rows are not modelled
-        return seconds(bnb_matmul_4bit(m, n, k, **shape)) / fused
+    if metric == "speedup_vs_bnb":
+        bnb = bnb_matmul_4bit(m, n, k, **shape)  # None: its MMA tier, not modelled
+        return None if bnb is None else seconds(bnb) / fused
     if metric == "ratio_vs_matmul_4bit":
         return fused / seconds(matmul_4bit(m, n, k, 0, **shape))
     if metric == "speedup_vs_peft" and case.get("mode") == "qlora":

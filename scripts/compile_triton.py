@@ -300,6 +300,7 @@ def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
 
 def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:
     from fastpeft.triton_kernels import multi_lora as ml
+    from fastpeft.triton_kernels import multi_lora_4bit as ml4
 
     k, n = 200, 120
     tables = (_t(3, 3, dtype=torch.int32), _t(3, 3, dtype=torch.int32), _t(3, 3, dtype=torch.int64))
@@ -325,6 +326,12 @@ def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
         yield (f"multi_lora sgmv linear v={v_width}",
                partial(ml.multi_lora_sgmv_linear, x, weight, _t(3 * n, dtype=dtype), a, a_offsets, b, order, starts,
                        *tables, v_width, n))  # fmt: skip
+        for nested, odd in ((True, 0), (False, 1)):  # the 4-bit base, its K even (byte pairs) and odd
+            w4 = _weight4bit(3 * n, k - odd, nested, dtype).forward_args()
+            yield (f"multi_lora sgmv linear 4-bit v={v_width} nested={nested} K={k - odd}",
+                   partial(ml4.multi_lora_sgmv_linear_4bit, _t(m, k - odd, dtype=dtype), w4, _t(3 * n, dtype=dtype),
+                           _t(v_width * 3, k - odd, dtype=dtype), a_offsets, b, order, starts, *tables, v_width,
+                           n))  # fmt: skip
 
 
 def _weight4bit(n: int, k: int, nested: bool, dtype: torch.dtype, blocksize: int = 64):
@@ -406,7 +413,7 @@ COVERAGE = {
     "bottleneck": _bottleneck_coverage,
 }
 # Kernel modules of a family other than the one named like them.
-FAMILY_OF_MODULE = {"lora_persistent": "lora", "lora_dy_pass": "lora", "dora": "lora"}
+FAMILY_OF_MODULE = {"lora_persistent": "lora", "lora_dy_pass": "lora", "dora": "lora", "multi_lora_4bit": "multi_lora"}
 
 
 def family_of(module: str) -> str:

@@ -40,8 +40,8 @@ DEFAULT_STAGES=(build test bench sanitize)
 declare -A LIMIT=([build]=120 [test]=240 [bench]=180 [sanitize]=120 [tune]=300)
 # The correctness subset: the op tests (they parametrize over every backend the device has, at GPU_SHAPES).
 GPU_TESTS=(tests/test_lora.py tests/test_lora_dy_pass.py tests/test_lora_dropout.py tests/test_lora_philox.py
-  tests/test_dora.py tests/test_multi_lora.py tests/test_multi_lora_sgmv.py tests/test_qlora.py tests/test_quant_4bit.py
-  tests/test_bottleneck.py)
+  tests/test_dora.py tests/test_multi_lora.py tests/test_multi_lora_sgmv.py tests/test_multi_lora_4bit.py
+  tests/test_qlora.py tests/test_quant_4bit.py tests/test_bottleneck.py)
 
 die() {  # one line naming the problem, on stderr, and a non-zero exit
   echo "gpu_check: $2" >&2

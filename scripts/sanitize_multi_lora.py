@@ -4,8 +4,9 @@
 
 Mixed ranks, -1 tokens and out-of-pool ids with the host check off (the kernels must not read outside the pool
 for them: memcheck says so), per-token (decode) and tile (prefill, > 64 tokens) kernels, packed slices of
-different widths; each case again with a batch description (decode: the grouped kernels). Environment and
-checks as in scripts/_sanitize.py.
+different widths; each case again with a batch description (decode: the grouped kernels), and at decode sizes
+on a 4-bit base as well (NF4, nested absmax: the fused 4-bit kernel). Environment and checks as in
+scripts/_sanitize.py.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ def run_case(m, k, widths, ranks, dtype_name, *, backend, device="cuda") -> bool
     from fastpeft.ops.adapter_pool import AdapterPool
     from fastpeft.ops.batch_description import describe_batch
     from fastpeft.ops.multi_lora import multi_lora_linear
+    from fastpeft.ops.multi_lora_4bit import multi_lora_linear_4bit
+    from fastpeft.ops.qlora import Weight4bit
+    from fastpeft.ops.quant_4bit import dequantize_4bit, quantize_4bit
 
     dtype = getattr(torch, dtype_name)
 
@@ -53,17 +57,27 @@ def run_case(m, k, widths, ranks, dtype_name, *, backend, device="cuda") -> bool
     x, w, bias = rand(m, k), rand(n, k, scale=k**-0.5), rand(n)
     # -2 .. len + 1 in runs of 3 tokens: out-of-pool ids on purpose, and runs for the tile kernels
     ids = (torch.arange(m, device=device) // 3) % (len(ranks) + 3) - 2
+    packed, state = quantize_4bit(w, "nf4", 64, double_quant=True)
     with record_backends() as calls:
         y = multi_lora_linear(x, w, pool, ids, bias, check_ids=False)
-        grouped = multi_lora_linear(x, w, pool, describe_batch(ids, len(ranks), check=False), bias)
-    ref = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+        description = describe_batch(ids, len(ranks), check=False)
+        grouped = multi_lora_linear(x, w, pool, description, bias)
+        outs = [(y, w), (grouped, w)]
+        if m <= 64:
+            w4 = Weight4bit.from_state(packed, state)
+            outs.append((multi_lora_linear_4bit(x, w4, bias, pool, description), dequantize_4bit(packed, state)))
+    adapters_only = torch.zeros(m, n, dtype=torch.float64, device=device)
     bounds = [0, *torch.tensor(widths).cumsum(0).tolist()]
     for t, adapter in enumerate(ids.tolist()):
         for s, (a, b, scaling) in enumerate(adapters[adapter] if 0 <= adapter < len(ranks) else []):
-            ref[t, bounds[s] : bounds[s + 1]] += scaling * (x[t].double() @ a.double().t() @ b.double().t())
-    err = max(((out.double() - ref).norm() / ref.norm()).item() for out in (y, grouped))
+            term = scaling * (x[t].double() @ a.double().t() @ b.double().t())
+            adapters_only[t, bounds[s] : bounds[s + 1]] += term
+    err = 0.0
+    for out, weight in outs:
+        ref = torch.nn.functional.linear(x.double(), weight.double(), bias.double()) + adapters_only
+        err = max(err, ((out.double() - ref).norm() / ref.norm()).item())
     label = f"M={m:<4} K={k:<5} N={widths!s:<12} ranks={ranks!s:<12} {dtype_name:<9}"
-    finite = bool(torch.isfinite(y).all() and torch.isfinite(grouped).all())
+    finite = all(bool(torch.isfinite(out).all()) for out, _ in outs)
     return report(backend, calls, label, err, finite and err < TOLERANCE[dtype_name])
 
 

@@ -367,12 +367,15 @@ class _LaunchLog(torch.utils._python_dispatch.TorchDispatchMode):
     """The Triton launches of the grouped kernels (name, PDL, launch_pdl) and, between them, every aten op the
     host code calls (on a GPU, an op there could launch a kernel of its own)."""
 
-    def __init__(self, kernels, monkeypatch):
+    def __init__(self, monkeypatch):
+        from fastpeft.triton_kernels import multi_lora, multi_lora_4bit
+
         super().__init__()
         self.events: list[tuple] = []
         self.in_launch = False
-        for name in ("_sgmv_shrink_kernel", "_sgmv_linear_kernel", "_sgmv_expand_kernel"):
-            monkeypatch.setattr(kernels, name, self._spy(name, getattr(kernels, name)))
+        kernels = [(multi_lora, name) for name in ("_sgmv_shrink_kernel", "_sgmv_linear_kernel", "_sgmv_expand_kernel")]
+        for module, name in [*kernels, (multi_lora_4bit, "_sgmv_linear_4bit_kernel")]:
+            monkeypatch.setattr(module, name, self._spy(name, getattr(module, name)))
 
     def _spy(self, name, real):
         log = self
@@ -397,7 +400,7 @@ class _LaunchLog(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("op", ["linear", "sgmv"])
+@pytest.mark.parametrize("op", ["linear", "sgmv", "linear_4bit"])
 def test_the_kernel_after_the_shrink_starts_early_with_nothing_between(monkeypatch, op):
     """On sm_90 the kernel after the grouped shrink is launched programmatically (it may start while the shrink
     runs, and waits for the slabs before its epilogue): it must be the very next launch (no host op between
@@ -405,7 +408,10 @@ def test_the_kernel_after_the_shrink_starts_early_with_nothing_between(monkeypat
     pytest.importorskip("triton")
     from fastpeft.triton_kernels import multi_lora as kernels
 
-    from fastpeft.ops.multi_lora import IMPLS, _grouped_args
+    from fastpeft.ops import multi_lora_4bit
+    from fastpeft.ops.multi_lora import IMPLS, grouped_args
+    from fastpeft.ops.qlora import Weight4bit
+    from fastpeft.ops.quant_4bit import quantize_4bit
 
     weight, bias, adapters = make(24, 40, RANKS, torch.float32)
     pool = AdapterPool.build(adapters)
@@ -414,16 +420,21 @@ def test_the_kernel_after_the_shrink_starts_early_with_nothing_between(monkeypat
     description = describe_batch(ids, pool.num_adapters)
     base = torch.nn.functional.linear(x, weight, bias)
     expected = multi_lora_sgmv_linear(x, weight, bias, pool, description)
-    *tensors, max_rank, max_width = _grouped_args(pool, description)
+    *tensors, max_rank, max_width = grouped_args(pool, description)
     monkeypatch.setattr(kernels, "programmatic_launch", lambda device: True)
-    with _LaunchLog(kernels, monkeypatch) as log:  # the Triton implementation itself: its host ops are seen
+    w4 = Weight4bit.from_state(*quantize_4bit(weight, "nf4", 32))
+    if op == "linear_4bit":  # the 4-bit product, then the adapters: the unfused form's numbers
+        expected = multi_lora_4bit.IMPLS["torch"](x, w4, bias, *tensors, max_rank=max_rank, max_width=max_width)
+    with _LaunchLog(monkeypatch) as log:  # the Triton implementation itself: its host ops are seen
         if op == "linear":
             out = IMPLS["multi_lora_sgmv_linear"]["triton"](x, weight, bias, *tensors, max_rank=max_rank,
                                                             max_width=max_width)  # fmt: skip
+        elif op == "linear_4bit":
+            out = multi_lora_4bit.IMPLS["triton"](x, w4, bias, *tensors, max_rank=max_rank, max_width=max_width)
         else:
             out = IMPLS["multi_lora_sgmv"]["triton"](base, x, *tensors, max_rank=max_rank, max_width=max_width)
     launches = [i for i, event in enumerate(log.events) if event[0] != "aten"]
-    second = "_sgmv_linear_kernel" if op == "linear" else "_sgmv_expand_kernel"
+    second = {"linear": "_sgmv_linear_kernel", "sgmv": "_sgmv_expand_kernel"}.get(op, "_sgmv_linear_4bit_kernel")
     assert [log.events[i] for i in launches] == [("_sgmv_shrink_kernel", True, False), (second, True, True)]
     assert launches[1] == launches[0] + 1, log.events
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
@@ -442,5 +453,5 @@ def test_no_programmatic_launch_without_a_shrink_or_off_sm90(monkeypatch):
     assert common.programmatic_launch(torch.device("meta"))  # scripts/compile_triton.py's reference GPU
     assert not common.programmatic_launch(torch.device("cpu"))
     monkeypatch.setattr(kernels, "programmatic_launch", lambda device: True)
-    assert kernels._follows_the_shrink(torch.device("meta"), 3)
-    assert not kernels._follows_the_shrink(torch.device("meta"), 0)
+    assert kernels.follows_the_shrink(torch.device("meta"), 3)
+    assert not kernels.follows_the_shrink(torch.device("meta"), 0)

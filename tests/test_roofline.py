@@ -50,11 +50,10 @@ def test_the_byte_limit_of_a_4bit_decode():
 
 
 def test_every_4bit_target_row_is_predicted():
+    """At M = 64 on an H200 bitsandbytes dequantizes and calls cuBLAS (its fused MMA tier is not dispatched
+    there), so every row against it is modelled."""
     rows = [(t, case, value) for t, case, value in roofline.prediction_rows() if t.bench == "qlora"]
-    # bitsandbytes' fused GEMM tiers for 2..64 rows are not modelled: those rows say so instead of guessing.
-    unmodelled = [(t.metric, case["m"]) for t, case, value in rows if value is None]
-    assert set(unmodelled) == {("speedup_vs_bnb", 64)}
-    assert all(value > 0 for _, _, value in rows if value is not None)
+    assert all(value is not None and value > 0 for _, _, value in rows)
     table = roofline.prediction_table()
     assert table[0].startswith("| target |") and len(table) == 2 + len(roofline.prediction_rows())
 
@@ -158,6 +157,19 @@ def test_the_bottleneck_forward_model_follows_the_dispatch():
     assert roofline.seconds([clusters]) > roofline.seconds([small])
     rows = [(t, value) for t, case, value in roofline.prediction_rows() if t.bench == "bottleneck"]
     assert all(value is not None for t, value in rows)  # forward, forward + backward, 8 adapters
+
+
+def test_the_bitsandbytes_model_follows_its_dispatch_on_an_h200():
+    """bitsandbytes 0.50 (backends/cuda/ops.py): its fused kernels up to 4 rows always; on sm90 up to 32 rows
+    at N = 14336 (224 blocks of 64 columns: one wave of 132 SMs, not two), none past 4 rows at N = 4096 (64
+    blocks: under half a wave); the SIMT kernel is modelled, its MMA tier is not."""
+    assert roofline.bnb_fused_4bit(1, 14336, 4096) and roofline.bnb_fused_4bit(4, 4096, 4096)
+    assert roofline.bnb_fused_4bit(32, 14336, 4096) and not roofline.bnb_fused_4bit(33, 14336, 4096)
+    assert not roofline.bnb_fused_4bit(5, 4096, 4096) and roofline.bnb_fused_4bit(64, 3 * 132 * 64, 4096)
+    [simt] = roofline.bnb_matmul_4bit(1, 14336, 4096)
+    assert simt.name == "bnb SIMT 4-bit GEMM" and roofline.bnb_matmul_4bit(16, 14336, 4096) is None
+    dense = roofline.bnb_matmul_4bit(64, 14336, 4096)
+    assert [p.name for p in dense] == ["bnb nested absmax", "absmax + offset", "bnb dequantize", "cuBLAS GEMM"]
 
 
 def test_the_multi_adapter_decode_tiles_start_while_the_shrink_runs():

@@ -341,12 +341,7 @@ def _sgmv_expand_kernel(
     # without one, which get the base output) in tiles of BLOCK_M: v summed over the shrink's splits in order,
     # times the slice's B tile (read once per token tile), scaled, added to base, written once.
     a = tl.program_id(0)
-    s = tl.program_id(2)
-    out_start = tl.load(out_starts_ptr + s)
-    width = tl.load(out_starts_ptr + s + 1) - out_start
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < width
-    out_cols = (out_start + cols).to(tl.int64)
+    s, width, cols, col_mask, out_cols = _slice_columns(out_starts_ptr, BLOCK_N)
     seg_lo = tl.load(starts_ptr + a)
     seg_hi = tl.load(starts_ptr + a + 1)
     rank, v_start, b_start, scaling = _slice_of(
@@ -383,16 +378,8 @@ def _sgmv_linear_kernel(
     # s v B^T from its B tile (read once per column tile), v summed over the shrink's slabs in split order.
     # y is written once; no separate pass over it. With PDL this kernel starts while the shrink runs (the base
     # GEMM needs nothing of it) and waits for the slabs before the epilogue.
-    s = tl.program_id(2)
-    out_start = tl.load(out_starts_ptr + s)
-    width = tl.load(out_starts_ptr + s + 1) - out_start
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < width
-    out_cols = (out_start + cols).to(tl.int64)
-    tile_lo = tl.program_id(0) * BLOCK_M
-    pos = tile_lo + tl.arange(0, BLOCK_M)
-    in_rows = pos < M
-    toks = tl.load(order_ptr + pos, mask=in_rows, other=0).to(tl.int64)
+    s, width, cols, col_mask, out_cols, tile_lo, pos, in_rows, toks = sgmv_tile(order_ptr, out_starts_ptr, M,
+                                                                                BLOCK_M, BLOCK_N)  # fmt: skip
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
@@ -407,6 +394,45 @@ def _sgmv_linear_kernel(
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + out_cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    sgmv_epilogue(acc, part_ptr, b_ptr, starts_ptr, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr, y_ptr,
+                  s, width, cols, col_mask, out_cols, tile_lo, pos, in_rows, toks, M, num_adapters, splits,
+                  stride_ym, stride_yn, PDL, LORA_PRECISION, V_WIDTH, BLOCK_M, BLOCK_R)  # fmt: skip
+
+
+@triton.jit
+def _slice_columns(out_starts_ptr, BLOCK_N: tl.constexpr):
+    """The program's slice (grid axis 2) and column tile (axis 1): (slice, its width, the tile's columns in it,
+    their mask, their output columns)."""
+    s = tl.program_id(2)
+    out_start = tl.load(out_starts_ptr + s)
+    width = tl.load(out_starts_ptr + s + 1) - out_start
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return s, width, cols, cols < width, (out_start + cols).to(tl.int64)
+
+
+@triton.jit
+def sgmv_tile(order_ptr, out_starts_ptr, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A decode layer program's tile (row tile of the tokens in the description's order, column tile, slice):
+    (slice, its width, the tile's columns in it, their mask, their output columns, the first position, the
+    positions, their mask, the tokens at them)."""
+    s, width, cols, col_mask, out_cols = _slice_columns(out_starts_ptr, BLOCK_N)
+    tile_lo = tl.program_id(0) * BLOCK_M
+    pos = tile_lo + tl.arange(0, BLOCK_M)
+    in_rows = pos < M
+    toks = tl.load(order_ptr + pos, mask=in_rows, other=0).to(tl.int64)
+    return s, width, cols, col_mask, out_cols, tile_lo, pos, in_rows, toks
+
+
+@triton.jit
+def sgmv_epilogue(
+    acc, part_ptr, b_ptr, starts_ptr, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr, y_ptr,
+    s, width, cols, col_mask, out_cols, tile_lo, pos, in_rows, toks, M, num_adapters, splits, stride_ym, stride_yn,
+    PDL: tl.constexpr, LORA_PRECISION: tl.constexpr, V_WIDTH: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """The grouped expand on a decode layer's tile (:func:`sgmv_tile`), then y's only write: each adapter whose
+    tokens meet the tile adds s v B^T from its B tile, v summed over the shrink's slabs in split order. With PDL
+    (the kernel launched while the shrink ran) the slabs are awaited here, after the base product."""
     tile_hi = tl.minimum(tile_lo + BLOCK_M, M)
     if PDL:
         gdc_wait()
@@ -528,7 +554,7 @@ def sgmv_splits(num_adapters: int, k: int, programs: int, interpreter: bool = IN
     return triton.cdiv(k, chunk), chunk
 
 
-def _sgmv_shrink(
+def sgmv_shrink(
     x, lora_a, a_offsets, order, starts, num_adapters: int, v_width: int, pdl: bool
 ) -> tuple[torch.Tensor, int]:
     """The grouped shrink's fp32 slabs [splits, M, v_width] and their number. ``pdl``: the next launch is
@@ -548,18 +574,18 @@ def _sgmv_shrink(
     return part, splits
 
 
-def _follows_the_shrink(device: torch.device, num_adapters: int) -> bool:
+def follows_the_shrink(device: torch.device, num_adapters: int) -> bool:
     """Whether the kernel after the grouped shrink is launched programmatically (PROGRAMMATIC_AFTER_SHRINK): only
     where the shrink launches (a pool of no adapters launches none, and the kernel before it in the stream, which
     may be writing x, must not be overlapped)."""
     return PROGRAMMATIC_AFTER_SHRINK and num_adapters > 0 and programmatic_launch(device)
 
 
-def _pdl_launch(pdl: bool) -> dict:
+def pdl_launch_options(pdl: bool) -> dict:
     return {"launch_pdl": True} if pdl else {}
 
 
-def _lora_precision(dtype: torch.dtype) -> str:
+def lora_precision(dtype: torch.dtype) -> str:
     """The expand's dot precision: B's 16-bit values are exact in tf32, so a tf32 dot only rounds v."""
     return dot_precision(dtype) if dtype == torch.float32 else "tf32"
 
@@ -589,16 +615,16 @@ def multi_lora_sgmv(
     if m == 0 or base.shape[1] == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    pdl = _follows_the_shrink(x.device, num_adapters)
-    part, splits = _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
+    pdl = follows_the_shrink(x.device, num_adapters)
+    part, splits = sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
     block_n = min(sgmv_blocks()[1], max(16, triton.next_power_of_2(max_width)))
     with on_device(x):
         _sgmv_expand_kernel[(num_adapters + 1, triton.cdiv(max_width, block_n), num_slices)](
             base, part, lora_b, order, starts, ranks, v_starts, b_starts, scalings, out_starts, y,
             m, num_adapters, splits,
             base.stride(0), base.stride(1), y.stride(0), y.stride(1),
-            DOT_PRECISION=_lora_precision(base.dtype), PDL=pdl, V_WIDTH=v_width, BLOCK_M=SGMV_M,
-            BLOCK_R=min(v_width, SGMV_RANK_CHUNK), BLOCK_N=block_n, **_pdl_launch(pdl),
+            DOT_PRECISION=lora_precision(base.dtype), PDL=pdl, V_WIDTH=v_width, BLOCK_M=SGMV_M,
+            BLOCK_R=min(v_width, SGMV_RANK_CHUNK), BLOCK_N=block_n, **pdl_launch_options(pdl),
         )  # fmt: skip
     return y
 
@@ -629,8 +655,8 @@ def multi_lora_sgmv_linear(
     if m == 0 or n == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    pdl = _follows_the_shrink(x.device, num_adapters)
-    part, splits = _sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
+    pdl = follows_the_shrink(x.device, num_adapters)
+    part, splits = sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
     tile = pinned_config("decode", m, max_width, v_width, x.dtype)
     grid = (triton.cdiv(m, tile.kwargs["BLOCK_M"]), triton.cdiv(max_width, tile.kwargs["BLOCK_N"]), num_slices)
     with on_device(x):
@@ -639,9 +665,9 @@ def multi_lora_sgmv_linear(
             scalings, out_starts, y,
             m, k, num_adapters, splits,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), LORA_PRECISION=_lora_precision(x.dtype),
+            HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(x.dtype), LORA_PRECISION=lora_precision(x.dtype),
             UPCAST=INTERPRET, PDL=pdl, V_WIDTH=v_width, BLOCK_M=tile.kwargs["BLOCK_M"],
             BLOCK_N=tile.kwargs["BLOCK_N"], BLOCK_K=tile.kwargs["BLOCK_K"], BLOCK_R=min(v_width, SGMV_RANK_CHUNK),
-            num_warps=8, num_stages=tile.num_stages, **_pdl_launch(pdl),
+            num_warps=8, num_stages=tile.num_stages, **pdl_launch_options(pdl),
         )  # fmt: skip
     return y

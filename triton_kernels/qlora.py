@@ -160,6 +160,41 @@ def _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset
 
 
 @triton.jit
+def step_pairs(acc, x_rows, stride_xk, mask_m, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                rows_n, mask_n, pairs, mask_p, K, K_BYTES, LOG2_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                LOG2_NESTED: tl.constexpr, W_DTYPE: tl.constexpr, OPERAND: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One K step of ``acc += x W^T`` for even K over the byte ``pairs`` of W's rows ``rows_n`` (x's rows at
+    ``x_rows``, masked by ``mask_m``): returns acc and x's even and odd columns of the step (a LoRA shrink in the
+    same loop reuses them), in the dot's OPERAND dtype."""
+    w_even, w_odd = _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows_n[:, None],
+                                  pairs[None, :], mask_n[:, None] & mask_p[None, :], K, K_BYTES, LOG2_BLOCKSIZE,
+                                  NESTED, LOG2_NESTED, W_DTYPE, OPERAND)  # fmt: skip
+    x_mask = mask_m[:, None] & mask_p[None, :]
+    even = (2 * pairs[None, :]).to(tl.int64)  # W's even columns (x's, A's): the odd ones follow each
+    x_even = tl.load(x_rows + even * stride_xk, mask=x_mask, other=0.0).to(OPERAND)
+    x_odd = tl.load(x_rows + (even + 1) * stride_xk, mask=x_mask, other=0.0).to(OPERAND)
+    acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=DOT_PRECISION)
+    acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
+    return acc, x_even, x_odd
+
+
+@triton.jit
+def step_elements(acc, x_rows, stride_xk, mask_m, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
+                   rows_n, mask_n, cols, mask_k, K, LOG2_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
+                   LOG2_NESTED: tl.constexpr, W_DTYPE: tl.constexpr, OPERAND: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One K step of ``acc += x W^T`` for any K over the columns ``cols``: returns acc and x's step."""
+    w = _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows_n[:, None],
+                         cols[None, :], mask_n[:, None] & mask_k[None, :], K, LOG2_BLOCKSIZE, NESTED, LOG2_NESTED,
+                         W_DTYPE, OPERAND)  # fmt: skip
+    x = tl.load(x_rows + cols[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    x = x.to(OPERAND)
+    acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc, x
+
+
+@triton.jit
 def _matmul_4bit_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, bias_ptr,
     a_ptr, xa_ptr, b_ptr, y_ptr,
@@ -192,17 +227,12 @@ def _matmul_4bit_kernel(
         for k0 in range(0, K, BLOCK_K):
             pairs = k0 // 2 + offs_p
             mask_p = pairs < K_BYTES
-            w_mask = mask_n[:, None] & mask_p[None, :]
-            w_even, w_odd = _weight_pairs(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                          offs_n[:, None], pairs[None, :], w_mask, K, K_BYTES, LOG2_BLOCKSIZE,
-                                          NESTED, LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
-            x_mask = mask_m[:, None] & mask_p[None, :]
-            even = (2 * pairs[None, :]).to(tl.int64)  # W's even columns (x's, A's): the odd ones follow each
-            x_even = tl.load(x_rows + even * stride_xk, mask=x_mask, other=0.0).to(operand)
-            x_odd = tl.load(x_rows + (even + 1) * stride_xk, mask=x_mask, other=0.0).to(operand)
-            acc = tl.dot(x_even, tl.trans(w_even), acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(x_odd, tl.trans(w_odd), acc, input_precision=DOT_PRECISION)
+            acc, x_even, x_odd = step_pairs(acc, x_rows, stride_xk, mask_m, w_ptr, absmax_ptr, code_ptr, absmax2_ptr,
+                                            code2_ptr, offset_ptr, offs_n, mask_n, pairs, mask_p, K, K_BYTES,
+                                            LOG2_BLOCKSIZE, NESTED, LOG2_NESTED, W_DTYPE, operand,
+                                            DOT_PRECISION)  # fmt: skip
             if LORA == 2:
+                even = (2 * pairs[None, :]).to(tl.int64)
                 a_rows = a_ptr + offs_r[:, None].to(tl.int64) * stride_ar
                 a_mask = mask_r[:, None] & mask_p[None, :]
                 a_even = tl.load(a_rows + even * stride_ak, mask=a_mask, other=0.0).to(operand)
@@ -214,14 +244,9 @@ def _matmul_4bit_kernel(
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs_k
             mask_k = cols < K
-            w = _weight_elements(w_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset_ptr, offs_n[:, None],
-                                 cols[None, :], mask_n[:, None] & mask_k[None, :], K, LOG2_BLOCKSIZE, NESTED,
-                                 LOG2_NESTED, W_DTYPE, operand)  # fmt: skip
-            x = tl.load(
-                x_rows + cols[None, :].to(tl.int64) * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
-            )
-            x = x.to(operand)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+            acc, x = step_elements(acc, x_rows, stride_xk, mask_m, w_ptr, absmax_ptr, code_ptr, absmax2_ptr,
+                                   code2_ptr, offset_ptr, offs_n, mask_n, cols, mask_k, K, LOG2_BLOCKSIZE, NESTED,
+                                   LOG2_NESTED, W_DTYPE, operand, DOT_PRECISION)  # fmt: skip
             if LORA == 2:
                 a_ptrs = a_ptr + offs_r[:, None].to(tl.int64) * stride_ar + cols[None, :].to(tl.int64) * stride_ak
                 a = tl.load(a_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(operand)
@@ -369,7 +394,7 @@ def _launcher(kernel, m: int, dtype: torch.dtype, lora_shrink: bool, even_k: boo
     return kernel, pinned_config(decode, m, dtype, lora_shrink, even_k, out_features).all_kwargs()
 
 
-def _format_args(absmax, code, absmax2, code2, offset, blocksize: int, nested_blocksize: int, w_dtype: torch.dtype):
+def format_args(absmax, code, absmax2, code2, offset, blocksize: int, nested_blocksize: int, w_dtype: torch.dtype):
     """The state's tensors (absmax stands in for the absent nested ones) and its constexprs."""
     nested = absmax2 is not None
     tensors = (absmax, code, absmax2 if nested else absmax, code2 if nested else code, offset if nested else code)
@@ -407,7 +432,7 @@ def matmul_4bit(
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0:
         return y
-    state, constexprs = _format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
+    state, constexprs = format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
     lora = 0 if lora_b is None else (2 if lora_a is not None else 1)
     r = 0 if lora_b is None else lora_b.shape[1]
     a = lora_a if lora_a is not None else x
@@ -450,7 +475,7 @@ def matmul_4bit_t(
     dx = torch.empty((m, k), device=dy.device, dtype=dy.dtype)
     if m == 0:
         return dx
-    state, constexprs = _format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
+    state, constexprs = format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
     r = 0 if dyb is None else dyb.shape[1]
     dyb_ = dyb if dyb is not None else dx
     a = lora_a if lora_a is not None else dx
@@ -493,7 +518,7 @@ def dequantize_4bit(
     pass: n * k / 2 bytes read, n * k elements written (the prefill tier's transient weight). Returns out."""
     if n * k == 0:
         return out
-    state, constexprs = _format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
+    state, constexprs = format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
     grid = (n, triton.cdiv(k, DEQUANTIZE_BLOCK_COLS))
     with on_device(packed):
         _dequantize_4bit_kernel[grid](

@@ -16,6 +16,7 @@ from fastpeft.ops.adapter_pool import AdapterPool
 from fastpeft.ops.batch_description import BatchDescription, describe_batch
 from fastpeft.ops.common import FLOAT_DTYPES
 from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear
+from fastpeft.ops.multi_lora_4bit import multi_lora_linear_4bit
 
 # One slice's pair as given to add_adapter: (lora_a [r, in], lora_b [width, r]); None where an adapter has none.
 _Pair = tuple[torch.Tensor, torch.Tensor]
@@ -174,8 +175,12 @@ class MultiLoRALinear(nn.Module):
             if self._batch is None:
                 return self.base_layer(x)
             adapter_ids, check_ids = self._batch.description(x), False
-        if isinstance(self.base_layer, Linear4bit):  # the 4-bit product fused, then the adapters on top
-            return multi_lora_add(self.base_layer(x), x, self.pool, adapter_ids, check_ids=check_ids)
+        base = self.base_layer
+        if isinstance(base, Linear4bit) and base._dtype_for(x) == x.dtype:  # the adapters on the 4-bit product
+            bias = None if base.bias is None else base.bias.to(x.dtype)
+            return multi_lora_linear_4bit(x, base.kernel_weight(), bias, self.pool, adapter_ids, check_ids=check_ids)
+        if isinstance(base, Linear4bit):  # x cast to another compute dtype and back: the product, then the adapters
+            return multi_lora_add(base(x), x, self.pool, adapter_ids, check_ids=check_ids)
         weight = linear_weight(self.base_layer)
         return multi_lora_linear(x, weight, self.pool, adapter_ids, self.base_layer.bias, check_ids=check_ids)
 

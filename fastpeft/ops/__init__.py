@@ -5,6 +5,7 @@ from fastpeft.ops.bottleneck import bottleneck_adapter, bottleneck_reference
 from fastpeft.ops.dora import dora_linear, dora_linear_reference
 from fastpeft.ops.lora import lora_linear, lora_linear_reference
 from fastpeft.ops.multi_lora import multi_lora_add, multi_lora_linear, multi_lora_sgmv, segment_adapter_ids
+from fastpeft.ops.multi_lora_4bit import multi_lora_linear_4bit
 from fastpeft.ops.qlora import matmul_4bit, qlora_linear, qlora_linear_reference
 from fastpeft.ops.quant_4bit import QuantState, dequantize_4bit, quantize_4bit
 
@@ -22,6 +23,7 @@ __all__ = [
     "matmul_4bit",
     "multi_lora_add",
     "multi_lora_linear",
+    "multi_lora_linear_4bit",
     "multi_lora_sgmv",
     "qlora_linear",
     "qlora_linear_reference",

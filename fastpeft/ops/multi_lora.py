@@ -240,7 +240,7 @@ def _(base, v, lora_b, adapter_ids, ranks, v_starts, b_starts, scalings, out_sta
     return torch.empty_like(base)
 
 
-def _grouped_args(pool: AdapterPool, description: BatchDescription) -> tuple:
+def grouped_args(pool: AdapterPool, description: BatchDescription) -> tuple:
     """The grouped ops' arguments after their tensors of x (and weight, bias): the pool and the description."""
     return (pool.lora_a, pool.a_offsets, pool.lora_b, description.ids, description.order, description.starts,
             pool.ranks, pool.v_starts, pool.b_starts, pool.scalings, pool.out_starts, pool.max_rank,
@@ -285,7 +285,7 @@ def multi_lora_sgmv(
     A and B read once per tile of its tokens). base [M, out] and x [M, in] (2-D, x's dtype), ``description``
     built for M tokens and this pool (:func:`~fastpeft.ops.batch_description.describe_batch`). Returns a new
     [M, out] tensor in base's dtype."""
-    return _multi_lora_sgmv_op(base, x, *_grouped_args(pool, description))
+    return _multi_lora_sgmv_op(base, x, *grouped_args(pool, description))
 
 
 @torch.library.custom_op("fastpeft::multi_lora_sgmv_linear", mutates_args=())
@@ -330,7 +330,7 @@ def multi_lora_sgmv_linear(
     """``x W^T + bias + s_i (x A_i^T) B_i^T`` per token and slice, the tokens grouped by adapter: on Triton, the
     grouped shrink and one GEMM whose epilogue adds the adapters (y written once). x [M, in] (2-D), weight
     [out, in], bias [out] or None, ``description`` built for M tokens and this pool. Returns [M, out]."""
-    return _multi_lora_sgmv_linear_op(x, weight, bias, *_grouped_args(pool, description))
+    return _multi_lora_sgmv_linear_op(x, weight, bias, *grouped_args(pool, description))
 
 
 def multi_lora_shrink(x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor) -> torch.Tensor:
@@ -370,7 +370,7 @@ def _token_ids(x: torch.Tensor, adapter_ids: torch.Tensor) -> torch.Tensor:
                      f"sample ({x.shape[0]},); got {tuple(adapter_ids.shape)}")  # fmt: skip
 
 
-def _resolve_ids(
+def resolve_ids(
     x: torch.Tensor, pool: AdapterPool, adapter_ids: torch.Tensor | BatchDescription, check_ids: bool
 ) -> torch.Tensor | BatchDescription:
     """Flat per-token ids (checked when ``check_ids``), or a batch description as it is (checked when built)."""
@@ -437,7 +437,7 @@ def multi_lora_linear(
     Inference only (no autograd).
     """
     check_multi_lora_args(x, weight, pool, bias)
-    return multi_lora_forward_unchecked(x, weight, pool, _resolve_ids(x, pool, adapter_ids, check_ids), bias)
+    return multi_lora_forward_unchecked(x, weight, pool, resolve_ids(x, pool, adapter_ids, check_ids), bias)
 
 
 def multi_lora_forward_unchecked(
@@ -452,13 +452,13 @@ def multi_lora_forward_unchecked(
     call. Returns [..., out]."""
     rows = x.reshape(-1, x.shape[-1])
     grouped = isinstance(ids, BatchDescription) and rows.shape[0] <= SGMV_MAX_M and pool.num_adapters
-    if grouped and not _runs_torch_loop(x.device, rows.shape[0]):
+    if grouped and not runs_torch_loop(x.device, rows.shape[0]):
         return multi_lora_sgmv_linear(rows, weight, bias, pool, ids).reshape(*x.shape[:-1], weight.shape[0])
     if not grouped and _terms_before_base(rows, pool):
         flat = ids.ids if isinstance(ids, BatchDescription) else ids
         return _terms_then_base(rows, weight, bias, pool, flat).reshape(*x.shape[:-1], weight.shape[0])
     base = torch.nn.functional.linear(rows, weight, bias)
-    return _add(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, ids, owned=True)
+    return add_adapters(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, ids, owned=True)
 
 
 def _terms_before_base(rows: torch.Tensor, pool: AdapterPool) -> bool:
@@ -466,7 +466,7 @@ def _terms_before_base(rows: torch.Tensor, pool: AdapterPool) -> bool:
     adapters' expand on Triton (TERMS_BEFORE_BASE)."""
     if not (TERMS_BEFORE_BASE and pool.num_adapters and rows.shape[0] > _CUDA_DECODE_MAX_M):
         return False
-    if torch.compiler.is_compiling() or _runs_torch_loop(rows.device, rows.shape[0]):
+    if torch.compiler.is_compiling() or runs_torch_loop(rows.device, rows.shape[0]):
         return False
     return select_backend("multi_lora_expand", rows.device, _PREFILL_PREFERENCE, record=False) == "triton"
 
@@ -501,10 +501,10 @@ def multi_lora_add(
     if x.shape[-1] != pool.in_features or pool.dtype != x.dtype or pool.device != x.device:
         raise ValueError(f"pool is {pool.in_features} features, {pool.dtype} on {pool.device}; x is "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")  # fmt: skip
-    return _add(base, x, pool, _resolve_ids(x, pool, adapter_ids, check_ids), owned=False)
+    return add_adapters(base, x, pool, resolve_ids(x, pool, adapter_ids, check_ids), owned=False)
 
 
-def _runs_torch_loop(device: torch.device, rows: int) -> bool:
+def runs_torch_loop(device: torch.device, rows: int) -> bool:
     """Whether the adapters of ``rows`` tokens run eagerly on the torch backend's loop over the adapters present
     (the CPU path: no [M, rank] buffer, no kernels)."""
     preference = _DECODE_PREFERENCE if rows <= _CUDA_DECODE_MAX_M else _PREFILL_PREFERENCE
@@ -513,7 +513,7 @@ def _runs_torch_loop(device: torch.device, rows: int) -> bool:
     return backend and select_backend("multi_lora_add", device, preference) == "torch"
 
 
-def _add(
+def add_adapters(
     base: torch.Tensor, x: torch.Tensor, pool: AdapterPool, ids: torch.Tensor | BatchDescription, owned: bool
 ) -> torch.Tensor:
     """multi_lora_add for checked arguments and flat ids or a batch description; ``owned``: base is the
@@ -523,7 +523,7 @@ def _add(
     description = ids if isinstance(ids, BatchDescription) else None
     ids = ids.ids if description is not None else ids
     rows, base_rows = x.reshape(-1, x.shape[-1]), base.reshape(-1, base.shape[-1])
-    if _runs_torch_loop(x.device, rows.shape[0]):
+    if runs_torch_loop(x.device, rows.shape[0]):
         base_rows = base_rows if owned or base.dtype != torch.float32 else base_rows.clone()
         return _add_torch(base_rows, rows, pool, ids).reshape(base.shape)
     if description is not None and rows.shape[0] <= SGMV_MAX_M:
