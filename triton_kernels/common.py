@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:  # grid dependency control: programmatic dependent launch (Triton 3.3 and later)
+try:  # grid dependency control for programmatic dependent launch: newer Triton (3.6, the GPU machine's, has it)
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:
     gdc_launch_dependents = gdc_wait = None

@@ -17,6 +17,10 @@ Two forms of each:
   adapter inside them with ``tl.dot``; when contiguous tokens share an adapter (a sequence's segment), a tile
   costs one or two dot products, and any id layout stays correct (a tile of distinct ids is BLOCK_M runs).
 
+With a batch description (decode): the grouped shrink (each adapter's A once per step, split over K into fp32
+slabs), then the expand or the base GEMM with the expand in its epilogue (``sgmv_tile`` and ``sgmv_epilogue``,
+which triton_kernels/multi_lora_4bit.py's 4-bit layer shares), launched on sm_90 to start while the shrink runs.
+
 An id outside [0, num_adapters) reads nothing (masked loads: the token gets the base output), so a bad id never
 addresses memory outside the pool. Grids depend on the shapes and the pool's largest rank only, never on the ids,
 and nothing is allocated from data: every launch can be captured in a CUDA graph.
@@ -582,6 +586,7 @@ def follows_the_shrink(device: torch.device, num_adapters: int) -> bool:
 
 
 def pdl_launch_options(pdl: bool) -> dict:
+    """The launch options of a kernel launched programmatically (``pdl``), or none (older Triton takes none)."""
     return {"launch_pdl": True} if pdl else {}
 
 

@@ -176,7 +176,7 @@ class MultiLoRALinear(nn.Module):
                 return self.base_layer(x)
             adapter_ids, check_ids = self._batch.description(x), False
         base = self.base_layer
-        if isinstance(base, Linear4bit) and base._dtype_for(x) == x.dtype:  # the adapters on the 4-bit product
+        if isinstance(base, Linear4bit) and base.dtype_for(x) == x.dtype:  # the adapters on the 4-bit product
             bias = None if base.bias is None else base.bias.to(x.dtype)
             return multi_lora_linear_4bit(x, base.kernel_weight(), bias, self.pool, adapter_ids, check_ids=check_ids)
         if isinstance(base, Linear4bit):  # x cast to another compute dtype and back: the product, then the adapters

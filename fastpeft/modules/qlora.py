@@ -105,12 +105,13 @@ class Linear4bit(nn.Module):
                 linear.bias.copy_(self.bias)
         return linear
 
-    def _dtype_for(self, x: torch.Tensor) -> torch.dtype:
+    def dtype_for(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype this layer computes ``x`` in: compute_dtype, else what nn.Linear would (autocast-aware)."""
         return self.compute_dtype or compute_dtype(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features], computed in compute_dtype, returned in x's dtype."""
-        dtype = self._dtype_for(x)
+        dtype = self.dtype_for(x)
         bias = None if self.bias is None else self.bias.to(dtype)
         return qlora_linear(x.to(dtype), self.kernel_weight(), None, None, None, bias=bias).to(x.dtype)
 
@@ -233,7 +234,7 @@ class QLoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., in_features] -> [..., out_features]: the 4-bit product and the adapter in one op."""
         base = self.base_layer
-        dtype = base._dtype_for(x)
+        dtype = base.dtype_for(x)
         bias = None if base.bias is None else base.bias.to(dtype)
         p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, nn.Dropout) else 0.0
         y = qlora_linear(x.to(dtype), base.kernel_weight(), None, self.lora_A.to(dtype), self.lora_B.to(dtype),

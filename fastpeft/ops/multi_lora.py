@@ -43,7 +43,7 @@ _PREFILL_PREFERENCE = ("triton", "cuda")
 _CUDA_DECODE_MAX_M = 64
 # Decode with a batch description: the grouped kernels (each adapter's A and B once per step) before the CUDA
 # per-token kernels (A read once per token). Prefill keeps the tiles, which walk runs of one adapter already.
-_SGMV_PREFERENCE = ("triton", "cuda")
+SGMV_PREFERENCE = ("triton", "cuda")
 SGMV_MAX_M = 64
 # Prefill on the Triton tiles writes the adapters' terms (and the bias) first and lets cuBLAS add x W^T into them
 # in place (beta = 1), rather than cuBLAS first and an expand that reads and rewrites y: y's extra read then
@@ -267,7 +267,7 @@ def _multi_lora_sgmv_op(
 ) -> torch.Tensor:
     """shrink + expand with the tokens grouped by adapter (a batch description's ``order`` and ``starts``):
     Triton's grouped kernels, or another backend's shrink and expand."""
-    backend = select_backend("multi_lora_sgmv", x.device, _SGMV_PREFERENCE)
+    backend = select_backend("multi_lora_sgmv", x.device, SGMV_PREFERENCE)
     return IMPLS["multi_lora_sgmv"][backend](base, x, lora_a, a_offsets, lora_b, adapter_ids, order, starts, ranks,
                                              v_starts, b_starts, scalings, out_starts, max_rank=max_rank,
                                              max_width=max_width)  # fmt: skip
@@ -309,7 +309,7 @@ def _multi_lora_sgmv_linear_op(
 ) -> torch.Tensor:
     """The decode layer with a batch description: Triton's grouped shrink and the base GEMM with the grouped
     expand in its epilogue, or another backend's base GEMM, shrink and expand."""
-    backend = select_backend("multi_lora_sgmv_linear", x.device, _SGMV_PREFERENCE)
+    backend = select_backend("multi_lora_sgmv_linear", x.device, SGMV_PREFERENCE)
     return IMPLS["multi_lora_sgmv_linear"][backend](x, weight, bias, lora_a, a_offsets, lora_b, adapter_ids, order,
                                                     starts, ranks, v_starts, b_starts, scalings, out_starts,
                                                     max_rank=max_rank, max_width=max_width)  # fmt: skip

@@ -77,7 +77,7 @@ def _multi_lora_sgmv_linear_4bit_op(
     """The 4-bit decode layer with a batch description (module docstring), on the backend the dispatch picks."""
     state = (absmax, code, absmax2, code2, offset, blocksize, nested_blocksize)
     w = Weight4bit.from_op_args(packed, state, n, x.shape[1], w_dtype)
-    backend = select_backend("multi_lora_sgmv_linear_4bit", x.device, multi_lora._SGMV_PREFERENCE)
+    backend = select_backend("multi_lora_sgmv_linear_4bit", x.device, multi_lora.SGMV_PREFERENCE)
     return IMPLS[backend](x, w, bias, lora_a, a_offsets, lora_b, adapter_ids, order, starts, ranks, v_starts,
                           b_starts, scalings, out_starts, max_rank=max_rank, max_width=max_width)  # fmt: skip
 
