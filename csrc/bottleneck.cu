@@ -182,7 +182,7 @@ constexpr int kMaxCluster = 8;  // the portable cluster size
 // Two blocks share an SM's 228 KiB (1 KiB of it reserved per block): one block's loads then overlap the other's
 // products and stores, which a block alone serialises.
 constexpr int64_t kTwoBlocksPerSm = 113 * 1024;
-constexpr int64_t kTileStaticShared = 2 * sizeof(int);  // the run's bounds
+constexpr int64_t kTileStaticShared = 128;  // the run's bounds (8 bytes) as allocated: in 128-byte granules
 
 // Where each buffer of the tile kernel lies in its dynamic shared memory (bytes; the same on host and device),
 // for a block owning `d_slice` features of `rows` rows.

@@ -309,20 +309,20 @@ def test_tile_plans_fit_and_prefer_more_rows(d, m, optin, clusters):
     """Every plan splits d into whole 16-column slices and fits the shared memory; no plan with more rows per
     tile would fit (none at all where there is no plan); at the hidden sizes of real models (multiples of 128)
     an sm_90 tile holds 32 rows or more (the projections read once per 32 rows, not 16)."""
-    from fastpeft.ops.bottleneck_plan import H200, cuda_tile_plan, tile_layout_bytes
+    from fastpeft.ops.bottleneck_plan import H200, TILE_STATIC_SHARED, cuda_tile_plan, tile_layout_bytes
 
     gpu = H200._replace(shared_optin=optin, max_cluster=clusters)
     plan = cuda_tile_plan(d, m, gpu)
 
     def fits(rows: int) -> bool:
         splits = (c for c in (1, 2, 4, 8) if c <= clusters and d % (16 * c) == 0)
-        return any(tile_layout_bytes(d // c, m, rows) + 8 <= optin for c in splits)
+        return any(tile_layout_bytes(d // c, m, rows) + TILE_STATIC_SHARED <= optin for c in splits)
 
     if plan is None:
         assert not fits(16)
         return
     assert d % (16 * plan.cluster) == 0 and plan.cluster <= clusters
-    assert tile_layout_bytes(d // plan.cluster, m, plan.rows) + 8 <= optin
+    assert tile_layout_bytes(d // plan.cluster, m, plan.rows) + TILE_STATIC_SHARED <= optin
     assert not any(fits(rows) for rows in (32, 64) if rows > plan.rows)
     if d >= 768 and d % 128 == 0 and optin == 227 * 1024 and clusters == 8:
         assert plan.rows >= 32
@@ -361,6 +361,7 @@ def test_the_plan_mirrors_the_cuda_kernels_constants():
     assert f"constexpr int kMaxCluster = {plan.MAX_CLUSTER};" in source
     assert f"constexpr int64_t kTwoBlocksPerSm = {plan.TWO_BLOCKS_PER_SM // 1024} * 1024;" in source
     assert "constexpr int kRowPad = 8;" in source and "constexpr int kAccLd = 16 + 4;" in source
+    assert f"constexpr int64_t kTileStaticShared = {plan.TILE_STATIC_SHARED};" in source
 
 
 def test_the_fused_backward_width_mirrors_the_kernels():

@@ -30,7 +30,7 @@ _ROW_PAD = 8  # kRowPad
 _ACC_LD = 20  # kAccLd
 MAX_CLUSTER = 8  # kMaxCluster
 TWO_BLOCKS_PER_SM = 113 * 1024  # kTwoBlocksPerSm
-_TILE_STATIC_SHARED = 8  # kTileStaticShared
+TILE_STATIC_SHARED = 128  # kTileStaticShared
 
 CUDA_FIRST = ("cuda", "triton")
 TRITON_FIRST = ("triton", "cuda")
@@ -79,7 +79,7 @@ def cuda_tile_plan(d: int, m: int, gpu: Gpu) -> Optional[TilePlan]:
         for budget in (min(TWO_BLOCKS_PER_SM, gpu.shared_optin), gpu.shared_optin):
             cluster = 1
             while cluster <= gpu.max_cluster:
-                fits = tile_layout_bytes(d // cluster, m, 16 * frags) + _TILE_STATIC_SHARED <= budget
+                fits = tile_layout_bytes(d // cluster, m, 16 * frags) + TILE_STATIC_SHARED <= budget
                 if d % (16 * cluster) == 0 and fits:
                     return TilePlan(16 * frags, cluster)
                 cluster *= 2
