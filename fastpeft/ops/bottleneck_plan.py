@@ -18,6 +18,7 @@ fused:triton rows at each target shape).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -49,8 +50,13 @@ H200 = Gpu(shared_optin=227 * 1024, max_cluster=MAX_CLUSTER, l2_bytes=60 * 1024*
 
 
 def gpu_of(device: torch.device) -> Gpu:
-    """The :class:`Gpu` facts of a CUDA device."""
-    props = torch.cuda.get_device_properties(device)
+    """The :class:`Gpu` facts of a CUDA device (asked once per device: every prefill call dispatches on them)."""
+    return _gpu_of_index(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _gpu_of_index(index: int) -> Gpu:
+    props = torch.cuda.get_device_properties(index)
     return Gpu(getattr(props, "shared_memory_per_block_optin", 48 * 1024), MAX_CLUSTER if props.major >= 9 else 1,
                getattr(props, "L2_cache_size", 0), props.multi_processor_count)  # fmt: skip
 
@@ -70,6 +76,7 @@ def tile_layout_bytes(d_slice: int, m: int, rows: int) -> int:
     return rows * (d_slice + _ROW_PAD) * 2 + max(h_parts, warp_tiles) + rows * (m + _ROW_PAD) * 2 + 6 * rows * 4
 
 
+@functools.cache  # every prefill call on a GPU asks: a few (d, m) per model
 def cuda_tile_plan(d: int, m: int, gpu: Gpu) -> Optional[TilePlan]:
     """csrc/bottleneck.cu's tile_plan: the most rows per tile, two blocks per SM where they fit, then the fewest
     blocks per cluster; None where the tile kernel does not take d and m (multiples of 16, m <= 256)."""
@@ -96,6 +103,7 @@ def triton_tile_rows(m: int, dtype: torch.dtype) -> Optional[int]:
     return tile_options(mb_pad, dtype, backward=False, interpreter=False)["BLOCK_M"]
 
 
+@functools.cache  # as cuda_tile_plan
 def triton_rereads_x_from_hbm(d: int, m: int, dtype: torch.dtype, gpu: Gpu) -> bool:
     """Whether the Triton tiles in flight (two per SM) hold more of x than the L2 does, so that their second
     read of x comes from HBM."""

@@ -451,7 +451,7 @@ def multi_lora_forward_unchecked(
     ids, one per token (contiguous, within [-1, num_adapters)), or a batch description of them: no checks per
     call. Returns [..., out]."""
     rows = x.reshape(-1, x.shape[-1])
-    grouped = isinstance(ids, BatchDescription) and rows.shape[0] <= SGMV_MAX_M and pool.num_adapters
+    grouped = grouped_decode(ids, rows.shape[0], pool)
     if grouped and not runs_torch_loop(x.device, rows.shape[0]):
         return multi_lora_sgmv_linear(rows, weight, bias, pool, ids).reshape(*x.shape[:-1], weight.shape[0])
     if not grouped and _terms_before_base(rows, pool):
@@ -493,15 +493,27 @@ def multi_lora_add(
     output computed elsewhere (a 4-bit layer, :class:`fastpeft.Linear4bit`). base [..., out_features] and x
     [..., in_features] share leading dims and x's dtype; ids as in :func:`multi_lora_linear`. Returns a new
     tensor like base."""
-    if not isinstance(pool, AdapterPool):
-        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
+    check_pool_for(x, pool)
     if base.shape[:-1] != x.shape[:-1] or base.dtype != x.dtype or base.shape[-1] != pool.out_features:
         raise ValueError(f"base {tuple(base.shape)} {base.dtype} must be [..., {pool.out_features}] with x's "
                          f"leading dims {tuple(x.shape[:-1])} and dtype {x.dtype}")  # fmt: skip
+    return add_adapters(base, x, pool, resolve_ids(x, pool, adapter_ids, check_ids), owned=False)
+
+
+def check_pool_for(x: torch.Tensor, pool: AdapterPool) -> None:
+    """TypeError/ValueError naming the argument unless ``pool`` is an AdapterPool for x's features, dtype and
+    device."""
+    if not isinstance(pool, AdapterPool):
+        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
     if x.shape[-1] != pool.in_features or pool.dtype != x.dtype or pool.device != x.device:
         raise ValueError(f"pool is {pool.in_features} features, {pool.dtype} on {pool.device}; x is "
                          f"{tuple(x.shape)} {x.dtype} on {x.device}")  # fmt: skip
-    return add_adapters(base, x, pool, resolve_ids(x, pool, adapter_ids, check_ids), owned=False)
+
+
+def grouped_decode(ids: torch.Tensor | BatchDescription, rows: int, pool: AdapterPool) -> bool:
+    """Whether ``rows`` tokens described by ``ids`` take the grouped decode kernels: a batch description, at most
+    SGMV_MAX_M tokens, a pool that holds adapters."""
+    return isinstance(ids, BatchDescription) and rows <= SGMV_MAX_M and pool.num_adapters > 0
 
 
 def runs_torch_loop(device: torch.device, rows: int) -> bool:

@@ -20,7 +20,15 @@ from fastpeft.backends import select_backend
 from fastpeft.ops import multi_lora
 from fastpeft.ops.adapter_pool import AdapterPool
 from fastpeft.ops.batch_description import BatchDescription
-from fastpeft.ops.multi_lora import SGMV_MAX_M, add_adapters, grouped_args, resolve_ids, runs_torch_loop, v_width
+from fastpeft.ops.multi_lora import (
+    add_adapters,
+    check_pool_for,
+    grouped_args,
+    grouped_decode,
+    resolve_ids,
+    runs_torch_loop,
+    v_width,
+)
 from fastpeft.ops.qlora import Weight4bit, qlora_linear
 
 
@@ -118,18 +126,13 @@ def multi_lora_linear_4bit(
     """
     if not isinstance(weight, Weight4bit):
         raise TypeError(f"weight must be a Weight4bit (Linear4bit.kernel_weight()), got {type(weight).__name__}")
-    if not isinstance(pool, AdapterPool):
-        raise TypeError(f"pool must be an AdapterPool, got {type(pool).__name__}")
+    check_pool_for(x, pool)
     if (weight.in_features, weight.out_features) != (pool.in_features, pool.out_features):
         raise ValueError(f"pool is {pool.in_features} -> {pool.out_features} features, the 4-bit weight "
                          f"{weight.in_features} -> {weight.out_features}")  # fmt: skip
-    if x.shape[-1] != pool.in_features or pool.dtype != x.dtype or pool.device != x.device:
-        raise ValueError(f"pool is {pool.in_features} features, {pool.dtype} on {pool.device}; x is "
-                         f"{tuple(x.shape)} {x.dtype} on {x.device}")  # fmt: skip
     ids = resolve_ids(x, pool, adapter_ids, check_ids)
     rows = x.reshape(-1, x.shape[-1])
-    decode = isinstance(ids, BatchDescription) and rows.shape[0] <= SGMV_MAX_M and pool.num_adapters
-    if decode and not runs_torch_loop(x.device, rows.shape[0]):
+    if grouped_decode(ids, rows.shape[0], pool) and not runs_torch_loop(x.device, rows.shape[0]):
         out = multi_lora_sgmv_linear_4bit(rows, weight, bias, pool, ids)
         return out.reshape(*x.shape[:-1], weight.out_features)
     base = qlora_linear(x, weight, None, None, None, bias=bias)
