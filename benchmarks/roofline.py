@@ -39,6 +39,7 @@ import torch
 from fastpeft.triton_kernels import bottleneck as bottleneck_kernels
 from fastpeft.triton_kernels import lora as lora_kernels
 from fastpeft.triton_kernels import lora_dy_pass as lora_dy_kernels
+from fastpeft.triton_kernels import lora_persistent
 from fastpeft.triton_kernels import multi_lora as multi_lora_kernels
 from fastpeft.triton_kernels.common import r_pad
 from fastpeft.triton_kernels.qlora import block_m, block_n
@@ -348,10 +349,22 @@ def lora_term_then_cublas(m: int, n: int, k: int, r: int) -> list[Pass]:
             cublas_accumulating(m, n, k)]  # fmt: skip
 
 
-def lora_product(name: str, m: int, n: int, k: int, r: int) -> list[Pass]:
-    """``x W^T + s xa B^T`` for a given xa, as triton_kernels/lora.py runs it for m rows: the LoRA term then
-    cuBLAS adding into it (cublas_accumulates), cuBLAS then the tiles as its epilogue (base_on_cublas), else the
-    tiles with their K loop."""
+def persistent_product(m: int, n: int, k: int, r: int) -> Pass:
+    """``x W^T + s xa B^T`` on the persistent Hopper kernel (triton_kernels/lora_persistent.py): the adapter one
+    more K step, x, W, B and y once, xa (fp32) read; as efficient as :data:`PERSISTENT_GEMM_EFFICIENCY` says."""
+    return Pass("persistent, adapter in the K loop", 2.0 * (m * k + n * k + m * n + n * r) + 4.0 * m * r,
+                2.0 * m * n * (k + r), mma_efficiency=PERSISTENT_GEMM_EFFICIENCY)  # fmt: skip
+
+
+def lora_product(name: str, m: int, n: int, k: int, r: int, persistent: bool | None = None) -> list[Pass]:
+    """``x W^T + s xa B^T`` for a given xa, as triton_kernels/lora.py runs it for m rows: on the persistent kernel
+    from PERSISTENT_PREFILL_MIN_M rows (``persistent``: forced on or off), else the LoRA term then cuBLAS adding
+    into it (cublas_accumulates), cuBLAS then the tiles as its epilogue (base_on_cublas), else the tiles with
+    their K loop."""
+    if persistent is None:
+        persistent = m >= lora_persistent.PERSISTENT_PREFILL_MIN_M
+    if persistent and m > lora_kernels.DECODE_MAX_M and r_pad(r) <= lora_persistent.MAX_R_PAD:
+        return [persistent_product(m, n, k, r)]
     if lora_kernels.cublas_accumulates(m, r):
         return lora_term_then_cublas(m, n, k, r)
     if lora_kernels.base_on_cublas(m, r):
@@ -370,8 +383,9 @@ def stream_k_decode(m: int, n: int, k: int, r: int) -> Pass:
                 mma_efficiency=tiles.mma_efficiency, l2_bytes=tiles.l2_bytes)  # fmt: skip
 
 
-def lora_forward(m: int, n: int, k: int, r: int) -> list[Pass] | None:
-    """fastpeft's LoRA layer forward by its dispatch; None where it picks the CUDA GEMV (not modelled)."""
+def lora_forward(m: int, n: int, k: int, r: int, persistent: bool | None = None) -> list[Pass] | None:
+    """fastpeft's LoRA layer forward by its dispatch (``persistent`` as in :func:`lora_product`); None where it
+    picks the CUDA GEMV (not modelled)."""
     if lora_ops.preference("lora_linear", m, r)[0] != "triton":
         return None
     if lora_kernels.uses_stream_k(m, n, k, r, torch.bfloat16, H200.sms, interpreter=False):
@@ -379,7 +393,7 @@ def lora_forward(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     if lora_kernels.fuses_shrink(m, r):
         return [lora_tile_pass("Triton decode, shrink in the K loop", m, n, k, r, shrink_in_loop=True)]
     kind = "decode" if m <= lora_kernels.DECODE_MAX_M else "prefill"
-    return [skinny("LoRA shrink", m, k, r), *lora_product(f"Triton {kind} tiles", m, n, k, r)]
+    return [skinny("LoRA shrink", m, k, r), *lora_product(f"Triton {kind} tiles", m, n, k, r, persistent)]
 
 
 def lora_dy_products(m: int, n: int, r: int) -> list[Pass]:
@@ -397,15 +411,16 @@ def lora_dy_products(m: int, n: int, r: int) -> list[Pass]:
             Pass("sum of the partials", 4.0 * m * r + 2.0 * n * r, l2_bytes=partials)]  # fmt: skip
 
 
-def lora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
+def lora_train(m: int, n: int, k: int, r: int, persistent: bool | None = None) -> list[Pass] | None:
     """fastpeft's LoRA layer, forward and backward without dropout (fastpeft.ops.lora.lora_grads, W frozen): the
     forward (keeping xa = x A^T from SHRINK_KEPT_MIN_M rows, else recomputing it), dy B and dB from the dy pass,
-    dx = dy W + s (dy B) A as the forward's product (reduction n), dA = (s dy B)^T x."""
-    forward = lora_forward(m, n, k, r)
+    dx = dy W + s (dy B) A as the forward's product (reduction n), dA = (s dy B)^T x; ``persistent`` as in
+    :func:`lora_product`, for the forward and dx alike."""
+    forward = lora_forward(m, n, k, r, persistent)
     if forward is None:
         return None
     shrink = [] if m >= lora_ops.SHRINK_KEPT_MIN_M else [skinny("x A^T again", m, k, r)]
-    dx = lora_product("dx tiles", m, k, n, r)
+    dx = lora_product("dx tiles", m, k, n, r, persistent)
     return [*forward, *shrink, *lora_dy_products(m, n, r), *dx, Pass("s dy B", 6.0 * m * r),
             skinny("dA", m, k, r)]  # fmt: skip
 
@@ -514,14 +529,12 @@ def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
     shrink = skinny("LoRA shrink", m, k, r)
     joined = [Pass("[x | s x A^T]", 2.0 * m * k + 2.0 * m * (k + r) + 4.0 * m * r), Pass("B into [W | B]", 4.0 * n * r),
               Pass("cuBLAS over K + r", 2.0 * (m * (k + r) + n * (k + r) + m * n), 2.0 * m * n * (k + r))]  # fmt: skip
-    persistent = Pass("persistent, adapter in the K loop", 2.0 * (m * k + n * k + m * n + n * r) + 4.0 * m * r,
-                      2.0 * m * n * (k + r), mma_efficiency=PERSISTENT_GEMM_EFFICIENCY)  # fmt: skip
     return {
         "Triton tiles, K loop": [shrink, lora_tile_pass("Triton prefill tiles", m, n, k, r, shrink_in_loop=False)],
         "the LoRA term, then cuBLAS adds x W^T (ships)": [shrink, *lora_term_then_cublas(m, n, k, r)],
         "cuBLAS, then the tiles as epilogue (DoRA)": [shrink, *bf16_linear(m, n, k), lora_epilogue(m, n, r)],
         "cuBLAS on [x | s xA^T] and [W | B]": [shrink, *joined],
-        "persistent kernel, adapter as a K step": [shrink, persistent],
+        "persistent kernel, adapter as a K step": [shrink, persistent_product(m, n, k, r)],
     }
 
 
@@ -538,10 +551,11 @@ def decode_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
 
 
 def training_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
-    """A training step of the layer (forward and backward) without dropout and with dropout on A's input in
-    either mode, and PEFT's beside them."""
+    """A training step of the layer (forward and backward) without dropout (also with the forward and dx on the
+    persistent kernel, off by default) and with dropout on A's input in either mode, and PEFT's beside them."""
     return {
         "fused, no dropout": lora_train(m, n, k, r) or [],
+        "fused, no dropout, forward and dx on the persistent kernel": lora_train(m, n, k, r, persistent=True) or [],
         "fused, dropout_mode='torch' (default: nn.Dropout's mask)": lora_train_dropout(m, n, k, r, "torch") or [],
         "fused, dropout_mode='philox' (mask drawn in the kernels)": lora_train_dropout(m, n, k, r, "philox") or [],
         "PEFT, no dropout": peft_lora_train(m, n, k, r),

@@ -296,6 +296,10 @@ def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
             partial(lora.lora_linear, x, big, None, b_big, 2.0, None, xa=_t(4096, 16, dtype=torch.float32)),
             "PERSISTENT_PREFILL_MIN_M", 0,
         )  # fmt: skip
+        # The backward's dx = dy W + s (dy B) A: W and A read through descriptors of their stored layout.
+        dx = partial(lora.lora_linear, x, big.t(), None, _t(16, 4096, dtype=dtype).t(), 2.0, None,
+                     xa=_t(4096, 16, dtype=torch.float32))  # fmt: skip
+        yield "lora persistent dx r=16 m=4096 4096->4096", _lora_form(dx, "PERSISTENT_PREFILL_MIN_M", 0)
 
 
 def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:

@@ -203,6 +203,45 @@ def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype,
     assert not calls
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [((70,), 48, 40, 16), ((3, 33), 64, 24, 8), ((66,), 40, 56, 32)], ids=str)
+def test_the_backward_dx_runs_on_the_persistent_kernel(monkeypatch, dtype, shape):
+    """With the persistent kernel forced on, the backward's dx = dy W + s (dy B) A is one call of it too, W and A
+    read through descriptors of their stored layout (transposed views, no copies): every gradient against the
+    float64 reference; and where W's stored rows are not 16-byte aligned (odd K), dx runs the other forms."""
+    persistent = pytest.importorskip("fastpeft.triton_kernels.lora_persistent")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
+        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
+    monkeypatch.setattr(persistent, "PERSISTENT_PREFILL_MIN_M", 0)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    transposed = []
+    real = persistent.lora_linear_persistent
+
+    def spy(x, weight, xa, lora_b, *rest):
+        transposed.append((weight.stride(0) == 1, lora_b.stride(0) == 1))
+        return real(x, weight, xa, lora_b, *rest)
+
+    monkeypatch.setattr(persistent, "lora_linear_persistent", spy)
+    lead, k, n, r = shape
+    for odd in (0, 1):
+        inputs = make_inputs(lead, k + odd, n, r, dtype, requires_grad=True)
+        reference = {name: v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) else v
+                     for name, v in inputs.items()}  # fmt: skip
+        plain = {name: v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v
+                 for name, v in inputs.items()}  # fmt: skip
+        grad = torch.randn(*lead, n, device=DEVICE).to(dtype)
+        lora_linear(**inputs).backward(grad)
+        lora_linear_reference(**reference).backward(grad.double())
+        lora_linear_reference(**plain).backward(grad)
+        for name in ("x", "lora_a", "lora_b", "weight", "bias"):
+            assert_close_to_reference(inputs[name].grad, reference[name].grad, plain[name].grad, f"grad {name}")
+        # The forward on the kernel as stored; dx with W and A transposed, unless K's rows are misaligned.
+        assert transposed == ([(False, False), (True, True)] if not odd else [])
+        transposed.clear()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fill", [0.0, 1.01], ids=["column-tiles", "stream-K"])
 @pytest.mark.parametrize("shape", [((1,), 64, 40, 8), ((5,), 100, 50, 8), ((2, 8), 33, 65, 16)], ids=str)

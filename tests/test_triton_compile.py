@@ -40,6 +40,7 @@ def test_every_triton_kernel_compiles_for_sm90_as_launched(tmp_path):
         "bottleneck m=256 adapters=3 + add & LayerNorm",
         "bottleneck backward m=256 adapters=3",
         "lora persistent r=16 m=4096 4096->4096",
+        "lora persistent dx r=16 m=4096 4096->4096",
         "multi_lora sgmv linear v=64",
         "TARGET lora m=4096 4096->14336 forward r=16",
         "TARGET qlora m=1 4096->14336 matmul r=0",
@@ -53,9 +54,9 @@ def test_every_triton_kernel_compiles_for_sm90_as_launched(tmp_path):
             assert row["stack"] == 0 and row["local"] == 0, row["case"]
         if "bottleneck" in row["case"]:  # the backward's sums meet in a fixed order: the same bits every run
             assert row["float_atomics"] == 0, row["case"]
-    # The persistent prefill loads through TMA and multiplies on wgmma.
-    persistent = [r for r in rows if r["case"] == "lora persistent r=16 m=4096 4096->4096"]
-    assert persistent and all(r["tma"] and r["hgmma"] for r in persistent)
+    # The persistent prefill, and the backward's dx on it, load through TMA and multiply on wgmma.
+    persistent = [r for r in rows if r["case"].startswith("lora persistent") and "4096->4096" in r["case"]]
+    assert len(persistent) >= 2 and all(r["tma"] and r["hgmma"] for r in persistent)
     # Hopper's own instructions where the tiles allow them: wgmma in the prefill GEMMs, 16-byte loads of W.
     prefill = [r for r in rows if r["case"] == "TARGET lora m=4096 4096->4096 forward r=16"]
     assert any(r["hgmma"] for r in prefill) and all(r["ldg128"] for r in prefill)

@@ -13,9 +13,14 @@ x W^T into it in place. The cost model (benchmarks/roofline.py, ``--designs``) p
 cuBLAS at M = 4096 if it reaches 0.95 of cuBLAS's GEMM speed, level with the shipped form; PERSISTENT_PREFILL_MIN_M
 keeps it off until a GPU run ranks them (the bench's fused:triton-persistent rows).
 
-Needs what TMA needs: rows of x, W, B and y contiguous with 16-byte aligned strides and bases (K, N and r
-multiples of 8 for 16-bit dtypes) and a 16-bit dtype: :func:`takes` says whether a call qualifies. Under
-``TRITON_INTERPRET=1`` the descriptors run on CPU tensors, dot operands upcast to fp32.
+The backward's ``dx = dy W + s (dy B) A`` is the same product with W and B given transposed (``W^T``, a view
+[K, N] of the stored [N, K]; ``A^T``, a view of the stored [R, K]): the kernel reads the stored tensors through
+descriptors of their own layout (W_TRANSPOSED, B_TRANSPOSED) and multiplies without a transpose, so dx too is one
+GEMM with the adapter as its last K step, on the same tiles.
+
+Needs what TMA needs: rows of x, y and of W and B as stored, contiguous with 16-byte aligned strides and bases
+(their row lengths multiples of 8 for 16-bit dtypes) and a 16-bit dtype: :func:`takes` says whether a call
+qualifies. Under ``TRITON_INTERPRET=1`` the descriptors run on CPU tensors, dot operands upcast to fp32.
 """
 
 from __future__ import annotations
@@ -26,8 +31,8 @@ import triton.language as tl
 
 from .common import INTERPRET, dot_precision, grouped_tile, on_device, r_pad, sm_count
 
-# Rows from which lora_linear's prefill takes this kernel instead of the LoRA term and cuBLAS: off (never)
-# until a GPU run says it is faster; the bench's fused:triton-persistent rows set it to time it.
+# Rows from which lora_linear's prefill (and so the backward's dx) takes this kernel instead of the LoRA term and
+# cuBLAS: off (never) until a GPU run says it is faster; the bench's fused:triton-persistent rows set it to time it.
 PERSISTENT_PREFILL_MIN_M = 2**62
 MAX_R_PAD = 64  # the adapter step's tiles [BLOCK_M, R_PAD] and [BLOCK_N, R_PAD] beside the accumulator
 
@@ -45,11 +50,20 @@ def _lora_persistent_kernel(
     x_ptr, w_ptr, xa_ptr, b_ptr, bias_ptr, y_ptr,
     M, N, K, R, stride_xam, scaling,
     HAS_BIAS: tl.constexpr, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    W_TRANSPOSED: tl.constexpr, B_TRANSPOSED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
+    """One program per SM over the output tiles. W_TRANSPOSED: w_ptr holds W^T's storage, [K, N] row-major (the
+    backward's W), else [N, K]; B_TRANSPOSED: b_ptr holds [R, N] (the backward's A), else [N, R]."""
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
-    b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, R], strides=[R, 1], block_shape=[BLOCK_N, R_PAD])
+    if W_TRANSPOSED:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[N, 1], block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
+    if B_TRANSPOSED:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[R, N], strides=[N, 1], block_shape=[R_PAD, BLOCK_N])
+    else:
+        b_desc = tl.make_tensor_descriptor(b_ptr, shape=[N, R], strides=[R, 1], block_shape=[BLOCK_N, R_PAD])
     y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -62,21 +76,22 @@ def _lora_persistent_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for step in range(k_steps):
             x = x_desc.load([row0, step * BLOCK_K])
-            w = w_desc.load([col0, step * BLOCK_K])
+            # [BLOCK_K, BLOCK_N] either way
+            w = w_desc.load([step * BLOCK_K, col0]) if W_TRANSPOSED else w_desc.load([col0, step * BLOCK_K]).T
             if UPCAST:
                 x = x.to(tl.float32)
                 w = w.to(tl.float32)
-            acc = tl.dot(x, w.T, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         # The adapter's K step: [s x A^T | B], s x A^T rounded to x's dtype (PEFT's lora_A output dtype).
         rows = row0 + tl.arange(0, BLOCK_M)
         xa = tl.load(xa_ptr + rows[:, None].to(tl.int64) * stride_xam + offs_r[None, :],
                      mask=(rows < M)[:, None] & (offs_r < R)[None, :], other=0.0)  # fmt: skip
-        b = b_desc.load([col0, 0])
+        b = b_desc.load([0, col0]) if B_TRANSPOSED else b_desc.load([col0, 0]).T  # [R_PAD, BLOCK_N]
         xa = (xa * scaling).to(b.dtype)
         if UPCAST:
             xa = xa.to(tl.float32)
             b = b.to(tl.float32)
-        acc = tl.dot(xa, b.T, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(xa, b, acc, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             cols = col0 + tl.arange(0, BLOCK_N)
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -89,14 +104,24 @@ def _rows_for_tma(t: torch.Tensor) -> bool:
     return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.shape[1] and aligned
 
 
+def _stored(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """(t as stored, whether t is its transpose) where t or t.T has rows a descriptor reads, else None."""
+    if _rows_for_tma(t):
+        return t, False
+    return (t.t(), True) if t.dim() == 2 and _rows_for_tma(t.t()) else None
+
+
 def takes(x: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor) -> bool:
-    """Whether this kernel takes ``x W^T + s xa B^T``: a 16-bit dtype, the rank within MAX_R_PAD, and x, W and B
-    stored as TMA reads them (contiguous rows, 16-byte aligned; y is allocated so)."""
+    """Whether this kernel takes ``x W^T + s xa B^T``: a 16-bit dtype, the rank within MAX_R_PAD, x and y with
+    rows as TMA reads them (contiguous, 16-byte aligned; y is allocated so), and W and B stored so themselves or
+    as the transpose of such a tensor (the backward passes W^T and A^T)."""
     return (
         x.dtype in (torch.float16, torch.bfloat16)
         and r_pad(lora_b.shape[1]) <= MAX_R_PAD
         and (weight.shape[0] * x.element_size()) % 16 == 0
-        and all(_rows_for_tma(t) for t in (x, weight, lora_b))
+        and _rows_for_tma(x)
+        and _stored(weight) is not None
+        and _stored(lora_b) is not None
     )
 
 
@@ -114,10 +139,12 @@ def lora_linear_persistent(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """``y = x W^T + scaling * xa B^T + bias`` on the persistent kernel. x [M, K], weight [N, K], lora_b [N, R]
-    (fp16/bf16, one dtype, as :func:`takes` requires), xa fp32 [M, R] (the shrink's output, unit inner stride),
-    bias [N] or None. Returns y [M, N] in x's dtype."""
+    (fp16/bf16, one dtype, as :func:`takes` requires: weight and lora_b may be transposed views, as the
+    backward's W^T and A^T are), xa fp32 [M, R] (the shrink's output, unit inner stride), bias [N] or None.
+    Returns y [M, N] in x's dtype."""
     m, k = x.shape
     n, r = lora_b.shape
+    (w_stored, w_transposed), (b_stored, b_transposed) = _stored(weight), _stored(lora_b)
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return y
@@ -128,9 +155,10 @@ def lora_linear_persistent(
         triton.set_allocator(_scratch)
     with on_device(x):
         _lora_persistent_kernel[(programs,)](
-            x, weight, xa, lora_b, y if bias is None else bias.contiguous(), y,
+            x, w_stored, xa, b_stored, y if bias is None else bias.contiguous(), y,
             m, n, k, r, xa.stride(0), float(scaling),
             HAS_BIAS=bias is not None, R_PAD=r_pad(r), DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET,
+            W_TRANSPOSED=w_transposed, B_TRANSPOSED=b_transposed,
             **options,
         )  # fmt: skip
     return y
