@@ -20,7 +20,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <cooperative_groups.h>
 #include <mma.h>
 
 #include <algorithm>
@@ -29,6 +28,7 @@
 #include <vector>
 
 #include "bottleneck.h"
+#include "cluster.cuh"
 #include "cuda_utils.cuh"
 
 namespace fastpeft {
@@ -178,7 +178,6 @@ constexpr int kTileWarps = kTileThreads / kWarpSize;
 constexpr int kRowPad = 8;      // elements: rows stay 16-byte aligned and start on different banks
 constexpr int kAccLd = 16 + 4;  // a warp's fp32 scratch tile [16][kAccLd]
 constexpr int64_t kTileMaxM = 256;
-constexpr int kMaxCluster = 8;  // the portable cluster size
 // Two blocks share an SM's 228 KiB (1 KiB of it reserved per block): one block's loads then overlap the other's
 // products and stores, which a block alone serialises.
 constexpr int64_t kTwoBlocksPerSm = 113 * 1024;
@@ -232,39 +231,6 @@ TilePlan tile_plan(int64_t d, int64_t m, int64_t optin, int64_t max_cluster) {
     }
   }
   return {};
-}
-
-// The cluster primitives, reduced to the block's own where the GPU has no clusters (the kernel then runs with
-// cluster == 1).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define FASTPEFT_HAS_CLUSTERS 1
-#endif
-
-__device__ __forceinline__ unsigned cluster_rank() {
-#ifdef FASTPEFT_HAS_CLUSTERS
-  return cooperative_groups::this_cluster().block_rank();
-#else
-  return 0;
-#endif
-}
-
-// Every thread of every block of the cluster waits here; shared memory written before is visible after.
-__device__ __forceinline__ void cluster_sync() {
-#ifdef FASTPEFT_HAS_CLUSTERS
-  cooperative_groups::this_cluster().sync();
-#else
-  __syncthreads();
-#endif
-}
-
-// `p` (in this block's shared memory) as it lies in block `rank`'s shared memory.
-template <typename P>
-__device__ __forceinline__ P* peer(P* p, unsigned rank) {
-#ifdef FASTPEFT_HAS_CLUSTERS
-  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
-#else
-  return p;
-#endif
 }
 
 // A LayerNorm's mean and 1 / sqrt(var + eps) (two passes) of each of the tile's rows, whose d features lie in
@@ -513,12 +479,7 @@ int64_t shared_optin(const at::Tensor& x) {
   return optin;
 }
 
-// Clusters of up to kMaxCluster blocks from sm_90 on; none before.
-int64_t max_cluster(const at::Tensor& x) {
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
-  return major >= 9 ? kMaxCluster : 1;
-}
+int64_t max_cluster(const at::Tensor& x) { return max_cluster_on(x.get_device()); }
 
 // The tile kernel's plan for these rows on this device, or none (then the rows kernel): fp16/bf16 prefill only.
 // tile_rows and cluster, when positive, force a plan (the tests' way to run every one); it must fit.
@@ -545,18 +506,13 @@ void launch_tile(const TilePlan& plan, int64_t rows, size_t shared, Args... args
   auto kernel = bottleneck_tile_kernel<T, kLayerNorm, kRowFrags>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
   const int64_t tiles = (rows + 16 * kRowFrags - 1) / (16 * kRowFrags);
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(tiles * plan.cluster));
-  config.blockDim = dim3(kTileThreads);
-  config.dynamicSmemBytes = shared;
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeClusterDimension;
-  attribute.val.clusterDim.x = static_cast<unsigned>(plan.cluster);
-  attribute.val.clusterDim.y = 1;
-  attribute.val.clusterDim.z = 1;
-  config.attrs = &attribute;
-  config.numAttrs = plan.cluster > 1 ? 1 : 0;
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config =
+      cluster_launch(static_cast<unsigned>(tiles * plan.cluster), kTileThreads, shared,
+                     c10::cuda::getCurrentCUDAStream(), plan.cluster, attribute);
+  // A clear refusal where the GPU's GPCs cannot hold one cluster (no sm_90 part known here is so small).
+  TORCH_CHECK(cluster_fits(kernel, config), "bottleneck_forward_cuda: this GPU cannot hold a cluster of ",
+              plan.cluster, " blocks of ", shared, " bytes of shared memory; pass a smaller forced plan (cluster=)");
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args..., plan.cluster));
 }
 

@@ -27,7 +27,7 @@ TORCH_LIBRARY(fastpeft, m) {
   m.def(
       "matmul_4bit_cuda(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
       "Tensor? offset, int blocksize, int nested_blocksize, int n, ScalarType w_dtype, Tensor? bias, Tensor? xa, "
-      "Tensor? lora_b, float scaling) -> Tensor");
+      "Tensor? lora_a, Tensor? lora_b, float scaling) -> Tensor");
   m.def(
       "matmul_4bit_t_cuda(Tensor dy, Tensor packed, Tensor absmax, Tensor code, Tensor? absmax2, Tensor? code2, "
       "Tensor? offset, int blocksize, int nested_blocksize, int k, ScalarType w_dtype, Tensor? dyb, "

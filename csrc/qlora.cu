@@ -5,7 +5,8 @@
 //   gemv_4bit_vector_kernel  decode (M <= 16, K % 32 == 0): every row of x in one pass (W read once), x staged
 //                      in shared memory per 1024 columns and read back as 16-byte vectors, a warp per two output
 //                      features, 16-byte loads of packed weights (32 per lane), a byte's two code values in one
-//                      8-byte read of a byte-pair table, fp32 accumulation, bias and the LoRA expand in the epilogue
+//                      8-byte read of a byte-pair table, fp32 accumulation, bias and the LoRA expand in the epilogue;
+//                      on sm_90 the adapter's shrink x A^T too, shared by a cluster of blocks: one launch per layer
 //   gemv_4bit_kernel   decode for any K: a warp per output feature, a weight per lane per step
 //   gemm_4bit_kernel   16-bit prefill and the backward's dx: 64x64 output tiles, the weight tile dequantized
 //                      into shared memory and fed to the tensor cores (WMMA 16x16x16, fp32 accumulators)
@@ -29,7 +30,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cluster.cuh"
 #include "cuda_utils.cuh"
+#include "lora.h"
 #include "qlora.h"
 
 namespace fastpeft {
@@ -63,6 +66,21 @@ struct LoRAEpilogue {
   int R;
   float scaling;
 };
+
+// The adapter's shrink xa = x A^T computed by the GEMV's own launch (gemv_4bit_vector_kernel<..., kShrink>): the
+// blocks of a cluster each take 1/cluster of every slab's columns of x (already in shared memory), so A is read
+// once per cluster from L2; their partial sums meet through distributed shared memory.
+template <typename T>
+struct FusedShrink {
+  const T* a;  // lora_a [R, K]
+  int64_t stride_r;
+  int64_t stride_k;
+  int R;
+  int cluster;
+};
+
+// Ranks up to this run the fused shrink (its partial and whole sums, 2 * M * R fp32, beside x's slab).
+constexpr int kFusedShrinkMaxR = 32;
 
 __device__ __forceinline__ float block_scale(const Weight4bit& w, int64_t block) {
   if (w.qabsmax != nullptr) {
@@ -189,10 +207,12 @@ constexpr int gemv_features() {
   return kMaxRows <= 4 ? 4 : 2;
 }
 
-// The vector GEMV's shared memory: x [M, kGemvSlab] of x's dtype, then the byte -> (code[hi], code[lo]) table.
+// The vector GEMV's shared memory: x [M, kGemvSlab] of x's dtype, then the byte -> (code[hi], code[lo]) table,
+// then (with the fused shrink of rank R) the block's partial xa [M, R] and the cluster's whole xa [M, R], fp32.
 template <typename T>
-size_t gemv_shared_bytes(int M) {
-  return static_cast<size_t>(M) * kGemvSlab * sizeof(T) + 256 * sizeof(float2);
+size_t gemv_shared_bytes(int M, int R = 0) {
+  return static_cast<size_t>(M) * kGemvSlab * sizeof(T) + 256 * sizeof(float2) +
+         2 * static_cast<size_t>(M) * R * sizeof(float);
 }
 
 // Decode, K % 32 == 0 and 16-byte aligned bytes: a warp per kFeatures output features, every row of x in one
@@ -200,15 +220,26 @@ size_t gemv_shared_bytes(int M) {
 // memory (once for all its warps' features); each lane then takes one 16-byte chunk (32 weights of one absmax
 // block) of each of its warp's features, decodes a byte's two weights with one 8-byte read of the byte-pair
 // table, and reads x back as 16-byte vectors. fp32 accumulation; bias and the LoRA expand in the epilogue.
-template <typename T, bool kOneRounding, int kMaxRows>
+// kShrink (sm_90, a grid of whole clusters of shrink.cluster blocks): the expand's xa = x A^T is computed here
+// too. While a slab of x is in shared memory, each block of the cluster adds its share of the slab's columns to
+// its partial xa (a warp per (row, rank) pair, the lanes over the columns, A from L2); after the K loop every
+// block sums the cluster's partials in rank order (the same bits in every block and on every run) into its own
+// whole xa, which the epilogue reads in place of lora.left. Blocks past N's features take part all the same.
+template <typename T, bool kOneRounding, int kMaxRows, bool kShrink>
 __global__ void __launch_bounds__(kGemvThreads, 2)  // two blocks per SM: 16 warps streaming W
     gemv_4bit_vector_kernel(const T* __restrict__ x, int64_t x_stride_m, int64_t x_stride_k, Weight4bit w,
-                            const T* __restrict__ bias, LoRAEpilogue<T> lora, T* __restrict__ y, int64_t y_stride,
-                            int M, int N) {
+                            const T* __restrict__ bias, LoRAEpilogue<T> lora, FusedShrink<T> shrink,
+                            T* __restrict__ y, int64_t y_stride, int M, int N) {
   extern __shared__ __align__(16) unsigned char gemv_smem[];
   T* xs = reinterpret_cast<T*>(gemv_smem);
   float2* pairs = reinterpret_cast<float2*>(gemv_smem + static_cast<size_t>(M) * kGemvSlab * sizeof(T));
   pairs[threadIdx.x] = make_float2(w.code[threadIdx.x >> 4], w.code[threadIdx.x & 15]);  // 256 threads, 256 bytes
+  float* xa_part = reinterpret_cast<float*>(pairs + 256);  // kShrink: [M, R], this block's share
+  float* xa_whole = xa_part + M * shrink.R;                // kShrink: [M, R], the cluster's sum
+  const unsigned rank = kShrink ? cluster_rank() : 0;
+  if constexpr (kShrink) {
+    for (int i = threadIdx.x; i < M * shrink.R; i += kGemvThreads) xa_part[i] = 0.f;
+  }
   constexpr int kFeatures = gemv_features<kMaxRows>();
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int64_t n0 = (static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp) * kFeatures;
@@ -246,6 +277,20 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two blocks per SM: 16 war
       xs[r * kGemvSlab + c] = x[r * x_stride_m + (k0 + c) * x_stride_k];
     }
     __syncthreads();
+    if constexpr (kShrink) {  // this block's columns [lo, hi) of the slab; each (row, rank) pair owned by a warp
+      const int share = (width + shrink.cluster - 1) / shrink.cluster;
+      const int lo = min(width, static_cast<int>(rank) * share), hi = min(width, lo + share);
+      for (int pair = warp; pair < M * shrink.R; pair += kGemvWarps) {
+        const int row = pair / shrink.R, j = pair % shrink.R;
+        const T* a_row = shrink.a + j * shrink.stride_r + k0 * shrink.stride_k;
+        float sum = 0.f;
+        for (int c = lo + lane; c < hi; c += kWarpSize) {
+          sum = fmaf(static_cast<float>(xs[row * kGemvSlab + c]), static_cast<float>(a_row[c * shrink.stride_k]), sum);
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) xa_part[pair] += sum;
+      }
+    }
     const int chunk = lane;  // kGemvSlab / 32 chunks: one per lane
     if (chunk * 32 < width) {
 #pragma unroll
@@ -281,6 +326,18 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two blocks per SM: 16 war
       }
     }
   }
+  LoRAEpilogue<T> epilogue = lora;
+  if constexpr (kShrink) {
+    cluster_sync();  // every block's partial xa is complete and visible to the cluster
+    for (int i = threadIdx.x; i < M * shrink.R; i += kGemvThreads) {
+      float sum = 0.f;
+      for (int q = 0; q < shrink.cluster; ++q) sum += peer(xa_part, static_cast<unsigned>(q))[i];
+      xa_whole[i] = sum;
+    }
+    cluster_sync();  // xa is whole in every block, and no block reads another's partials any more
+    epilogue.left = xa_whole;
+    epilogue.left_stride = shrink.R;
+  }
 #pragma unroll
   for (int f = 0; f < kFeatures; ++f) {
     const int64_t n = n0 + f;
@@ -288,7 +345,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two blocks per SM: 16 war
 #pragma unroll
     for (int r = 0; r < kMaxRows; ++r) {
       if (r >= M) break;
-      gemv_store(acc[f][r], lora, bias, y, y_stride, r, n, lane);
+      gemv_store(acc[f][r], epilogue, bias, y, y_stride, r, n, lane);
     }
   }
 }
@@ -606,6 +663,31 @@ void check_optional(const char* op, const char* name, const std::optional<at::Te
   }
 }
 
+// The vector GEMV's launch for M <= kDecodeMaxM rows (kMaxRows 4 or kDecodeMaxM); with kShrink, in clusters of
+// shrink.cluster blocks. Returns false, launching nothing, where the GPU cannot hold such a cluster.
+template <typename T, int kMaxRows, bool kShrink>
+bool launch_vector_gemv(const at::Tensor& x, const Weight4bit& w, const T* bias, const LoRAEpilogue<T>& lora,
+                        const FusedShrink<T>& shrink, at::Tensor& y, cudaStream_t stream) {
+  const int M = static_cast<int>(x.size(0)), N = static_cast<int>(y.size(1));
+  const size_t shared = gemv_shared_bytes<T>(M, kShrink ? shrink.R : 0);
+  auto kernel = w.w_kind == kind_of<T>() ? gemv_4bit_vector_kernel<T, true, kMaxRows, kShrink>
+                                         : gemv_4bit_vector_kernel<T, false, kMaxRows, kShrink>;
+  if (shared > 48 * 1024) {  // fp32 x past 11 rows: opt in to more than the default 48 KB
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+  }
+  const int per_block = kGemvWarps * gemv_features<kMaxRows>();
+  const int cluster = kShrink ? shrink.cluster : 1;
+  const int64_t blocks = (N + per_block - 1) / per_block;
+  const int64_t grid = (blocks + cluster - 1) / cluster * cluster;  // whole clusters: the last may hold idle blocks
+  cudaLaunchAttribute attribute;
+  const cudaLaunchConfig_t config =
+      cluster_launch(static_cast<unsigned>(grid), kGemvThreads, shared, stream, cluster, attribute);
+  if (!cluster_fits(kernel, config)) return false;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, x.data_ptr<T>(), x.stride(0), x.stride(1), w, bias, lora, shrink,
+                                    y.data_ptr<T>(), y.stride(0), M, N));
+  return true;
+}
+
 template <typename T>
 LoRAEpilogue<T> make_epilogue(const std::optional<at::Tensor>& left, const std::optional<at::Tensor>& right,
                               bool right_transposed, double scaling) {
@@ -628,42 +710,61 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
                             const at::Tensor& code, const std::optional<at::Tensor>& absmax2,
                             const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& offset,
                             int64_t blocksize, int64_t nested_blocksize, int64_t n, at::ScalarType w_dtype,
-                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& xa,
-                            const std::optional<at::Tensor>& lora_b, double scaling) {
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& xa_in,
+                            const std::optional<at::Tensor>& lora_a, const std::optional<at::Tensor>& lora_b,
+                            double scaling) {
   constexpr const char* op = "matmul_4bit_cuda";
   TORCH_CHECK(x.is_cuda() && x.dim() == 2, op, ": x must be a 2-D CUDA tensor, got ", x.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), K = x.size(1);
   const Weight4bit w =
       make_weight(op, x, packed, absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, n, K, w_dtype);
-  TORCH_CHECK(xa.has_value() == lora_b.has_value(), op, ": xa and lora_b come together");
+  TORCH_CHECK(!(xa_in.has_value() && lora_a.has_value()), op, ": give xa or lora_a, not both");
+  TORCH_CHECK((xa_in.has_value() || lora_a.has_value()) == lora_b.has_value(), op,
+              ": lora_b comes with xa or lora_a");
   check_optional(op, "bias", bias, x.scalar_type(), x, n, -1);
-  check_optional(op, "xa", xa, at::kFloat, x, M, 0);
-  TORCH_CHECK(!xa.has_value() || xa->stride(1) == 1, op, ": xa's rows must be dense");
+  check_optional(op, "xa", xa_in, at::kFloat, x, M, 0);
+  TORCH_CHECK(!xa_in.has_value() || xa_in->stride(1) == 1, op, ": xa's rows must be dense");
   TORCH_CHECK(!bias.has_value() || bias->is_contiguous(), op, ": bias must be contiguous");
-  if (xa.has_value()) check_optional(op, "lora_b", lora_b, x.scalar_type(), x, n, xa->size(1));
+  if (lora_a.has_value()) {
+    TORCH_CHECK(lora_a->dim() == 2, op, ": lora_a must be [r, ", K, "], got ", lora_a->sizes());
+    check_optional(op, "lora_a", lora_a, x.scalar_type(), x, lora_a->size(0), K);
+  }
+  const int64_t R = xa_in.has_value() ? xa_in->size(1) : (lora_a.has_value() ? lora_a->size(0) : 0);
+  if (lora_b.has_value()) check_optional(op, "lora_b", lora_b, x.scalar_type(), x, n, R);
   auto y = at::empty({M, n}, x.options());
   if (M == 0 || n == 0) return y;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  const bool vector = M <= kDecodeMaxM && K % 32 == 0 && aligned16(packed);
+  // The shrink in the GEMV's launch where it can be (sm_90's clusters, the vector path, a small rank), else first,
+  // as a launch of its own.
+  const int cluster = max_cluster_on(x.get_device());
+  const bool fuse = lora_a.has_value() && vector && R <= kFusedShrinkMaxR && cluster > 1;
   FASTPEFT_DISPATCH_FLOATS(x.scalar_type(), op, [&] {
-    const auto lora = make_epilogue<scalar_t>(xa, lora_b, false, scaling);
     const scalar_t* bias_ptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
-    if (M <= kDecodeMaxM && K % 32 == 0 && aligned16(packed)) {
-      const size_t shared = gemv_shared_bytes<scalar_t>(static_cast<int>(M));
-      const bool one_rounding = w.w_kind == kind_of<scalar_t>();
-      auto kernel = M <= 4 ? (one_rounding ? gemv_4bit_vector_kernel<scalar_t, true, 4>
-                                           : gemv_4bit_vector_kernel<scalar_t, false, 4>)
-                           : (one_rounding ? gemv_4bit_vector_kernel<scalar_t, true, kDecodeMaxM>
-                                           : gemv_4bit_vector_kernel<scalar_t, false, kDecodeMaxM>);
-      if (shared > 48 * 1024) {  // fp32 x past 11 rows: opt in to more than the default 48 KB
-        C10_CUDA_CHECK(
-            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(shared)));
+    if (fuse) {
+      LoRAEpilogue<scalar_t> lora{};  // left: the kernel's own xa
+      lora.right = lora_b->data_ptr<scalar_t>();
+      lora.right_stride_j = lora_b->stride(0);
+      lora.right_stride_r = lora_b->stride(1);
+      lora.R = static_cast<int>(R);
+      lora.scaling = static_cast<float>(scaling);
+      const FusedShrink<scalar_t> shrink{lora_a->data_ptr<scalar_t>(), lora_a->stride(0), lora_a->stride(1),
+                                         static_cast<int>(R), cluster};
+      const bool launched = M <= 4 ? launch_vector_gemv<scalar_t, 4, true>(x, w, bias_ptr, lora, shrink, y, stream)
+                                   : launch_vector_gemv<scalar_t, kDecodeMaxM, true>(x, w, bias_ptr, lora, shrink,
+                                                                                      y, stream);
+      if (launched) return;
+    }
+    const std::optional<at::Tensor> xa = lora_a.has_value() ? std::optional(lora_shrink_cuda(x, *lora_a)) : xa_in;
+    const auto lora = make_epilogue<scalar_t>(xa, lora_b, false, scaling);
+    if (vector) {
+      const FusedShrink<scalar_t> none{};
+      if (M <= 4) {
+        launch_vector_gemv<scalar_t, 4, false>(x, w, bias_ptr, lora, none, y, stream);
+      } else {
+        launch_vector_gemv<scalar_t, kDecodeMaxM, false>(x, w, bias_ptr, lora, none, y, stream);
       }
-      const int per_block = kGemvWarps * (M <= 4 ? gemv_features<4>() : gemv_features<kDecodeMaxM>());
-      const unsigned blocks = static_cast<unsigned>((n + per_block - 1) / per_block);
-      kernel<<<blocks, kGemvThreads, shared, stream>>>(x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), w, bias_ptr,
-                                                       lora, y.data_ptr<scalar_t>(), y.stride(0),
-                                                       static_cast<int>(M), static_cast<int>(n));
     } else if (M <= kDecodeMaxM) {
       const unsigned blocks = static_cast<unsigned>((n + kGemvWarps - 1) / kGemvWarps);
       gemv_4bit_kernel<scalar_t><<<blocks, kGemvThreads, 0, stream>>>(

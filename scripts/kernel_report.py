@@ -212,18 +212,25 @@ def _bottleneck_tile_launch(m: int, d: int, mb: int) -> tuple[str, str, int, int
     return case, name, 256, shared, math.ceil(m / plan.rows) * plan.cluster
 
 
-def _gemv_shared_bytes(m: int) -> int:
-    """csrc/qlora.cu's gemv_shared_bytes<bf16>(m): x's slab of 1024 columns and the byte-pair table."""
-    return m * 1024 * 2 + 256 * 8
+def _gemv_launch(m: int, n: int, r: int = 0) -> tuple[str, str, int, int, int]:
+    """csrc/qlora.cu's vector GEMV for m rows of bf16 x on a bf16 NF4 weight (one rounding) with n outputs, the
+    adapter's shrink of rank r in its launch (clusters of 8 on sm_90) when r > 0: its kernel, dynamic shared
+    memory (x's slab of 1024 columns, the byte-pair table, the partial and whole xa) and grid (a warp per 4
+    features up to 4 rows, per 2 beyond; whole clusters)."""
+    rows, features = (4, 4) if m <= 4 else (16, 2)
+    blocks = math.ceil(n / (8 * features))
+    case = f"matmul_4bit M={m} 4096->{n} (GEMV{f', r={r} shrink in the launch' if r else ''})"
+    name = f"gemv_4bit_vector_kernel<bf16, true, {rows}, {'true' if r else 'false'}>"
+    return case, name, 256, m * 1024 * 2 + 256 * 8 + 2 * m * r * 4, math.ceil(blocks / 8) * 8 if r else blocks
 
 
 CUDA_TARGET_LAUNCHES = [
     ("multi_lora decode, 64 tokens, 4096->4096, r=16", "multi_lora_shrink_kernel<bf16, true>", 256, 0, 64),
     ("multi_lora decode, 64 tokens, 4096->4096, r=16", "multi_lora_expand_kernel<bf16>", 256, 0, 64 * 16),
-    ("matmul_4bit M=1 4096->14336 (GEMV)", "gemv_4bit_vector_kernel<bf16>", 256, _gemv_shared_bytes(1), 14336 // 16),
-    ("matmul_4bit M=16 4096->14336 (GEMV, forced)", "gemv_4bit_vector_kernel<bf16>", 256, _gemv_shared_bytes(16),
-     14336 // 16),
-    ("matmul_4bit M=4096 4096->14336 (dequantize once)", "dequantize_4bit_kernel<bf16>", 256, 0, 0),
+    _gemv_launch(1, 14336),
+    _gemv_launch(16, 14336),
+    _gemv_launch(1, 14336, r=16),
+    ("matmul_4bit M=4096 4096->14336 (dequantize once)", "dequantize_4bit_kernel<bf16, true>", 256, 0, 0),
     _bottleneck_tile_launch(8192, 4096, 64),
     _bottleneck_tile_launch(8192, 16384, 64),
 ]  # fmt: skip

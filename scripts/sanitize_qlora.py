@@ -17,7 +17,9 @@ from _sanitize import TOLERANCE, report
 
 # (M, K, N, rank (0: the 4-bit product alone), quant type, blocksize, double quantization, dtype)
 _CASES = [
-    (1, 256, 200, 16, "nf4", 64, True, "bfloat16"),  # decode, vector loads, fused shrink
+    (1, 256, 200, 16, "nf4", 64, True, "bfloat16"),  # decode, vector loads, the shrink in the same launch
+    (9, 512, 70, 32, "fp4", 64, False, "float16"),  # 16-row GEMV, the shrink at its largest fused rank, idle blocks
+    (2, 128, 40, 48, "nf4", 64, True, "bfloat16"),  # past the fused rank: the shrink a launch of its own
     (3, 96, 33, 4, "fp4", 32, False, "float32"),  # K not a multiple of 32: the scalar GEMV path
     (5, 33, 17, 0, "nf4", 64, True, "float16"),  # odd K: rows start mid-byte, the element count ends mid-byte
     (70, 160, 72, 8, "nf4", 128, True, "bfloat16"),  # prefill tiles, blocks straddling rows

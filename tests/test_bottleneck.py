@@ -355,10 +355,11 @@ def test_the_plan_mirrors_the_cuda_kernels_constants():
 
     from fastpeft.ops import bottleneck_plan as plan
 
-    source = (Path(__file__).resolve().parents[1] / "csrc" / "bottleneck.cu").read_text()
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    source = (csrc / "bottleneck.cu").read_text()
     assert f"constexpr int64_t kDecodeRows = {plan.CUDA_DECODE_MAX_M};" in source
     assert f"constexpr int64_t kTileMaxM = {plan.CUDA_TILE_MAX_M};" in source
-    assert f"constexpr int kMaxCluster = {plan.MAX_CLUSTER};" in source
+    assert f"constexpr int kMaxCluster = {plan.MAX_CLUSTER};" in (csrc / "cluster.cuh").read_text()
     assert f"constexpr int64_t kTwoBlocksPerSm = {plan.TWO_BLOCKS_PER_SM // 1024} * 1024;" in source
     assert "constexpr int kRowPad = 8;" in source and "constexpr int kAccLd = 16 + 4;" in source
     assert f"constexpr int64_t kTileStaticShared = {plan.TILE_STATIC_SHARED};" in source

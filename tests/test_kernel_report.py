@@ -71,6 +71,18 @@ def test_the_built_extension_does_not_spill_in_16_bit():
     assert kernel_report.cuda_spills(kernels) == []
 
 
+def test_every_listed_cuda_launch_names_a_kernel_of_the_extension():
+    """The target-shape rows of the CUDA table name kernels by their template arguments: a name the extension does
+    not hold would print a row of question marks."""
+    library = kernel_report.extension_path()
+    if library is None or kernel_report.cuobjdump() is None:
+        pytest.skip("fastpeft._C is not built here, or no cuobjdump")
+    kernels = {k["kernel"] for k in kernel_report.cuda_kernels(library)}
+    if not kernels:
+        pytest.skip("the extension holds no sm_90 code (FASTPEFT_CUDA_ARCHS without 9.0)")
+    assert [name for _, name, *_ in kernel_report.CUDA_TARGET_LAUNCHES if name not in kernels] == []
+
+
 def test_sass_features_count_what_matters():
     from kernel_facts import sass_features
 

@@ -233,3 +233,26 @@ def test_large_shapes_on_gpu(backend, dtype, m):
     y = qlora_linear(x, packed, state, a, b, 0.5, bias)
     ref = qlora_linear_reference(x.double(), packed, state, a.double(), b.double(), 0.5, bias.double())
     assert_close_to_reference(y, ref, qlora_linear_reference(x, packed, state, a, b, 0.5, bias))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("m", "r", "shrink_launches"), [(3, 16, 0), (11, 32, 0), (3, 48, 1)])
+def test_the_cuda_decode_takes_the_adapter_in_its_own_launch(monkeypatch, m, r, shrink_launches):
+    """On sm_90 the CUDA GEMV computes x A^T inside its own launch (a cluster of blocks shares it, the partial
+    sums meeting through distributed shared memory) up to rank 32, past it the shrink is a launch before; both
+    against the float64 reference, N leaving idle blocks in the last cluster, and the same bits on a second call
+    (the partials are added in a fixed order)."""
+    if "cuda" not in available_backends(DEVICE) or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("thread-block clusters need the CUDA extension on sm_90 or later")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
+    x, packed, state, a, b, bias = make(m, 1024, 1000, torch.bfloat16, ("nf4", 64, True), r=r)
+    qlora_linear(x, packed, state, a, b, 0.5, bias)  # first-call work (the extension's setup) outside the profile
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        y = qlora_linear(x, packed, state, a, b, 0.5, bias)
+        torch.cuda.synchronize()
+    names = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert sum("gemv_4bit_vector_kernel" in name for name in names) == 1, names
+    assert sum("lora_shrink" in name for name in names) == shrink_launches, names
+    ref = qlora_linear_reference(x.double(), packed, state, a.double(), b.double(), 0.5, bias.double())
+    assert_close_to_reference(y, ref, qlora_linear_reference(x, packed, state, a, b, 0.5, bias))
+    assert torch.equal(y, qlora_linear(x, packed, state, a, b, 0.5, bias))

@@ -29,7 +29,7 @@ CUDA_TILE_MAX_M = 256  # kTileMaxM
 _TILE_WARPS = 8  # kTileWarps
 _ROW_PAD = 8  # kRowPad
 _ACC_LD = 20  # kAccLd
-MAX_CLUSTER = 8  # kMaxCluster
+MAX_CLUSTER = 8  # kMaxCluster (csrc/cluster.cuh)
 TWO_BLOCKS_PER_SM = 113 * 1024  # kTwoBlocksPerSm
 TILE_STATIC_SHARED = 128  # kTileStaticShared
 

@@ -35,7 +35,9 @@ from fastpeft.ops.quant_4bit import QuantState, check_quant_state, dequantize_4b
 from fastpeft.ops.route import Route, choose_route
 
 # The tiers, by rows M of x (the torch backend dequantizes at every M; benchmarks/roofline.py models each tier):
-#   M <= GEMV_MAX_M, no adapter shrink to fuse   the CUDA GEMV: W's bytes read once, the products on the CUDA cores.
+#   M <= GEMV_MAX_M, no adapter shrink to fuse   the CUDA GEMV: W's bytes read once, the products on the CUDA cores
+#                                                (where it runs with an adapter, forced or without Triton, it computes
+#                                                the shrink in its own launch on sm_90: csrc/qlora.cu).
 #   M <= DECODE_MAX_M otherwise                  Triton's decode tiles: W read once, the products on the tensor cores
 #                                                (only the decoding on the CUDA cores), the LoRA shrink x A^T in the
 #                                                same K loop: one launch per QLoRA layer call.
@@ -239,11 +241,11 @@ def _matmul_4bit_t_triton(dy, w: Weight4bit, dyb, lora_a, scaling):
 def _matmul_4bit_cuda(x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
     if x.shape[0] >= DEQUANTIZE_ONCE_MIN_M:
         return _dequantized_forward("cuda", x, w, bias, lora_a, xa, lora_b, scaling)
-    if lora_a is not None:
-        xa = torch.ops.fastpeft.lora_shrink_cuda(x, lora_a)
+    # Given lora_a, the extension computes the shrink itself: inside the decode GEMV's launch on sm_90 (a cluster
+    # of blocks shares it), else as a launch before the product.
     bias = None if bias is None else bias.contiguous()  # the kernels index bias and xa's rows densely
     xa = None if xa is None else xa.contiguous()
-    return torch.ops.fastpeft.matmul_4bit_cuda(x, *w.forward_args(), bias, xa, lora_b, scaling)
+    return torch.ops.fastpeft.matmul_4bit_cuda(x, *w.forward_args(), bias, xa, lora_a, lora_b, scaling)
 
 
 def _matmul_4bit_t_cuda(dy, w: Weight4bit, dyb, lora_a, scaling):
