@@ -193,18 +193,22 @@ def matmul_4bit(m: int, n: int, k: int, r: int = 0, blocksize: int = 64, nested:
     return [*shrink, _plus(main, inside)]
 
 
-def _dequantized(m: int, n: int, k: int, r: int, w4: float, reduce: int | None = None) -> list[Pass]:
-    """The dequantize-once tier: W written dense (with the adapter's r columns, or rows, beside it), x (or dy)
-    copied beside s x A^T, one cuBLAS GEMM over K + r (``reduce``: the GEMM's reduction, K forward, N for dx)."""
-    reduce = k if reduce is None else reduce
-    out = n * k // reduce  # the GEMM's other side: N forward, K for dx
+def _dequantized(m: int, n: int, k: int, r: int, w4: float, dx: bool = False) -> list[Pass]:
+    """The dequantize-once tier for the product of m rows, n outputs and reduction k (``dx``: the backward's, n and
+    k given as the layer's, its reduction n): W written dense, then by fastpeft.ops.qlora.joins_adapter one cuBLAS
+    GEMM over the reduction + r (x, or dy, copied beside s x A^T) or the plain LoRA layer's product on W
+    (:func:`lora_product`); the forward's shrink of x first (dx's dy B comes from the dy pass)."""
+    reduce, out = (n, k) if dx else (k, n)
     dense = Pass("dequantize once", w4 + 2.0 * n * k, lane_ops=DECODE_LANE_OPS * n * k, shared_bytes=2.0 * n * k)
+    if not r:
+        return [dense, *bf16_linear(m, out, reduce)]
+    shrink = [] if dx else [skinny("LoRA shrink", m, reduce, r)]
+    if not qlora_ops.joins_adapter(reduce, out):
+        return [dense, *shrink, *lora_product("dequantized W's tiles", m, out, reduce, r)]
     gemm = Pass("cuBLAS GEMM over K + r", 2.0 * (m * (reduce + r) + out * (reduce + r) + m * out),
                 2.0 * m * out * (reduce + r))  # fmt: skip
-    if not r:
-        return [dense, gemm]
     join = Pass("[x | s x A^T]", 4.0 * m * (reduce + r) + 4.0 * m * r)
-    return [dense, skinny("LoRA shrink", m, reduce, r), join, gemm]
+    return [dense, *shrink, join, gemm]
 
 
 def _plus(main: Pass, lora: Pass) -> Pass:
@@ -285,7 +289,7 @@ def qlora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nested: boo
     dB = s dy^T (x A^T) from the dy pass, dx through the dequantize-once tier (or the dx tiles), dA = s (dy B)^T x."""
     w4 = weight_4bit_bytes(n, k, blocksize, nested)
     if m >= qlora_ops.DEQUANTIZE_ONCE_MIN_M:
-        dx = _dequantized(m, n, k, r, w4, reduce=n)
+        dx = _dequantized(m, n, k, r, w4, dx=True)
     else:
         row_tiles = tiles(m, n)[0]
         dx = [Pass("4-bit dx tiles", w4 * row_tiles + 2.0 * (m * n + m * k), 2.0 * m * n * k,

@@ -182,6 +182,38 @@ def test_the_tier_follows_the_row_count(backend, m, tier_taken, monkeypatch):
     assert_close_to_reference(y, ref, qlora_linear_reference(x, packed, state, a, b, 0.5, bias))
 
 
+@pytest.mark.parametrize("join", [True, False], ids=["joined", "lora-product"])
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_both_forms_of_the_dequantized_product(backend, join, monkeypatch):
+    """The dequantize-once tier with the adapter as r more columns of one cuBLAS GEMM (x, or dy, copied beside
+    s xa), or as the plain LoRA layer's product on the dense W (joins_adapter picks by shape; forced here both
+    ways): forward and every gradient against the float64 reference, with bias, in both dtypes."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    monkeypatch.setattr(qlora_ops, "DEQUANTIZE_ONCE_MIN_M", 1)
+    monkeypatch.setattr(qlora_ops, "joins_adapter", lambda reduce, out: join)
+    for dtype in DTYPES:
+        x, packed, state, a, b, bias = make(21, 64, 40, dtype, FORMATS[1], r=8)
+        dy = torch.randn(21, 40, device=DEVICE).to(dtype)
+        leaves = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+        y = qlora_linear(leaves[0], packed, state, leaves[1], leaves[2], 0.6, leaves[3])
+        y.backward(dy)
+        ref = [t.double().requires_grad_() for t in (x, a, b, bias)]
+        y_ref = qlora_linear_reference(ref[0], packed, state, ref[1], ref[2], 0.6, ref[3])
+        y_ref.backward(dy.double())
+        base = [t.clone().requires_grad_() for t in (x, a, b, bias)]
+        y_base = qlora_linear_reference(base[0], packed, state, base[1], base[2], 0.6, base[3])
+        y_base.backward(dy)
+        assert_close_to_reference(y, y_ref, y_base, f"{dtype} y")
+        for name, leaf, want, plain in zip(["x", "a", "b", "bias"], leaves, ref, base, strict=True):
+            assert_close_to_reference(leaf.grad, want.grad, plain.grad, f"{dtype} d{name}")
+
+
+def test_the_adapter_joins_the_gemm_where_the_output_is_wide():
+    assert qlora_ops.joins_adapter(4096, 14336)  # an up-projection's forward: copying x beats writing y twice
+    assert not qlora_ops.joins_adapter(14336, 4096)  # its dx, and a down-projection's forward
+    assert not qlora_ops.joins_adapter(4096, 4096)
+
+
 @pytest.mark.parametrize(
     "change, error, match",
     [

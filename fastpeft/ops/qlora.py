@@ -44,7 +44,9 @@ from fastpeft.ops.route import Route, choose_route
 #   DECODE_MAX_M < M < DEQUANTIZE_ONCE_MIN_M     tiles that dequantize W on chip per row tile (tensor cores): W's
 #                                                4-bit bytes read ceil(M / BLOCK_M) times, never written dense.
 #   M >= DEQUANTIZE_ONCE_MIN_M                   dequantize once: one pass writes W in x's dtype (N*K/2 bytes read,
-#                                                2*N*K written) beside B, then one cuBLAS GEMM over K + r.
+#                                                2*N*K written), then one cuBLAS GEMM with the adapter as r more
+#                                                columns of its K loop, or the plain LoRA layer's product on W
+#                                                (joins_adapter: whichever moves fewer bytes beside the GEMM).
 # Why 0 (the GEMV only where Triton cannot run, or forced): both decode kernels are bound by W's bytes at one row
 # (~7.8 us for 4096 x 14336 on an H200), the model puts Triton's tiles ~10% ahead there (the GEMV's 448 blocks
 # fill 1.7 waves of two per SM, and it reads x back from shared memory), and every further row costs the GEMV one
@@ -182,18 +184,32 @@ def _dequantize_cuda(w: Weight4bit, out: torch.Tensor) -> torch.Tensor:
 DEQUANTIZE = {"triton": _dequantize_triton, "cuda": _dequantize_cuda}
 
 
+def joins_adapter(reduce: int, out: int) -> bool:
+    """Whether the dequantize-once tier folds the adapter into cuBLAS's K loop as r more columns (``[x | s xa]`` by
+    ``[W | B]^T``: x copied beside s xa, about 4 bytes per element of x read and written) rather than running the
+    plain LoRA layer's product on the dense W (its LoRA term written first, 2 bytes per element of y, then cuBLAS
+    adding x W^T into it within the GEMM). ``reduce``: the product's reduction (K forward, N for dx); ``out``: its
+    width (N forward, K for dx). The copy where the output is more than twice as wide as the reduction (an
+    up-projection's forward), the term elsewhere (square layers, a down-projection, an up-projection's dx)."""
+    return out > 2 * reduce
+
+
 def _dequantized_forward(backend: str, x, w: Weight4bit, bias, lora_a, xa, lora_b, scaling):
-    """The dequantize-once tier's forward: one cuBLAS GEMM, the adapter folded into its K loop as r more columns:
-    ``[x | s x A^T] @ [W | B]^T`` (W written by the dequantize pass straight into the wider buffer, a transient
-    freed when the call returns; B copied beside it). The LoRA term costs r/K of the GEMM and a copy of x, and
-    rounds ``s x A^T`` to x's dtype before B, as PEFT's own layer does."""
+    """The dequantize-once tier's forward: one bandwidth pass writes W in x's dtype (a transient, freed when the
+    call returns), then either one cuBLAS GEMM ``[x | s xa] @ [W | B]^T`` (W written straight into the wider
+    buffer, B copied beside it, s xa rounded to x's dtype as PEFT's lora_A output is) or the plain LoRA layer's
+    product on W (fastpeft.ops.lora's ``lora_expand_linear`` on the same backend), by :func:`joins_adapter`; the
+    shrink first where xa is not given."""
     n, k = w.out_features, w.in_features
     r = 0 if lora_b is None else lora_b.shape[1]
-    dense = torch.empty((n, k + r), device=x.device, dtype=x.dtype)
+    join = r > 0 and joins_adapter(k, n)
+    dense = torch.empty((n, k + r if join else k), device=x.device, dtype=x.dtype)
     DEQUANTIZE[backend](w, dense[:, :k])
-    if r:
-        if xa is None:
-            xa = LORA_IMPLS["lora_shrink"][backend](x, lora_a)
+    if r and xa is None:
+        xa = LORA_IMPLS["lora_shrink"][backend](x, lora_a)
+    if r and not join:
+        return LORA_IMPLS["lora_expand_linear"][backend](x, dense, xa, lora_b, scaling, bias)
+    if join:
         dense[:, k:] = lora_b
         joined = torch.empty((x.shape[0], k + r), device=x.device, dtype=x.dtype)
         joined[:, :k] = x
@@ -203,13 +219,17 @@ def _dequantized_forward(backend: str, x, w: Weight4bit, bias, lora_a, xa, lora_
 
 
 def _dequantized_backward(backend: str, dy, w: Weight4bit, dyb, lora_a, scaling):
-    """The dequantize-once tier's ``dx = dy W (+ s dyb A)``: ``[dy | s dyb] @ [W ; A]`` in one cuBLAS GEMM, W
-    dequantized again into the taller buffer (the forward's copy is gone: keeping it would hold 2*N*K bytes per
-    layer between the passes, the memory QLoRA saves)."""
+    """The dequantize-once tier's ``dx = dy W (+ s dyb A)``: W dequantized again (the forward's copy is gone:
+    keeping it would hold 2*N*K bytes per layer between the passes, the memory QLoRA saves), then, by
+    :func:`joins_adapter`, ``[dy | s dyb] @ [W ; A]`` in one cuBLAS GEMM (A copied below W) or the plain LoRA
+    layer's dx product on W (``lora_expand_linear`` with W^T and A^T, as fastpeft.ops.lora's backward runs it)."""
     n, k = w.out_features, w.in_features
     r = 0 if dyb is None else dyb.shape[1]
-    dense = torch.empty((n + r, k), device=dy.device, dtype=dy.dtype)
+    join = r > 0 and joins_adapter(n, k)
+    dense = torch.empty((n + r if join else n, k), device=dy.device, dtype=dy.dtype)
     DEQUANTIZE[backend](w, dense[:n])
+    if r and not join:
+        return LORA_IMPLS["lora_expand_linear"][backend](dy, dense.t(), dyb, lora_a.t(), scaling, None)
     if not r:
         return torch.mm(dy, dense)
     dense[n:] = lora_a
