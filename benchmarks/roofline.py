@@ -682,9 +682,10 @@ def bottleneck_forward(m: int, d: int, mb: int, design: str = "dispatch") -> lis
     reads it).
 
     The CUDA tile kernel spreads a tile of rows over a cluster, each block staging its slice of x in shared memory:
-    x read once, y written once, both projections read from L2 once per tile; three cluster barriers per tile
-    (the partial h, z, the exit); its shared-memory traffic is x staged and read once per 16 columns of h, z read
-    once per 16 features of y, the fp32 scratch tiles and y's epilogue. The Triton tiles take 64 rows (32 past a
+    x read once, y written once, both projections read from L2 once per tile; two cluster barriers per tile
+    (the partial h, z; the exit needs none without a LayerNorm); its shared-memory traffic is x staged and read
+    once per 16 columns of h, z read once per 16 features of y, the fp32 scratch tiles and y's epilogue. The
+    Triton tiles take 64 rows (32 past a
     bottleneck of 64) and read both projections once per tile, and x twice: the second time from L2 when the
     tiles in flight (two per SM) fit in it, else from HBM. Loads, MMAs and stores are assumed to overlap (two
     blocks per SM for the CUDA kernel where they fit: otherwise optimistic)."""
@@ -708,7 +709,7 @@ def bottleneck_forward(m: int, d: int, mb: int, design: str = "dispatch") -> lis
         shared = staged * (4 + mb // 16) + 2.0 * m * mb * d / 16 + 8.0 * m * d
         return [Pass("CUDA bottleneck cluster tiles", io + weights, flops, mma_efficiency=WMMA_EFFICIENCY, ctas=ctas,
                      ctas_per_sm=per_sm, shared_bytes=shared, l2_bytes=weights * tiles, streams=True,
-                     fixed_s=3 * CLUSTER_SYNC_S * waves)]  # fmt: skip
+                     fixed_s=2 * CLUSTER_SYNC_S * waves)]  # fmt: skip
     rows = bottleneck_plan.triton_tile_rows(mb, torch.bfloat16)
     programs = math.ceil(m / rows)
     reread = 2.0 * m * d

@@ -330,8 +330,12 @@ __global__ void __launch_bounds__(kTileThreads, 2)  // two blocks per SM where t
     *reinterpret_cast<uint4*>(xs + r * l.ldx + c) = v;
   }
   __syncthreads();
+  // Whether this block may still read another's shared memory after the last cluster barrier (then it must not
+  // leave before the others are done: one more barrier at the end). The same in every block of the cluster.
+  bool peers_read = false;
   if constexpr (kLayerNorm) {
     cluster_row_stats<T, kRows>(xs, l.ldx, d_slice, p.d, p.ln_eps, cluster, partial, mean_s, rstd_s);
+    peers_read = true;
   }
 
   // Runs of rows with one adapter (a sample's rows share one; a tile may straddle samples): each run computes
@@ -390,6 +394,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)  // two blocks per SM where t
         for (int q = 0; q < cluster; ++q) peer(zs, q)[r * l.ldz + j] = z;
       }
       cluster_sync();  // z is whole in every block, and no block reads another's h any more
+      peers_read = false;
     }
     // y = residual + s * (z . Wu^T + bu) (+ out_residual) for this run's rows, written over their x in shared
     // memory: warp w owns the 16-feature columns w, w + 8, ... of the slice; an element is read and written by
@@ -440,6 +445,7 @@ __global__ void __launch_bounds__(kTileThreads, 2)  // two blocks per SM where t
   if (out_ln_w != nullptr) {
     cluster_row_stats<T, kRows>(xs, l.ldx, d_slice, p.d, p.out_ln_eps, cluster, partial + 2 * kRows, mean_s,
                                 rstd_s);
+    peers_read = true;
     for (int64_t i = threadIdx.x; i < rows * d_slice; i += kTileThreads) {
       const int r = static_cast<int>(i / d_slice);
       const int64_t k = i % d_slice;
@@ -455,7 +461,9 @@ __global__ void __launch_bounds__(kTileThreads, 2)  // two blocks per SM where t
       *reinterpret_cast<uint4*>(y + (first + r) * p.d + f0 + c) = *reinterpret_cast<const uint4*>(xs + r * l.ldx + c);
     }
   }
-  cluster_sync();  // no block leaves while another may still read its shared memory
+  // No block leaves while another may still read its shared memory; after a run's barriers none does (the
+  // plain forward: two cluster barriers per tile).
+  if (peers_read) cluster_sync();
 }
 
 void check_param(const char* name, const at::Tensor& t, const at::Tensor& x, std::initializer_list<int64_t> shape) {
