@@ -172,6 +172,19 @@ def test_every_prefill_form_matches_the_reference(monkeypatch, dtype, cublas_min
         assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
 
 
+def force_persistent(monkeypatch, dtype):
+    """The persistent TMA kernel's module, forced on (PERSISTENT_PREFILL_MIN_M = 0) on the Triton backend; skips
+    where Triton cannot run or dtype's dots would run on a CPU."""
+    persistent = pytest.importorskip("fastpeft.triton_kernels.lora_persistent")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
+        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
+    monkeypatch.setattr(persistent, "PERSISTENT_PREFILL_MIN_M", 0)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    return persistent
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize(
     "shape", [((70,), 48, 40, 16), ((3, 33), 64, 24, 8), ((1,), 16, 16, 8), ((0,), 16, 8, 8), ((37,), 40, 56, 32)],
@@ -181,13 +194,7 @@ def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype,
     """The persistent TMA kernel (off by default: PERSISTENT_PREFILL_MIN_M) forced on past the decode rows: tiles
     past the edges of M and N, K over several steps, the adapter as one more K step, with and without bias; and
     a call it does not take (an odd K: rows not 16-byte aligned) runs the other forms."""
-    persistent = pytest.importorskip("fastpeft.triton_kernels.lora_persistent")
-    from fastpeft.backends import available_backends
-
-    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
-        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
-    monkeypatch.setattr(persistent, "PERSISTENT_PREFILL_MIN_M", 0)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    persistent = force_persistent(monkeypatch, dtype)
     calls = []
     real = persistent.lora_linear_persistent
     monkeypatch.setattr(persistent, "lora_linear_persistent", lambda *a: calls.append(1) or real(*a))
@@ -209,13 +216,7 @@ def test_the_backward_dx_runs_on_the_persistent_kernel(monkeypatch, dtype, shape
     """With the persistent kernel forced on, the backward's dx = dy W + s (dy B) A is one call of it too, W and A
     read through descriptors of their stored layout (transposed views, no copies): every gradient against the
     float64 reference; and where W's stored rows are not 16-byte aligned (odd K), dx runs the other forms."""
-    persistent = pytest.importorskip("fastpeft.triton_kernels.lora_persistent")
-    from fastpeft.backends import available_backends
-
-    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
-        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
-    monkeypatch.setattr(persistent, "PERSISTENT_PREFILL_MIN_M", 0)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    persistent = force_persistent(monkeypatch, dtype)
     transposed = []
     real = persistent.lora_linear_persistent
 

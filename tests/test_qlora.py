@@ -283,6 +283,8 @@ def test_the_cuda_decode_takes_the_adapter_in_its_own_launch(monkeypatch, m, r, 
         y = qlora_linear(x, packed, state, a, b, 0.5, bias)
         torch.cuda.synchronize()
     names = [e.name for e in profile.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if not names:
+        pytest.skip("the profiler sees no CUDA kernels here (no CUPTI)")
     assert sum("gemv_4bit_vector_kernel" in name for name in names) == 1, names
     assert sum("lora_shrink" in name for name in names) == shrink_launches, names
     ref = qlora_linear_reference(x.double(), packed, state, a.double(), b.double(), 0.5, bias.double())
