@@ -139,6 +139,28 @@ def test_backward_matches_reference(backend, dtype, shape):
         assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
 
 
+@pytest.mark.parametrize("rows", [63, 64, 65, 4097])
+def test_the_row_counts_at_every_boundary(backend, rows):
+    """Both sides of the decode tiles' limit (DECODE_MAX_M = 64: the one-launch form up to it, the shrink and
+    cuBLAS past it) and a row past a prefill tile's edge (one dtype there in the interpreter, whose programs run
+    one by one): forward and every gradient against float64."""
+    for dtype in (torch.float32, torch.bfloat16) if rows < 4096 or HAS_GPU else (torch.bfloat16,):
+        inputs = make_inputs((rows,), 24, 20, 8, dtype, requires_grad=True)
+        inputs64 = {k: v.detach().double().requires_grad_() if isinstance(v, torch.Tensor) else v
+                    for k, v in inputs.items()}  # fmt: skip
+        plain = {k: v.detach().clone().requires_grad_() if isinstance(v, torch.Tensor) else v
+                 for k, v in inputs.items()}  # fmt: skip
+        grad = torch.randn(rows, 20, device=DEVICE).to(dtype)
+        out = lora_linear(**inputs)
+        ref, base = lora_linear_reference(**inputs64), lora_linear_reference(**plain)
+        assert_close_to_reference(out, ref, base, f"{dtype} y")
+        out.backward(grad)
+        ref.backward(grad.double())
+        base.backward(grad)
+        for name in ("x", "weight", "lora_a", "lora_b", "bias"):
+            assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"{dtype} d{name}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(
     ("cublas_min_m", "accumulates"), [(65, True), (65, False), (10**9, True)],
