@@ -222,7 +222,8 @@ size_t gemv_shared_bytes(int M, int R = 0) {
 // table, and reads x back as 16-byte vectors. fp32 accumulation; bias and the LoRA expand in the epilogue.
 // kShrink (sm_90, a grid of whole clusters of shrink.cluster blocks): the expand's xa = x A^T is computed here
 // too. While a slab of x is in shared memory, each block of the cluster adds its share of the slab's columns to
-// its partial xa (a warp per (row, rank) pair, the lanes over the columns, A from L2); after the K loop every
+// its partial xa (a warp per row of A, each element of A read once and used for every row of x, the lanes over
+// the columns, A from L2); after the K loop every
 // block sums the cluster's partials in rank order (the same bits in every block and on every run) into its own
 // whole xa, which the epilogue reads in place of lora.left. Blocks past N's features take part all the same.
 template <typename T, bool kOneRounding, int kMaxRows, bool kShrink>
@@ -277,18 +278,25 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two blocks per SM: 16 war
       xs[r * kGemvSlab + c] = x[r * x_stride_m + (k0 + c) * x_stride_k];
     }
     __syncthreads();
-    if constexpr (kShrink) {  // this block's columns [lo, hi) of the slab; each (row, rank) pair owned by a warp
+    if constexpr (kShrink) {  // this block's columns [lo, hi) of the slab; warp j % kGemvWarps owns A's row j
       const int share = (width + shrink.cluster - 1) / shrink.cluster;
       const int lo = min(width, static_cast<int>(rank) * share), hi = min(width, lo + share);
-      for (int pair = warp; pair < M * shrink.R; pair += kGemvWarps) {
-        const int row = pair / shrink.R, j = pair % shrink.R;
+      for (int j = warp; j < shrink.R; j += kGemvWarps) {
         const T* a_row = shrink.a + j * shrink.stride_r + k0 * shrink.stride_k;
-        float sum = 0.f;
+        float sums[kMaxRows] = {};
         for (int c = lo + lane; c < hi; c += kWarpSize) {
-          sum = fmaf(static_cast<float>(xs[row * kGemvSlab + c]), static_cast<float>(a_row[c * shrink.stride_k]), sum);
+          const float a = static_cast<float>(a_row[c * shrink.stride_k]);  // read once, used by every row of x
+#pragma unroll
+          for (int r = 0; r < kMaxRows; ++r) {
+            if (r < M) sums[r] = fmaf(static_cast<float>(xs[r * kGemvSlab + c]), a, sums[r]);
+          }
         }
-        sum = warp_sum(sum);
-        if (lane == 0) xa_part[pair] += sum;
+#pragma unroll
+        for (int r = 0; r < kMaxRows; ++r) {
+          if (r >= M) break;  // uniform across the warp
+          const float sum = warp_sum(sums[r]);
+          if (lane == 0) xa_part[r * shrink.R + j] += sum;
+        }
       }
     }
     const int chunk = lane;  // kGemvSlab / 32 chunks: one per lane
