@@ -41,6 +41,16 @@ def test_the_4bit_model_follows_the_dispatch(monkeypatch):
     assert roofline.matmul_4bit(4096, n, k)[0].name.startswith("Triton")
 
 
+def test_the_dense_4bit_tier_copies_x_only_for_a_wide_output():
+    """The dequantize-once tier by fastpeft.ops.qlora.joins_adapter: x copied beside s x A^T for an up-projection's
+    forward, the plain LoRA product elsewhere; dx never recomputes a shrink (dy B comes from the dy pass)."""
+    up = [p.name for p in roofline.matmul_4bit(4096, 14336, 4096, r=16)]
+    assert "[x | s x A^T]" in up and up.count("LoRA shrink") == 1
+    square = [p.name for p in roofline.qlora_train(4096, 4096, 4096, 16)]
+    assert "[x | s x A^T]" not in square and square.count("LoRA shrink") == 1
+    assert square.count("LoRA term, no K loop") == 2  # the forward's and dx's, each before cuBLAS adds into it
+
+
 def test_the_byte_limit_of_a_4bit_decode():
     # NF4 with double quantization: half a byte per weight plus 1/64 of a byte and the nested fp32 scales.
     n, k = 14336, 4096
