@@ -233,12 +233,14 @@ def test_prefill_tiles_across_samples(backend, dtype, d, m, post):
 @pytest.mark.gpu
 @pytest.mark.parametrize("plan", [(16, 1), (32, 2), (64, 4), (64, 8), (16, 8), (32, 1)])
 @pytest.mark.parametrize("m", [16, 48, 256])
-@pytest.mark.parametrize("post", [False, True])
-def test_every_cuda_tile_plan(monkeypatch, plan, m, post):
+@pytest.mark.parametrize(("ln", "post"), [(True, False), (True, True), (False, False), (False, True)])
+def test_every_cuda_tile_plan(monkeypatch, plan, m, ln, post):
     """csrc/bottleneck.cu's tile kernel forced to each (rows per tile, blocks per cluster): 16 to 64 rows, one
     to eight blocks each owning a slice of d, the cluster's partial h and LayerNorm statistics added through
     distributed shared memory. Samples of 10 rows with other adapters and none straddle the tiles; the last tile
-    is partial; with ``post`` the residual is a view of odd pitch and the add + LayerNorm after runs."""
+    is partial; ``ln``: the LayerNorm before; with ``post`` the residual is a view of odd pitch and the add +
+    LayerNorm after runs. Without either, no block waits for the others before it leaves (the kernel's last
+    cluster barrier is the run's)."""
     from fastpeft.ops import bottleneck
 
     monkeypatch.setenv("FASTPEFT_BACKEND", "cuda")
@@ -246,7 +248,7 @@ def test_every_cuda_tile_plan(monkeypatch, plan, m, post):
     d = 256  # 16 columns per block in clusters of 8
     ids = torch.tensor([2, -1, 0, 0, 1, 2, 1, -1, 0, 2, 2, 1, 0], device=DEVICE)
     x = torch.randn(len(ids), 10, d, device=DEVICE).to(torch.bfloat16)
-    p = params(d, m, torch.bfloat16, ln=True, scaling="channel", adapters=3)
+    p = params(d, m, torch.bfloat16, ln=ln, scaling="channel", adapters=3)
     residual = out_residual = out_ln = None
     if post:
         residual = torch.randn(len(ids), 10, d + 1, device=DEVICE).to(torch.bfloat16)[..., 1:]
