@@ -25,6 +25,7 @@ _CASES = [
     (3, 70, 128, 48, 2, True, "gelu_new", "bfloat16"),  # CUDA tiles straddling samples, LayerNorm folded
     (2, 50, 96, 16, 0, False, "relu", "float16"),  # CUDA tiles, a partial last one
     (2, 70, 4096, 64, 2, True, "gelu", "bfloat16"),  # CUDA on sm_90: 64 rows over clusters of 8 blocks
+    (1, 130, 2048, 32, 0, False, "relu", "bfloat16"),  # clusters of 4 without a LayerNorm: no exit barrier
 ]
 CASES = {"triton": _CASES, "cuda": _CASES}
 
