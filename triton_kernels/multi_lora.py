@@ -558,11 +558,10 @@ def sgmv_splits(num_adapters: int, k: int, programs: int, interpreter: bool = IN
     return triton.cdiv(k, chunk), chunk
 
 
-def sgmv_shrink(
-    x, lora_a, a_offsets, order, starts, num_adapters: int, v_width: int, pdl: bool
-) -> tuple[torch.Tensor, int]:
-    """The grouped shrink's fp32 slabs [splits, M, v_width] and their number. ``pdl``: the next launch is
-    programmatic (the shrink lets it start at once)."""
+def sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters: int, v_width: int) -> tuple[torch.Tensor, int, bool]:
+    """The grouped shrink's fp32 slabs [splits, M, v_width], their number, and whether the next launch is to be
+    programmatic (:func:`follows_the_shrink`: the shrink then lets it start at once)."""
+    pdl = follows_the_shrink(x.device, num_adapters)
     m, k = x.shape
     splits, chunk = sgmv_splits(num_adapters, k, 4 if INTERPRET else 2 * sm_count(x.device))
     part = torch.empty((splits, m, v_width), device=x.device, dtype=torch.float32)
@@ -575,7 +574,7 @@ def sgmv_shrink(
             DOT_PRECISION=dot_precision(x.dtype), UPCAST=INTERPRET, PDL=pdl, V_WIDTH=v_width, BLOCK_M=SGMV_M,
             BLOCK_R=rank_chunk, BLOCK_K=step if rank_chunk <= 32 else step // 2,
         )  # fmt: skip
-    return part, splits
+    return part, splits, pdl
 
 
 def follows_the_shrink(device: torch.device, num_adapters: int) -> bool:
@@ -620,8 +619,7 @@ def multi_lora_sgmv(
     if m == 0 or base.shape[1] == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    pdl = follows_the_shrink(x.device, num_adapters)
-    part, splits = sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
+    part, splits, pdl = sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width)
     block_n = min(sgmv_blocks()[1], max(16, triton.next_power_of_2(max_width)))
     with on_device(x):
         _sgmv_expand_kernel[(num_adapters + 1, triton.cdiv(max_width, block_n), num_slices)](
@@ -660,8 +658,7 @@ def multi_lora_sgmv_linear(
     if m == 0 or n == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    pdl = follows_the_shrink(x.device, num_adapters)
-    part, splits = sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
+    part, splits, pdl = sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width)
     tile = pinned_config("decode", m, max_width, v_width, x.dtype)
     grid = (triton.cdiv(m, tile.kwargs["BLOCK_M"]), triton.cdiv(max_width, tile.kwargs["BLOCK_N"]), num_slices)
     with on_device(x):

@@ -22,7 +22,6 @@ import triton.language as tl
 from .common import INTERPRET, dot_precision, on_device
 from .multi_lora import (
     SGMV_RANK_CHUNK,
-    follows_the_shrink,
     lora_precision,
     pdl_launch_options,
     sgmv_epilogue,
@@ -100,8 +99,7 @@ def multi_lora_sgmv_linear_4bit(
     if m == 0 or n == 0:
         return y
     num_slices, num_adapters = ranks.shape
-    pdl = follows_the_shrink(x.device, num_adapters)
-    part, splits = sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width, pdl)
+    part, splits, pdl = sgmv_shrink(x, lora_a, a_offsets, order, starts, num_adapters, v_width)
     state, constexprs = format_args(absmax, code, absmax2, code2, offset, blocksize, nested_blocksize, w_dtype)
     tile = pinned_config(True, m, x.dtype, False, k % 2 == 0, max_width).all_kwargs()  # the 4-bit decode tier's
     grid = (triton.cdiv(m, tile["BLOCK_M"]), triton.cdiv(max_width, tile["BLOCK_N"]), num_slices)
