@@ -7,6 +7,10 @@
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
+#include <tuple>
+
 namespace fastpeft {
 
 constexpr int kMaxCluster = 8;  // the portable cluster size
@@ -69,13 +73,22 @@ inline cudaLaunchConfig_t cluster_launch(unsigned blocks, unsigned threads, size
 }
 
 // Whether the GPU can hold at least one cluster of this launch at a time (a cluster's blocks must fit on the SMs
-// of one GPC together; cudaLaunchKernelEx fails the launch otherwise). Clusters of one always fit.
+// of one GPC together; cudaLaunchKernelEx fails the launch otherwise). Clusters of one always fit. The answer is
+// kept per kernel, block, shared memory, cluster size and device: the decode launches that ask sit on the hot path.
 template <typename Kernel>
 bool cluster_fits(Kernel kernel, const cudaLaunchConfig_t& config) {
   if (config.numAttrs == 0) return true;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), config.blockDim.x, config.dynamicSmemBytes,
+                                   config.attrs[0].val.clusterDim.x, device);
+  static std::mutex mutex;
+  static std::map<decltype(key), bool> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto found = known.find(key); found != known.end()) return found->second;
   int clusters = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveClusters(&clusters, kernel, &config));
-  return clusters > 0;
+  return known[key] = clusters > 0;
 }
 
 }  // namespace fastpeft
