@@ -311,15 +311,16 @@ def peft_bnb_lora_train(m: int, n: int, k: int, r: int, blocksize: int = 64, nes
 # ------------------------------------------------------------------------------------------------------------
 
 
-def lora_tile_pass(name: str, m: int, n: int, k: int, r: int, shrink_in_loop: bool) -> Pass:
+def lora_tile_pass(name: str, m: int, n: int, k: int, r: int, shrink_in_loop: bool, kind: str = "") -> Pass:
     """The Triton tile kernel (triton_kernels/lora.py, its pinned tiles) for ``y = x W^T + s xa B^T`` of m rows,
     n outputs and reduction k: x, W, B and y once from HBM, xa (fp32) from the separate shrink, or A once and the
     shrink in the K loop of every column tile (``shrink_in_loop``: recomputed per tile, A re-read from L2). Decode
     tiles hold every row, so each CTA re-reads those rows of x from L2, and each streams its share of W: the
-    busiest SM sets the time (a last wave of 92 of 132 SMs costs as much as a full one)."""
+    busiest SM sets the time (a last wave of 92 of 132 SMs costs as much as a full one). ``kind``: the pinned
+    tile's (decode or prefill by the row count when not given)."""
     decode = m <= lora_kernels.DECODE_MAX_M
-    config = lora_kernels.pinned_config("decode" if decode else "prefill", m, n, r_pad(r), torch.bfloat16,
-                                        interpreter=False).kwargs  # fmt: skip
+    kind = kind or ("decode" if decode else "prefill")
+    config = lora_kernels.pinned_config(kind, m, n, r_pad(r), torch.bfloat16, interpreter=False).kwargs
     row_tiles, col_tiles = math.ceil(m / config["BLOCK_M"]), math.ceil(n / config["BLOCK_N"])
     rows, padded_r = row_tiles * config["BLOCK_M"], r_pad(r)  # the MMA runs on whole tiles
     hbm = 2.0 * (m * k + n * k + m * n + n * r)
@@ -376,15 +377,28 @@ def lora_product(name: str, m: int, n: int, k: int, r: int, persistent: bool | N
     return [lora_tile_pass(name, m, n, k, r, shrink_in_loop=False)]
 
 
+def stream_k_partial_sums(tiles: int, k_iters: int, programs: int) -> int:
+    """The partial sums the stream-K decode passes through memory: for a tile cut between s programs, those of
+    the s - 1 that do not arrive last."""
+    total = tiles * k_iters
+    owner = lambda i: ((i + 1) * programs - 1) // total  # the program whose share holds iteration i
+    return sum(owner((t + 1) * k_iters - 1) - owner(t * k_iters) for t in range(tiles))
+
+
 def stream_k_decode(m: int, n: int, k: int, r: int) -> Pass:
     """The one-launch decode on the stream-K schedule (triton_kernels/lora.py's _decode_stream_k_kernel): the
-    tiles' bytes and work over exactly one CTA per SM, each streaming an equal share (no idle last wave), plus
-    the fp32 partial sums (acc and xa) of the at most two tiles each CTA shares, written and read back."""
-    tiles = lora_tile_pass("tiles", m, n, k, r, shrink_in_loop=True)
-    tile = lora_kernels.pinned_config("decode", m, n, r_pad(r), torch.bfloat16, interpreter=False).kwargs
-    partials = 2 * H200.sms * 4.0 * tile["BLOCK_M"] * (tile["BLOCK_N"] + r_pad(r))
-    return Pass("stream-K decode, shrink in the K loop", tiles.bytes + 2 * partials, tiles.flops,
-                mma_efficiency=tiles.mma_efficiency, l2_bytes=tiles.l2_bytes)  # fmt: skip
+    bytes and work of its tiles (the stream-K tile, at least as wide as tall) shared out in equal parts over its
+    programs (stream_k_programs: one per SM, or a multiple of the tile count), plus the fp32 partial sums (acc
+    and xa) that tiles cut between programs pass through memory: each written once (to HBM, when L2 evicts it)
+    and read back from L2 by the tile's last program within the launch."""
+    tiles_pass = lora_tile_pass("tiles", m, n, k, r, shrink_in_loop=True, kind="stream_k")
+    tile = lora_kernels.pinned_config("stream_k", m, n, r_pad(r), torch.bfloat16, interpreter=False).kwargs
+    tiles, k_iters = math.ceil(n / tile["BLOCK_N"]), math.ceil(k / tile["BLOCK_K"])
+    programs = lora_kernels.stream_k_programs(tiles, k_iters, H200.sms)
+    partials = stream_k_partial_sums(tiles, k_iters, programs) * 4.0 * tile["BLOCK_M"] * (tile["BLOCK_N"] + r_pad(r))
+    return Pass("stream-K decode, shrink in the K loop", tiles_pass.bytes + partials, tiles_pass.flops,
+                mma_efficiency=tiles_pass.mma_efficiency, ctas=programs, streams=True,
+                l2_bytes=tiles_pass.l2_bytes + partials)  # fmt: skip
 
 
 def lora_forward(m: int, n: int, k: int, r: int, persistent: bool | None = None) -> list[Pass] | None:
@@ -544,13 +558,14 @@ def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
 
 def decode_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
     """The one-launch decode on its two schedules: a CTA per column tile (the last wave partly idle where the
-    tiles do not fill it), and stream-K over exactly one CTA per SM (:func:`stream_k_decode`)."""
+    tiles do not fill it), and stream-K (:func:`stream_k_decode`) over one CTA per SM or over a multiple of its
+    wider tiles."""
     ships = lora_kernels.uses_stream_k(m, n, k, r, torch.bfloat16, H200.sms, interpreter=False)
     return {
         f"column tiles{'' if ships else ' (ships)'}": [
             lora_tile_pass("Triton decode, shrink in the K loop", m, n, k, r, shrink_in_loop=True)
         ],
-        f"stream-K over 132 CTAs{' (ships)' if ships else ''}": [stream_k_decode(m, n, k, r)],
+        f"stream-K{' (ships)' if ships else ''}": [stream_k_decode(m, n, k, r)],
     }
 
 

@@ -211,8 +211,9 @@ def _t(*shape: int, dtype=torch.bfloat16, grad: bool = False) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=META, requires_grad=grad)
 
 
-def _lora_form(fn: Callable[[], None], setting: str, value: float) -> Callable[[], None]:
-    """``fn`` with ``setting`` (a dispatch threshold of triton_kernels/lora.py or lora_persistent.py) at ``value``."""
+def _lora_form(fn: Callable[[], None], setting: str, value: object) -> Callable[[], None]:
+    """``fn`` with ``setting`` (a dispatch threshold or rule of triton_kernels/lora.py or lora_persistent.py) at
+    ``value``."""
     from fastpeft.triton_kernels import lora, lora_persistent
 
     module = lora_persistent if hasattr(lora_persistent, setting) else lora
@@ -233,7 +234,8 @@ def _lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]
         else:
             yield name, fn
             if " fused" in name:
-                yield name.replace(" fused", " fused tiles"), _lora_form(fn, "STREAM_K_BELOW_WAVE_FILL", 0.0)
+                never = lambda *args, **kwargs: False
+                yield name.replace(" fused", " fused tiles"), _lora_form(fn, "uses_stream_k", never)
 
 
 def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:

@@ -267,7 +267,9 @@ def test_the_backward_dx_runs_on_the_persistent_kernel(monkeypatch, dtype, shape
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fill", [0.0, 1.01], ids=["column-tiles", "stream-K"])
-@pytest.mark.parametrize("shape", [((1,), 64, 40, 8), ((5,), 100, 50, 8), ((2, 8), 33, 65, 16)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [((1,), 64, 40, 8), ((5,), 100, 50, 8), ((2, 8), 33, 65, 16), ((3,), 64, 24, 8)], ids=str
+)  # the last: two tiles, each cut in two equal shares (stream_k_programs' multiple of the tiles)
 def test_both_decode_schedules_match_the_reference(monkeypatch, dtype, fill, shape):
     """The one-launch decode on its column tiles, or on the stream-K schedule (tiles cut between programs meet
     in fp32 partial sums, the last to arrive finishes them): y, and DoRA's scale and pre-scale z, against the
@@ -293,6 +295,22 @@ def test_both_decode_schedules_match_the_reference(monkeypatch, dtype, fill, sha
     ref_y = ref_z * scale.double() + inputs["bias"].double()
     assert_close_to_reference(y, ref_y, (z.float() * scale + inputs["bias"].float()).to(dtype), f"y {dtype}")
     assert torch.equal(kernels.lora_linear(*args, out_scale=scale, z=z), y)
+    assert not kernels.arrival_counts(x.device, 1).any()  # every count back to zero for the next launch
+
+
+def test_stream_k_programs_cut_every_tile_alike_where_the_tiles_fit_twice():
+    """One program per SM, unless the tiles fit at least twice: then each tile's K in the same number of shares,
+    so no program straddles two tiles (a tile cut in two passes one partial sum through memory, not four)."""
+    kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
+    assert kernels.stream_k_programs(224, 32, 132) == 132  # more tiles than SMs
+    assert kernels.stream_k_programs(128, 32, 132) == 132
+    assert kernels.stream_k_programs(64, 32, 132) == 128  # M = 64, N = 4096: 64 tiles, each K in two halves
+    assert kernels.stream_k_programs(20, 32, 132) == 120
+    assert kernels.stream_k_programs(20, 3, 132) == 60  # no share shorter than one K step
+    assert kernels.stream_k_programs(2, 1, 5) == 2
+    for tiles, k_iters in [(64, 32), (20, 32), (20, 3), (3, 7)]:
+        programs = kernels.stream_k_programs(tiles, k_iters, 132)
+        assert programs % tiles == 0 and kernels.stream_k_segments(tiles, k_iters, programs) == programs // tiles
 
 
 def test_stream_k_shares_cover_every_iteration_once():

@@ -72,7 +72,10 @@ CUBLAS_ACCUMULATES = True
 # A one-launch decode whose column tiles would fill less than this share of their waves on the GPU's SMs (224
 # tiles on 132 SMs fill 85%: the busiest SMs stream two tiles of W while 40 stream one) runs on the stream-K
 # schedule instead (_decode_stream_k_kernel): every SM streams the same share. The cost model predicts 1.03x the
-# base GEMM for it at M <= 16 and N = 14336, against 1.18x for the tiles.
+# base GEMM for it at M <= 16 and N = 14336, against 1.18x for the tiles. So does a decode whose stream-K tile is
+# wider than its column tile (64 rows, N <= 8192): each of 128 column tiles 32 wide re-reads x's 64 rows from L2,
+# twice W's bytes in all (the model's 1.16x at M = 64, N = 4096); 64 columns halve that, and the schedule cuts
+# each tile's K in two so that 64 tiles still fill the SMs (1.07x).
 STREAM_K_BELOW_WAVE_FILL = 0.9
 
 
@@ -136,8 +139,8 @@ def pinned_config(
     interpreter: bool = INTERPRET,
 ) -> triton.Config:  # fmt: skip
     """The tile launched without autotuning (``FASTPEFT_TRITON_AUTOTUNE=0``: the GPU tests, the sanitizer, the
-    GPU check's target rows), chosen by rule from the shape, never by timing. ``kind``: "decode", "prefill",
-    "epilogue" (after cuBLAS) or "shrink"; ``n`` the output features (0 for the shrink).
+    GPU check's target rows), chosen by rule from the shape, never by timing. ``kind``: "decode", "stream_k",
+    "prefill", "epilogue" (after cuBLAS) or "shrink"; ``n`` the output features (0 for the shrink).
     scripts/compile_triton.py compiles exactly these for sm_90 at the TARGETS shapes and fails CI if a 16-bit one
     spills.
 
@@ -145,6 +148,8 @@ def pinned_config(
       224 programs at N = 14336), K in steps of 128 four stages deep (bytes in flight for a memory-bound GEMV);
       steps of 32 beyond 16 rows when the fused shrink drops x in-kernel (Philox's state per element of the x
       tile lives in registers);
+    - stream_k: the decode tile of the stream-K schedule (_decode_stream_k_kernel), never narrower than it is
+      tall in 16 bits (each tile re-reads x's rows from L2; the schedule's K split keeps the SMs busy);
     - prefill: 128 x 128 tiles for large M, 64 x 64 below 1024 rows, both on two warpgroups (wgmma; on one,
       the accumulator and the LoRA epilogue's operands pass 255 registers and spill);
     - epilogue: one pass over y in 64 x 64 tiles on one warpgroup, several CTAs per SM to keep loads of y in
@@ -167,10 +172,13 @@ def pinned_config(
                              num_stages=2 if wide else 3)  # fmt: skip
     if kind == "epilogue":  # BLOCK_K is unused: there is no K loop
         return _configs([(64, 64, 32, 4, 1)])[0]
-    if kind == "decode":
+    if kind in ("decode", "stream_k"):
         block_k = 32 if fp32 or (in_kernel_dropout and rows > 16) else 128
         warps = 8 if fp32 and rows == 64 else 4
-        return _configs([(rows, 32 if n <= 8192 else 64, block_k, warps, 3 if fp32 else 4)])[0]
+        block_n = 32 if n <= 8192 else 64
+        if kind == "stream_k" and not fp32:  # fp32's FMA dots hold their operand tiles in registers: kept narrow
+            block_n = max(block_n, rows)
+        return _configs([(rows, block_n, block_k, warps, 3 if fp32 else 4)])[0]
     if fp32:
         return _configs([(64, 64, 32, 8, 2)])[0]
     return _configs([(128, 128, 64, 8, 3) if m >= 1024 else (64, 64, 64, 8, 3)])[0]
@@ -357,7 +365,7 @@ def _lora_linear_kernel(
 @triton.jit
 def _decode_stream_k_kernel(
     x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, out_scale_ptr, z_ptr,
-    partial_ptr, xa_partial_ptr, arrivals_ptr,
+    partial_ptr, xa_partial_ptr, arrivals_ptr, written_ptr,
     M, N, K, R,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br, stride_ym, stride_yn,
     scaling,
@@ -375,11 +383,15 @@ def _decode_stream_k_kernel(
 ):  # fmt: skip
     """The one-launch decode (shrink in the K loop) on a stream-K schedule: the (column tile, K step) iterations,
     tile after tile, are cut into one equal contiguous share per program, so every SM streams the same bytes of
-    W and no last wave idles. A tile cut between programs meets in fp32 partial sums (acc and xa) in a
-    workspace, one slot per segment; the last program to arrive (its arrival counted atomically) sums the slots
-    in segment order, so the result does not depend on who arrives last, finishes the tile and resets the count
-    for the next launch. One row tile holds every row (M <= BLOCK_M). No in-kernel dropout: Philox's state per
-    element of the x tile beside the stream-K bookkeeping passes 255 registers; those calls run on the tiles."""
+    W and no last wave idles. A tile cut between programs meets in fp32 partial sums (acc and xa): each program
+    counts its arrival atomically when its share is done; all but the last to arrive write their sums to a
+    workspace slot (one per segment) and count them written; the last waits for those writes (every one of
+    their programs has already arrived, so is running: no wait on a program yet to start), adds the slots and
+    its own sums in segment order, so the result does not depend on who arrives last, finishes the tile and
+    resets both counts for the next launch. The last program's sums never go through memory: a tile cut in two
+    writes and reads back one partial, not two. One row tile holds every row (M <= BLOCK_M). No in-kernel
+    dropout: Philox's state per element of the x tile beside the stream-K bookkeeping passes 255 registers;
+    those calls run on the tiles."""
     # Iteration numbers in 64 bits: program * TOTAL_ITERS passes 2**31 for large layers on many SMs.
     pid = tl.program_id(0).to(tl.int64)
     programs = tl.num_programs(0).to(tl.int64)
@@ -424,22 +436,33 @@ def _decode_stream_k_kernel(
             # The programs sharing this tile: the owners of its first and last iterations and those between.
             first = ((tile * K_ITERS + 1) * programs - 1) // TOTAL_ITERS
             last = ((tile + 1) * K_ITERS * programs - 1) // TOTAL_ITERS
-            slot = tile * MAX_SEGMENTS + (pid - first)
+            mine = pid - first
             offs_acc = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
             offs_xa = offs_m[:, None] * R_PAD + offs_r[None, :]
-            tl.store(partial_ptr + slot.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs_acc, acc)
-            tl.store(xa_partial_ptr + slot.to(tl.int64) * (BLOCK_M * R_PAD) + offs_xa, xa)
-            tl.debug_barrier()  # every thread's partial stored before the arrival is counted (release)
-            arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            arrived = tl.atomic_add(arrivals_ptr + tile, 1, sem="relaxed", scope="gpu")
             finished = arrived == last - first
-            if finished:  # the last to arrive: every segment, in order, from L2
+            if not finished:
+                slot = (tile * MAX_SEGMENTS + mine).to(tl.int64)
+                tl.store(partial_ptr + slot * (BLOCK_M * BLOCK_N) + offs_acc, acc)
+                tl.store(xa_partial_ptr + slot * (BLOCK_M * R_PAD) + offs_xa, xa)
+                tl.debug_barrier()  # every thread's partial stored before it is counted written (release)
+                tl.atomic_add(written_ptr + tile, 1, sem="release", scope="gpu")
+            else:  # the last to arrive: the others' slots from L2 once written, its own sums in their place
+                while tl.atomic_add(written_ptr + tile, 0, sem="acquire", scope="gpu") < last - first:
+                    pass
+                own, own_xa = acc, xa
                 acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                 xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
                 for segment in range(0, last - first + 1):
                     base = (tile * MAX_SEGMENTS + segment).to(tl.int64)
-                    acc += tl.load(partial_ptr + base * (BLOCK_M * BLOCK_N) + offs_acc, cache_modifier=".cg")
-                    xa += tl.load(xa_partial_ptr + base * (BLOCK_M * R_PAD) + offs_xa, cache_modifier=".cg")
-                tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+                    other = segment != mine
+                    acc += tl.where(other, tl.load(partial_ptr + base * (BLOCK_M * BLOCK_N) + offs_acc,
+                                                   mask=other, other=0.0, cache_modifier=".cg"), own)  # fmt: skip
+                    xa += tl.where(other, tl.load(xa_partial_ptr + base * (BLOCK_M * R_PAD) + offs_xa,
+                                                  mask=other, other=0.0, cache_modifier=".cg"), own_xa)  # fmt: skip
+                # ready for the next launch (launches on one stream do not overlap: nobody reads them meanwhile)
+                tl.atomic_xchg(arrivals_ptr + tile, 0, sem="relaxed", scope="gpu")
+                tl.atomic_xchg(written_ptr + tile, 0, sem="relaxed", scope="gpu")
         if finished:
             acc = _fused_lora_term(acc, xa, offs_n, mask_n, offs_r, mask_r, b_ptr, stride_bn, stride_br, scaling,
                                    LORA_PRECISION)  # fmt: skip
@@ -550,16 +573,18 @@ def uses_stream_k(
     interpreter: bool = INTERPRET,
 ) -> bool:  # fmt: skip
     """Whether the one-launch decode of m rows, n outputs and reduction k runs on the stream-K schedule: its
-    column tiles would fill less than STREAM_K_BELOW_WAVE_FILL of their waves on ``sms`` SMs, one row tile holds
-    every row, K has at least two steps to share out, and x is not dropped in the kernel (see
-    _decode_stream_k_kernel)."""
+    column tiles would fill less than STREAM_K_BELOW_WAVE_FILL of their waves on ``sms`` SMs, or the stream-K
+    tile is the wider (fewer re-reads of x from L2); one row tile holds every row, K has at least two steps to
+    share out, and x is not dropped in the kernel (see _decode_stream_k_kernel)."""
     if not fuses_shrink(m, r) or in_kernel_dropout:
         return False
     tile = pinned_config("decode", m, n, r_pad(r), dtype, interpreter=interpreter).kwargs
+    wide = pinned_config("stream_k", m, n, r_pad(r), dtype, interpreter=interpreter).kwargs
     tiles = triton.cdiv(n, tile["BLOCK_N"])
     fill = tiles / (triton.cdiv(tiles, sms) * sms)
-    one_row_tile = m <= tile["BLOCK_M"]  # on a GPU always; the interpreter's tiles hold 16 rows
-    return one_row_tile and triton.cdiv(k, tile["BLOCK_K"]) >= 2 and fill < STREAM_K_BELOW_WAVE_FILL
+    one_row_tile = m <= wide["BLOCK_M"]  # on a GPU always; the interpreter's tiles hold 16 rows
+    fewer_rereads = wide["BLOCK_N"] > tile["BLOCK_N"]
+    return one_row_tile and triton.cdiv(k, wide["BLOCK_K"]) >= 2 and (fill < STREAM_K_BELOW_WAVE_FILL or fewer_rereads)
 
 
 def fuses_shrink(m: int, r: int) -> bool:
@@ -595,9 +620,18 @@ def _m_bucket(m: int) -> int:
     return min(triton.next_power_of_2(m), 8192)
 
 
-def stream_k_programs(total_iters: int, device: torch.device) -> int:
-    """One program per SM (the interpreter takes 5, so tiny shapes still cut tiles between programs)."""
-    return max(1, min(total_iters, 5 if INTERPRET else sm_count(device)))
+def stream_k_programs(tiles: int, k_iters: int, sms: int) -> int:
+    """Programs of the stream-K decode over ``tiles`` tiles of ``k_iters`` K steps on ``sms`` SMs: one per SM, or,
+    where the tiles fit at least twice on the SMs, the largest multiple of the tile count (each tile's K cut in
+    the same number of equal shares: no program straddles two tiles, so each writes one partial sum, not two)."""
+    splits = min(sms // tiles, k_iters)
+    return max(1, min(tiles * k_iters, tiles * splits if splits >= 2 else sms))
+
+
+def stream_k_sms(device: torch.device) -> int:
+    """The SMs the stream-K decode shares out: the device's (the interpreter takes 5, so tiny shapes still cut
+    tiles between programs)."""
+    return 5 if INTERPRET else sm_count(device)
 
 
 @functools.cache
@@ -611,17 +645,18 @@ def stream_k_segments(tiles: int, k_iters: int, programs: int) -> int:
 def _decode_stream_k(x, weight, lora_a, lora_b, scaling, bias, out_scale, z, y) -> torch.Tensor:
     """lora_linear's one-launch decode on the stream-K schedule (arguments checked and prepared by it)."""
     (m, k), (n, r) = x.shape, lora_b.shape
-    tile = pinned_config("decode", m, n, r_pad(r), x.dtype)
+    tile = pinned_config("stream_k", m, n, r_pad(r), x.dtype)
     block_m, block_n, block_k = (tile.kwargs[name] for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     tiles, k_iters = triton.cdiv(n, block_n), triton.cdiv(k, block_k)
-    programs = stream_k_programs(tiles * k_iters, x.device)
+    programs = stream_k_programs(tiles, k_iters, stream_k_sms(x.device))
     slots = tiles * stream_k_segments(tiles, k_iters, programs)
+    counts = arrival_counts(x.device, 2 * tiles)  # per tile: programs arrived, partial sums written
     partial = torch.empty(slots * block_m * block_n, device=x.device, dtype=torch.float32)
     xa_partial = torch.empty(slots * block_m * r_pad(r), device=x.device, dtype=torch.float32)
     with on_device(x):
         globals()["_stream_k_kernel"][(programs,)](  # read at call time: tests put spies in its place
             x, weight, lora_a, lora_b, y if bias is None else bias, y, y if out_scale is None else out_scale,
-            y if z is None else z, partial, xa_partial, arrival_counts(x.device, tiles),
+            y if z is None else z, partial, xa_partial, counts[:tiles], counts[tiles:],
             m, n, k, r,
             x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), lora_a.stride(0), lora_a.stride(1),
             lora_b.stride(0), lora_b.stride(1), y.stride(0), y.stride(1),
