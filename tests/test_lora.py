@@ -265,11 +265,17 @@ def test_the_backward_dx_runs_on_the_persistent_kernel(monkeypatch, dtype, shape
         transposed.clear()
 
 
+# K of at least two 128-wide steps (a GPU's 16-bit decode tile): stream-K needs two to share out. The
+# interpreter's tiles are 16 wide on 5 "SMs": ((3,), 256, 24, 8) has two tiles, each cut in two equal shares
+# (stream_k_programs' multiple of the tiles); on a GPU, 79 tiles on 132 SMs straddle programs.
+STREAM_K_SHAPES = [((1,), 300, 40, 8), ((5,), 260, 50, 8), ((2, 8), 333, 65, 16), ((3,), 256, 24, 8)]
+if HAS_GPU:
+    STREAM_K_SHAPES += [((1,), 256, 2500, 8)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fill", [0.0, 1.01], ids=["column-tiles", "stream-K"])
-@pytest.mark.parametrize(
-    "shape", [((1,), 64, 40, 8), ((5,), 100, 50, 8), ((2, 8), 33, 65, 16), ((3,), 64, 24, 8)], ids=str
-)  # the last: two tiles, each cut in two equal shares (stream_k_programs' multiple of the tiles)
+@pytest.mark.parametrize("shape", STREAM_K_SHAPES, ids=str)
 def test_both_decode_schedules_match_the_reference(monkeypatch, dtype, fill, shape):
     """The one-launch decode on its column tiles, or on the stream-K schedule (tiles cut between programs meet
     in fp32 partial sums, the last to arrive finishes them): y, and DoRA's scale and pre-scale z, against the
