@@ -27,7 +27,9 @@ CASES = {
         ((4, 20), 96, 50, 8, "bfloat16", 0.1),  # dropout: shrink of the dropped x, expand; masked backward
     ],
     "triton": [
-        ((1,), 256, 200, 16, "bfloat16", 0.0),  # decode kernel, shrink fused (one launch)
+        ((1,), 256, 200, 16, "bfloat16", 0.0),  # one-launch decode, stream-K: 7 tiles, each K in two shares
+        ((1,), 256, 2500, 8, "float16", 0.0),  # stream-K, 79 tiles on 132 programs: shares straddle tiles
+        ((2, 32), 512, 300, 16, "bfloat16", 0.0),  # 64 rows: stream-K tiles 64 wide
         ((5,), 2048, 72, 40, "float32", 0.0),  # split-K shrink (atomics) + decode kernel
         ((3,), 37, 29, 5, "float16", 0.0),  # fused decode, odd sizes
         ((2, 35), 64, 130, 4, "bfloat16", 0.0),  # shrink, LoRA term before cuBLAS; backward: dy pass, dx term
