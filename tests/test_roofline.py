@@ -84,6 +84,20 @@ def test_the_command_line_prints_the_table(capsys):
     assert "| matmul_4bit M=4096: vs bf16 cuBLAS |" in capsys.readouterr().out
 
 
+def test_the_command_line_prints_the_rows_under_another_launch_gap(capsys):
+    """--launch-us: the decode "over PEFT" rows (PEFT's four extra launches) grow with the gap; the assumed
+    machine is back in place afterwards."""
+
+    def over_peft(argv: list[str]) -> float:
+        assert roofline.main(argv) == 0
+        lines = capsys.readouterr().out.splitlines()
+        row = next(line for line in lines if "over unfused PEFT | m=1 4096->4096" in line)
+        return float(row.split("|")[4])
+
+    assert over_peft(["--launch-us", "3"]) > over_peft([]) + 0.3
+    assert roofline.H200 is H200
+
+
 def test_the_command_line_compares_a_results_file(tmp_path, capsys):
     target = next(t for t in targets.TARGETS if t.metric == "ratio_vs_bf16")
     case = target.cases[0]
