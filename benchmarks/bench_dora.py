@@ -3,7 +3,8 @@
 Variants, timed in the same run on the same operands (adapters in the base dtype):
     peft           PEFT's lora.Linear with use_dora=True on an nn.Linear (its forward, and autograd's backward)
     lora           fastpeft.lora_linear: the fused plain LoRA layer, the bound DoRA should stay near
-    fused:<name>   fastpeft.ops.dora.dora_linear forced to one backend, and fused:auto
+    fused:<name>   fastpeft.ops.dora.dora_linear forced to one backend, and fused:auto (||W_n||^2 computed once
+                   per weight and passed in, as the PEFT integration caches it: W is frozen)
 
 Modes ``forward`` and ``forward+backward`` (x, A, B and the magnitude need gradients; W is frozen); training
 cases may name a dropout (PEFT's ``lora_dropout``: its DoRA then runs the base product twice, on x and on the
@@ -30,7 +31,7 @@ from common import (
 )
 from common import case_from_fields as common_case_from_fields
 
-from fastpeft.ops.dora import dora_linear
+from fastpeft.ops.dora import dora_linear, weight_row_norm_sq
 from fastpeft.ops.lora import lora_linear
 
 OP = "dora_linear"
@@ -99,8 +100,10 @@ def operand_sets(case: Case, device: torch.device) -> list[dict]:
         magnitude = torch.linalg.vector_norm(weight.float(), dim=1).to(case.dtype) * 1.1
         peft = _peft_layer(case, weight, lora_a, lora_b, magnitude)
         ours = [t.clone().requires_grad_(train) for t in (lora_a, lora_b, magnitude)]
+        # ||W_n||^2 once per weight, as the PEFT integration caches it (W is frozen; its version is the key)
         sets.append(dict(x=torch.randn(case.m, case.k, device=device, dtype=case.dtype).requires_grad_(train),
-                         weight=weight, lora_a=ours[0], lora_b=ours[1], magnitude=ours[2], peft=peft,
+                         weight=weight, weight_norm_sq=weight_row_norm_sq(weight), lora_a=ours[0],
+                         lora_b=ours[1], magnitude=ours[2], peft=peft,
                          grad=torch.randn(case.m, case.n, device=device, dtype=case.dtype)))  # fmt: skip
     return sets
 
@@ -108,7 +111,8 @@ def operand_sets(case: Case, device: torch.device) -> list[dict]:
 def _variants(backends: list[str], dropout: float) -> dict[str, Callable[[dict], torch.Tensor]]:
     def fused(ops):
         x, w, a, b = ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"]
-        return dora_linear(x, w, a, b, ops["magnitude"], SCALING, dropout_p=dropout)
+        return dora_linear(x, w, a, b, ops["magnitude"], SCALING, weight_norm_sq=ops["weight_norm_sq"],
+                           dropout_p=dropout)  # fmt: skip
 
     def lora(ops):
         return lora_linear(ops["x"], ops["weight"], ops["lora_a"], ops["lora_b"], SCALING, dropout_p=dropout)
