@@ -479,7 +479,10 @@ def dora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     x A^T the forward kept."""
     if lora_ops.preference("lora_linear", m, r)[0] != "triton" or m < lora_ops.SHRINK_KEPT_MIN_M:
         return None
-    norm = [skinny("W A^T", n, k, r), *small_ops("norm and scale op", 10)]
+    # fastpeft.ops.dora.dora_weight_norm and the scale after it: B and A cast, A A^T, one addmm, the row dot (a
+    # product and a sum), the add, clamp and root, the norm rounded to W's dtype and back, the magnitude cast, the
+    # division
+    norm = [skinny("W A^T", n, k, r), *small_ops("norm and scale op", 13)]
     forward = [
         skinny("LoRA shrink", m, k, r),
         *bf16_linear(m, n, k),

@@ -47,11 +47,12 @@ def dora_weight_norm(
     """``||W + scaling * B @ A||`` per output row, fp32 [N], detached. weight [N, K], lora_a [R, K],
     lora_b [N, R]; ``weight_norm_sq`` ([N] fp32, :func:`weight_row_norm_sq`) spares re-reading W for it."""
     w_a = IMPLS["lora_shrink"][_backend("lora_shrink", weight, lora_a.shape[0])](weight, lora_a)  # W A^T, fp32
-    b = lora_b.float()
-    gram = lora_a.float() @ lora_a.float().t()
+    b, a = lora_b.float(), lora_a.float()
     sq = weight_row_norm_sq(weight) if weight_norm_sq is None else weight_norm_sq.float()
-    sq = sq + 2 * scaling * (b * w_a).sum(1) + scaling * scaling * ((b @ gram) * b).sum(1)
-    return sq.clamp_min(0).sqrt()
+    # sum_j B[n,j] (2 s (W A^T)[n,j] + s^2 (B A A^T)[n,j]): the cross and last terms in one product and one
+    # row-wise dot (a few launches: each [N]-sized op costs a launch, not bytes)
+    terms = torch.addmm(w_a, b, a @ a.t(), beta=2 * scaling, alpha=scaling * scaling)
+    return (sq + torch.linalg.vecdot(b, terms)).clamp_min_(0).sqrt_()
 
 
 def dora_linear_reference(
