@@ -473,10 +473,9 @@ def small_ops(name: str, count: int) -> list[Pass]:
 def dora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     """fastpeft's DoRA layer, forward and backward (fastpeft.ops.dora on Triton, as the bench and the PEFT
     integration call it): the norm per call from W A^T (one read of W; ||W||^2 cached, W being frozen) and the
-    norm's and scale's [N]-sized ops; the shrink,
-    cuBLAS, then the tiles as its epilogue (the scale needs the whole sum: y read, y and z written); backward:
-    one pass over dy and z (dz and d magnitude: triton_kernels/dora.py), then the LoRA gradients of dz on the
-    x A^T the forward kept."""
+    norm's and scale's [N]-sized ops; the shrink, cuBLAS, then the tiles as its epilogue (the scale needs the
+    whole sum: y read, y and z written); backward: one pass over dy and z (dz and d magnitude:
+    triton_kernels/dora.py), then the LoRA gradients of dz on the x A^T the forward kept."""
     if lora_ops.preference("lora_linear", m, r)[0] != "triton" or m < lora_ops.SHRINK_KEPT_MIN_M:
         return None
     # fastpeft.ops.dora.dora_weight_norm and the scale after it: B and A cast, A A^T, one addmm, the row dot (a
