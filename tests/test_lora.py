@@ -306,7 +306,7 @@ def test_both_decode_schedules_match_the_reference(monkeypatch, dtype, fill, sha
 
 def test_stream_k_programs_cut_every_tile_alike_where_the_tiles_fit_twice():
     """One program per SM, unless the tiles fit at least twice: then each tile's K in the same number of shares,
-    so no program straddles two tiles (a tile cut in two passes one partial sum through memory, not four)."""
+    so no program straddles two tiles (none writes two partial sums)."""
     kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
     assert kernels.stream_k_programs(224, 32, 132) == 132  # more tiles than SMs
     assert kernels.stream_k_programs(128, 32, 132) == 132

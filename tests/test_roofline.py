@@ -143,6 +143,21 @@ def test_a_decode_tail_costs_what_its_idle_sms_do():
     assert stream_k.seconds() < tail.seconds() * 0.9
 
 
+def test_the_64_row_decode_runs_wide_tiles_on_the_stream_k_schedule():
+    """At M = 64, N = 4096: 64 tiles 64 wide, each K cut in two halves over 128 programs, so one partial sum per
+    tile goes through memory; x's rows are re-read from L2 by 64 tiles, not 128."""
+    [decode] = roofline.lora_forward(64, 4096, 4096, 16)
+    [column_tiles] = roofline.decode_designs(64, 4096, 4096, 16)["column tiles"]
+    assert "stream-K" in decode.name and decode.ctas == 128
+    assert decode.l2_bytes < column_tiles.l2_bytes * 0.6
+    for tiles, k_iters, programs in [(64, 32, 128), (64, 32, 132), (224, 32, 132), (3, 4, 5)]:
+        total = tiles * k_iters
+        owners = [next(p for p in range(programs) if i < (p + 1) * total // programs) for i in range(total)]
+        cut = sum(len(set(owners[t * k_iters : (t + 1) * k_iters])) - 1 for t in range(tiles))
+        assert roofline.stream_k_partial_sums(tiles, k_iters, programs) == cut
+    assert roofline.stream_k_partial_sums(64, 32, 128) == 64
+
+
 def test_every_plain_lora_target_row_is_predicted():
     rows = [(t, case, value) for t, case, value in roofline.prediction_rows() if t.bench == "lora"]
     assert all(value is not None for _t, _case, value in rows)
