@@ -10,7 +10,8 @@ Variants, all timed in the same run on the same operands:
     fused:triton-epilogue  past the decode rows, cuBLAS first and the tiles as its epilogue, instead of the LoRA
                    term first and cuBLAS adding x W^T into it (CUBLAS_ACCUMULATES)
     fused:triton-persistent  past the decode rows, the forward and the backward's dx on the persistent TMA kernel
-                   with the adapter as a K step (triton_kernels/lora_persistent.py, off by default)
+                   with the adapter as a K step (triton_kernels/lora_persistent.py, off by default); the forward
+                   of an inference call with x A^T in the kernel's own pass over x (no shrink launch)
 
 Modes: ``forward``, and ``forward+backward`` as in LoRA training (x, A and B need gradients, W is frozen).
 On a GPU: CUDA-event timing (triton.testing.do_bench, median) after warm-up, operand sets rotated so that

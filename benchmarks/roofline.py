@@ -363,6 +363,22 @@ def persistent_product(m: int, n: int, k: int, r: int) -> Pass:
                 2.0 * m * n * (k + r), mma_efficiency=PERSISTENT_GEMM_EFFICIENCY)  # fmt: skip
 
 
+def persistent_with_shrink(m: int, n: int, k: int, r: int) -> Pass:
+    """The persistent kernel computing ``x A^T`` in its own pass over x (the forward at inference): A read once
+    more, the shrink's MMA (r padded, on the x blocks the tile already holds) in every tile that finds its row
+    block's x A^T unpublished, which is each row block's first tile and the rest of the first round (one tile
+    per program start together; after that the first tiles have published), x A^T written once (fp32) and read
+    by the other tiles from L2."""
+    options = lora_persistent.tile_options(interpreter=False)
+    row_blocks = math.ceil(m / options["BLOCK_M"])
+    tiles = row_blocks * math.ceil(n / options["BLOCK_N"])
+    shrinking = min(max(row_blocks, H200.sms), tiles)
+    product = persistent_product(m, n, k, r)
+    return Pass("persistent, x A^T in its pass, adapter in the K loop", product.bytes + 2.0 * r * k,
+                product.flops + 2.0 * options["BLOCK_M"] * k * r_pad(r) * shrinking,
+                mma_efficiency=PERSISTENT_GEMM_EFFICIENCY, l2_bytes=4.0 * m * r * (tiles // row_blocks))  # fmt: skip
+
+
 def lora_product(name: str, m: int, n: int, k: int, r: int, persistent: bool | None = None) -> list[Pass]:
     """``x W^T + s xa B^T`` for a given xa, as triton_kernels/lora.py runs it for m rows: on the persistent kernel
     from PERSISTENT_PREFILL_MIN_M rows (``persistent``: forced on or off), else the LoRA term then cuBLAS adding
@@ -403,15 +419,22 @@ def stream_k_decode(m: int, n: int, k: int, r: int) -> Pass:
                 l2_bytes=tiles_pass.l2_bytes + partials)  # fmt: skip
 
 
-def lora_forward(m: int, n: int, k: int, r: int, persistent: bool | None = None) -> list[Pass] | None:
-    """fastpeft's LoRA layer forward by its dispatch (``persistent`` as in :func:`lora_product`); None where it
-    picks the CUDA GEMV (not modelled)."""
+def lora_forward(
+    m: int, n: int, k: int, r: int, persistent: bool | None = None, keeps_xa: bool = False
+) -> list[Pass] | None:
+    """fastpeft's LoRA layer forward by its dispatch (``persistent`` as in :func:`lora_product`; on it, x A^T in
+    its own pass over x unless the forward ``keeps_xa`` for a backward, which runs the shrink first); None where
+    it picks the CUDA GEMV (not modelled)."""
     if lora_ops.preference("lora_linear", m, r)[0] != "triton":
         return None
     if lora_kernels.uses_stream_k(m, n, k, r, torch.bfloat16, H200.sms, interpreter=False):
         return [stream_k_decode(m, n, k, r)]
     if lora_kernels.fuses_shrink(m, r):
         return [lora_tile_pass("Triton decode, shrink in the K loop", m, n, k, r, shrink_in_loop=True)]
+    if persistent is None:
+        persistent = m >= lora_persistent.PERSISTENT_PREFILL_MIN_M
+    if persistent and not keeps_xa and m > lora_kernels.DECODE_MAX_M and r_pad(r) <= lora_persistent.MAX_R_PAD:
+        return [persistent_with_shrink(m, n, k, r)]
     kind = "decode" if m <= lora_kernels.DECODE_MAX_M else "prefill"
     return [skinny("LoRA shrink", m, k, r), *lora_product(f"Triton {kind} tiles", m, n, k, r, persistent)]
 
@@ -436,7 +459,7 @@ def lora_train(m: int, n: int, k: int, r: int, persistent: bool | None = None) -
     forward (keeping xa = x A^T from SHRINK_KEPT_MIN_M rows, else recomputing it), dy B and dB from the dy pass,
     dx = dy W + s (dy B) A as the forward's product (reduction n), dA = (s dy B)^T x; ``persistent`` as in
     :func:`lora_product`, for the forward and dx alike."""
-    forward = lora_forward(m, n, k, r, persistent)
+    forward = lora_forward(m, n, k, r, persistent, keeps_xa=m >= lora_ops.SHRINK_KEPT_MIN_M)
     if forward is None:
         return None
     shrink = [] if m >= lora_ops.SHRINK_KEPT_MIN_M else [skinny("x A^T again", m, k, r)]
@@ -548,7 +571,8 @@ def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
     as its epilogue, adding the LoRA term to y (read and written again; what DoRA's scaled output runs); cuBLAS over
     K + r on [x | s x A^T] and [W | B] (x copied beside the shrink's output; W's part of [W | B] kept between
     calls, a second copy of W, B's columns refreshed); a persistent Hopper kernel with the adapter as one more
-    step of its K loop (as efficient as :data:`PERSISTENT_GEMM_EFFICIENCY` says)."""
+    step of its K loop (as efficient as :data:`PERSISTENT_GEMM_EFFICIENCY` says), after the shrink or with x A^T
+    in its own pass over x (:func:`persistent_with_shrink`)."""
     shrink = skinny("LoRA shrink", m, k, r)
     joined = [Pass("[x | s x A^T]", 2.0 * m * k + 2.0 * m * (k + r) + 4.0 * m * r), Pass("B into [W | B]", 4.0 * n * r),
               Pass("cuBLAS over K + r", 2.0 * (m * (k + r) + n * (k + r) + m * n), 2.0 * m * n * (k + r))]  # fmt: skip
@@ -558,6 +582,7 @@ def prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
         "cuBLAS, then the tiles as epilogue (DoRA)": [shrink, *bf16_linear(m, n, k), lora_epilogue(m, n, r)],
         "cuBLAS on [x | s xA^T] and [W | B]": [shrink, *joined],
         "persistent kernel, adapter as a K step": [shrink, persistent_product(m, n, k, r)],
+        "persistent kernel, x A^T in its own pass": [persistent_with_shrink(m, n, k, r)],
     }
 
 

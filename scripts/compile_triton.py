@@ -302,6 +302,9 @@ def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
         dx = partial(lora.lora_linear, x, big.t(), None, _t(16, 4096, dtype=dtype).t(), 2.0, None,
                      xa=_t(4096, 16, dtype=torch.float32))  # fmt: skip
         yield "lora persistent dx r=16 m=4096 4096->4096", _lora_form(dx, "PERSISTENT_PREFILL_MIN_M", 0)
+        # The forward with x A^T in the kernel's own pass over x (A [16, 4096] through a descriptor too).
+        own_pass = partial(lora.lora_linear, x, big, _t(16, 4096, dtype=dtype), b_big, 2.0, None)
+        yield "lora persistent shrink r=16 m=4096 4096->4096", _lora_form(own_pass, "PERSISTENT_PREFILL_MIN_M", 0)
 
 
 def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[], None]]]:

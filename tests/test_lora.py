@@ -219,7 +219,7 @@ def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype,
     persistent = force_persistent(monkeypatch, dtype)
     calls = []
     real = persistent.lora_linear_persistent
-    monkeypatch.setattr(persistent, "lora_linear_persistent", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(persistent, "lora_linear_persistent", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     lead, k, n, r = shape
     for bias in (True, False):
         inputs = make_inputs(lead, k, n, r, dtype, bias=bias)
@@ -230,6 +230,35 @@ def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype,
     odd = make_inputs(lead, k + 1, n, r, dtype)
     assert_close_to_reference(lora_linear(**odd), lora_linear_reference(**as64(odd)), lora_linear_reference(**odd))
     assert not calls
+
+
+# On a GPU (128 x 128 tiles, a program per SM) the last shape has 144 tiles: past the first round of 132, tiles
+# find their row block's x A^T published and read it.
+OWN_PASS_SHAPES = [((70,), 48, 40, 16), ((3, 33), 64, 24, 8), ((130,), 32, 16, 32)]
+if HAS_GPU:
+    OWN_PASS_SHAPES += [((2048,), 256, 1096, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", OWN_PASS_SHAPES, ids=str)
+def test_the_persistent_kernel_computes_x_a_in_its_own_pass(monkeypatch, dtype, shape):
+    """Inference past the decode rows with the persistent kernel on: one launch and no shrink kernel, x A^T
+    computed by the first tile to reach each row block and read by the others (or computed again by one that
+    finds it unpublished, as some do in the interpreter's one-program-after-another order; the last shape has one
+    column tile per row block): y against float64, the same bits on a second call, every count back to zero."""
+    persistent = force_persistent(monkeypatch, dtype)
+    kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
+    calls, shrinks = [], []
+    real, real_shrink = persistent.lora_linear_persistent, kernels.lora_shrink
+    monkeypatch.setattr(persistent, "lora_linear_persistent", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(kernels, "lora_shrink", lambda *a, **kw: shrinks.append(1) or real_shrink(*a, **kw))
+    lead, k, n, r = shape
+    inputs = make_inputs(lead, k, n, r, dtype)
+    out = lora_linear(**inputs)
+    assert_close_to_reference(out, lora_linear_reference(**as64(inputs)), lora_linear_reference(**inputs))
+    assert torch.equal(lora_linear(**inputs), out)
+    assert len(calls) == 2 and all(kw.get("lora_a") is not None for kw in calls) and not shrinks
+    assert not kernels.arrival_counts(out.device, 1).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

@@ -158,6 +158,20 @@ def test_the_64_row_decode_runs_wide_tiles_on_the_stream_k_schedule():
     assert roofline.stream_k_partial_sums(64, 32, 128) == 64
 
 
+def test_the_persistent_kernel_takes_the_shrink_into_its_pass_at_inference():
+    """With x A^T in its own pass the persistent kernel needs no shrink launch (A read once more, the shrink's MMA
+    in the tiles that find it unpublished): cheaper than the shrink then the kernel; a training forward keeps
+    x A^T for its backward, so it runs the shrink first."""
+    designs = roofline.prefill_designs(4096, 4096, 4096, 16)
+    in_pass = roofline.seconds(designs["persistent kernel, x A^T in its own pass"])
+    assert in_pass < roofline.seconds(designs["persistent kernel, adapter as a K step"])
+    assert [p.name for p in roofline.lora_forward(4096, 4096, 4096, 16, persistent=True)] == [
+        "persistent, x A^T in its pass, adapter in the K loop"
+    ]
+    kept = roofline.lora_forward(4096, 4096, 4096, 16, persistent=True, keeps_xa=True)
+    assert kept[0].name == "LoRA shrink"
+
+
 def test_every_plain_lora_target_row_is_predicted():
     rows = [(t, case, value) for t, case, value in roofline.prediction_rows() if t.bench == "lora"]
     assert all(value is not None for _t, _case, value in rows)

@@ -587,6 +587,21 @@ def uses_stream_k(
     return one_row_tile and triton.cdiv(k, wide["BLOCK_K"]) >= 2 and (fill < STREAM_K_BELOW_WAVE_FILL or fewer_rereads)
 
 
+def shrinks_in_persistent_pass(
+    x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor | None, lora_b: torch.Tensor
+) -> bool:
+    """Whether lora_linear of x's rows past the decode rows runs as one launch of the persistent kernel, x A^T in
+    its own pass over x: the kernel on (lora_persistent.PERSISTENT_PREFILL_MIN_M) and taking the call, A
+    included."""
+    m = x.shape[0]
+    return (
+        lora_a is not None
+        and m > DECODE_MAX_M
+        and m >= persistent.PERSISTENT_PREFILL_MIN_M
+        and persistent.takes(x, weight, lora_b, lora_a)
+    )
+
+
 def fuses_shrink(m: int, r: int) -> bool:
     """Whether lora_linear of m rows at rank r runs as one launch (shrink fused into the decode kernel)."""
     return m <= DECODE_MAX_M and r_pad(r) <= FUSED_MAX_R_PAD
@@ -843,7 +858,9 @@ def lora_linear(
     strides. Returns y [M, N] in x's dtype. Up to DECODE_MAX_M rows run on decode tiles, more on prefill tiles;
     from CUBLAS_BASE_MIN_M rows x W^T runs on cuBLAS, added in place to the LoRA term the tiles wrote first (with
     out_scale or z, the tiles run after it as its epilogue); from lora_persistent.PERSISTENT_PREFILL_MIN_M rows the
-    persistent TMA kernel runs where it takes the call. The fused form needs decode rows.
+    persistent TMA kernel runs where it takes the call. The fused form needs decode rows, or past them the
+    persistent kernel, which computes x A^T in its own pass over x (:func:`shrinks_in_persistent_pass`; no
+    dropout, out_scale or z).
     """
     _check_devices(x, weight=weight, lora_a=lora_a, lora_b=lora_b, bias=bias, xa=xa, out_scale=out_scale, z=z)
     m, k = x.shape
@@ -851,8 +868,10 @@ def lora_linear(
     fuse = xa is None
     if dropout_x is not None and (not fuse or dropout_out is not None):
         raise ValueError("dropout_x applies to the fused shrink only, and not together with dropout_out")
-    if fuse and m > DECODE_MAX_M:
-        raise ValueError(f"the fused shrink runs on decode tiles (at most {DECODE_MAX_M} rows), got {m} rows")
+    if fuse and m > DECODE_MAX_M and (dropout_x is not None or out_scale is not None or z is not None
+                                      or not shrinks_in_persistent_pass(x, weight, lora_a, lora_b)):  # fmt: skip
+        raise ValueError(f"the fused shrink runs on decode tiles (at most {DECODE_MAX_M} rows) or in the persistent "
+                         f"kernel's pass over x (shrinks_in_persistent_pass), got {m} rows")  # fmt: skip
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if z is not None and (z.shape != y.shape or z.stride() != y.stride() or z.dtype != y.dtype):
         raise ValueError(f"z must be a contiguous [{m}, {n}] {x.dtype} tensor, got {tuple(z.shape)} {z.dtype}")
@@ -864,6 +883,8 @@ def lora_linear(
         out_scale = out_scale.float().contiguous()
     if fuse and uses_stream_k(m, n, k, r, x.dtype, sm_count(x.device), dropout_x is not None):
         return _decode_stream_k(x, weight, lora_a, lora_b, scaling, bias, out_scale, z, y)
+    if m > DECODE_MAX_M and fuse:  # x A^T in the persistent kernel's own pass over x
+        return persistent.lora_linear_persistent(x, weight, None, lora_b, scaling, bias, lora_a=lora_a)
     dropout = dropout_x or dropout_out
     if (not fuse and dropout is None and out_scale is None and z is None and xa.stride(1) == 1
             and m >= persistent.PERSISTENT_PREFILL_MIN_M and persistent.takes(x, weight, lora_b)):  # fmt: skip

@@ -127,7 +127,9 @@ def _triton_lora():
 
 def _lora_linear_triton(x, weight, lora_a, lora_b, scaling, bias):
     kernels = _triton_lora()
-    if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]):
+    if kernels.fuses_shrink(x.shape[0], lora_a.shape[0]) or kernels.shrinks_in_persistent_pass(
+        x, weight, lora_a, lora_b
+    ):
         return kernels.lora_linear(x, weight, lora_a, lora_b, scaling, bias)
     xa = kernels.lora_shrink(x, lora_a)
     return kernels.lora_linear(x, weight, None, lora_b, scaling, bias, xa=xa)
