@@ -16,7 +16,8 @@ import _sanitize
 from _sanitize import TOLERANCE, report
 
 # Kernel paths each case reaches: (leading shape, K, N, r, dtype, dropout on A's input with lora_bias, and
-# optionally the dropout mode: "philox" draws the mask inside the Triton kernels).
+# optionally the mode: "philox" draws the dropout mask inside the Triton kernels; "persistent" forces the Triton
+# persistent TMA kernel on (off by default) and adds an inference call, which computes x A^T in its own pass).
 CASES = {
     "cuda": [
         ((1,), 256, 200, 16, "bfloat16", 0.0),  # shrink kernel + GEMV, 16-byte loads
@@ -36,12 +37,17 @@ CASES = {
         ((4, 20), 96, 50, 8, "bfloat16", 0.1),  # nn.Dropout's mask as bits: pack, shrink, dx term, dA over x^T
         ((3,), 40, 29, 5, "float16", 0.2, "philox"),  # in-kernel mask in the fused decode kernel, both passes
         ((2, 35), 64, 130, 40, "bfloat16", 0.2, "philox"),  # in-kernel mask: shrink, transposed dA shrink, dx
+        ((2, 70), 256, 264, 16, "bfloat16", 0.0, "persistent"),  # persistent: product, dx, x A^T in its own pass
     ],
 }
 
 
 def run_case(lead, k, n, r, dtype_name, dropout, mode="torch", *, backend, device="cuda") -> bool:
-    """One case forward and backward on ``backend``; True when it ran there, finite and near float64."""
+    """One case forward and backward on ``backend`` (and with mode "persistent" an inference call too); True when
+    it ran there, finite and near float64."""
+    import contextlib
+    from unittest import mock
+
     import torch
 
     from fastpeft.backends import record_backends
@@ -57,10 +63,19 @@ def run_case(lead, k, n, r, dtype_name, dropout, mode="torch", *, backend, devic
     w, bias = rand(n, k, scale=k**-0.5), rand(n)
     a, b = rand(r, k, scale=k**-0.5, grad=True), rand(n, r, scale=r**-0.5, grad=True)
     lora_bias = rand(n, grad=True) if dropout else None
+    persistent = mode == "persistent"
+    forced = contextlib.nullcontext()
+    if persistent and backend == "triton":
+        from fastpeft.triton_kernels import lora_persistent
+
+        forced = mock.patch.object(lora_persistent, "PERSISTENT_PREFILL_MIN_M", 0)
     torch.manual_seed(0)
-    with record_backends() as calls:
-        y = lora_linear(x, w, a, b, 0.5, bias, lora_bias=lora_bias, dropout_p=dropout, dropout_mode=mode)
+    with forced, record_backends() as calls:
+        y = lora_linear(x, w, a, b, 0.5, bias, lora_bias=lora_bias, dropout_p=dropout,
+                        dropout_mode="torch" if persistent else mode)  # fmt: skip
         y.float().square().sum().backward()
+        with torch.no_grad():
+            inference = lora_linear(x, w, a, b, 0.5, bias) if persistent else y
     if device == "cuda":
         torch.cuda.synchronize()
     ref = lora_linear_reference(x.double(), w.double(), a.double(), b.double(), 0.5, bias.double())
@@ -72,8 +87,8 @@ def run_case(lead, k, n, r, dtype_name, dropout, mode="torch", *, backend, devic
             mask = draw_mask(tuple(x.shape), dropout, dtype, x.device)
         dropped = torch.where(mask, x.double() / (1 - dropout), 0)
         ref = ref + 0.5 * ((dropped - x.double()) @ a.double().t() @ b.double().t() + lora_bias.double())
-    err = ((y.double() - ref).norm() / ref.norm()).item()
-    finite = all(torch.isfinite(t).all().item() for t in (y, x.grad, a.grad, b.grad))
+    err = max(((out.double() - ref).norm() / ref.norm()).item() for out in (y, inference))
+    finite = all(torch.isfinite(t).all().item() for t in (y, inference, x.grad, a.grad, b.grad))
     label = f"x={lead!s:<8} K={k:<5} N={n:<4} r={r:<3} {dtype_name:<9} dropout={dropout:<4} {mode}"
     return report(backend, calls, label, err, finite and err < TOLERANCE[dtype_name])
 
