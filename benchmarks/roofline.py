@@ -379,14 +379,19 @@ def persistent_with_shrink(m: int, n: int, k: int, r: int) -> Pass:
                 mma_efficiency=PERSISTENT_GEMM_EFFICIENCY, l2_bytes=4.0 * m * r * (tiles // row_blocks))  # fmt: skip
 
 
-def lora_product(name: str, m: int, n: int, k: int, r: int, persistent: bool | None = None) -> list[Pass]:
-    """``x W^T + s xa B^T`` for a given xa, as triton_kernels/lora.py runs it for m rows: on the persistent kernel
-    from PERSISTENT_PREFILL_MIN_M rows (``persistent``: forced on or off), else the LoRA term then cuBLAS adding
-    into it (cublas_accumulates), cuBLAS then the tiles as its epilogue (base_on_cublas), else the tiles with
-    their K loop."""
+def on_persistent(m: int, r: int, persistent: bool | None) -> bool:
+    """Whether a product of m rows at rank r runs on the persistent kernel: from PERSISTENT_PREFILL_MIN_M rows
+    (``persistent``: forced on or off), past the decode rows, at a rank its adapter step holds."""
     if persistent is None:
         persistent = m >= lora_persistent.PERSISTENT_PREFILL_MIN_M
-    if persistent and m > lora_kernels.DECODE_MAX_M and r_pad(r) <= lora_persistent.MAX_R_PAD:
+    return persistent and m > lora_kernels.DECODE_MAX_M and r_pad(r) <= lora_persistent.MAX_R_PAD
+
+
+def lora_product(name: str, m: int, n: int, k: int, r: int, persistent: bool | None = None) -> list[Pass]:
+    """``x W^T + s xa B^T`` for a given xa, as triton_kernels/lora.py runs it for m rows: on the persistent kernel
+    (:func:`on_persistent`), else the LoRA term then cuBLAS adding into it (cublas_accumulates), cuBLAS then the
+    tiles as its epilogue (base_on_cublas), else the tiles with their K loop."""
+    if on_persistent(m, r, persistent):
         return [persistent_product(m, n, k, r)]
     if lora_kernels.cublas_accumulates(m, r):
         return lora_term_then_cublas(m, n, k, r)
@@ -398,9 +403,7 @@ def lora_product(name: str, m: int, n: int, k: int, r: int, persistent: bool | N
 def stream_k_partial_sums(tiles: int, k_iters: int, programs: int) -> int:
     """The partial sums the stream-K decode passes through memory: for a tile cut between s programs, those of
     the s - 1 that do not arrive last."""
-    total = tiles * k_iters
-    owner = lambda i: ((i + 1) * programs - 1) // total  # the program whose share holds iteration i
-    return sum(owner((t + 1) * k_iters - 1) - owner(t * k_iters) for t in range(tiles))
+    return sum(shares - 1 for shares in lora_kernels.stream_k_shares(tiles, k_iters, programs))
 
 
 def stream_k_decode(m: int, n: int, k: int, r: int) -> Pass:
@@ -431,9 +434,7 @@ def lora_forward(
         return [stream_k_decode(m, n, k, r)]
     if lora_kernels.fuses_shrink(m, r):
         return [lora_tile_pass("Triton decode, shrink in the K loop", m, n, k, r, shrink_in_loop=True)]
-    if persistent is None:
-        persistent = m >= lora_persistent.PERSISTENT_PREFILL_MIN_M
-    if persistent and not keeps_xa and m > lora_kernels.DECODE_MAX_M and r_pad(r) <= lora_persistent.MAX_R_PAD:
+    if not keeps_xa and on_persistent(m, r, persistent):
         return [persistent_with_shrink(m, n, k, r)]
     kind = "decode" if m <= lora_kernels.DECODE_MAX_M else "prefill"
     return [skinny("LoRA shrink", m, k, r), *lora_product(f"Triton {kind} tiles", m, n, k, r, persistent)]

@@ -649,12 +649,18 @@ def stream_k_sms(device: torch.device) -> int:
     return 5 if INTERPRET else sm_count(device)
 
 
+def stream_k_shares(tiles: int, k_iters: int, programs: int) -> list[int]:
+    """How many programs share each tile on the stream-K schedule (program p takes iterations [p T / P,
+    (p + 1) T / P) of the T = tiles * k_iters, tile after tile)."""
+    total = tiles * k_iters
+    owner = lambda i: ((i + 1) * programs - 1) // total  # the program whose share holds iteration i
+    return [owner((t + 1) * k_iters - 1) - owner(t * k_iters) + 1 for t in range(tiles)]
+
+
 @functools.cache
 def stream_k_segments(tiles: int, k_iters: int, programs: int) -> int:
     """The most programs that share one tile on the stream-K schedule (its workspace slots per tile)."""
-    total = tiles * k_iters
-    owner = lambda i: ((i + 1) * programs - 1) // total  # the program whose share holds iteration i
-    return max(owner((t + 1) * k_iters - 1) - owner(t * k_iters) + 1 for t in range(tiles))
+    return max(stream_k_shares(tiles, k_iters, programs))
 
 
 def _decode_stream_k(x, weight, lora_a, lora_b, scaling, bias, out_scale, z, y) -> torch.Tensor:
