@@ -696,19 +696,26 @@ bool launch_vector_gemv(const at::Tensor& x, const Weight4bit& w, const T* bias,
   return true;
 }
 
+// The expand's right-hand side and scale, its left (xa) not yet set: right[j, r] is lora_b [N, R] as is, or
+// lora_a [R, K] read transposed (the backward).
+template <typename T>
+LoRAEpilogue<T> expand_epilogue(const at::Tensor& right, int64_t R, bool right_transposed, double scaling) {
+  LoRAEpilogue<T> lora{};
+  lora.right = right.data_ptr<T>();
+  lora.right_stride_j = right_transposed ? right.stride(1) : right.stride(0);
+  lora.right_stride_r = right_transposed ? right.stride(0) : right.stride(1);
+  lora.R = static_cast<int>(R);
+  lora.scaling = static_cast<float>(scaling);
+  return lora;
+}
+
 template <typename T>
 LoRAEpilogue<T> make_epilogue(const std::optional<at::Tensor>& left, const std::optional<at::Tensor>& right,
                               bool right_transposed, double scaling) {
-  LoRAEpilogue<T> lora{};
-  if (!left.has_value()) return lora;
+  if (!left.has_value()) return LoRAEpilogue<T>{};
+  LoRAEpilogue<T> lora = expand_epilogue<T>(*right, left->size(1), right_transposed, scaling);
   lora.left = left->data_ptr<float>();
   lora.left_stride = left->stride(0);
-  lora.R = static_cast<int>(left->size(1));
-  lora.right = right->data_ptr<T>();
-  // right[j, r]: lora_b [N, R] as is, or lora_a [R, K] read transposed (the backward).
-  lora.right_stride_j = right_transposed ? right->stride(1) : right->stride(0);
-  lora.right_stride_r = right_transposed ? right->stride(0) : right->stride(1);
-  lora.scaling = static_cast<float>(scaling);
   return lora;
 }
 
@@ -751,12 +758,7 @@ at::Tensor matmul_4bit_cuda(const at::Tensor& x, const at::Tensor& packed, const
   FASTPEFT_DISPATCH_FLOATS(x.scalar_type(), op, [&] {
     const scalar_t* bias_ptr = bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr;
     if (fuse) {
-      LoRAEpilogue<scalar_t> lora{};  // left: the kernel's own xa
-      lora.right = lora_b->data_ptr<scalar_t>();
-      lora.right_stride_j = lora_b->stride(0);
-      lora.right_stride_r = lora_b->stride(1);
-      lora.R = static_cast<int>(R);
-      lora.scaling = static_cast<float>(scaling);
+      const auto lora = expand_epilogue<scalar_t>(*lora_b, R, false, scaling);  // left: the kernel's own xa
       const FusedShrink<scalar_t> shrink{lora_a->data_ptr<scalar_t>(), lora_a->stride(0), lora_a->stride(1),
                                          static_cast<int>(R), cluster};
       const bool launched = M <= 4 ? launch_vector_gemv<scalar_t, 4, true>(x, w, bias_ptr, lora, shrink, y, stream)
