@@ -10,6 +10,8 @@ Variants, timed in the same run on the same operands (bf16 on a GPU):
     fused:auto-ids  fused:auto given plain per-sequence ids instead (decode: the per-token kernels)
     fused:triton-base-first  prefill on Triton with cuBLAS first and the expand reading and rewriting y, instead
                     of the terms first and cuBLAS adding x W^T into them (fastpeft.ops.multi_lora.TERMS_BEFORE_BASE)
+    fused:triton-persistent  prefill on the multi-adapter persistent TMA kernel, x A_i^T in its own pass
+                    (triton_kernels/multi_lora_persistent.py, off by default until a GPU run ranks it)
     shrink+expand   the adapter launches alone (no base GEMM) as fused:auto runs them
     pool32          (decode from a pool of more than 32 adapters) fused:auto on the same tokens with a pool of
                     32 of those adapters (token t uses adapter t % 32): what the larger pool costs beyond its bytes
@@ -152,7 +154,7 @@ def _shrink_expand(ops: dict) -> torch.Tensor:
     return multi_lora_expand(ops["base"], multi_lora_shrink(rows, pool, ids), pool, ids)
 
 
-def _variants(backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
+def _variants(backends: list[str], prefill: bool) -> dict[str, Callable[[dict], torch.Tensor]]:
     def fused(ops):
         return multi_lora_linear(ops["x"], ops["weight"], ops["pool"], ops["batch"])
 
@@ -166,8 +168,9 @@ def _variants(backends: list[str]) -> dict[str, Callable[[dict], torch.Tensor]]:
         ),
     }
     fns.update({f"fused:{b}": fused for b in backends})
-    if "triton" in backends:
+    if "triton" in backends and prefill:  # decode has one form
         fns["fused:triton-base-first"] = _base_first(fused)
+        fns["fused:triton-persistent"] = _on_persistent(fused)
     fns["shrink+expand"] = _shrink_expand
     return fns
 
@@ -183,13 +186,24 @@ def _base_first(fn: Callable) -> Callable:
     return run
 
 
+def _on_persistent(fn: Callable) -> Callable:
+    """``fn`` with the prefill on the persistent kernel where it takes the layer (off by default)."""
+    from fastpeft.triton_kernels import multi_lora_persistent
+
+    def run(ops):
+        with mock.patch.object(multi_lora_persistent, "MULTI_PERSISTENT_PREFILL_MIN_M", SGMV_MAX_M + 1):
+            return fn(ops)
+
+    return run
+
+
 def _fewer_adapters(ops: dict) -> torch.Tensor:
     return multi_lora_linear(ops["x"], ops["weight"], ops["pool_fewer"], ops["batch_fewer"])
 
 
 def run_case(case: Case, device: torch.device, backends: list[str]) -> list[dict]:
     """Check fused variants and gather_bmm against PEFT's mixed batch, then time every variant; one row each."""
-    variants = _variants(backends)
+    variants = _variants(backends, prefill=bool(case.segments))
     if _compares_pools(case):
         variants[f"pool{FEWER}"] = _fewer_adapters
     errors: dict[str, str] = {}

@@ -40,7 +40,7 @@ import torch
 from fastpeft.triton_kernels import bottleneck as bottleneck_kernels
 from fastpeft.triton_kernels import lora as lora_kernels
 from fastpeft.triton_kernels import lora_dy_pass as lora_dy_kernels
-from fastpeft.triton_kernels import lora_persistent
+from fastpeft.triton_kernels import lora_persistent, multi_lora_persistent
 from fastpeft.triton_kernels import multi_lora as multi_lora_kernels
 from fastpeft.triton_kernels.common import r_pad
 from fastpeft.triton_kernels.qlora import block_m, block_n
@@ -613,15 +613,29 @@ def training_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
     }
 
 
+def multi_prefill_designs(m: int, n: int, k: int, r: int) -> dict[str, list[Pass]]:
+    """The multi-adapter prefill in 8 segments three ways: the terms written first, then cuBLAS adding x W^T
+    (ships); cuBLAS first, then the expand reading and rewriting y (the bench's fused:triton-base-first); the
+    persistent kernel with x A_i^T in its own pass (off by default: fused:triton-persistent)."""
+    ships = multi_lora_ops.TERMS_BEFORE_BASE
+    return {
+        f"terms, then cuBLAS adds x W^T{' (ships)' if ships else ''}": multi_lora_tiles(m, n, k, r, terms_first=True),
+        f"cuBLAS, then the expand{'' if ships else ' (ships)'}": multi_lora_tiles(m, n, k, r, terms_first=False),
+        "persistent kernel, x A_i^T in its own pass": multi_lora_prefill(m, n, k, r, 8, persistent=True),
+    }
+
+
 def design_table() -> list[str]:
     """Markdown: each design's predicted time and its ratio to cuBLAS's base GEMM, at the target shapes."""
     lines = ["| shape | design | predicted µs | vs base GEMM |", "|---|---|---:|---:|"]
     shapes = [("prefill", m, n) for m in (4096,) for n in (4096, 14336)]
     shapes += [("decode", m, n) for m in (1, 16, 64) for n in (4096, 14336)] + [("training", 4096, 4096)]
+    shapes += [("multi-adapter prefill, 8 segments", 4096, 4096)]
+    makers = {"prefill": prefill_designs, "decode": decode_designs, "training": training_designs,
+              "multi-adapter prefill, 8 segments": multi_prefill_designs}  # fmt: skip
     for kind, m, n in shapes:
         base = seconds(bf16_linear(m, n, 4096))
-        make = {"prefill": prefill_designs, "decode": decode_designs, "training": training_designs}[kind]
-        for name, passes in make(m, n, 4096, 16).items():
+        for name, passes in makers[kind](m, n, 4096, 16).items():
             time = seconds(passes)
             lines.append(f"| {kind} M={m}, 4096->{n}, r=16 | {name} | {time * 1e6:.1f} | {time / base:.3f} |")
     return lines
@@ -670,16 +684,49 @@ def multi_lora_adapters_alone(m: int, n: int, k: int, r: int, adapters: int) -> 
     return [shrink, expand]
 
 
-def multi_lora_tiles(m: int, n: int, k: int, r: int) -> list[Pass]:
-    """Prefill (segments of one adapter): the shrink's tiles read x once and write v; then (TERMS_BEFORE_BASE)
-    the expand's tiles write the terms over the broadcast bias and cuBLAS adds x W^T into them (y read once more
-    inside the GEMM), else cuBLAS first and the expand reading base and v and writing y."""
+def multi_lora_tiles(m: int, n: int, k: int, r: int, terms_first: bool | None = None) -> list[Pass]:
+    """Prefill (segments of one adapter): the shrink's tiles read x once and write v; then (``terms_first``, by
+    default TERMS_BEFORE_BASE) the expand's tiles write the terms over the broadcast bias and cuBLAS adds x W^T
+    into them (y read once more inside the GEMM), else cuBLAS first and the expand reading base and v and
+    writing y."""
     v = max(16, 1 << (r - 1).bit_length())
     shrink = Pass("shrink tiles", 2.0 * m * k + 4.0 * m * v, 2.0 * m * k * r)
-    if multi_lora_ops.TERMS_BEFORE_BASE:
+    if multi_lora_ops.TERMS_BEFORE_BASE if terms_first is None else terms_first:
         return [shrink, Pass("expand tiles, terms only", 2.0 * m * n + 4.0 * m * v, 2.0 * m * n * r),
                 cublas_accumulating(m, n, k)]  # fmt: skip
     return [*bf16_linear(m, n, k), shrink, Pass("expand tiles", 4.0 * m * n + 4.0 * m * v, 2.0 * m * n * r)]
+
+
+def multi_lora_persistent_pass(m: int, n: int, k: int, r: int, segments: int) -> Pass:
+    """Prefill in ``segments`` sequences of m / segments tokens (sequence j with its own adapter) on the
+    multi-adapter persistent kernel (triton_kernels/multi_lora_persistent.py): x, W and y once, each adapter's A
+    and B once from HBM, x A^T (fp32) written once and read by the other tiles of its row block from L2; the
+    first round's tiles (as :func:`persistent_with_shrink` counts them) multiply x by the A block of each
+    sequence in their rows (the third and later ones' passes over x from L2 not counted: the target's sequences
+    are longer than a row block), and every tile takes one adapter step per sequence in its rows; as efficient
+    as :data:`PERSISTENT_GEMM_EFFICIENCY` says."""
+    options = multi_lora_persistent.tile_options(interpreter=False)
+    block_m, block_n, padded = options["BLOCK_M"], options["BLOCK_N"], r_pad(r)
+    row_blocks, col_tiles = math.ceil(m / block_m), math.ceil(n / block_n)
+    length = m // segments
+    runs = sum(len({t // length for t in range(b * block_m, min(m, (b + 1) * block_m))}) for b in range(row_blocks))
+    shrinking = min(max(row_blocks, H200.sms), row_blocks * col_tiles)
+    steps = runs / row_blocks  # adapter steps per tile, on average
+    flops = 2.0 * m * n * k + 2.0 * block_m * padded * (block_n * runs * col_tiles + k * shrinking * steps)
+    return Pass("multi-adapter persistent, x A_i^T in its pass", 2.0 * (m * k + n * k + m * n + segments * r * (k + n))
+                + 4.0 * m * padded, flops, mma_efficiency=PERSISTENT_GEMM_EFFICIENCY,
+                l2_bytes=4.0 * m * padded * col_tiles)  # fmt: skip
+
+
+def multi_lora_prefill(m: int, n: int, k: int, r: int, segments: int, persistent: bool | None = None) -> list[Pass]:
+    """The multi-adapter prefill by its dispatch: on the persistent kernel from MULTI_PERSISTENT_PREFILL_MIN_M
+    rows (``persistent``: forced on or off) at a rank it takes, else the tiles and cuBLAS
+    (:func:`multi_lora_tiles`)."""
+    if persistent is None:
+        persistent = m >= multi_lora_persistent.MULTI_PERSISTENT_PREFILL_MIN_M
+    if persistent and r_pad(r) <= multi_lora_persistent.MAX_R_PAD:
+        return [multi_lora_persistent_pass(m, n, k, r, segments)]
+    return multi_lora_tiles(m, n, k, r)
 
 
 def peft_mixed_batch(m: int, n: int, k: int, r: int, adapters: int) -> list[Pass]:
@@ -696,7 +743,7 @@ def peft_mixed_batch(m: int, n: int, k: int, r: int, adapters: int) -> list[Pass
 def _multi_lora_metric(metric: str, case: dict) -> float | None:
     m, n, k, r, count = case["m"], case["n"], case["k"], case["r"], case["adapters"]
     decode = m <= multi_lora_ops.SGMV_MAX_M
-    fused = multi_lora_grouped(m, n, k, r, count) if decode else multi_lora_tiles(m, n, k, r)
+    fused = multi_lora_grouped(m, n, k, r, count) if decode else multi_lora_prefill(m, n, k, r, case["segments"])
     if metric == "ratio_vs_base":
         return seconds(fused) / seconds(bf16_linear(m, n, k))
     if metric == "speedup_vs_peft":

@@ -341,6 +341,15 @@ def _multi_lora_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
                    partial(ml4.multi_lora_sgmv_linear_4bit, _t(m, k - odd, dtype=dtype), w4, _t(3 * n, dtype=dtype),
                            _t(v_width * 3, k - odd, dtype=dtype), a_offsets, b, order, starts, *tables, v_width,
                            n))  # fmt: skip
+    if dtype != torch.float32:  # the persistent TMA prefill (off by default), here and at the target's size
+        from fastpeft.triton_kernels.multi_lora_persistent import multi_lora_linear_persistent
+
+        for m, k, n, rank in ((100, 200, 120, 32), (4096, 4096, 4096, 16)):
+            tables = (_t(9, dtype=torch.int32), _t(8 * rank * n, dtype=dtype), _t(m, dtype=torch.int32),
+                      _t(1, 8, dtype=torch.int64), _t(1, 8, dtype=torch.float32))  # fmt: skip
+            yield (f"multi_lora persistent r={rank} m={m} {k}->{n}",
+                   partial(multi_lora_linear_persistent, _t(m, k, dtype=dtype), _t(n, k, dtype=dtype),
+                           _t(n, dtype=dtype), _t(8 * rank, k, dtype=dtype), *tables, rank))  # fmt: skip
 
 
 def _weight4bit(n: int, k: int, nested: bool, dtype: torch.dtype, blocksize: int = 64):
@@ -422,7 +431,13 @@ COVERAGE = {
     "bottleneck": _bottleneck_coverage,
 }
 # Kernel modules of a family other than the one named like them.
-FAMILY_OF_MODULE = {"lora_persistent": "lora", "lora_dy_pass": "lora", "dora": "lora", "multi_lora_4bit": "multi_lora"}
+FAMILY_OF_MODULE = {
+    "lora_persistent": "lora",
+    "lora_dy_pass": "lora",
+    "dora": "lora",
+    "multi_lora_4bit": "multi_lora",
+    "multi_lora_persistent": "multi_lora",
+}
 
 
 def family_of(module: str) -> str:

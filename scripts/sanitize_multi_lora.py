@@ -5,7 +5,8 @@
 Mixed ranks, -1 tokens and out-of-pool ids with the host check off (the kernels must not read outside the pool
 for them: memcheck says so), per-token (decode) and tile (prefill, > 64 tokens) kernels, packed slices of
 different widths; each case again with a batch description (decode: the grouped kernels), and at decode sizes
-on a 4-bit base as well (NF4, nested absmax: the fused 4-bit kernel). Environment and checks as in
+on a 4-bit base as well (NF4, nested absmax: the fused 4-bit kernel); a prefill forced onto the persistent TMA
+kernel (off by default), its row blocks holding many adapters. Environment and checks as in
 scripts/_sanitize.py.
 """
 
@@ -16,8 +17,8 @@ import sys
 import _sanitize
 from _sanitize import TOLERANCE, report
 
-# (tokens, K, output slice widths, ranks of the pooled adapters, dtype); every adapter has each slice, slice s
-# of adapter i with rank max(1, ranks[i] - s).
+# (tokens, K, output slice widths, ranks of the pooled adapters, dtype[, "persistent"]); every adapter has each
+# slice, slice s of adapter i with rank max(1, ranks[i] - s).
 _DECODE = [
     (1, 256, (200,), (16,), "bfloat16"),  # decode, one adapter
     (7, 96, (72,), (4, 64, 8), "float32"),  # mixed ranks, odd sizes
@@ -28,11 +29,16 @@ _PREFILL = [
     (150, 80, (96,), (4, 16, 64), "bfloat16"),  # tile kernels: runs of ids crossing tiles, terms before cuBLAS
     (70, 64, (40, 24), (8, 3), "float32"),  # tile kernels, packed
 ]
-CASES = {"triton": _DECODE + _PREFILL, "cuda": _DECODE + _PREFILL[:1]}
+_PERSISTENT = [(150, 80, (96,), (4, 16, 32), "bfloat16", "persistent")]  # the persistent kernel forced on
+CASES = {"triton": _DECODE + _PREFILL + _PERSISTENT, "cuda": _DECODE + _PREFILL[:1]}
 
 
-def run_case(m, k, widths, ranks, dtype_name, *, backend, device="cuda") -> bool:
-    """One case on ``backend``, ids in and out of the pool; True when it ran there, finite and near float64."""
+def run_case(m, k, widths, ranks, dtype_name, mode="", *, backend, device="cuda") -> bool:
+    """One case on ``backend``, ids in and out of the pool; True when it ran there, finite and near float64.
+    ``mode`` "persistent": the prefill on the multi-adapter persistent kernel."""
+    import contextlib
+    from unittest import mock
+
     import torch
 
     from fastpeft.backends import record_backends
@@ -58,7 +64,12 @@ def run_case(m, k, widths, ranks, dtype_name, *, backend, device="cuda") -> bool
     # -2 .. len + 1 in runs of 3 tokens: out-of-pool ids on purpose, and runs for the tile kernels
     ids = (torch.arange(m, device=device) // 3) % (len(ranks) + 3) - 2
     packed, state = quantize_4bit(w, "nf4", 64, double_quant=True)
-    with record_backends() as calls:
+    forced = contextlib.nullcontext()
+    if mode == "persistent":
+        from fastpeft.triton_kernels import multi_lora_persistent
+
+        forced = mock.patch.object(multi_lora_persistent, "MULTI_PERSISTENT_PREFILL_MIN_M", 0)
+    with forced, record_backends() as calls:
         y = multi_lora_linear(x, w, pool, ids, bias, check_ids=False)
         description = describe_batch(ids, len(ranks), check=False)
         grouped = multi_lora_linear(x, w, pool, description, bias)
@@ -76,7 +87,7 @@ def run_case(m, k, widths, ranks, dtype_name, *, backend, device="cuda") -> bool
     for out, weight in outs:
         ref = torch.nn.functional.linear(x.double(), weight.double(), bias.double()) + adapters_only
         err = max(err, ((out.double() - ref).norm() / ref.norm()).item())
-    label = f"M={m:<4} K={k:<5} N={widths!s:<12} ranks={ranks!s:<12} {dtype_name:<9}"
+    label = f"M={m:<4} K={k:<5} N={widths!s:<12} ranks={ranks!s:<12} {dtype_name:<9} {mode}".rstrip()
     finite = all(bool(torch.isfinite(out).all()) for out, _ in outs)
     return report(backend, calls, label, err, finite and err < TOLERANCE[dtype_name])
 

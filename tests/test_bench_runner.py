@@ -186,6 +186,18 @@ def test_a_large_pool_is_timed_against_a_pool_of_32_on_the_same_tokens(monkeypat
     assert "pool32" not in small
 
 
+def test_a_multi_adapter_prefill_also_times_its_other_triton_forms():
+    """Prefill (segments) times the base-first and persistent forms beside what ships; decode has one form. The
+    persistent form sets its threshold past the decode rows for the call only."""
+    import bench_multi_lora as bench
+    from fastpeft.triton_kernels import multi_lora_persistent
+
+    assert {"fused:triton-base-first", "fused:triton-persistent"} <= set(bench._variants(["triton"], prefill=True))
+    assert not {"fused:triton-base-first", "fused:triton-persistent"} & set(bench._variants(["triton"], prefill=False))
+    assert bench._on_persistent(lambda ops: multi_lora_persistent.MULTI_PERSISTENT_PREFILL_MIN_M)({}) == 65
+    assert multi_lora_persistent.MULTI_PERSISTENT_PREFILL_MIN_M == 2**62
+
+
 def test_bottleneck_prefill_also_times_the_cuda_tiles_without_clusters(monkeypatch):
     """Where the CUDA backend runs, 16-bit prefill also times the tile kernel planned as for a GPU without
     clusters (fused:cuda-noclusters), so the GPU says what the clusters buy; the plan is restored after."""

@@ -328,3 +328,96 @@ def test_prefill_writes_the_terms_then_adds_the_base(monkeypatch, backend, dtype
     ref = packed_reference(x.double(), weight.double(), (zero if bias is None else bias).double(), as64, widths, ids)
     baseline = packed_reference(x, weight, zero.to(dtype) if bias is None else bias, packed, widths, ids)
     assert_close_to_reference(out, ref, baseline, f"{backend} terms, then the base")
+
+
+def force_persistent(monkeypatch, dtype):
+    """The multi-adapter persistent kernel's module, forced on (MULTI_PERSISTENT_PREFILL_MIN_M = 0) on the Triton
+    backend; skips where Triton cannot run or dtype's dots would run on a CPU."""
+    persistent = pytest.importorskip("fastpeft.triton_kernels.multi_lora_persistent")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
+        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
+    monkeypatch.setattr(persistent, "MULTI_PERSISTENT_PREFILL_MIN_M", 0)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    return persistent
+
+
+def persistent_ids(kind: str, m: int, count: int) -> torch.Tensor:
+    """Ids of a prefill past the decode rows. The interpreter's row blocks are 16 tokens: "long" gives each block
+    one adapter or two; "short" up to four (the kernel's pass per adapter past the first two) and a segment
+    without one; "uniform" a run per token or two; "outside" ids past the pool (no adapter, unchecked)."""
+    if kind == "long":
+        lengths, adapters = [24, 40, m - 64], [2, 0, 1]
+    elif kind == "short":
+        lengths, adapters = [5, 3, 2, 6, 7, 9, 1, m - 33], [0, 1, 2, 3, -1, 4, 1, 3]
+    elif kind == "outside":
+        return torch.randint(-1, count + 3, (m,), generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    else:
+        return ids_for(kind, m, count)
+    return segment_adapter_ids(torch.tensor(lengths, device=DEVICE), torch.tensor(adapters, device=DEVICE), m)
+
+
+# On a GPU (128 x 128 tiles, a program per SM) the last shape has 144 tiles: past the first round of 132, tiles
+# find their row block's x A^T published and read it.
+PERSISTENT_SHAPES = [(70, 40, 48), (100, 24, 16), (81, 64, 40)]
+if HAS_GPU:
+    PERSISTENT_SHAPES += [(2048, 256, 1096)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind", ["long", "short", "uniform", "outside", "none"])
+@pytest.mark.parametrize(("m", "k", "n"), PERSISTENT_SHAPES, ids=str)
+def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype, kind, m, k, n):
+    """The multi-adapter persistent kernel (off by default: MULTI_PERSISTENT_PREFILL_MIN_M) forced on: one launch
+    and no shrink or expand kernel; row blocks of one adapter, two, more (a pass over x per adapter past the
+    second), none; ids outside the pool giving the base output; tiles past M and N; with and without bias.
+    Against float64, the same bits on a second call, every count back to zero."""
+    persistent = force_persistent(monkeypatch, dtype)
+    from fastpeft.triton_kernels.common import arrival_counts
+
+    from fastpeft.ops import multi_lora as ops
+
+    calls, others = [], []
+    real = persistent.multi_lora_linear_persistent
+    monkeypatch.setattr(persistent, "multi_lora_linear_persistent", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "_terms_then_base", lambda *a: others.append(1))
+    ranks = [4, 8, 16, 5, 32]
+    weight, bias, adapters = make(k, n, ranks, dtype)
+    pool = AdapterPool.build(adapters)
+    ids = persistent_ids(kind, m, len(ranks))
+    known = torch.where(ids < len(ranks), ids, -1)
+    as64 = [(a.double(), b.double(), s) for a, b, s in adapters]
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    for b in (bias, None):
+        out = multi_lora_linear(x, weight, pool, ids, b, check_ids=False)
+        ref = reference(x.double(), weight.double(), None if b is None else b.double(), as64, known)
+        assert_close_to_reference(out, ref, reference(x, weight, b, adapters, known), f"{kind} bias={b is not None}")
+        assert torch.equal(multi_lora_linear(x, weight, pool, ids, b, check_ids=False), out)
+    assert len(calls) == 4 and not others
+    assert not arrival_counts(out.device, 1).any()
+
+
+@pytest.mark.parametrize("case", ["packed", "rank 33", "odd K", "decode rows"])
+def test_layers_the_persistent_kernel_does_not_take_run_the_other_forms(monkeypatch, case):
+    """Forced on, the kernel still declines what it cannot take (several output slices, a rank past MAX_R_PAD,
+    rows TMA cannot read, the decode rows): those run the terms and cuBLAS, or decode's kernels, correctly."""
+    persistent = force_persistent(monkeypatch, torch.bfloat16)
+    calls = []
+    real = persistent.multi_lora_linear_persistent
+    monkeypatch.setattr(persistent, "multi_lora_linear_persistent", lambda *a: calls.append(1) or real(*a))
+    dtype, m, k, n = torch.bfloat16, (5 if case == "decode rows" else 70), (41 if case == "odd K" else 40), 48
+    ranks = [4, 33] if case == "rank 33" else [4, 16]
+    weight, bias, adapters = make(k, n, ranks, dtype)
+    ids = persistent_ids("uniform", m, len(ranks))
+    as64 = [(a.double(), b.double(), s) for a, b, s in adapters]
+    if case == "packed":  # the same pairs as two slices of the output, 24 columns each
+        halves = [[(a, b[:24], s), (a, b[24:], s)] for a, b, s in adapters]
+        pool = AdapterPool.build_packed(halves)
+    else:
+        pool = AdapterPool.build(adapters)
+    x = torch.randn(m, k, device=DEVICE).to(dtype)
+    out = multi_lora_linear(x, weight, pool, ids, bias)
+    ref = reference(x.double(), weight.double(), bias.double(), as64, ids)
+    assert_close_to_reference(out, ref, reference(x, weight, bias, adapters, ids), case)
+    assert not calls

@@ -264,6 +264,19 @@ def test_the_multi_adapter_model_follows_the_grouped_kernels():
     assert rows and all(value is not None for t, value in rows)
 
 
+def test_the_multi_adapter_persistent_model_is_one_launch_over_x_once():
+    """The multi-adapter prefill forced onto the persistent kernel: one pass, x, W and y once and each adapter's
+    A and B; 8 segments of 512 tokens give each 128-row block one adapter step, as the single adapter's kernel
+    has; by default (the kernel off) the prefill is the tiles and cuBLAS."""
+    (fused,) = roofline.multi_lora_prefill(4096, 4096, 4096, 16, 8, persistent=True)
+    assert fused.bytes >= 2 * 3 * 4096 * 4096 + 2 * 8 * 16 * 2 * 4096
+    assert fused.flops == roofline.persistent_with_shrink(4096, 4096, 4096, 16).flops
+    assert roofline.multi_lora_prefill(4096, 4096, 4096, 16, 8) == roofline.multi_lora_tiles(4096, 4096, 4096, 16)
+    assert roofline.seconds([fused]) < roofline.seconds(roofline.multi_lora_tiles(4096, 4096, 4096, 16))
+    shorter = roofline.multi_lora_persistent_pass(4096, 4096, 4096, 16, 64)  # 64 tokens: two sequences a block
+    assert shorter.flops > fused.flops
+
+
 def test_the_dora_model_reads_dy_and_z_once_in_its_backward():
     names = [p.name for p in roofline.dora_train(4096, 4096, 4096, 16)]
     assert names.count("dz and d magnitude (one pass)") == 1 and "tiles as cuBLAS's epilogue, z kept" in names

@@ -88,6 +88,18 @@ def arrival_counts(device: torch.device, count: int) -> torch.Tensor:
     return counts
 
 
+def rows_for_tma(t: torch.Tensor) -> bool:
+    """Contiguous rows whose length and base are 16-byte aligned, as a tensor descriptor (TMA) reads them."""
+    aligned = (t.shape[1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.shape[1] and aligned
+
+
+def descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the tensor descriptors a kernel builds on the device (Triton asks for it through
+    ``triton.set_allocator``)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 @triton.jit
 def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     """(row tile, column tile) of output tile ``tile`` in grouped order: GROUP_M row tiles sweep the same column

@@ -39,7 +39,17 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, arrival_counts, dot_precision, grouped_tile, on_device, r_pad, sm_count
+from .common import (
+    INTERPRET,
+    arrival_counts,
+    descriptor_scratch,
+    dot_precision,
+    grouped_tile,
+    on_device,
+    r_pad,
+    rows_for_tma,
+    sm_count,
+)
 
 # Rows from which lora_linear's prefill (and so the backward's dx) takes this kernel instead of the LoRA term and
 # cuBLAS: off (never) until a GPU run says it is faster; the bench's fused:triton-persistent rows set it to time it.
@@ -154,17 +164,11 @@ def _lora_persistent_kernel(
                 tl.atomic_xchg(finished_ptr + pid_m, 0, sem="relaxed", scope="gpu")
 
 
-def _rows_for_tma(t: torch.Tensor) -> bool:
-    """Contiguous rows whose length and base are 16-byte aligned, as a tensor descriptor reads them."""
-    aligned = (t.shape[1] * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
-    return t.dim() == 2 and t.stride(1) == 1 and t.stride(0) == t.shape[1] and aligned
-
-
 def _stored(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """(t as stored, whether t is its transpose) where t or t.T has rows a descriptor reads, else None."""
-    if _rows_for_tma(t):
+    if rows_for_tma(t):
         return t, False
-    return (t.t(), True) if t.dim() == 2 and _rows_for_tma(t.t()) else None
+    return (t.t(), True) if t.dim() == 2 and rows_for_tma(t.t()) else None
 
 
 def takes(x: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor, lora_a: torch.Tensor | None = None) -> bool:
@@ -176,16 +180,11 @@ def takes(x: torch.Tensor, weight: torch.Tensor, lora_b: torch.Tensor, lora_a: t
         x.dtype in (torch.float16, torch.bfloat16)
         and r_pad(lora_b.shape[1]) <= MAX_R_PAD
         and (weight.shape[0] * x.element_size()) % 16 == 0
-        and _rows_for_tma(x)
+        and rows_for_tma(x)
         and _stored(weight) is not None
         and _stored(lora_b) is not None
-        and (lora_a is None or _rows_for_tma(lora_a))
+        and (lora_a is None or rows_for_tma(lora_a))
     )
-
-
-def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    """Global memory for the descriptors the kernel builds (Triton asks for it through its allocator)."""
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def lora_linear_persistent(
@@ -217,7 +216,7 @@ def lora_linear_persistent(
         xa = torch.empty((m, r), device=x.device, dtype=torch.float32)
         counts = arrival_counts(x.device, 2 * row_blocks)
     if x.is_cuda:
-        triton.set_allocator(_scratch)
+        triton.set_allocator(descriptor_scratch)
     with on_device(x):
         _lora_persistent_kernel[(programs,)](
             x, w_stored, xa, b_stored, y if bias is None else bias.contiguous(), y,

@@ -73,7 +73,7 @@ def token_blocks(v_width: int, extent: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _adapter_of(ids, num_adapters):
+def adapter_of(ids, num_adapters):
     """(valid, index safe to address with) for adapter ids; invalid ids (-1, or outside the pool) read nothing."""
     valid = (ids >= 0) & (ids < num_adapters)
     return valid, tl.where(valid, ids, 0)
@@ -91,7 +91,7 @@ def _slice_of(adapter, valid, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts
 
 
 @triton.jit
-def _next_run(ids, pending, BLOCK_M: tl.constexpr):
+def next_run(ids, pending, BLOCK_M: tl.constexpr):
     """The adapter of the tile's first pending token, and the pending tokens that use it."""
     lanes = tl.arange(0, BLOCK_M)
     first = tl.min(tl.where(pending, lanes, BLOCK_M), axis=0)
@@ -109,7 +109,7 @@ def _shrink_token_kernel(
     # v's row in chunks of BLOCK_R columns (the A tile [BLOCK_R, BLOCK_K] stays small in registers at any rank);
     # chunks past the adapter's rank are written as zeros without reading anything.
     t = tl.program_id(0).to(tl.int64)
-    valid, adapter = _adapter_of(tl.load(ids_ptr + t), num_adapters)
+    valid, adapter = adapter_of(tl.load(ids_ptr + t), num_adapters)
     start = tl.load(a_offsets_ptr + adapter, mask=valid, other=0)
     rank = tl.load(a_offsets_ptr + adapter + 1, mask=valid, other=0) - start
     x_row = x_ptr + t * stride_xm
@@ -145,7 +145,7 @@ def _shrink_tile_kernel(
     toks = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     in_range = toks < M
     ids = tl.load(ids_ptr + toks, mask=in_range, other=-1)
-    valid, _ = _adapter_of(ids, num_adapters)
+    valid, _ = adapter_of(ids, num_adapters)
     v_rows = v_ptr + toks[:, None].to(tl.int64) * stride_vm
     x_rows = x_ptr + toks[:, None].to(tl.int64) * stride_xm
     for r0 in range(0, V_WIDTH, BLOCK_R):  # tokens without an adapter: v's row is zero
@@ -155,7 +155,7 @@ def _shrink_tile_kernel(
         )
     pending = valid
     while tl.max(pending.to(tl.int32), axis=0) > 0:
-        adapter, run = _next_run(ids, pending, BLOCK_M)
+        adapter, run = next_run(ids, pending, BLOCK_M)
         start = tl.load(a_offsets_ptr + adapter)
         rank = tl.load(a_offsets_ptr + adapter + 1) - start
         for r0 in range(0, V_WIDTH, BLOCK_R):
@@ -192,7 +192,7 @@ def _expand_token_kernel(
     width = tl.load(out_starts_ptr + s + 1) - out_start
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < width  # slices narrower than the widest leave their last column blocks idle
-    valid, adapter = _adapter_of(tl.load(ids_ptr + t), num_adapters)
+    valid, adapter = adapter_of(tl.load(ids_ptr + t), num_adapters)
     rank, v_start, b_start, scaling = _slice_of(
         adapter, valid, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
     )
@@ -237,10 +237,10 @@ def _expand_tile_kernel(
     )
     acc = base.to(tl.float32)
     ids = tl.load(ids_ptr + toks, mask=in_range, other=-1)
-    pending, _ = _adapter_of(ids, num_adapters)
+    pending, _ = adapter_of(ids, num_adapters)
     v_rows = v_ptr + toks[:, None].to(tl.int64) * stride_vm
     while tl.max(pending.to(tl.int32), axis=0) > 0:
-        adapter, run = _next_run(ids, pending, BLOCK_M)
+        adapter, run = next_run(ids, pending, BLOCK_M)
         rank, v_start, b_start, scaling = _slice_of(
             adapter, True, s, num_adapters, ranks_ptr, v_starts_ptr, b_starts_ptr, scalings_ptr
         )

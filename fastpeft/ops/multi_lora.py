@@ -452,23 +452,46 @@ def multi_lora_forward_unchecked(
     call. Returns [..., out]."""
     rows = x.reshape(-1, x.shape[-1])
     grouped = grouped_decode(ids, rows.shape[0], pool)
+    out_shape = (*x.shape[:-1], weight.shape[0])
     if grouped and not runs_torch_loop(x.device, rows.shape[0]):
-        return multi_lora_sgmv_linear(rows, weight, bias, pool, ids).reshape(*x.shape[:-1], weight.shape[0])
-    if not grouped and _terms_before_base(rows, pool):
+        return multi_lora_sgmv_linear(rows, weight, bias, pool, ids).reshape(out_shape)
+    if not grouped and _prefill_on_triton(rows, pool):
         flat = ids.ids if isinstance(ids, BatchDescription) else ids
-        return _terms_then_base(rows, weight, bias, pool, flat).reshape(*x.shape[:-1], weight.shape[0])
+        if _on_persistent(rows, weight, pool):
+            return _persistent_linear(rows, weight, bias, pool, flat).reshape(out_shape)
+        if TERMS_BEFORE_BASE:
+            return _terms_then_base(rows, weight, bias, pool, flat).reshape(out_shape)
     base = torch.nn.functional.linear(rows, weight, bias)
-    return add_adapters(base.reshape(*x.shape[:-1], weight.shape[0]), x, pool, ids, owned=True)
+    return add_adapters(base.reshape(out_shape), x, pool, ids, owned=True)
 
 
-def _terms_before_base(rows: torch.Tensor, pool: AdapterPool) -> bool:
-    """Whether the prefill of ``rows`` runs :func:`_terms_then_base`: eagerly, past the decode rows, with the
-    adapters' expand on Triton (TERMS_BEFORE_BASE)."""
-    if not (TERMS_BEFORE_BASE and pool.num_adapters and rows.shape[0] > _CUDA_DECODE_MAX_M):
+def _prefill_on_triton(rows: torch.Tensor, pool: AdapterPool) -> bool:
+    """Whether the prefill of ``rows`` may run the layer's Triton forms (:func:`_terms_then_base`, the persistent
+    kernel): eagerly, past the decode rows, a pool holding adapters, the adapters' expand on Triton."""
+    if not (pool.num_adapters and rows.shape[0] > _CUDA_DECODE_MAX_M):
         return False
     if torch.compiler.is_compiling() or runs_torch_loop(rows.device, rows.shape[0]):
         return False
     return select_backend("multi_lora_expand", rows.device, _PREFILL_PREFERENCE, record=False) == "triton"
+
+
+def _on_persistent(rows: torch.Tensor, weight: torch.Tensor, pool: AdapterPool) -> bool:
+    """Whether the Triton prefill of ``rows`` runs on the persistent kernel: from its
+    MULTI_PERSISTENT_PREFILL_MIN_M rows (off until a GPU ranks it), where it takes the layer."""
+    from fastpeft.triton_kernels import multi_lora_persistent as persistent
+
+    return rows.shape[0] >= persistent.MULTI_PERSISTENT_PREFILL_MIN_M and persistent.takes(
+        rows, weight, pool.lora_a, len(pool.slice_widths), pool.max_rank
+    )
+
+
+def _persistent_linear(rows, weight, bias, pool: AdapterPool, ids: torch.Tensor) -> torch.Tensor:
+    """The whole layer in one launch of triton_kernels/multi_lora_persistent.py: each token's term a K step of
+    the base GEMM, x A_i^T computed in the same pass over x."""
+    from fastpeft.triton_kernels.multi_lora_persistent import multi_lora_linear_persistent
+
+    return multi_lora_linear_persistent(rows, weight, bias, pool.lora_a, pool.a_offsets, pool.lora_b, ids,
+                                        pool.b_starts, pool.scalings, pool.max_rank)  # fmt: skip
 
 
 def _terms_then_base(rows, weight, bias, pool: AdapterPool, ids: torch.Tensor) -> torch.Tensor:
