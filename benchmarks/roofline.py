@@ -14,9 +14,10 @@ The ceilings are the ones measured on the lent machine (4.3 TB/s copy, 790 TFLOP
 efficiency and per-weight count below is an assumption, named, that the first GPU run corrects: the GPU bench
 prints measured beside predicted (``python benchmarks/roofline.py --compare RESULTS.json``), and the kernel
 report prints the predicted value of every target row it models. Baselines are modelled the same way: cuBLAS at
-the ceilings (a memory-bound GEMV streams W at :data:`STREAM_EFFICIENCY`).
+the ceilings (a memory-bound GEMV streams W at :data:`STREAM_EFFICIENCY`). Beside each prediction, the best any
+design of the op could reach (:func:`ideal`: its compulsory bytes and FLOPs at the ceilings themselves).
 
-    python benchmarks/roofline.py                      # the predicted value of every modelled target row
+    python benchmarks/roofline.py                      # every modelled target row: predicted, best any design
     python benchmarks/roofline.py --compare results.json  # measured beside predicted, from a bench run
     python benchmarks/roofline.py --designs               # the LoRA prefill and decode designs compared
     python benchmarks/roofline.py --launch-us 2           # every row again with a 2 µs gap between launches
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import targets
 import torch
 from fastpeft.triton_kernels import bottleneck as bottleneck_kernels
+from fastpeft.triton_kernels import dora as dora_kernels
 from fastpeft.triton_kernels import lora as lora_kernels
 from fastpeft.triton_kernels import lora_dy_pass as lora_dy_kernels
 from fastpeft.triton_kernels import lora_persistent, multi_lora_persistent
@@ -103,6 +105,7 @@ class Pass:
     fixed_s: float = 0.0  # time no ceiling explains (a host sync), added to the rest
     # Launched programmatically while the kernel before it runs (PDL, sm_90): no launch gap of its own.
     launch_hidden: bool = False
+    at_ceiling: bool = False  # bytes at the copy ceiling itself (an ideal pass: :func:`ideal`)
 
     def seconds(self, machine: Machine | None = None) -> float:
         machine = machine or H200  # read at call time: --launch-us puts another launch gap in its place
@@ -110,7 +113,8 @@ class Pass:
         if self.ctas:
             slots = machine.sms * self.ctas_per_sm
             waves = self.ctas / (math.ceil(self.ctas / slots) * slots)
-        memory = self.bytes / (machine.bandwidth * STREAM_EFFICIENCY * (waves if self.streams else 1.0))
+        efficiency = 1.0 if self.at_ceiling else STREAM_EFFICIENCY
+        memory = self.bytes / (machine.bandwidth * efficiency * (waves if self.streams else 1.0))
         tensor = self.flops / (machine.tensor_flops * self.mma_efficiency * waves)
         alu = self.lane_ops / (machine.lane_ops * waves)
         shared = self.shared_bytes / (machine.shared_bandwidth * waves)
@@ -121,6 +125,29 @@ class Pass:
 
 def seconds(passes: list[Pass], machine: Machine | None = None) -> float:
     return sum(p.seconds(machine) for p in passes)
+
+
+def ideal(name: str, bytes_: float, flops: float, launches: int = 1) -> list[Pass]:
+    """What no implementation of an op can beat: its compulsory bytes (each operand read and each result written
+    once) at the copy ceiling itself and its FLOPs at the tensor ceiling, overlapped, in ``launches`` launches
+    (one per direction for a training step). The "best any design" column of the prediction table puts this in
+    place of fastpeft's passes, the baseline unchanged: a target the ideal misses cannot be met as set."""
+    return [Pass(f"{name}, ideal", bytes_, flops, at_ceiling=True)] + [
+        Pass("launch", 0.0, at_ceiling=True) for _ in range(launches - 1)
+    ]
+
+
+def ideal_lora(m: int, n: int, k: int, r: int, train: bool = False, extra_bytes: float = 0.0) -> list[Pass]:
+    """The LoRA layer's ideal (:func:`ideal`): forward x, W, A, B read and y written, x W^T and the rank-r
+    products; with ``train`` also the backward (W frozen): dy, W, x, A and B read, dx, dA and dB written, dy W
+    and its rank-r products, in a second launch. ``extra_bytes``: what a variant must move beyond (DoRA's)."""
+    forward_bytes = 2.0 * (m * k + n * k + m * n + r * (k + n))
+    forward_flops = 2.0 * m * n * k + 2.0 * m * r * (k + n)
+    if not train:
+        return ideal("LoRA layer", forward_bytes + extra_bytes, forward_flops)
+    backward_bytes = 2.0 * (m * n + n * k + 2 * m * k + 2 * r * (k + n))
+    backward_flops = 2.0 * m * n * k + 4.0 * m * r * (k + n)
+    return ideal("LoRA layer step", forward_bytes + backward_bytes + extra_bytes, forward_flops + backward_flops, 2)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -496,16 +523,19 @@ def small_ops(name: str, count: int) -> list[Pass]:
 
 def dora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     """fastpeft's DoRA layer, forward and backward (fastpeft.ops.dora on Triton, as the bench and the PEFT
-    integration call it): the norm per call from W A^T (one read of W; ||W||^2 cached, W being frozen) and the
-    norm's and scale's [N]-sized ops; the shrink, cuBLAS, then the tiles as its epilogue (the scale needs the
+    integration call it): the norm per call in one pass over W (||W||^2 cached, W being frozen) and the scale's
+    [N]-sized ops; the shrink, cuBLAS, then the tiles as its epilogue (the scale needs the
     whole sum: y read, y and z written); backward: one pass over dy and z (dz and d magnitude:
     triton_kernels/dora.py), then the LoRA gradients of dz on the x A^T the forward kept."""
     if lora_ops.preference("lora_linear", m, r)[0] != "triton" or m < lora_ops.SHRINK_KEPT_MIN_M:
         return None
-    # fastpeft.ops.dora.dora_weight_norm and the scale after it: B and A cast, A A^T, one addmm, the row dot (a
-    # product and a sum), the add, clamp and root, the norm rounded to W's dtype and back, the magnitude cast, the
-    # division
-    norm = [skinny("W A^T", n, k, r), *small_ops("norm and scale op", 13)]
+    # fastpeft.ops.dora.dora_weight_norm on Triton (triton_kernels/dora.py): W A^T, A A^T and the row dot from
+    # one pass over W, ||W||^2 given; then the scale's ops: the norm rounded to W's dtype and back, the magnitude
+    # cast, the division
+    programs = math.ceil(n / dora_kernels.norm_options(torch.bfloat16, r_pad(r), interpreter=False)["BLOCK_N"])
+    norm = [Pass("weight norm, one pass over W", 2.0 * (n * k + r * k + n * r) + 8.0 * n,
+                 2.0 * n * k * r_pad(r) + 2.0 * k * r_pad(r) ** 2 * programs, ctas=programs, streams=True),
+            *small_ops("scale op", 4)]  # fmt: skip
     forward = [
         skinny("LoRA shrink", m, k, r),
         *bf16_linear(m, n, k),
@@ -740,21 +770,40 @@ def peft_mixed_batch(m: int, n: int, k: int, r: int, adapters: int) -> list[Pass
     return [*bf16_linear(m, n, k), *per_adapter * min(adapters, m)]
 
 
-def _multi_lora_metric(metric: str, case: dict) -> float | None:
+def ideal_multi_lora(m: int, n: int, k: int, r: int, adapters: int, base_given: bool = False) -> list[Pass]:
+    """The multi-adapter layer's ideal (:func:`ideal`): x and W read, y written, and the A and B of each adapter
+    the batch uses once; ``base_given``: the adapters alone on a base computed elsewhere (the base read, no W)."""
+    used = 2.0 * min(adapters, m) * r * (k + n)
+    if base_given:
+        return ideal("shrink and expand", 2.0 * (m * k + 2 * m * n) + used, 2.0 * m * r * (k + n))
+    return ideal("multi-adapter layer", 2.0 * (m * k + n * k + m * n) + used, 2.0 * m * n * k + 2.0 * m * r * (k + n))
+
+
+def _multi_lora_metric(metric: str, case: dict, best: bool = False) -> float | None:
     m, n, k, r, count = case["m"], case["n"], case["k"], case["r"], case["adapters"]
     decode = m <= multi_lora_ops.SGMV_MAX_M
-    fused = multi_lora_grouped(m, n, k, r, count) if decode else multi_lora_prefill(m, n, k, r, case["segments"])
+
+    def layer(adapters: int) -> list[Pass]:
+        if best:
+            return ideal_multi_lora(m, n, k, r, adapters)
+        return multi_lora_grouped(m, n, k, r, adapters) if decode else multi_lora_prefill(m, n, k, r, case["segments"])
+
+    fused = layer(count)
     if metric == "ratio_vs_base":
         return seconds(fused) / seconds(bf16_linear(m, n, k))
     if metric == "speedup_vs_peft":
         return seconds(peft_mixed_batch(m, n, k, r, count)) / seconds(fused)
     if metric == "extra_over_bytes" and decode:  # the bench's: beyond a pool of 32 on the same tokens
-        fewer = multi_lora_grouped(m, n, k, r, 32)
         extra_bytes = 2.0 * (min(count, m) - min(32, m)) * r * (k + n)
-        return (seconds(fused) - seconds(fewer)) / (extra_bytes / H200.bandwidth)
+        return (seconds(fused) - seconds(layer(32))) / (extra_bytes / H200.bandwidth)
     if metric == "bw_fraction" and decode:  # the bench's: the adapters' bytes, each once, over their launches
         adapter_bytes = 2.0 * min(count, m) * r * (k + n)
-        return adapter_bytes / H200.bandwidth / seconds(multi_lora_adapters_alone(m, n, k, r, count))
+        alone = (
+            ideal_multi_lora(m, n, k, r, count, base_given=True)
+            if best
+            else multi_lora_adapters_alone(m, n, k, r, count)
+        )
+        return adapter_bytes / H200.bandwidth / seconds(alone)
     return None
 
 
@@ -871,15 +920,27 @@ def bottleneck_loop(m: int, d: int, mb: int, adapters: int) -> list[Pass]:
     return passes
 
 
-def _bottleneck_metric(metric: str, case: dict) -> float | None:
+def ideal_bottleneck(m: int, d: int, mb: int, train: bool = False) -> list[Pass]:
+    """The bottleneck adapter's ideal (:func:`ideal`, bf16): x read, y written, both projections read, their two
+    products; with ``train`` also the backward: x and dy read, dx written, the projections read and their
+    gradients written, four products, in a second launch."""
+    forward_bytes, flops = 4.0 * m * d + 4.0 * d * mb, 4.0 * m * d * mb
+    if not train:
+        return ideal("bottleneck adapter", forward_bytes, flops)
+    return ideal("bottleneck adapter step", forward_bytes + 6.0 * m * d + 8.0 * d * mb, 3 * flops, 2)
+
+
+def _bottleneck_metric(metric: str, case: dict, best: bool = False) -> float | None:
     if case.get("ln_before"):
         return None  # the LayerNorm's passes are not modelled yet
     m, d, mb, count = case["m"], case["d"], case["bottleneck"], case.get("adapters", 1)
-    fused = seconds(bottleneck_forward(m, d, mb))
+    fused = seconds(ideal_bottleneck(m, d, mb) if best else bottleneck_forward(m, d, mb))
     if case.get("mode") == "forward+backward":
         if count != 1 or metric != "speedup_vs_torch":
             return None
         composition = bottleneck_composition(m, d, mb) + bottleneck_composition_backward(m, d, mb)
+        if best:
+            return seconds(composition) / seconds(ideal_bottleneck(m, d, mb, train=True))
         return seconds(composition) / (fused + seconds(bottleneck_backward(m, d, mb)))
     if count > 1:  # the fused forward reads each tile's own adapter's weights: as one adapter's
         return seconds(bottleneck_loop(m, d, mb, count)) / fused if metric == "speedup_vs_loop" else None
@@ -895,15 +956,29 @@ def _bottleneck_metric(metric: str, case: dict) -> float | None:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _qlora_metric(metric: str, case: dict) -> float | None:
+def ideal_4bit(m: int, n: int, k: int, r: int, train: bool = False, blocksize: int = 64, nested: bool = True):
+    """The 4-bit layer's ideal (:func:`ideal`): the packed weight and its absmax read, x read, y written, a rank-r
+    adapter's A and B, and the products; with ``train`` also the backward: the 4-bit weight again, dy and x read,
+    dx, dA and dB written, dy W and the adapter's gradients, in a second launch."""
+    w4 = weight_4bit_bytes(n, k, blocksize, nested)
+    forward_bytes = w4 + 2.0 * (m * k + m * n + r * (k + n))
+    flops = 2.0 * m * n * k + 2.0 * m * r * (k + n)
+    if not train:
+        return ideal("4-bit layer", forward_bytes, flops)
+    backward_bytes = w4 + 2.0 * (m * n + 2 * m * k + 2 * r * (k + n))
+    return ideal("4-bit layer step", forward_bytes + backward_bytes, 2 * flops + 2.0 * m * r * (k + n), 2)
+
+
+def _qlora_metric(metric: str, case: dict, best: bool = False) -> float | None:
     m, n, k = case["m"], case["n"], case["k"]
     r = case["r"] if case.get("mode") in ("qlora", "qlora_train") else 0
     shape = dict(blocksize=case.get("blocksize", 64), nested=case.get("double_quant", True))
     if case.get("mode") == "qlora_train":
         if metric != "speedup_vs_peft":
             return None
-        return seconds(peft_bnb_lora_train(m, n, k, r, **shape)) / seconds(qlora_train(m, n, k, r, **shape))
-    fused = seconds(matmul_4bit(m, n, k, r, **shape))
+        step = ideal_4bit(m, n, k, r, True, **shape) if best else qlora_train(m, n, k, r, **shape)
+        return seconds(peft_bnb_lora_train(m, n, k, r, **shape)) / seconds(step)
+    fused = seconds(ideal_4bit(m, n, k, r, **shape) if best else matmul_4bit(m, n, k, r, **shape))
     if metric == "speedup_vs_bf16":
         return seconds(bf16_linear(m, n, k)) / fused
     if metric == "ratio_vs_bf16":
@@ -918,17 +993,20 @@ def _qlora_metric(metric: str, case: dict) -> float | None:
     return None
 
 
-def _lora_metric(metric: str, case: dict) -> float | None:
+def _lora_metric(metric: str, case: dict, best: bool = False) -> float | None:
     m, n, k, r = case["m"], case["n"], case["k"], case["r"]
     train = case.get("mode") == "forward+backward"
     if case.get("dropout"):  # the default mode, nn.Dropout's own mask (--designs: the philox mode beside it)
         fused = lora_train_dropout(m, n, k, r, "torch") if train else None
         if fused is None or metric != "speedup_vs_unfused":
             return None
-        return seconds(peft_lora_train(m, n, k, r, dropout=True)) / seconds(fused)
+        step = ideal_lora(m, n, k, r, train=True) if best else fused  # ideally the mask is drawn in the kernels
+        return seconds(peft_lora_train(m, n, k, r, dropout=True)) / seconds(step)
     fused = (lora_train if train else lora_forward)(m, n, k, r)
     if fused is None:
         return None
+    if best:
+        fused = ideal_lora(m, n, k, r, train)
     if metric == "ratio_vs_base" and not train:
         return seconds(fused) / seconds(bf16_linear(m, n, k))
     if metric == "speedup_vs_unfused":
@@ -936,11 +1014,13 @@ def _lora_metric(metric: str, case: dict) -> float | None:
     return None
 
 
-def _dora_metric(metric: str, case: dict) -> float | None:
+def _dora_metric(metric: str, case: dict, best: bool = False) -> float | None:
     m, n, k, r = case["m"], case["n"], case["k"], case["r"]
     fused = dora_train(m, n, k, r) if case.get("mode") == "forward+backward" and not case.get("dropout") else None
     if fused is None:
         return None
+    if best:  # the LoRA step's, and the pre-scale product read back for the magnitude's gradient
+        fused = ideal_lora(m, n, k, r, train=True, extra_bytes=2.0 * m * n)
     if metric == "speedup_vs_peft":
         return seconds(peft_dora_train(m, n, k, r)) / seconds(fused)
     if metric == "ratio_vs_lora":
@@ -948,7 +1028,7 @@ def _dora_metric(metric: str, case: dict) -> float | None:
     return None
 
 
-MODELS: dict[str, Callable[[str, dict], float | None]] = {
+MODELS: dict[str, Callable[..., float | None]] = {
     "dora": _dora_metric,
     "qlora": _qlora_metric,
     "lora": _lora_metric,
@@ -957,10 +1037,12 @@ MODELS: dict[str, Callable[[str, dict], float | None]] = {
 }
 
 
-def predict(target: targets.Target, case: dict) -> float | None:
-    """The model's value of ``target.metric`` for ``case``, or None where no model covers it yet."""
+def predict(target: targets.Target, case: dict, best: bool = False) -> float | None:
+    """The model's value of ``target.metric`` for ``case``, or None where no model covers it yet; ``best``: the
+    value with fastpeft's op replaced by its ideal (:func:`ideal`), the baseline as it is: what no design of
+    the op can better."""
     model = MODELS.get(target.bench or "")
-    return None if model is None else model(target.metric, case)
+    return None if model is None else model(target.metric, case, best=best)
 
 
 def prediction_rows() -> list[tuple[targets.Target, dict, float | None]]:
@@ -968,15 +1050,17 @@ def prediction_rows() -> list[tuple[targets.Target, dict, float | None]]:
 
 
 def prediction_table() -> list[str]:
-    """Markdown: every target row, the model's prediction and whether it meets the bound."""
-    lines = ["| target | case | bound | predicted | meets |", "|---|---|---|---:|---|"]
+    """Markdown: every target row, the model's prediction, the best any design could reach (:func:`ideal`) and
+    whether the prediction meets the bound; a row whose bound even the ideal misses says so."""
+    lines = ["| target | case | bound | predicted | best any design | meets |", "|---|---|---|---:|---:|---|"]
     for target, case, value in prediction_rows():
         shape = targets.case_label(case)
         if value is None:
-            lines.append(f"| {target.name} | {shape} | {target.describe()} | not modelled | |")
-        else:
-            lines.append(f"| {target.name} | {shape} | {target.describe()} | {value:.2f} | "
-                         f"{'yes' if target.met(value) else '**no**'} |")  # fmt: skip
+            lines.append(f"| {target.name} | {shape} | {target.describe()} | not modelled | | |")
+            continue
+        best = predict(target, case, best=True)
+        meets = "yes" if target.met(value) else "**no**" if target.met(best) else "**no**: beyond any design"
+        lines.append(f"| {target.name} | {shape} | {target.describe()} | {value:.2f} | {best:.2f} | {meets} |")
     return lines
 
 

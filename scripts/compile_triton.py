@@ -285,10 +285,13 @@ def _lora_forms_coverage(dtype: torch.dtype) -> Iterator[tuple[str, Callable[[],
         yield f"lora dy pass r={b.shape[1]} m={m}", partial(lora_dy_pass, _t(m, n, dtype=dtype), b, xa, 2.0)
     yield "lora keep mask", partial(lora.keep_mask, dropout, 37, k, META)
     yield "lora pack bits", partial(lora.pack_bits, _t(37, k, dtype=torch.bool))
-    from fastpeft.triton_kernels.dora import dora_grad_scale
+    from fastpeft.triton_kernels.dora import dora_grad_scale, dora_weight_norm
 
     yield "dora grad scale m=100", partial(dora_grad_scale, _t(100, n, dtype=dtype), _t(100, n, dtype=dtype),
                                            _t(n, dtype=torch.float32))  # fmt: skip
+    for rank in (16, 64, 128):
+        a, b = _t(rank, k, dtype=dtype), _t(n, rank, dtype=dtype)
+        yield f"dora weight norm r={rank}", partial(dora_weight_norm, w, a, b, 2.0)
     if dtype != torch.float32:  # the persistent TMA prefill (off by default), here and at a target's size
         xa = _t(100, 64, dtype=torch.float32)
         persistent = partial(lora.lora_linear, _t(100, k, dtype=dtype), w, None, b64, 2.0, bias, xa=xa)

@@ -293,14 +293,18 @@ def render(triton_runs: list[tuple[str, list[dict]]], kernels: list[dict]) -> st
         "`benchmarks/roofline.py`: each kernel pass's bytes at 4.3 TB/s, tensor-core FLOPs at 790 TFLOP/s, CUDA-core "
         "work and shared-memory traffic at 128 per SM per clock, waves on 132 SMs, 1 µs per launch; its efficiencies "
         "are named assumptions. A prediction, not a measurement: the GPU bench prints measured beside it "
-        "(`python benchmarks/roofline.py --compare results.json`). Rows of ops the model does not cover yet say so.",
+        "(`python benchmarks/roofline.py --compare results.json`). Rows of ops the model does not cover yet say so. "
+        '"Best any design": the row with fastpeft\'s op replaced by its ideal (its compulsory bytes at the copy '
+        "ceiling itself and its FLOPs at the tensor ceiling, one launch per direction), the baseline as it is; "
+        'a target even that misses is "beyond any design".',
         "",
         *prediction_table(),
         "",
         "## Predicted: the LoRA designs compared on paper",
         "",
-        "The same model for each way of building the LoRA layer's prefill and its one-launch decode "
-        "(`python benchmarks/roofline.py --designs`); `(ships)` marks what the dispatch runs.",
+        "The same model for each way of building the LoRA layer's prefill, its one-launch decode, its training "
+        "step and the multi-adapter prefill (`python benchmarks/roofline.py --designs`); `(ships)` marks what the "
+        "dispatch runs.",
         "",
         *design_table(),
         "",

@@ -81,6 +81,37 @@ def test_norm_identity_without_materialising_the_merged_weight(backend):
     torch.testing.assert_close(with_cache, dora_linear(**inputs, scaling=0.7))
 
 
+NORM_SHAPES = [(29, 37, 5), (16, 16, 1), (40, 130, 64), (1, 8, 16), (33, 200, 40), (20, 24, 128), (20, 24, 129)]
+if HAS_GPU:
+    NORM_SHAPES += [(4096, 4096, 16), (1000, 1024, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("n", "k", "r"), NORM_SHAPES, ids=str)
+def test_the_weight_norm_kernel_matches_the_merged_weights_norm(monkeypatch, dtype, n, k, r):
+    """On Triton the norm is one launch (W + s B A formed and squared block by block, one pass over W): against
+    ||W + s B A|| in float64 with W + s B A materialised, W as stored or a transposed view (GPT-2's Conv1D),
+    ||W_n||^2 cached or not (the kernel needs no cache); a rank past NORM_MAX_R_PAD runs the composition."""
+    kernels = pytest.importorskip("fastpeft.triton_kernels.dora")
+    from fastpeft.backends import available_backends
+
+    if "triton" not in available_backends(DEVICE):
+        pytest.skip("triton cannot run here")
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    calls = []
+    real = kernels.dora_weight_norm
+    monkeypatch.setattr(kernels, "dora_weight_norm", lambda *a: calls.append(1) or real(*a))
+    inputs = make((1,), k, n, r, dtype, grad=False)
+    w, a, b = inputs["weight"], inputs["lora_a"], inputs["lora_b"]
+    expected = torch.linalg.vector_norm(w.double() + 0.7 * b.double() @ a.double(), dim=1)
+    for weight in (w, w.t().contiguous().t()):
+        for norm_sq in (None, weight_row_norm_sq(weight)):
+            got = dora_weight_norm(weight, a, b, 0.7, norm_sq)
+            assert got.dtype == torch.float32 and got.shape == (n,)
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    assert len(calls) == (0 if r > 128 else 4)
+
+
 def test_inference_keeps_no_prescale_copy():
     inputs = make((6,), 24, 12, 4, torch.float32, grad=False)
     saved: list[tuple[int, ...]] = []

@@ -3,7 +3,8 @@
     y = m / ||W + s B A||_row * (x @ W.T + s (x @ A.T) @ B.T) + bias
 
 with the row norm detached from the graph, as in PEFT (and the DoRA paper, section 4.3). The norm is never
-formed from a materialised ``W + s B A``: ``||W_n||^2`` is frozen (callers cache it), the cross term comes from
+formed from a materialised ``W + s B A``: on Triton one kernel forms it block by block in registers and sums
+the squares (one pass over W); elsewhere ``||W_n||^2`` is frozen (callers cache it), the cross term comes from
 ``W A^T`` (one shrink over W) and the last term from the r x r Gram matrix ``A A^T``:
 
     ||W_n + s (BA)_n||^2 = ||W_n||^2 + 2 s sum_j B[n,j] (W A^T)[n,j] + s^2 (B (A A^T) B^T)[n,n]
@@ -45,8 +46,18 @@ def dora_weight_norm(
     weight_norm_sq: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``||W + scaling * B @ A||`` per output row, fp32 [N], detached. weight [N, K], lora_a [R, K],
-    lora_b [N, R]; ``weight_norm_sq`` ([N] fp32, :func:`weight_row_norm_sq`) spares re-reading W for it."""
-    w_a = IMPLS["lora_shrink"][_backend("lora_shrink", weight, lora_a.shape[0])](weight, lora_a)  # W A^T, fp32
+    lora_b [N, R]; ``weight_norm_sq`` ([N] fp32, :func:`weight_row_norm_sq`) spares re-reading W for it.
+    Eagerly on Triton one launch (triton_kernels/dora.py, ranks up to its NORM_MAX_R_PAD: W + s B A formed and
+    squared block by block in registers, W read once, so ``weight_norm_sq`` is not needed there); otherwise the
+    shrink's kernel for W A^T and PyTorch's ops for the identity's terms."""
+    rank = lora_a.shape[0]
+    if not torch.compiler.is_compiling() and _backend("dora_linear", weight, rank) == "triton":
+        from fastpeft.triton_kernels import dora as kernels
+        from fastpeft.triton_kernels.common import r_pad
+
+        if r_pad(rank) <= kernels.NORM_MAX_R_PAD:
+            return kernels.dora_weight_norm(weight, lora_a, lora_b, scaling)
+    w_a = IMPLS["lora_shrink"][_backend("lora_shrink", weight, rank)](weight, lora_a)  # W A^T, fp32
     b, a = lora_b.float(), lora_a.float()
     sq = weight_row_norm_sq(weight) if weight_norm_sq is None else weight_norm_sq.float()
     # sum_j B[n,j] (2 s (W A^T)[n,j] + s^2 (B A A^T)[n,j]): the cross and last terms in one product and one
