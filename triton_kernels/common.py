@@ -108,3 +108,16 @@ def grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
     first_m = (tile // per_group) * GROUP_M
     group_m = tl.minimum(num_m - first_m, GROUP_M)
     return first_m + (tile % per_group) % group_m, (tile % per_group) // group_m
+
+
+@triton.jit
+def first_columns_first(tile, num_m, num_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of output tile ``tile`` when every row tile's first column tile comes first (the
+    persistent kernels' tiles that compute x A^T for their row block, so the rest find it published), then the
+    other columns in :func:`grouped_tile` order."""
+    if tile < num_m:
+        pid_m, pid_n = tile, 0
+    else:
+        pid_m, pid_n = grouped_tile(tile - num_m, num_m, num_n - 1, GROUP_M)
+        pid_n += 1
+    return pid_m, pid_n

@@ -44,6 +44,7 @@ from .common import (
     arrival_counts,
     descriptor_scratch,
     dot_precision,
+    first_columns_first,
     grouped_tile,
     on_device,
     r_pad,
@@ -115,12 +116,8 @@ def _lora_persistent_kernel(
     k_steps = tl.cdiv(K, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        if FUSE_SHRINK:  # every row block's first column tile first, then the rest in L2 groups
-            if tile < num_m:
-                pid_m, pid_n = tile, 0
-            else:
-                pid_m, pid_n = grouped_tile(tile - num_m, num_m, num_n - 1, GROUP_M)
-                pid_n += 1
+        if FUSE_SHRINK:
+            pid_m, pid_n = first_columns_first(tile, num_m, num_n, GROUP_M)
         else:
             pid_m, pid_n = grouped_tile(tile, num_m, num_n, GROUP_M)
         row0 = pid_m * BLOCK_M

@@ -36,7 +36,7 @@ from .common import (
     arrival_counts,
     descriptor_scratch,
     dot_precision,
-    grouped_tile,
+    first_columns_first,
     on_device,
     r_pad,
     rows_for_tma,
@@ -54,6 +54,15 @@ MAX_R_PAD = 32
 
 
 @triton.jit
+def _shrink_step(x, a_desc, a_row, k0, xa, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """xa += x A^T for the x block at column k0, A's rows [R_PAD] from a_row of the pool's stacked A."""
+    a = a_desc.load([a_row, k0]).T  # [BLOCK_K, R_PAD]
+    if UPCAST:
+        a = a.to(tl.float32)
+    return tl.dot(x, a, xa, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _base_loop(x_desc, w_desc, a_desc, row0, col0, a_row1, a_row2, k_steps, acc, xa1, xa2,
                SHRINKS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, R_PAD: tl.constexpr,
                BLOCK_K: tl.constexpr):  # fmt: skip
@@ -68,15 +77,9 @@ def _base_loop(x_desc, w_desc, a_desc, row0, col0, a_row1, a_row2, k_steps, acc,
             w = w.to(tl.float32)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
         if SHRINKS >= 1:
-            a1 = a_desc.load([a_row1, step * BLOCK_K]).T  # [BLOCK_K, R_PAD]
-            if UPCAST:
-                a1 = a1.to(tl.float32)
-            xa1 = tl.dot(x, a1, xa1, input_precision=DOT_PRECISION)
+            xa1 = _shrink_step(x, a_desc, a_row1, step * BLOCK_K, xa1, UPCAST, DOT_PRECISION)
         if SHRINKS == 2:
-            a2 = a_desc.load([a_row2, step * BLOCK_K]).T
-            if UPCAST:
-                a2 = a2.to(tl.float32)
-            xa2 = tl.dot(x, a2, xa2, input_precision=DOT_PRECISION)
+            xa2 = _shrink_step(x, a_desc, a_row2, step * BLOCK_K, xa2, UPCAST, DOT_PRECISION)
     return acc, xa1, xa2
 
 
@@ -87,11 +90,9 @@ def _shrink_loop(x_desc, a_desc, row0, a_row, k_steps, UPCAST: tl.constexpr, DOT
     xa = tl.zeros((BLOCK_M, R_PAD), dtype=tl.float32)
     for step in range(k_steps):
         x = x_desc.load([row0, step * BLOCK_K])
-        a = a_desc.load([a_row, step * BLOCK_K]).T
         if UPCAST:
             x = x.to(tl.float32)
-            a = a.to(tl.float32)
-        xa = tl.dot(x, a, xa, input_precision=DOT_PRECISION)
+        xa = _shrink_step(x, a_desc, a_row, step * BLOCK_K, xa, UPCAST, DOT_PRECISION)
     return xa
 
 
@@ -123,11 +124,7 @@ def _multi_lora_persistent_kernel(
     k_steps = tl.cdiv(K, BLOCK_K)
     offs_r = tl.arange(0, R_PAD)
     for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0)):
-        if tile < num_m:
-            pid_m, pid_n = tile, 0
-        else:
-            pid_m, pid_n = grouped_tile(tile - num_m, num_m, num_n - 1, GROUP_M)
-            pid_n += 1
+        pid_m, pid_n = first_columns_first(tile, num_m, num_n, GROUP_M)
         row0 = pid_m * BLOCK_M
         col0 = pid_n * BLOCK_N
         rows = row0 + tl.arange(0, BLOCK_M)
