@@ -137,15 +137,19 @@ def ideal(name: str, bytes_: float, flops: float, launches: int = 1) -> list[Pas
     ]
 
 
-def ideal_lora(m: int, n: int, k: int, r: int, train: bool = False, extra_bytes: float = 0.0) -> list[Pass]:
+def ideal_lora(
+    m: int, n: int, k: int, r: int, train: bool = False, extra_bytes: float = 0.0, weight_bytes: float | None = None
+) -> list[Pass]:
     """The LoRA layer's ideal (:func:`ideal`): forward x, W, A, B read and y written, x W^T and the rank-r
     products; with ``train`` also the backward (W frozen): dy, W, x, A and B read, dx, dA and dB written, dy W
-    and its rank-r products, in a second launch. ``extra_bytes``: what a variant must move beyond (DoRA's)."""
-    forward_bytes = 2.0 * (m * k + n * k + m * n + r * (k + n))
+    and its rank-r products, in a second launch. ``extra_bytes``: what a variant must move beyond (DoRA's);
+    ``weight_bytes``: W's bytes as stored (a 4-bit weight's), 16 bits a weight when None."""
+    w = 2.0 * n * k if weight_bytes is None else weight_bytes
+    forward_bytes = w + 2.0 * (m * k + m * n + r * (k + n))
     forward_flops = 2.0 * m * n * k + 2.0 * m * r * (k + n)
     if not train:
         return ideal("LoRA layer", forward_bytes + extra_bytes, forward_flops)
-    backward_bytes = 2.0 * (m * n + n * k + 2 * m * k + 2 * r * (k + n))
+    backward_bytes = w + 2.0 * (m * n + 2 * m * k + 2 * r * (k + n))
     backward_flops = 2.0 * m * n * k + 4.0 * m * r * (k + n)
     return ideal("LoRA layer step", forward_bytes + backward_bytes + extra_bytes, forward_flops + backward_flops, 2)
 
@@ -390,16 +394,22 @@ def persistent_product(m: int, n: int, k: int, r: int) -> Pass:
                 2.0 * m * n * (k + r), mma_efficiency=PERSISTENT_GEMM_EFFICIENCY)  # fmt: skip
 
 
+def shrinking_tiles(row_blocks: int, tiles: int) -> int:
+    """The tiles of a persistent kernel that compute their row block's x A^T in its own pass: each row block's
+    first and the rest of the first round (one tile per program start together; after that the first tiles
+    have published)."""
+    return min(max(row_blocks, H200.sms), tiles)
+
+
 def persistent_with_shrink(m: int, n: int, k: int, r: int) -> Pass:
     """The persistent kernel computing ``x A^T`` in its own pass over x (the forward at inference): A read once
     more, the shrink's MMA (r padded, on the x blocks the tile already holds) in every tile that finds its row
-    block's x A^T unpublished, which is each row block's first tile and the rest of the first round (one tile
-    per program start together; after that the first tiles have published), x A^T written once (fp32) and read
-    by the other tiles from L2."""
+    block's x A^T unpublished (:func:`shrinking_tiles`), x A^T written once (fp32) and read by the other tiles
+    from L2."""
     options = lora_persistent.tile_options(interpreter=False)
     row_blocks = math.ceil(m / options["BLOCK_M"])
     tiles = row_blocks * math.ceil(n / options["BLOCK_N"])
-    shrinking = min(max(row_blocks, H200.sms), tiles)
+    shrinking = shrinking_tiles(row_blocks, tiles)
     product = persistent_product(m, n, k, r)
     return Pass("persistent, x A^T in its pass, adapter in the K loop", product.bytes + 2.0 * r * k,
                 product.flops + 2.0 * options["BLOCK_M"] * k * r_pad(r) * shrinking,
@@ -523,18 +533,18 @@ def small_ops(name: str, count: int) -> list[Pass]:
 
 def dora_train(m: int, n: int, k: int, r: int) -> list[Pass] | None:
     """fastpeft's DoRA layer, forward and backward (fastpeft.ops.dora on Triton, as the bench and the PEFT
-    integration call it): the norm per call in one pass over W (||W||^2 cached, W being frozen) and the scale's
-    [N]-sized ops; the shrink, cuBLAS, then the tiles as its epilogue (the scale needs the
-    whole sum: y read, y and z written); backward: one pass over dy and z (dz and d magnitude:
-    triton_kernels/dora.py), then the LoRA gradients of dz on the x A^T the forward kept."""
+    integration call it): the norm per call in one pass over W and the scale's [N]-sized ops; the shrink,
+    cuBLAS, then the tiles as its epilogue (the scale needs the whole sum: y read, y and z written); backward: one
+    pass over dy and z (dz and d magnitude: triton_kernels/dora.py), then the LoRA gradients of dz on the x A^T
+    the forward kept."""
     if lora_ops.preference("lora_linear", m, r)[0] != "triton" or m < lora_ops.SHRINK_KEPT_MIN_M:
         return None
-    # fastpeft.ops.dora.dora_weight_norm on Triton (triton_kernels/dora.py): W A^T, A A^T and the row dot from
-    # one pass over W, ||W||^2 given; then the scale's ops: the norm rounded to W's dtype and back, the magnitude
-    # cast, the division
+    # fastpeft.ops.dora.dora_weight_norm on Triton (triton_kernels/dora.py): W + s B A formed block by block
+    # (B's rows times A's block) and squared, one pass over W, A re-read from L2 by every program; then the
+    # scale's ops: the norm rounded to W's dtype and back, the magnitude cast, the division
     programs = math.ceil(n / dora_kernels.norm_options(torch.bfloat16, r_pad(r), interpreter=False)["BLOCK_N"])
-    norm = [Pass("weight norm, one pass over W", 2.0 * (n * k + r * k + n * r) + 8.0 * n,
-                 2.0 * n * k * r_pad(r) + 2.0 * k * r_pad(r) ** 2 * programs, ctas=programs, streams=True),
+    norm = [Pass("weight norm, one pass over W", 2.0 * (n * k + r * k + n * r) + 4.0 * n, 2.0 * n * k * r_pad(r),
+                 ctas=programs, streams=True, l2_bytes=2.0 * r * k * programs),
             *small_ops("scale op", 4)]  # fmt: skip
     forward = [
         skinny("LoRA shrink", m, k, r),
@@ -731,7 +741,7 @@ def multi_lora_persistent_pass(m: int, n: int, k: int, r: int, segments: int) ->
     """Prefill in ``segments`` sequences of m / segments tokens (sequence j with its own adapter) on the
     multi-adapter persistent kernel (triton_kernels/multi_lora_persistent.py): x, W and y once, each adapter's A
     and B once from HBM, x A^T (fp32) written once and read by the other tiles of its row block from L2; the
-    first round's tiles (as :func:`persistent_with_shrink` counts them) multiply x by the A block of each
+    first round's tiles (:func:`shrinking_tiles`) multiply x by the A block of each
     sequence in their rows (the third and later ones' passes over x from L2 not counted: the target's sequences
     are longer than a row block), and every tile takes one adapter step per sequence in its rows; as efficient
     as :data:`PERSISTENT_GEMM_EFFICIENCY` says."""
@@ -740,7 +750,7 @@ def multi_lora_persistent_pass(m: int, n: int, k: int, r: int, segments: int) ->
     row_blocks, col_tiles = math.ceil(m / block_m), math.ceil(n / block_n)
     length = m // segments
     runs = sum(len({t // length for t in range(b * block_m, min(m, (b + 1) * block_m))}) for b in range(row_blocks))
-    shrinking = min(max(row_blocks, H200.sms), row_blocks * col_tiles)
+    shrinking = shrinking_tiles(row_blocks, row_blocks * col_tiles)
     steps = runs / row_blocks  # adapter steps per tile, on average
     flops = 2.0 * m * n * k + 2.0 * block_m * padded * (block_n * runs * col_tiles + k * shrinking * steps)
     return Pass("multi-adapter persistent, x A_i^T in its pass", 2.0 * (m * k + n * k + m * n + segments * r * (k + n))
@@ -957,16 +967,9 @@ def _bottleneck_metric(metric: str, case: dict, best: bool = False) -> float | N
 
 
 def ideal_4bit(m: int, n: int, k: int, r: int, train: bool = False, blocksize: int = 64, nested: bool = True):
-    """The 4-bit layer's ideal (:func:`ideal`): the packed weight and its absmax read, x read, y written, a rank-r
-    adapter's A and B, and the products; with ``train`` also the backward: the 4-bit weight again, dy and x read,
-    dx, dA and dB written, dy W and the adapter's gradients, in a second launch."""
-    w4 = weight_4bit_bytes(n, k, blocksize, nested)
-    forward_bytes = w4 + 2.0 * (m * k + m * n + r * (k + n))
-    flops = 2.0 * m * n * k + 2.0 * m * r * (k + n)
-    if not train:
-        return ideal("4-bit layer", forward_bytes, flops)
-    backward_bytes = w4 + 2.0 * (m * n + 2 * m * k + 2 * r * (k + n))
-    return ideal("4-bit layer step", forward_bytes + backward_bytes, 2 * flops + 2.0 * m * r * (k + n), 2)
+    """The 4-bit layer's ideal: :func:`ideal_lora` with W read as its packed nibbles and absmax (r = 0: the
+    4-bit product alone)."""
+    return ideal_lora(m, n, k, r, train, weight_bytes=weight_4bit_bytes(n, k, blocksize, nested))
 
 
 def _qlora_metric(metric: str, case: dict, best: bool = False) -> float | None:

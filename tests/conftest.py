@@ -84,3 +84,14 @@ def assert_close_to_reference(out: torch.Tensor, ref: torch.Tensor, baseline: to
     err, base_err = rel_error(out, ref), rel_error(baseline, ref)
     bound = 2 * base_err + ERROR_FLOOR[out.dtype]
     assert err <= bound, f"{what}: rel. error {err:.3e} > {bound:.3e} (plain PyTorch {base_err:.3e})"
+
+
+def force_persistent(monkeypatch, module: str, threshold: str, dtype: torch.dtype):
+    """A persistent TMA kernel's module (``fastpeft.triton_kernels.<module>``), forced on (its row ``threshold``
+    at 0) on the Triton backend; skips where Triton cannot run or dtype's dots would run on a CPU."""
+    persistent = pytest.importorskip(f"fastpeft.triton_kernels.{module}")
+    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
+        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
+    monkeypatch.setattr(persistent, threshold, 0)
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    return persistent

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference
+from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference, force_persistent
 
 from fastpeft.ops.lora import lora_linear, lora_linear_reference
 
@@ -194,17 +194,8 @@ def test_every_prefill_form_matches_the_reference(monkeypatch, dtype, cublas_min
         assert_close_to_reference(inputs[name].grad, inputs64[name].grad, plain[name].grad, f"grad {name}")
 
 
-def force_persistent(monkeypatch, dtype):
-    """The persistent TMA kernel's module, forced on (PERSISTENT_PREFILL_MIN_M = 0) on the Triton backend; skips
-    where Triton cannot run or dtype's dots would run on a CPU."""
-    persistent = pytest.importorskip("fastpeft.triton_kernels.lora_persistent")
-    from fastpeft.backends import available_backends
-
-    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
-        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
-    monkeypatch.setattr(persistent, "PERSISTENT_PREFILL_MIN_M", 0)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-    return persistent
+# The persistent kernel's module and its row threshold, forced to 0 (conftest.force_persistent).
+PERSISTENT = ("lora_persistent", "PERSISTENT_PREFILL_MIN_M")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -216,7 +207,7 @@ def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype,
     """The persistent TMA kernel (off by default: PERSISTENT_PREFILL_MIN_M) forced on past the decode rows: tiles
     past the edges of M and N, K over several steps, the adapter as one more K step, with and without bias; and
     a call it does not take (an odd K: rows not 16-byte aligned) runs the other forms."""
-    persistent = force_persistent(monkeypatch, dtype)
+    persistent = force_persistent(monkeypatch, *PERSISTENT, dtype)
     calls = []
     real = persistent.lora_linear_persistent
     monkeypatch.setattr(persistent, "lora_linear_persistent", lambda *a, **kw: calls.append(1) or real(*a, **kw))
@@ -246,7 +237,7 @@ def test_the_persistent_kernel_computes_x_a_in_its_own_pass(monkeypatch, dtype, 
     computed by the first tile to reach each row block and read by the others (or computed again by one that
     finds it unpublished, as some do in the interpreter's one-program-after-another order; the last shape has one
     column tile per row block): y against float64, the same bits on a second call, every count back to zero."""
-    persistent = force_persistent(monkeypatch, dtype)
+    persistent = force_persistent(monkeypatch, *PERSISTENT, dtype)
     kernels = pytest.importorskip("fastpeft.triton_kernels.lora")
     calls, shrinks = [], []
     real, real_shrink = persistent.lora_linear_persistent, kernels.lora_shrink
@@ -267,7 +258,7 @@ def test_the_backward_dx_runs_on_the_persistent_kernel(monkeypatch, dtype, shape
     """With the persistent kernel forced on, the backward's dx = dy W + s (dy B) A is one call of it too, W and A
     read through descriptors of their stored layout (transposed views, no copies): every gradient against the
     float64 reference; and where W's stored rows are not 16-byte aligned (odd K), dx runs the other forms."""
-    persistent = force_persistent(monkeypatch, dtype)
+    persistent = force_persistent(monkeypatch, *PERSISTENT, dtype)
     transposed = []
     real = persistent.lora_linear_persistent
 

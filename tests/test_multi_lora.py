@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference
+from conftest import DEVICE, DTYPES, HAS_GPU, assert_close_to_reference, force_persistent
 
 from fastpeft.backends import record_backends
 from fastpeft.ops.adapter_pool import AdapterPool
@@ -330,19 +330,6 @@ def test_prefill_writes_the_terms_then_adds_the_base(monkeypatch, backend, dtype
     assert_close_to_reference(out, ref, baseline, f"{backend} terms, then the base")
 
 
-def force_persistent(monkeypatch, dtype):
-    """The multi-adapter persistent kernel's module, forced on (MULTI_PERSISTENT_PREFILL_MIN_M = 0) on the Triton
-    backend; skips where Triton cannot run or dtype's dots would run on a CPU."""
-    persistent = pytest.importorskip("fastpeft.triton_kernels.multi_lora_persistent")
-    from fastpeft.backends import available_backends
-
-    if "triton" not in available_backends(DEVICE) or (dtype == torch.float16 and not HAS_GPU):
-        pytest.skip("triton cannot run here, or fp16 dots on a CPU")
-    monkeypatch.setattr(persistent, "MULTI_PERSISTENT_PREFILL_MIN_M", 0)
-    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
-    return persistent
-
-
 def persistent_ids(kind: str, m: int, count: int) -> torch.Tensor:
     """Ids of a prefill past the decode rows. The interpreter's row blocks are 16 tokens: "long" gives each block
     one adapter or two; "short" up to four (the kernel's pass per adapter past the first two) and a segment
@@ -365,6 +352,10 @@ if HAS_GPU:
     PERSISTENT_SHAPES += [(2048, 256, 1096)]
 
 
+# The persistent kernel's module and its row threshold, forced to 0 (conftest.force_persistent).
+PERSISTENT = ("multi_lora_persistent", "MULTI_PERSISTENT_PREFILL_MIN_M")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("kind", ["long", "short", "uniform", "outside", "none"])
 @pytest.mark.parametrize(("m", "k", "n"), PERSISTENT_SHAPES, ids=str)
@@ -373,7 +364,7 @@ def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype,
     and no shrink or expand kernel; row blocks of one adapter, two, more (a pass over x per adapter past the
     second), none; ids outside the pool giving the base output; tiles past M and N; with and without bias.
     Against float64, the same bits on a second call, every count back to zero."""
-    persistent = force_persistent(monkeypatch, dtype)
+    persistent = force_persistent(monkeypatch, *PERSISTENT, dtype)
     from fastpeft.triton_kernels.common import arrival_counts
 
     from fastpeft.ops import multi_lora as ops
@@ -402,7 +393,7 @@ def test_the_persistent_prefill_kernel_matches_the_reference(monkeypatch, dtype,
 def test_layers_the_persistent_kernel_does_not_take_run_the_other_forms(monkeypatch, case):
     """Forced on, the kernel still declines what it cannot take (several output slices, a rank past MAX_R_PAD,
     rows TMA cannot read, the decode rows): those run the terms and cuBLAS, or decode's kernels, correctly."""
-    persistent = force_persistent(monkeypatch, torch.bfloat16)
+    persistent = force_persistent(monkeypatch, *PERSISTENT, torch.bfloat16)
     calls = []
     real = persistent.multi_lora_linear_persistent
     monkeypatch.setattr(persistent, "multi_lora_linear_persistent", lambda *a: calls.append(1) or real(*a))
